@@ -1,0 +1,36 @@
+# lmforge: `make demo` trains and samples a small GPT; `make test` runs the test suite.
+# Both create .venv and install everything on first use.
+PYTHON ?= python3
+# The CPU wheel; an unpinned `torch` would pull a multi-GB CUDA build. Override for GPUs,
+# e.g. `make install TORCH='torch --index-url https://download.pytorch.org/whl/cu124'`.
+TORCH ?= torch==2.13.0
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.lmforge-installed
+# pytest workers: 2 on a 2-core CI box; each worker's torch uses one thread (see tests/conftest.py).
+TEST_WORKERS ?= 2
+
+.PHONY: install demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/lmforge demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/train_throughput.py
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,192 @@
+"""The model directory: what every training command writes and every other command reads.
+
+    DIR/config.json          architecture + what kind of model this is (lmforge's schema, versioned)
+    DIR/model.safetensors    weights
+    DIR/tokenizer.json       tokenizer
+    DIR/train_config.yaml    the run config that produced it
+    DIR/metrics.jsonl, DIR/loss.png
+    DIR/state/               what --resume needs (weights, optimizer, RNG, step)
+
+Every file is replaced atomically, and `state/` is written in full beside the old one and then
+swapped in, so a kill at any moment leaves a loadable directory and a resumable state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import LMForgeError
+from .fileio import atomic_path, atomic_write_json, recover_dir, replace_dir
+from .model import ModelConfig, Transformer
+from .tokenizer import Tokenizer
+
+FORMAT_VERSION = 1
+STATE_MARKER = "trainer.json"  # written last: its presence means the state directory is complete
+
+
+def weights_for_saving(model: Transformer) -> dict[str, torch.Tensor]:
+    """State dict without the tied output matrix (safetensors stores each tensor once)."""
+    sd = model.state_dict()
+    if model.cfg.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    return {k: v.detach().contiguous() for k, v in sd.items()}
+
+
+def save_weights(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    if not path.exists():
+        raise LMForgeError(f"missing weights file {path}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise LMForgeError(f"cannot read {path}: {e}") from None
+
+
+def build_model(cfg: ModelConfig, tensors: dict[str, torch.Tensor], source: str = "weights") -> Transformer:
+    """A model from its config and weights, without first allocating random ones."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = model.state_dict()
+    tied = {"lm_head.weight"} if cfg.tie_embeddings else set()
+    missing = sorted(set(expected) - set(tensors) - tied)
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise LMForgeError(f"{source} do not match the model config: missing {missing[:4]}, "
+                           f"unexpected {unexpected[:4]}")
+    for name, t in tensors.items():
+        if tuple(t.shape) != tuple(expected[name].shape):
+            raise LMForgeError(f"{source}: tensor {name} has shape {tuple(t.shape)}, the config implies "
+                               f"{tuple(expected[name].shape)}")
+    model.load_state_dict(tensors, strict=False, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.wte.weight
+    device = model.wte.weight.device
+    if cfg.pos_embedding == "rope":  # buffers are not saved: rebuild them off the meta device
+        with torch.device(device):
+            fresh = Transformer.rope_tables(cfg)
+        model.rope_cos, model.rope_sin = fresh
+    return model
+
+
+def model_config_json(model: Transformer, tokenizer: Tokenizer, kind: str = "causal-lm", **extra) -> dict:
+    return {"lmforge_format": FORMAT_VERSION, "kind": kind, "model": model.cfg.to_dict(),
+            "tokenizer": {"vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id}, **extra}
+
+
+def save_model_dir(directory: Path, model: Transformer, tokenizer: Tokenizer, weights_file: Path | None = None,
+                   **extra) -> None:
+    """Write config.json, tokenizer.json and model.safetensors (or link `weights_file` in as it)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(directory / "config.json", model_config_json(model, tokenizer, **extra))
+    tokenizer.save(directory / "tokenizer.json")
+    target = directory / "model.safetensors"
+    if weights_file is None:
+        save_weights(weights_for_saving(model), target)
+        return
+    tmp = directory / ".model.safetensors.link"
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(weights_file, tmp)  # same bytes as state/: no copy, no extra disk
+    except OSError:
+        save_weights(weights_for_saving(model), target)
+        return
+    os.replace(tmp, target)
+
+
+def read_config(directory: Path) -> dict:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise LMForgeError(f"no such model directory: {directory}")
+    file = directory / "config.json"
+    if not file.exists():
+        raise LMForgeError(f"{directory} is not a model directory (no config.json)")
+    try:
+        cfg = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise LMForgeError(f"{file}: invalid JSON ({e.msg})") from None
+    if "lmforge_format" not in cfg:
+        raise LMForgeError(f"{directory} is not an lmforge model directory")
+    if cfg["lmforge_format"] > FORMAT_VERSION:
+        raise LMForgeError(f"{directory} was written by a newer lmforge (format {cfg['lmforge_format']})")
+    return cfg
+
+
+def check_vocab(tokenizer: Tokenizer, cfg: ModelConfig, where: str) -> None:
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise LMForgeError(f"{where}: the tokenizer has {tokenizer.vocab_size} tokens but the model's embedding "
+                           f"has only {cfg.vocab_size} rows: they do not belong together")
+
+
+def load_model_dir(directory: str | Path) -> tuple[Transformer, Tokenizer, dict]:
+    """(model, tokenizer, config.json contents) from an lmforge model directory."""
+    directory = Path(directory)
+    meta = read_config(directory)
+    cfg = ModelConfig.from_dict(meta["model"])
+    tokenizer = Tokenizer.from_file(directory / "tokenizer.json")
+    check_vocab(tokenizer, cfg, str(directory))
+    model = build_model(cfg, load_weights(directory / "model.safetensors"), f"{directory}/model.safetensors")
+    return model.eval(), tokenizer, meta
+
+
+# --- training state ---------------------------------------------------------------------------------
+
+def save_state(directory: Path, model: Transformer, optimizer: torch.optim.Optimizer, trainer: dict) -> Path:
+    """Write DIR/state atomically; returns the path of the weights inside it."""
+    new = directory / "state.new"
+    new.mkdir(parents=True, exist_ok=True)
+    save_weights(weights_for_saving(model), new / "model.safetensors")
+    opt = optimizer.state_dict()
+    tensors = {f"{i}.{k}": v.contiguous() for i, s in opt["state"].items() for k, v in s.items()
+               if isinstance(v, torch.Tensor)}
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    save_weights(tensors, new / "optimizer.safetensors")
+    atomic_write_json(new / "optimizer.json", {"param_groups": opt["param_groups"],
+                                               "scalars": {str(i): {k: v for k, v in s.items()
+                                                                    if not isinstance(v, torch.Tensor)}
+                                                           for i, s in opt["state"].items()}})
+    atomic_write_json(new / STATE_MARKER, trainer)
+    replace_dir(new, directory / "state")
+    return directory / "state" / "model.safetensors"
+
+
+def has_state(directory: Path) -> bool:
+    recover_dir(directory / "state", STATE_MARKER)
+    return (directory / "state" / STATE_MARKER).exists()
+
+
+def load_state(directory: Path, model: Transformer, optimizer: torch.optim.Optimizer) -> dict:
+    """Restore weights, optimizer and RNG from DIR/state; returns the trainer record."""
+    state = directory / "state"
+    if not has_state(directory):
+        raise LMForgeError(f"nothing to resume in {directory} (no complete state/ directory)")
+    tensors = load_weights(state / "model.safetensors")
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if unexpected or set(missing) - ({"lm_head.weight"} if model.cfg.tie_embeddings else set()):
+        raise LMForgeError(f"{state}: saved weights do not fit this model")
+    saved = load_weights(state / "optimizer.safetensors")
+    info = json.loads((state / "optimizer.json").read_text())
+    opt_state: dict = {}
+    for key, value in saved.items():
+        if key.startswith("rng."):
+            continue
+        i, name = key.split(".", 1)
+        opt_state.setdefault(int(i), {})[name] = value
+    for i, scalars in info["scalars"].items():
+        opt_state.setdefault(int(i), {}).update(scalars)
+    optimizer.load_state_dict({"state": opt_state, "param_groups": info["param_groups"]})
+    torch.set_rng_state(saved["rng.cpu"])
+    if "rng.cuda" in saved and torch.cuda.is_available():
+        torch.cuda.set_rng_state(saved["rng.cuda"])
+    return json.loads((state / STATE_MARKER).read_text())

@@ -1,0 +1,243 @@
+"""The `lmforge` command: one verb per stage, each a thin layer over a library function.
+
+Every verb takes `--config FILE.yaml` (keys = flag names) with flags overriding the file.
+Problems with the input are reported as one line on stderr with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+
+from .config import add_arguments, arg, from_namespace
+from .errors import LMForgeError
+
+
+@dataclass
+class GenerateArgs:
+    """Generate text from a prompt."""
+
+    model_dir: str = arg(None, "model directory", positional=True)
+    prompt: str = arg(None, "text to continue ('-' reads it from stdin)", short="-p")
+    max_new_tokens: int | None = arg(None, "most new tokens to generate (default: 200, or as many as fit in "
+                                     "the context window)")
+    temperature: float = arg(0.8, "randomness: 0 = greedy (always the most likely token), 1 = the model's "
+                             "own distribution, higher = wilder")
+    top_k: int | None = arg(None, "sample only among the K most likely tokens")
+    top_p: float | None = arg(None, "sample only among the most likely tokens whose probabilities sum to P")
+    seed: int | None = arg(None, "random seed: the same seed gives the same text")
+    stop: list[str] = arg([], "stop when this string appears (repeatable; not included in the output)")
+    top_candidates: int = arg(0, "print, at each step, the K most likely next tokens and their probabilities")
+    num_samples: int = arg(1, "how many completions to generate (seeds seed, seed+1, ...)", short="-n")
+    echo: bool = arg(True, "print the prompt before the completion")
+    device: str = arg("auto", "cpu, cuda, mps or auto")
+
+
+@dataclass
+class EvaluateArgs:
+    """Measure a model on text: prints one JSON object."""
+
+    model_dir: str = arg(None, "model directory", positional=True)
+    data: list[str] = arg([], "text files, directories, .jsonl files, or 'pydocs'")
+    text_field: str = arg("text", "field holding the text in .jsonl files")
+    batch_size: int = arg(8, "windows per forward pass")
+    device: str = arg("auto", "cpu, cuda, mps or auto")
+
+
+@dataclass
+class DemoArgs:
+    """Build the pydocs corpus, train a tokenizer and a small GPT, then sample from it."""
+
+    minutes: float = arg(4.0, "pretraining time budget")
+    out: str = arg("runs/demo", "model directory to write (replaced if it exists)")
+    arch: str = arg("gpt2", "gpt2 or llama", choices=["gpt2", "llama"])
+    seed: int = arg(1337, "random seed")
+    device: str = arg("auto", "cpu, cuda, mps or auto")
+
+
+@dataclass
+class TokenizerTrainArgs:
+    """Train a byte-level BPE tokenizer."""
+
+    data: list[str] = arg(["pydocs"], "text files, directories, .jsonl files, or 'pydocs'")
+    out: str = arg("tokenizer.json", "where to write tokenizer.json")
+    vocab_size: int | None = arg(None, "vocabulary size (default: from the corpus size)")
+    text_field: str = arg("text", "field holding the text in .jsonl files")
+
+
+@dataclass
+class TokenizerEncodeArgs:
+    """Show how a tokenizer splits text."""
+
+    tokenizer: str = arg(None, "tokenizer.json, or a model directory", positional=True)
+    text: str = arg(None, "text to encode ('-' reads stdin)")
+    json: bool = arg(False, "print one JSON object (ids and tokens) instead of a table")
+
+
+# --- verbs ---------------------------------------------------------------------------------------
+
+def _read_text_arg(text: str | None, what: str) -> str:
+    if text is None:
+        raise LMForgeError(f"--{what} is required")
+    return sys.stdin.read() if text == "-" else text
+
+
+def cmd_pretrain(ns) -> None:
+    from .pretrain import PretrainConfig, pretrain
+
+    state = pretrain(from_namespace(PretrainConfig, ns))
+    m = state.get("metrics", {})
+    summary = {k: m[k] for k in ("step", "tokens", "loss", "val_loss", "val_bpb") if k in m}
+    print(json.dumps(summary))
+
+
+def cmd_generate(ns) -> None:
+    from .api import load
+
+    a = from_namespace(GenerateArgs, ns)
+    prompt = _read_text_arg(a.prompt, "prompt")
+    lm = load(a.model_dir, device=a.device)
+    out = sys.stdout
+
+    def show(step: int, ranked: list[tuple[str, float]], chosen: str) -> None:
+        cands = "  ".join(f"{t!r} {p:6.2%}" for t, p in ranked)
+        out.write(f"[{step:3d}] {chosen!r:>14} <- {cands}\n")
+
+    for i in range(a.num_samples):
+        seed = None if a.seed is None else a.seed + i
+        if a.num_samples > 1:
+            out.write(f"--- sample {i + 1} ---\n")
+        if a.top_candidates:
+            text = lm.generate(prompt, max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
+                               top_p=a.top_p, seed=seed, stop=a.stop, top_candidates=a.top_candidates,
+                               on_candidates=show)
+            out.write(f"\n{prompt if a.echo else ''}{text}\n")
+            continue
+        if a.echo:
+            out.write(prompt)
+        lm.generate(prompt, max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
+                    top_p=a.top_p, seed=seed, stop=a.stop, stream=lambda s: (out.write(s), out.flush()))
+        out.write("\n")
+
+
+def cmd_evaluate(ns) -> None:
+    from .evaluate import evaluate_text
+
+    a = from_namespace(EvaluateArgs, ns)
+    if not a.data:
+        raise LMForgeError("--data is required")
+    print(json.dumps(evaluate_text(a.model_dir, a.data, a.text_field, a.batch_size, a.device)))
+
+
+def cmd_demo(ns) -> None:
+    from .demo import demo
+
+    a = from_namespace(DemoArgs, ns)
+    demo(a.minutes, a.out, a.arch, a.seed, a.device)
+
+
+def cmd_tokenizer_train(ns) -> None:
+    from .corpus import load_corpus
+    from .tokenizer import Tokenizer, auto_vocab_size
+
+    a = from_namespace(TokenizerTrainArgs, ns)
+    corpus = load_corpus(a.data, a.text_field)
+    vocab = a.vocab_size or auto_vocab_size(corpus.num_bytes)
+    if vocab < 256 + 16:
+        raise LMForgeError("--vocab-size must be at least 272 (256 bytes + 16 special tokens)")
+    tok = Tokenizer.train(corpus.documents, vocab, show_progress=sys.stderr.isatty())
+    tok.save(a.out)
+    print(f"wrote {a.out}: {tok.vocab_size} tokens from {corpus.num_bytes / 1e6:.2f} MB", file=sys.stderr)
+
+
+def cmd_tokenizer_encode(ns) -> None:
+    from pathlib import Path
+
+    from .tokenizer import Tokenizer
+
+    a = from_namespace(TokenizerEncodeArgs, ns)
+    tok = Tokenizer.from_file(Path(a.tokenizer))
+    text = _read_text_arg(a.text, "text")
+    ids = tok.encode(text)
+    pieces = [tok.decode([i]) for i in ids]
+    if a.json:
+        print(json.dumps({"ids": ids, "tokens": pieces}, ensure_ascii=False))
+        return
+    for i, p in zip(ids, pieces):
+        print(f"{i:>8}  {p!r}")
+    print(f"{len(ids)} tokens, {len(text.encode())} bytes", file=sys.stderr)
+
+
+# --- parser ----------------------------------------------------------------------------------------
+
+EXAMPLES = {
+    "pretrain": """examples:
+  lmforge pretrain --data pydocs --out runs/py --max-minutes 10          # size chosen for the budget
+  lmforge pretrain --data notes/ more.jsonl --out runs/notes --arch llama --size d6 --max-steps 2000
+  lmforge pretrain --out runs/py --resume --max-minutes 20               # continue, exactly
+  torchrun --nproc_per_node 4 -m lmforge pretrain --data corpus/ --out runs/big --max-tokens 1e9""",
+    "generate": """examples:
+  lmforge generate runs/demo --prompt "Return the" --temperature 0.7 --top-k 40 --seed 1
+  lmforge generate runs/demo -p "class" --temperature 0                  # greedy
+  lmforge generate runs/demo -p "The module" --top-candidates 5 --max-new-tokens 5""",
+    "evaluate": """example:
+  lmforge evaluate runs/demo --data held_out.txt
+  -> {"loss": 3.21, "perplexity": 24.8, "bits_per_byte": 1.27, "tokens": 52110}""",
+}
+
+
+def _add_verb(sub, name: str, cls, func, help_text: str):
+    p = sub.add_parser(name, help=help_text, description=(cls.__doc__ or help_text).strip(),
+                       epilog=EXAMPLES.get(name), formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p, cls)
+    p.set_defaults(func=func, cls=cls)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .pretrain import PretrainConfig
+
+    parser = argparse.ArgumentParser(
+        prog="lmforge", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="lmforge: train, run and adapt language models, end to end.",
+        epilog="Run `lmforge VERB --help` for each verb's options. Start with `lmforge demo`.")
+    sub = parser.add_subparsers(dest="command", metavar="VERB")
+    _add_verb(sub, "demo", DemoArgs, cmd_demo, "train a small GPT on Python's docs and sample from it (~5 min)")
+    _add_verb(sub, "pretrain", PretrainConfig, cmd_pretrain,
+              "pretrain a model on raw text (next-token prediction)")
+    _add_verb(sub, "generate", GenerateArgs, cmd_generate, "generate text from a prompt")
+    _add_verb(sub, "evaluate", EvaluateArgs, cmd_evaluate, "loss, perplexity and bits per byte on text (JSON)")
+    tok = sub.add_parser("tokenizer", help="train a tokenizer, or see how one splits text",
+                         description="Byte-level BPE tokenizers (Hugging Face tokenizer.json format).")
+    tsub = tok.add_subparsers(dest="sub", metavar="ACTION", required=True)
+    _add_verb(tsub, "train", TokenizerTrainArgs, cmd_tokenizer_train, "train a BPE tokenizer on text")
+    _add_verb(tsub, "encode", TokenizerEncodeArgs, cmd_tokenizer_encode, "show the tokens of a text")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    if not getattr(ns, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        ns.func(ns)
+    except LMForgeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
+        print(f"error: {e.strerror or e}: {e.filename}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `lmforge generate ... | head`
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

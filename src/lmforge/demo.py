@@ -1,0 +1,43 @@
+"""`lmforge demo`: the whole pipeline in one command, on the documentation that ships with Python."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from .api import load
+from .corpus import pydocs
+from .pretrain import PretrainConfig, pretrain
+
+PROMPTS = ["The function returns", "Return a new list", "This module provides", "class"]
+
+
+def demo(minutes: float = 4.0, out: str = "runs/demo", arch: str = "gpt2", seed: int = 1337,
+         device: str = "auto") -> dict:
+    t0 = time.time()
+    say = lambda msg: print(msg, file=sys.stderr, flush=True)
+    docs = pydocs()
+    say(f"[1/4] corpus: pydocs, {len(docs):,} documents, {sum(len(d.encode()) for d in docs) / 1e6:.2f} MB "
+        "of Python's own documentation")
+    say(f"[2/4] tokenizer + [3/4] pretraining for {minutes:g} minutes (model size chosen for the budget)")
+    cfg = PretrainConfig(data=["pydocs"], out=out, arch=arch, size="auto", max_minutes=minutes, overwrite=True,
+                         seed=seed, device=device, eval_every=250, save_every=1000)
+    state = pretrain(cfg)
+    lm = load(out, device=device)
+    say("[4/4] samples (temperature 0.8, top-k 40):")
+    for i, prompt in enumerate(PROMPTS):
+        text = lm.generate(prompt, max_new_tokens=60, temperature=0.8, top_k=40, seed=seed + i)
+        print(f"\n>>> {prompt}{text}")
+    rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in rows if "val_loss" in r]
+    final = val[-1] if val else {}
+    print()
+    if final:
+        print(f"final val loss {final['val_loss']:.3f} nats, {final['val_bpb']:.3f} bits per byte "
+              f"after {state['step']:,} steps / {state['tokens']:,} tokens")
+    print(f"model directory: {out}   loss plot: {Path(out) / 'loss.png'}")
+    print(f"try: lmforge generate {out} --prompt 'Return the' --top-candidates 5 --max-new-tokens 8")
+    say(f"demo finished in {(time.time() - t0) / 60:.1f} minutes")
+    return {"val_loss": final.get("val_loss"), "val_bpb": final.get("val_bpb"), "out": out}

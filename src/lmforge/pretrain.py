@@ -1,0 +1,221 @@
+"""`lmforge pretrain`: raw text -> tokenizer -> token data -> model -> trained model directory."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from .checkpoint import check_vocab, read_config, save_model_dir
+from .config import arg, explicit_keys, save_yaml
+from .corpus import Corpus, _cache_dir, load_corpus
+from .data import BatchStream, TokenData, prepare
+from .errors import LMForgeError
+from .evaluate import evaluate_lm
+from .model import ModelConfig, Transformer
+from .runtime import Dist, init_distributed
+from .sizing import arch_config, choose_depth, depth_of, measure_step_seconds, sized_config
+from .tokenizer import Tokenizer, auto_vocab_size
+from .train import Run, TrainConfig, fit
+
+
+@dataclass
+class PretrainConfig(TrainConfig):
+    """Pretraining: data, tokenizer and model shape."""
+
+    data: list[str] = arg(["pydocs"], "training text: files, directories (recursive), .jsonl files "
+                          "(one document per line), or 'pydocs' (built-in Python documentation)")
+    val_data: list[str] | None = arg(None, "validation text (default: hold out --val-fraction of --data)")
+    val_fraction: float = arg(0.05, "share of documents held out for validation when --val-data is not given")
+    text_field: str = arg("text", "field holding the text in .jsonl files")
+    out: str = arg("runs/pretrain", "model directory to write")
+    tokenizer: str | None = arg(None, "use this tokenizer.json (or a directory with one) instead of training one")
+    vocab_size: int | None = arg(None, "vocabulary size of a newly trained tokenizer (default: from corpus size)")
+    arch: str = arg("gpt2", "architecture family: gpt2 (learned positions, LayerNorm, GELU) or llama "
+                    "(RoPE, RMSNorm, SwiGLU, grouped-query attention)", choices=["gpt2", "llama"])
+    size: str = arg("auto", "model size: auto (best use of the budget), or dN = N layers of width 64*N")
+    n_layer: int | None = arg(None, "number of transformer blocks (overrides --size)")
+    n_embd: int | None = arg(None, "model width (overrides --size)")
+    n_head: int | None = arg(None, "attention heads (default: width / 64)")
+    n_kv_head: int | None = arg(None, "key/value heads, fewer than --n-head for grouped-query attention")
+    context_length: int = arg(256, "tokens per training sequence (the model's context window)")
+    dropout: float = arg(0.0, "dropout probability")
+
+
+# Settings a resumed run may change; everything else must match the original run.
+RESUMABLE = {"max_steps", "max_tokens", "max_minutes", "epochs", "eval_every", "eval_batches", "save_every",
+             "log_every", "device", "compile", "resume", "overwrite", "out"}
+
+
+class LMTask:
+    """Next-token prediction on a token stream."""
+
+    def __init__(self, data: TokenData, context_length: int, seed: int, token_bytes: list[int],
+                 eval_windows: int, batch_size: int) -> None:
+        self.stream = BatchStream(data.train, context_length, seed)
+        self.windows_per_epoch = self.stream.per_epoch
+        self.val, self.ctx, self.eval_windows, self.batch_size = data.val, context_length, eval_windows, batch_size
+        self.token_bytes = torch.tensor(token_bytes)
+
+    def batch(self, first: int, count: int) -> dict[str, torch.Tensor]:
+        x, y = self.stream.batch(first, count)
+        return {"x": x, "y": y}
+
+    def loss(self, model, batch) -> tuple[torch.Tensor, int]:
+        return model(batch["x"], batch["y"]), batch["y"].numel()
+
+    def evaluate(self, model) -> dict[str, float]:
+        if len(self.val) < 2:
+            return {}
+        r = evaluate_lm(model, self.val, self.ctx, self.token_bytes, self.batch_size, self.eval_windows)
+        return {"val_loss": round(r["loss"], 6), "val_bpb": round(r["bits_per_byte"], 6)}
+
+
+def default_lr(n_embd: int) -> float:
+    """Peak AdamW learning rate: narrower models tolerate (and need) larger steps."""
+    return round(2e-3 * math.sqrt(256 / n_embd), 6)
+
+
+def padded_vocab(n: int) -> int:
+    """Embedding rows: the tokenizer's size rounded up to a multiple of 64 (faster matmuls)."""
+    return 64 * math.ceil(n / 64)
+
+
+def _log(dist_info: Dist, msg: str) -> None:
+    if dist_info.main:
+        print(msg, file=sys.stderr)
+
+
+def _resume_config(cfg: PretrainConfig, out: Path) -> PretrainConfig:
+    """The original run's config, with only the settings a resume may change taken from `cfg`.
+
+    A setting given explicitly (flag or --config) that differs from the original run is an error.
+    """
+    saved_file = out / "train_config.yaml"
+    if not saved_file.exists():
+        raise LMForgeError(f"nothing to resume in {out} (no train_config.yaml)")
+    saved = yaml.safe_load(saved_file.read_text())
+    defaults = PretrainConfig()
+    given = explicit_keys(cfg)
+    if given is None:  # built in Python: treat values that differ from the defaults as given
+        given = {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(defaults, f.name)}
+    conflicts = []
+    for name in sorted(given - RESUMABLE - {"tokenizer"}):
+        if name in saved and getattr(cfg, name) != saved[name]:
+            conflicts.append(f"{name}={getattr(cfg, name)!r} (the run used {saved[name]!r})")
+    if cfg.tokenizer and (out / "tokenizer.json").exists():
+        if Tokenizer.from_file(cfg.tokenizer).to_str() != Tokenizer.from_file(out / "tokenizer.json").to_str():
+            conflicts.append(f"tokenizer {cfg.tokenizer} differs from the one the run was trained with")
+    if conflicts:
+        raise LMForgeError("--resume with an incompatible config: " + "; ".join(conflicts))
+    return PretrainConfig(**{**saved, **{k: getattr(cfg, k) for k in RESUMABLE}})
+
+
+def _prepare_out(cfg: PretrainConfig, out: Path) -> None:
+    if cfg.resume:
+        return
+    if out.exists() and any(out.iterdir()):
+        is_run = (out / "config.json").exists() or (out / "state").exists() or (out / "train_config.yaml").exists()
+        if not is_run:
+            raise LMForgeError(f"{out} exists and is not a model directory; choose another --out")
+        if not cfg.overwrite:
+            raise LMForgeError(f"{out} already holds a model: pass --resume to continue it "
+                               "or --overwrite to replace it")
+        shutil.rmtree(out)
+
+
+def get_tokenizer(cfg: PretrainConfig, corpus: Corpus, out: Path, dist_info: Dist) -> Tokenizer:
+    if cfg.resume:
+        return Tokenizer.from_file(out / "tokenizer.json")
+    if cfg.tokenizer:
+        return Tokenizer.from_file(cfg.tokenizer)
+    vocab = cfg.vocab_size or auto_vocab_size(corpus.num_bytes)
+    key = hashlib.sha256(f"{corpus.fingerprint()}|{vocab}|v1".encode()).hexdigest()[:16]
+    cached = _cache_dir() / "tokenizers" / f"{key}.json"
+    with dist_info.main_first():
+        if not cached.exists():
+            _log(dist_info, f"training a byte-level BPE tokenizer: {vocab} tokens on {corpus.num_bytes / 1e6:.1f} MB")
+            Tokenizer.train(corpus.documents, vocab, show_progress=sys.stderr.isatty()).save(cached)
+    return Tokenizer.from_file(cached)
+
+
+def build_model_config(cfg: PretrainConfig, vocab: int, out: Path, tokens_per_step: int, train_tokens: int,
+                       dist_info: Dist, device: torch.device) -> ModelConfig:
+    if cfg.resume:
+        return ModelConfig.from_dict(read_config(out)["model"])
+    explicit = cfg.n_layer is not None and cfg.n_embd is not None
+    if explicit:
+        depth = None
+    elif cfg.size == "auto":
+        max_tokens = cfg.max_tokens
+        for tokens in (cfg.max_steps and cfg.max_steps * tokens_per_step, cfg.epochs and cfg.epochs * train_tokens):
+            if tokens:
+                max_tokens = min(max_tokens or tokens, tokens)
+        seconds = cfg.max_minutes * 60 if cfg.max_minutes else None
+        if max_tokens is None and seconds is None:
+            raise LMForgeError("--size auto needs a budget: --max-steps, --max-tokens, --max-minutes or --epochs")
+        depth, report = None, []
+        if dist_info.main:
+            depth, report = choose_depth(
+                cfg.arch, vocab, cfg.context_length, tokens_per_step, max_tokens=max_tokens, seconds=seconds,
+                step_seconds=lambda c: measure_step_seconds(c, cfg.batch_size, device))
+        depth = dist_info.broadcast_object(depth)
+        for line in report:
+            _log(dist_info, f"size auto: {line}")
+    else:
+        depth = depth_of(cfg.size)
+    base = sized_config(cfg.arch, depth, vocab, cfg.context_length) if depth else None
+    n_layer = cfg.n_layer or base.n_layer
+    n_embd = cfg.n_embd or base.n_embd
+    n_head = cfg.n_head or (base.n_head if base and base.n_embd == n_embd else None)
+    if depth:
+        cfg.size = f"d{depth}"
+    return arch_config(cfg.arch, vocab, cfg.context_length, n_layer, n_embd, n_head, cfg.n_kv_head, cfg.dropout)
+
+
+def pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None = None) -> dict:
+    """Run pretraining as configured; returns the trainer record with the final metrics."""
+    dist_info, device = init_distributed(cfg.device)
+    out = Path(cfg.out)
+    if cfg.resume:
+        cfg = _resume_config(cfg, out)
+    elif dist_info.main and out.exists() and any(out.iterdir()) and not cfg.overwrite:
+        _prepare_out(cfg, out)  # fail early, before any work, if --out is taken
+    corpus = load_corpus(cfg.data, cfg.text_field)
+    val_corpus = load_corpus(cfg.val_data, cfg.text_field) if cfg.val_data else None
+    tokenizer = get_tokenizer(cfg, corpus, out, dist_info)
+    with dist_info.main_first():
+        data = prepare(corpus, tokenizer, val_corpus, cfg.val_fraction)
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * dist_info.world * cfg.context_length
+    mcfg = build_model_config(cfg, padded_vocab(tokenizer.vocab_size), out, tokens_per_step, len(data.train),
+                              dist_info, device)
+    check_vocab(tokenizer, mcfg, str(out))
+    cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_kv_head = mcfg.n_layer, mcfg.n_embd, mcfg.n_head, mcfg.n_kv_head
+    cfg.vocab_size = cfg.vocab_size or (None if cfg.tokenizer else tokenizer.vocab_size)
+    lr = cfg.lr = cfg.lr or default_lr(mcfg.n_embd)
+
+    torch.manual_seed(cfg.seed)
+    model = Transformer(mcfg)
+    task = LMTask(data, mcfg.context_length, cfg.seed, tokenizer.token_bytes(), cfg.eval_batches * cfg.batch_size,
+                  cfg.batch_size)
+    _log(dist_info, f"model: {cfg.arch} {mcfg.n_layer} layers x {mcfg.n_embd} wide, {mcfg.n_head} heads "
+                    f"({mcfg.n_kv_head} k/v), context {mcfg.context_length}, vocab {mcfg.vocab_size}: "
+                    f"{model.num_params() / 1e6:.2f}M parameters; {len(data.train):,} training tokens; "
+                    f"{tokens_per_step:,} tokens/step; lr {lr:g}; {device}"
+                    + (f" x {dist_info.world} processes" if dist_info.world > 1 else ""))
+    if dist_info.main:  # only now, with every input checked, touch --out
+        _prepare_out(cfg, out)
+        out.mkdir(parents=True, exist_ok=True)
+        save_yaml(cfg, out / "train_config.yaml")
+    dist_info.barrier()
+    run = Run(out, lambda d, w: save_model_dir(d, model, tokenizer, w, created_by="lmforge pretrain"),
+              title=f"{out.name}: {cfg.arch} d{mcfg.n_layer}")
+    return fit(model, task, cfg, run, lr, on_step=on_step, ddp=(dist_info, device))

@@ -1,0 +1,156 @@
+"""The training loop: exact resume, crash safety, NaN handling, schedules, budgets, sizing."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import lmforge.checkpoint as checkpoint
+from lmforge import load
+from lmforge.pretrain import LMTask, PretrainConfig, pretrain
+from lmforge.sizing import choose_depth, sized_config, trained_params
+from lmforge.train import NonFiniteLoss, TrainConfig, lr_at
+
+
+def tiny(corpus_dir, out, **kw) -> PretrainConfig:
+    base = dict(data=[str(corpus_dir)], out=str(out), n_layer=2, n_embd=32, n_head=2, context_length=16,
+                batch_size=4, max_steps=12, save_every=4, eval_every=6, eval_batches=2, log_every=1,
+                vocab_size=300, lr=3e-3, dropout=0.1, device="cpu", seed=5)
+    return PretrainConfig(**{**base, **kw})
+
+
+def weights(out) -> dict:
+    return load_file(str(out / "model.safetensors"))
+
+
+def metrics(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_weights(a, b, tol=1e-6):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert (wa[k] - wb[k]).abs().max().item() <= tol, k
+
+
+def test_interrupted_then_resumed_run_equals_uninterrupted(corpus_dir, tmp_path):
+    full = tmp_path / "full"
+    pretrain(tiny(corpus_dir, full))
+    part = tmp_path / "part"
+    # Ctrl-C after step 6: the loop finishes the step, saves, and stops (dropout RNG included).
+    state = pretrain(tiny(corpus_dir, part), on_step=lambda s: s == 6 and signal.raise_signal(signal.SIGINT))
+    assert state["interrupted"] and state["step"] == 6
+    assert json.loads((part / "state" / "trainer.json").read_text())["step"] == 6
+    state = pretrain(tiny(corpus_dir, part, resume=True))
+    assert state["step"] == 12
+    assert_same_weights(full, part)
+    assert [r["loss"] for r in metrics(part)] == pytest.approx([r["loss"] for r in metrics(full)], abs=1e-6)
+
+
+def test_crash_during_a_save_leaves_a_usable_directory(corpus_dir, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real = checkpoint.replace_dir
+    calls = []
+
+    def dies_on_second_save(new, dest):
+        calls.append(dest)
+        if len(calls) == 2:
+            raise RuntimeError("power cut")
+        real(new, dest)
+
+    monkeypatch.setattr(checkpoint, "replace_dir", dies_on_second_save)
+    with pytest.raises(RuntimeError, match="power cut"):
+        pretrain(tiny(corpus_dir, out, max_steps=8))
+    monkeypatch.setattr(checkpoint, "replace_dir", real)
+    assert json.loads((out / "state" / "trainer.json").read_text())["step"] == 4
+    lm = load(out, device="cpu")  # the model directory is whole
+    assert lm.generate("The", max_new_tokens=3, seed=0) is not None
+    assert pretrain(tiny(corpus_dir, out, max_steps=8, resume=True))["step"] == 8
+    assert not (out / "state.new").exists()
+
+
+def test_nan_loss_stops_training_and_keeps_last_good_checkpoint(corpus_dir, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real_loss, calls = LMTask.loss, []
+
+    def explodes(self, model, batch):
+        loss, n = real_loss(self, model, batch)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) >= 5 else loss), n
+
+    monkeypatch.setattr(LMTask, "loss", explodes)
+    with pytest.raises(NonFiniteLoss, match=r"nan at step 5.*checkpoint \(step 4\)"):
+        pretrain(tiny(corpus_dir, out, max_steps=10))
+    assert json.loads((out / "state" / "trainer.json").read_text())["step"] == 4
+    assert all(math.isfinite(t.abs().sum().item()) for t in weights(out).values())
+
+
+def test_gradient_accumulation_matches_a_bigger_batch(corpus_dir, tmp_path):
+    a = pretrain(tiny(corpus_dir, tmp_path / "a", batch_size=4, grad_accum=2, dropout=0.0, max_steps=5))
+    b = pretrain(tiny(corpus_dir, tmp_path / "b", batch_size=8, grad_accum=1, dropout=0.0, max_steps=5))
+    assert a["tokens"] == b["tokens"]
+    la, lb = [r["loss"] for r in metrics(tmp_path / "a")], [r["loss"] for r in metrics(tmp_path / "b")]
+    assert la == pytest.approx(lb, abs=1e-5)
+
+
+def test_token_and_time_budgets(corpus_dir, tmp_path):
+    state = pretrain(tiny(corpus_dir, tmp_path / "tok", max_steps=None, max_tokens=4 * 16 * 7))
+    assert state["step"] == 7 and state["tokens"] == 4 * 16 * 7
+    state = pretrain(tiny(corpus_dir, tmp_path / "min", max_steps=None, max_minutes=0.02))
+    assert state["step"] >= 1 and state["elapsed"] >= 1.2
+
+
+def test_learning_rate_schedules():
+    cfg = TrainConfig(min_lr_ratio=0.1)
+    assert lr_at(cfg, 1.0, 0, 0.0, warmup=10) == pytest.approx(0.1)
+    assert lr_at(cfg, 1.0, 9, 0.1, warmup=10) == pytest.approx(1.0)
+    assert lr_at(cfg, 1.0, 50, 0.5, warmup=10) == pytest.approx(0.55)  # cosine midpoint
+    assert lr_at(cfg, 1.0, 100, 1.0, warmup=10) == pytest.approx(0.1)
+    wsd = TrainConfig(schedule="wsd", decay_fraction=0.2, min_lr_ratio=0.0)
+    assert lr_at(wsd, 1.0, 50, 0.7, warmup=10) == 1.0
+    assert lr_at(wsd, 1.0, 90, 0.9, warmup=10) == pytest.approx(0.5)
+
+
+def test_auto_size_follows_the_compute_optimal_rule():
+    d4 = sized_config("gpt2", 4, 4096, 256)
+    depth, report = choose_depth("gpt2", 4096, 256, 2048, max_tokens=20 * trained_params(d4), seconds=None,
+                                 step_seconds=lambda c: 1.0)
+    assert depth == 4 and "20 tokens per parameter" in report[-1]
+    probes = []
+
+    def fake_step_seconds(cfg):  # a machine doing 1e12 FLOP/s
+        from lmforge.model import flops_per_token
+        probes.append(cfg.n_layer)
+        return flops_per_token(cfg) * 2048 / 1e12
+
+    seconds = 20 * trained_params(sized_config("gpt2", 8, 4096, 256)) * \
+        __import__("lmforge.model", fromlist=["x"]).flops_per_token(sized_config("gpt2", 8, 4096, 256)) / 1e12
+    depth, _ = choose_depth("gpt2", 4096, 256, 2048, max_tokens=None, seconds=seconds,
+                            step_seconds=fake_step_seconds)
+    assert depth == 8 and probes[0] == 4 and probes[-1] == 8
+
+
+def test_auto_size_is_recorded_for_reproduction(corpus_dir, tmp_path):
+    out = tmp_path / "auto"
+    pretrain(tiny(corpus_dir, out, n_layer=None, n_embd=None, n_head=None, size="auto", max_steps=2))
+    saved = yaml.safe_load((out / "train_config.yaml").read_text())
+    assert saved["size"].startswith("d") and saved["n_layer"] == int(saved["size"][1:])
+    cfg = json.loads((out / "config.json").read_text())["model"]
+    assert cfg["n_layer"] == saved["n_layer"] and cfg["n_embd"] == saved["n_embd"]
+
+
+def test_loss_goes_down(tiny_run):
+    rows = metrics(tiny_run)
+    assert rows[-1]["loss"] < rows[0]["loss"] - 1.0
+    assert "val_loss" in rows[-1] and "val_bpb" in rows[-1]
+    for key in ("step", "tokens", "loss", "lr", "tokens_per_sec", "elapsed_s"):
+        assert key in rows[0]
+    assert (tiny_run / "loss.png").stat().st_size > 1000
+    assert torch.is_tensor(load(tiny_run, device="cpu").model.wte.weight)
