@@ -7,8 +7,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_model_dir
+from .checkpoint import load_model_dir, stop_token_ids
 from .generate import generate_text
+from .hf_io import is_hf_dir, load_hf
 from .model import Transformer
 from .runtime import resolve_device
 from .tokenizer import Tokenizer
@@ -30,13 +31,7 @@ class LM:
         return self.model.cfg
 
     def stop_ids(self) -> set[int]:
-        """Tokens that end a generation: end-of-text, plus the chat end-of-turn marker if any."""
-        ids = {self.tokenizer.eot_id}
-        for extra in self.meta.get("stop_tokens", []):
-            i = self.tokenizer.token_id(extra)
-            if i is not None:
-                ids.add(i)
-        return ids
+        return stop_token_ids(self.tokenizer, self.meta)
 
     def generate(self, prompt: str, *, max_new_tokens: int | None = None, temperature: float = 0.8,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
@@ -52,9 +47,16 @@ class LM:
                 f"{self.model.num_params() / 1e6:.1f}M params, context {c.context_length})")
 
 
-def load(path: str | Path, device: str = "auto") -> LM:
-    """Load a model directory written by lmforge."""
+def load(path: str | Path, device: str = "auto", dtype: str = "auto") -> LM:
+    """Load an lmforge model directory, or a Hugging Face checkpoint directory directly.
+
+    `dtype` (auto, float32, bfloat16, float16) applies to Hugging Face checkpoints; auto keeps
+    the stored precision.
+    """
     path = Path(path)
-    model, tokenizer, meta = load_model_dir(path)
+    if is_hf_dir(path):
+        model, tokenizer, meta = load_hf(path, dtype)
+    else:
+        model, tokenizer, meta = load_model_dir(path)
     model.to(resolve_device(device))
     return LM(model, tokenizer, meta, path)

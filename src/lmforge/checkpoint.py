@@ -122,9 +122,22 @@ def read_config(directory: Path) -> dict:
 
 
 def check_vocab(tokenizer: Tokenizer, cfg: ModelConfig, where: str) -> None:
-    if tokenizer.vocab_size > cfg.vocab_size:
-        raise LMForgeError(f"{where}: the tokenizer has {tokenizer.vocab_size} tokens but the model's embedding "
-                           f"has only {cfg.vocab_size} rows: they do not belong together")
+    """The tokenizer must fit the embedding matrix. A few spare rows are normal (embeddings are
+    padded to a multiple of 64 or 128 for speed: Qwen2.5 has 151,936 rows for 151,665 tokens);
+    many more than padding explains means the tokenizer belongs to another model."""
+    n, rows = tokenizer.vocab_size, cfg.vocab_size
+    if n > rows:
+        raise LMForgeError(f"{where}: the tokenizer has {n} tokens but the model's embedding has only {rows} "
+                           "rows: they do not belong together")
+    if rows - n > max(1024, rows // 100):
+        raise LMForgeError(f"{where}: the tokenizer has {n} tokens, far fewer than the model's {rows} embedding "
+                           "rows: it looks like the tokenizer of a different model")
+
+
+def stop_token_ids(tokenizer: Tokenizer, meta: dict) -> set[int]:
+    """Tokens that end a generation: end-of-text, plus what the model directory lists (e.g. a chat
+    model's end-of-turn marker)."""
+    return {tokenizer.eot_id, *meta.get("stop_token_ids", [])}
 
 
 def load_model_dir(directory: str | Path) -> tuple[Transformer, Tokenizer, dict]:

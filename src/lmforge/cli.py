@@ -76,6 +76,33 @@ class TokenizerEncodeArgs:
     json: bool = arg(False, "print one JSON object (ids and tokens) instead of a table")
 
 
+@dataclass
+class ImportArgs:
+    """Convert a Hugging Face checkpoint (config.json + safetensors + tokenizer.json) into an lmforge
+    model directory. Supported families: GPT-2, Llama (incl. Llama 3 rope scaling), Mistral, Qwen2,
+    Qwen3, and Llama-style models such as SmolLM."""
+
+    hf_dir: str = arg(None, "Hugging Face model directory", positional=True)
+    out: str = arg(None, "lmforge model directory to write")
+    dtype: str = arg("auto", "weight precision: auto (as stored), float32, bfloat16 or float16",
+                     choices=["auto", "float32", "bfloat16", "float16"])
+    overwrite: bool = arg(False, "replace --out if it exists")
+
+
+@dataclass
+class ExportArgs:
+    """Write a model directory as a Hugging Face checkpoint that `transformers` loads with
+    AutoModelForCausalLM/AutoTokenizer.from_pretrained."""
+
+    model_dir: str = arg(None, "lmforge model directory", positional=True)
+    format: str = arg("hf", "output format", choices=["hf"])
+    out: str = arg(None, "directory to write")
+    shard_size_mb: float = arg(2000.0, "split the weights into files of at most this many MB")
+    dtype: str = arg("auto", "weight precision: auto (as stored), float32, bfloat16 or float16",
+                     choices=["auto", "float32", "bfloat16", "float16"])
+    overwrite: bool = arg(False, "replace --out if it exists")
+
+
 # --- verbs ---------------------------------------------------------------------------------------
 
 def _read_text_arg(text: str | None, what: str) -> str:
@@ -131,6 +158,25 @@ def cmd_evaluate(ns) -> None:
     print(json.dumps(evaluate_text(a.model_dir, a.data, a.text_field, a.batch_size, a.device)))
 
 
+def cmd_import(ns) -> None:
+    from .hf_io import import_hf
+
+    a = from_namespace(ImportArgs, ns)
+    if not a.out:
+        raise LMForgeError("--out is required")
+    out = import_hf(a.hf_dir, a.out, a.dtype, a.overwrite)
+    print(f"imported {a.hf_dir} -> {out}", file=sys.stderr)
+
+
+def cmd_export(ns) -> None:
+    from .hf_io import export_hf
+
+    a = from_namespace(ExportArgs, ns)
+    if not a.out:
+        raise LMForgeError("--out is required")
+    export_hf(a.model_dir, a.out, a.shard_size_mb, a.overwrite, a.dtype)
+
+
 def cmd_demo(ns) -> None:
     from .demo import demo
 
@@ -182,6 +228,12 @@ EXAMPLES = {
   lmforge generate runs/demo --prompt "Return the" --temperature 0.7 --top-k 40 --seed 1
   lmforge generate runs/demo -p "class" --temperature 0                  # greedy
   lmforge generate runs/demo -p "The module" --top-candidates 5 --max-new-tokens 5""",
+    "import": """examples:
+  lmforge import ~/models/SmolLM2-135M --out runs/smol
+  lmforge generate runs/smol --prompt "The capital of France is" --temperature 0""",
+    "export": """example:
+  lmforge export runs/py --format hf --out hf/py
+  # then, in Python: AutoModelForCausalLM.from_pretrained("hf/py"), AutoTokenizer.from_pretrained("hf/py")""",
     "evaluate": """example:
   lmforge evaluate runs/demo --data held_out.txt
   -> {"loss": 3.21, "perplexity": 24.8, "bits_per_byte": 1.27, "tokens": 52110}""",
@@ -209,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
               "pretrain a model on raw text (next-token prediction)")
     _add_verb(sub, "generate", GenerateArgs, cmd_generate, "generate text from a prompt")
     _add_verb(sub, "evaluate", EvaluateArgs, cmd_evaluate, "loss, perplexity and bits per byte on text (JSON)")
+    _add_verb(sub, "import", ImportArgs, cmd_import, "convert a Hugging Face checkpoint into a model directory")
+    _add_verb(sub, "export", ExportArgs, cmd_export, "write a model directory as a Hugging Face checkpoint")
     tok = sub.add_parser("tokenizer", help="train a tokenizer, or see how one splits text",
                          description="Byte-level BPE tokenizers (Hugging Face tokenizer.json format).")
     tsub = tok.add_subparsers(dest="sub", metavar="ACTION", required=True)

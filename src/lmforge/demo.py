@@ -22,8 +22,10 @@ def demo(minutes: float = 4.0, out: str = "runs/demo", arch: str = "gpt2", seed:
     say(f"[1/4] corpus: pydocs, {len(docs):,} documents, {sum(len(d.encode()) for d in docs) / 1e6:.2f} MB "
         "of Python's own documentation")
     say(f"[2/4] tokenizer + [3/4] pretraining for {minutes:g} minutes (model size chosen for the budget)")
+    # Context 128: on a CPU budget, more (smaller) steps beat longer windows: in 2-minute trials
+    # it reached 1.78 bits per byte against 1.94 with context 256.
     cfg = PretrainConfig(data=["pydocs"], out=out, arch=arch, size="auto", max_minutes=minutes, overwrite=True,
-                         seed=seed, device=device, eval_every=250, save_every=1000)
+                         seed=seed, device=device, context_length=128, eval_every=500, save_every=2000)
     state = pretrain(cfg)
     lm = load(out, device=device)
     say("[4/4] samples (temperature 0.8, top-k 40):")

@@ -99,7 +99,8 @@ def generate_text(model: Transformer, tokenizer: Tokenizer, prompt: str, *, max_
     distribution each token was drawn from.
     """
     stops = [s for s in (stop or []) if s]
-    ids = prompt_ids if prompt_ids is not None else tokenizer.encode(prompt)
+    # add_special_tokens: models trained with a leading BOS (Llama) expect one in the prompt too
+    ids = prompt_ids if prompt_ids is not None else tokenizer.encode(prompt, add_special_tokens=True)
     if max_new_tokens is None:  # not asked for: as much as fits, up to 200
         max_new_tokens = max(1, min(200, model.cfg.context_length - len(ids)))
     end = {tokenizer.eot_id} if stop_ids is None else stop_ids

@@ -99,20 +99,21 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.hf.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str, special: bool = True) -> list[int]:
-        """Token ids for `text`. With `special=False`, special-token strings count as plain text."""
-        return self._encode([text], special)[0]
+    def encode(self, text: str, special: bool = True, add_special_tokens: bool = False) -> list[int]:
+        """Token ids for `text`. With `special=False`, special-token strings count as plain text.
+        `add_special_tokens` applies the tokenizer's post-processor (e.g. Llama's leading BOS)."""
+        return self._encode([text], special, add_special_tokens)[0]
 
     def encode_batch(self, texts: list[str], special: bool = False) -> list[list[int]]:
         """Encode many texts in parallel (Rust threads). Special-token strings are plain text by
         default here: a document that mentions `<|endoftext|>` must not end early."""
         return self._encode(texts, special)
 
-    def _encode(self, texts: list[str], special: bool) -> list[list[int]]:
+    def _encode(self, texts: list[str], special: bool, add_special_tokens: bool = False) -> list[list[int]]:
         old = self.hf.encode_special_tokens
         self.hf.encode_special_tokens = not special
         try:
-            return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+            return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=add_special_tokens)]
         finally:
             self.hf.encode_special_tokens = old
 

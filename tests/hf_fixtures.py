@@ -1,0 +1,135 @@
+"""Tiny randomly initialised Hugging Face models and tokenizers, saved the way the Hub ships them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from helpers import make_docs
+from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer as HFTokenizer
+
+from lmforge.tokenizer import SPLIT_PATTERN
+
+VOCAB = 320  # embedding rows; the tokenizers below have a few less (padding, as real models do)
+
+SAMPLE_TEXTS = [
+    "Hello, world! The quick brown fox.",
+    "   leading spaces, trailing spaces   ",
+    "multiple     spaces\tand\ttabs\n\n\nand newlines\r\n",
+    "déjà vu, naïve café, Größe, ñandú",
+    "Привет мир, 你好世界, こんにちは, مرحبا, नमस्ते",
+    "emoji: 😀🎉👍🏽 and 🇫🇷 flags",
+    "def f(x):\n    return {'a': [1, 2, 3]}  # comment\n",
+    "numbers 1234567 3.14159 -42 1e-9",
+    "<|endoftext|> inside text and <|im_start|>user",
+    "",
+]
+
+
+def _train(tok: HFTokenizer, specials: list[str], size: int = 300) -> HFTokenizer:
+    trainer = trainers.BpeTrainer(vocab_size=size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+                                  if isinstance(tok.decoder, decoders.ByteLevel) else [])
+    tok.train_from_iterator(make_docs(80) + SAMPLE_TEXTS, trainer=trainer)
+    return tok
+
+
+def gpt2_style() -> HFTokenizer:
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return _train(tok, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+
+
+def llama3_style() -> HFTokenizer:
+    tok = HFTokenizer(models.BPE())
+    pattern = SPLIT_PATTERN  # Llama 3 uses GPT-4's split, as lmforge's own tokenizer does
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok = _train(tok, ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", tok.token_to_id("<|begin_of_text|>"))])
+    return tok
+
+
+def qwen_style() -> HFTokenizer:
+    """Qwen2/3 layout: NFC normalisation and single-digit numbers (what transformers' Qwen2Tokenizer
+    rebuilds regardless of tokenizer.json, so the test tokenizer must agree with it)."""
+    tok = HFTokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    pattern = SPLIT_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    return _train(tok, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+
+
+def sentencepiece_style() -> HFTokenizer:
+    """Llama 2 / Mistral layout: '▁' for spaces, byte fallback, a BOS added by the post-processor."""
+    bytes_ = [f"<0x{i:02X}>" for i in range(256)]
+    tok = HFTokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    trainer = trainers.BpeTrainer(vocab_size=300 + 256, special_tokens=["<unk>", "<s>", "</s>"] + bytes_,
+                                  show_progress=False)
+    tok.train_from_iterator(make_docs(80) + SAMPLE_TEXTS, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return tok
+
+
+def save_tokenizer(tok: HFTokenizer, directory: Path, bos: str, eos: str, chat_template: str | None = None):
+    from transformers import PreTrainedTokenizerFast
+
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos)
+    if chat_template:
+        fast.chat_template = chat_template
+    fast.save_pretrained(directory)
+
+
+def tiny_hf_model(family: str, directory: Path, *, vocab: int | None = None, shard: str | None = None,
+                  dtype: torch.dtype = torch.float32, **overrides):
+    """Save a tiny random `family` model plus a matching tokenizer; returns the model (eval mode).
+
+    The embedding has a few more rows than the tokenizer has tokens, as real checkpoints do.
+    """
+    import transformers as tf
+
+    if family == "gpt2":
+        tok, bos, eos = gpt2_style(), "<|endoftext|>", "<|endoftext|>"
+    elif family == "llama":
+        tok, bos, eos = llama3_style(), "<|begin_of_text|>", "<|end_of_text|>"
+    elif family in ("qwen2", "qwen3"):
+        tok, bos, eos = qwen_style(), "<|endoftext|>", "<|endoftext|>"
+    else:
+        tok, bos, eos = sentencepiece_style(), "<s>", "</s>"
+    vocab = vocab or 64 * (tok.get_vocab_size() // 64 + 1)
+    torch.manual_seed(0)
+    common = dict(vocab_size=vocab, bos_token_id=tok.token_to_id(bos), eos_token_id=tok.token_to_id(eos))
+    if family == "gpt2":
+        cfg = tf.GPT2Config(n_positions=128, n_embd=64, n_layer=2, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0,
+                            attn_pdrop=0.0, **common, **overrides)
+        model_cls = tf.GPT2LMHeadModel
+    else:
+        llama_like = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, max_position_embeddings=128, **common)
+        cls_cfg, model_cls = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
+                              "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
+                              "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
+                              "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM)}[family]
+        if family == "mistral":
+            llama_like.update(head_dim=16, sliding_window=24)  # a window shorter than the test sequences
+        if family == "qwen3":
+            llama_like["head_dim"] = 24  # Qwen3 decouples head_dim from hidden_size / heads
+        cfg = cls_cfg(**{**llama_like, **overrides})
+    model = model_cls(cfg).to(dtype).eval()
+    with torch.no_grad():  # random biases and norm gains, so every parameter matters in the comparison
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name or "ln_" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(directory, max_shard_size=shard) if shard else model.save_pretrained(directory)
+    save_tokenizer(tok, directory, bos, eos)
+    return model
