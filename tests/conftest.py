@@ -45,3 +45,15 @@ def tiny_run(tmp_path_factory, corpus_dir) -> Path:
     return out
 
 
+
+
+@pytest.fixture(scope="session")
+def ft_base(tmp_path_factory, corpus_dir) -> Path:
+    """A small pretrained base for fine-tuning tests (2 layers x 64)."""
+    from lmforge.pretrain import PretrainConfig, pretrain
+
+    out = tmp_path_factory.mktemp("runs") / "ft_base"
+    pretrain(PretrainConfig(data=[str(corpus_dir)], out=str(out), n_layer=2, n_embd=64, n_head=2,
+                            context_length=64, batch_size=8, max_steps=150, eval_every=150, eval_batches=2,
+                            vocab_size=384, lr=1e-2, device="cpu"))
+    return out

@@ -41,3 +41,27 @@ def assert_clean_error(proc, fragment: str) -> None:
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, proc.stderr
     assert fragment.lower() in errors[0].lower(), errors[0]
+
+
+SPAM_WORDS = ["win", "free", "prize", "cash", "click", "offer", "winner", "claim", "urgent", "bonus", "money", "deal"]
+
+
+def spam_rows(n: int, seed: int = 0) -> list[dict]:
+    """A separable spam/ham task: spam is shouted prize vocabulary, ham is documentation prose."""
+    rng = random.Random(seed)
+    spam = [" ".join(rng.choice(SPAM_WORDS) for _ in range(rng.randint(4, 8))).capitalize() + "!"
+            for _ in range(n // 2)]
+    ham = make_sentences(n - n // 2, seed=seed + 100)
+    rows = [{"text": t, "label": "spam"} for t in spam] + [{"text": t, "label": "ham"} for t in ham]
+    rng.shuffle(rows)
+    return rows
+
+
+def reverse_records(n: int, seed: int = 0) -> list[dict]:
+    """Alpaca-style records for a task a base model cannot do: reverse three words."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        words = [rng.choice(NOUNS) for _ in range(3)]
+        out.append({"instruction": "Reverse the words: " + " ".join(words), "output": " ".join(reversed(words))})
+    return out

@@ -7,7 +7,16 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_model_dir, stop_token_ids
+from .checkpoint import (
+    fill_model,
+    load_model_dir,
+    load_weights,
+    make_skeleton,
+    read_config,
+    stop_token_ids,
+    weights_for_saving,
+)
+from .errors import LMForgeError
 from .generate import generate_text
 from .hf_io import is_hf_dir, load_hf
 from .model import Transformer
@@ -53,10 +62,36 @@ def load(path: str | Path, device: str = "auto", dtype: str = "auto") -> LM:
     `dtype` (auto, float32, bfloat16, float16) applies to Hugging Face checkpoints; auto keeps
     the stored precision.
     """
-    path = Path(path)
-    if is_hf_dir(path):
-        model, tokenizer, meta = load_hf(path, dtype)
-    else:
-        model, tokenizer, meta = load_model_dir(path)
+    path = Path(path).expanduser()
+    model, tokenizer, meta = load_parts(path, dtype)
     model.to(resolve_device(device))
     return LM(model, tokenizer, meta, path)
+
+
+def load_parts(path: Path, dtype: str = "auto") -> tuple[torch.nn.Module, Tokenizer, dict]:
+    """(model, tokenizer, meta) from a Hugging Face directory, a model directory, or an adapter
+    directory (LoRA weights plus a reference to the base model they modify)."""
+    if is_hf_dir(path):
+        return load_hf(path, dtype)
+    meta = read_config(path)
+    if "lora" not in meta:
+        return load_model_dir(path)
+    base_path = resolve_base(path, meta)
+    base, _, _ = load_parts(base_path, dtype)
+    tensors = weights_for_saving(base)
+    if meta.get("kind") == "classifier":  # the body of a classifier is the base language model
+        tensors = {f"backbone.{k}": v for k, v in tensors.items() if not k.startswith("lm_head.")}
+    tensors.update(load_weights(path / "adapter.safetensors"))
+    tokenizer = Tokenizer.from_file(path)
+    model = fill_model(make_skeleton(meta), tensors, f"{path} with its base {base_path}")
+    return model.eval(), tokenizer, meta
+
+
+def resolve_base(path: Path, meta: dict) -> Path:
+    """The base model of an adapter directory: as recorded (absolute), or relative to it."""
+    recorded = Path(meta["base_model"])
+    for candidate in (recorded, path / meta.get("base_model_relative", "")):
+        if (candidate / "config.json").exists():
+            return candidate
+    raise LMForgeError(f"{path} is a LoRA adapter whose base model {recorded} is missing; "
+                       "put it back, or merge the adapter while it exists (lmforge merge-lora)")

@@ -23,19 +23,22 @@ from safetensors.torch import load_file, save_file
 
 from .errors import LMForgeError
 from .fileio import atomic_path, atomic_write_json, recover_dir, replace_dir
-from .model import ModelConfig, Transformer
+from .lora import apply_lora
+from .model import Classifier, ModelConfig, Transformer
 from .tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
 STATE_MARKER = "trainer.json"  # written last: its presence means the state directory is complete
 
 
-def weights_for_saving(model: Transformer) -> dict[str, torch.Tensor]:
-    """State dict without the tied output matrix (safetensors stores each tensor once)."""
-    sd = model.state_dict()
-    if model.cfg.tie_embeddings:
-        sd.pop("lm_head.weight", None)
-    return {k: v.detach().contiguous() for k, v in sd.items()}
+def weights_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """State dict with each shared tensor once (a tied output matrix is stored as the embedding)."""
+    keep = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    return {k: v.detach().contiguous() for k, v in model.state_dict().items() if k in keep}
+
+
+def trainable_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def save_weights(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
@@ -52,13 +55,27 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
         raise LMForgeError(f"cannot read {path}: {e}") from None
 
 
-def build_model(cfg: ModelConfig, tensors: dict[str, torch.Tensor], source: str = "weights") -> Transformer:
-    """A model from its config and weights, without first allocating random ones."""
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    expected = model.state_dict()
-    tied = {"lm_head.weight"} if cfg.tie_embeddings else set()
-    missing = sorted(set(expected) - set(tensors) - tied)
+def make_skeleton(meta: dict, device: str | torch.device = "meta") -> torch.nn.Module:
+    """The module a model directory's config.json describes, without weights (on the meta device)."""
+    cfg = ModelConfig.from_dict(meta["model"])
+    kind = meta.get("kind", "causal-lm")
+    with torch.device(device):
+        if kind == "causal-lm":
+            model = Transformer(cfg)
+        elif kind == "classifier":
+            model = Classifier(cfg, len(meta["labels"]), meta.get("pooling", "last"))
+        else:
+            raise LMForgeError(f"unknown model kind {kind!r} in config.json")
+        if "lora" in meta:
+            lo = meta["lora"]
+            apply_lora(model, lo["layers"], lo["rank"], lo["alpha"], lo.get("dropout", 0.0))
+    return model
+
+
+def fill_model(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str = "weights") -> torch.nn.Module:
+    """Assign `tensors` to a meta-device skeleton, checking that names and shapes all fit."""
+    expected = weights_for_saving(model)
+    missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
         raise LMForgeError(f"{source} do not match the model config: missing {missing[:4]}, "
@@ -68,22 +85,23 @@ def build_model(cfg: ModelConfig, tensors: dict[str, torch.Tensor], source: str 
             raise LMForgeError(f"{source}: tensor {name} has shape {tuple(t.shape)}, the config implies "
                                f"{tuple(expected[name].shape)}")
     model.load_state_dict(tensors, strict=False, assign=True)
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.wte.weight
-    device = model.wte.weight.device
-    if cfg.pos_embedding == "rope":  # buffers are not saved: rebuild them off the meta device
-        with torch.device(device):
-            fresh = Transformer.rope_tables(cfg)
-        model.rope_cos, model.rope_sin = fresh
+    model.finish_loading()
     return model
 
 
-def model_config_json(model: Transformer, tokenizer: Tokenizer, kind: str = "causal-lm", **extra) -> dict:
+def build_model(cfg: ModelConfig, tensors: dict[str, torch.Tensor], source: str = "weights") -> Transformer:
+    """A language model from its config and weights, without first allocating random ones."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    return fill_model(model, tensors, source)
+
+
+def model_config_json(model: torch.nn.Module, tokenizer: Tokenizer, kind: str = "causal-lm", **extra) -> dict:
     return {"lmforge_format": FORMAT_VERSION, "kind": kind, "model": model.cfg.to_dict(),
             "tokenizer": {"vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id}, **extra}
 
 
-def save_model_dir(directory: Path, model: Transformer, tokenizer: Tokenizer, weights_file: Path | None = None,
+def save_model_dir(directory: Path, model: torch.nn.Module, tokenizer: Tokenizer, weights_file: Path | None = None,
                    **extra) -> None:
     """Write config.json, tokenizer.json and model.safetensors (or link `weights_file` in as it)."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -140,24 +158,29 @@ def stop_token_ids(tokenizer: Tokenizer, meta: dict) -> set[int]:
     return {tokenizer.eot_id, *meta.get("stop_token_ids", [])}
 
 
-def load_model_dir(directory: str | Path) -> tuple[Transformer, Tokenizer, dict]:
-    """(model, tokenizer, config.json contents) from an lmforge model directory."""
+def load_model_dir(directory: str | Path) -> tuple[torch.nn.Module, Tokenizer, dict]:
+    """(model, tokenizer, config.json contents) from an lmforge model directory with full weights
+    (see `lmforge.api.load` for adapter directories, which also need their base model)."""
     directory = Path(directory)
     meta = read_config(directory)
-    cfg = ModelConfig.from_dict(meta["model"])
-    tokenizer = Tokenizer.from_file(directory / "tokenizer.json")
-    check_vocab(tokenizer, cfg, str(directory))
-    model = build_model(cfg, load_weights(directory / "model.safetensors"), f"{directory}/model.safetensors")
+    tokenizer = Tokenizer.from_file(directory)
+    check_vocab(tokenizer, ModelConfig.from_dict(meta["model"]), str(directory))
+    model = fill_model(make_skeleton(meta), load_weights(directory / "model.safetensors"),
+                       f"{directory}/model.safetensors")
     return model.eval(), tokenizer, meta
 
 
 # --- training state ---------------------------------------------------------------------------------
 
-def save_state(directory: Path, model: Transformer, optimizer: torch.optim.Optimizer, trainer: dict) -> Path:
-    """Write DIR/state atomically; returns the path of the weights inside it."""
+def save_state(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               trainer: dict) -> Path | None:
+    """Write DIR/state atomically. It holds the trainable weights (all of them, unless layers are
+    frozen or adapters used); returns their path when they are the complete model, else None."""
     new = directory / "state.new"
     new.mkdir(parents=True, exist_ok=True)
-    save_weights(weights_for_saving(model), new / "model.safetensors")
+    weights = trainable_weights(model)
+    complete = set(weights) == set(weights_for_saving(model))
+    save_weights(weights, new / "model.safetensors")
     opt = optimizer.state_dict()
     tensors = {f"{i}.{k}": v.contiguous() for i, s in opt["state"].items() for k, v in s.items()
                if isinstance(v, torch.Tensor)}
@@ -171,7 +194,7 @@ def save_state(directory: Path, model: Transformer, optimizer: torch.optim.Optim
                                                            for i, s in opt["state"].items()}})
     atomic_write_json(new / STATE_MARKER, trainer)
     replace_dir(new, directory / "state")
-    return directory / "state" / "model.safetensors"
+    return directory / "state" / "model.safetensors" if complete else None
 
 
 def has_state(directory: Path) -> bool:
@@ -185,8 +208,8 @@ def load_state(directory: Path, model: Transformer, optimizer: torch.optim.Optim
     if not has_state(directory):
         raise LMForgeError(f"nothing to resume in {directory} (no complete state/ directory)")
     tensors = load_weights(state / "model.safetensors")
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    if unexpected or set(missing) - ({"lm_head.weight"} if model.cfg.tie_embeddings else set()):
+    _, unexpected = model.load_state_dict(tensors, strict=False)
+    if unexpected or set(trainable_weights(model)) - set(tensors):
         raise LMForgeError(f"{state}: saved weights do not fit this model")
     saved = load_weights(state / "optimizer.safetensors")
     info = json.loads((state / "optimizer.json").read_text())

@@ -103,6 +103,42 @@ class ExportArgs:
     overwrite: bool = arg(False, "replace --out if it exists")
 
 
+@dataclass
+class ClassifyArgs:
+    """Label texts with a fine-tuned classifier."""
+
+    model_dir: str = arg(None, "classifier model directory (from `lmforge finetune classify`)", positional=True)
+    text: list[str] = arg([], "text(s) to classify")
+    file: str | None = arg(None, "classify each line of this file (or each row of a .csv/.tsv/.jsonl)")
+    text_field: str = arg("text", "column / field holding the text in .csv/.tsv/.jsonl files")
+    json: bool = arg(False, "print one JSON object per text: {text, label, probs}")
+    device: str = arg("auto", "cpu, cuda, mps or auto")
+
+
+@dataclass
+class MergeLoraArgs:
+    """Fold a LoRA adapter into its base model's weights: a plain model directory, no base needed."""
+
+    model_dir: str = arg(None, "adapter directory (from fine-tuning with --lora-rank)", positional=True)
+    out: str = arg(None, "model directory to write")
+    overwrite: bool = arg(False, "replace --out if it exists")
+
+
+@dataclass
+class ChatArgs:
+    """Talk to a model in the terminal, multi-turn, with the prompt format it was tuned with.
+    Type /reset to start over and /exit to quit."""
+
+    model_dir: str = arg(None, "model directory or Hugging Face checkpoint", positional=True)
+    system: str | None = arg(None, "system message that sets the assistant's behaviour")
+    max_new_tokens: int = arg(256, "longest answer in tokens")
+    temperature: float = arg(0.7, "randomness (0 = greedy)")
+    top_p: float | None = arg(0.9, "nucleus sampling threshold")
+    top_k: int | None = arg(None, "sample among the K most likely tokens only")
+    seed: int | None = arg(None, "random seed for reproducible answers")
+    device: str = arg("auto", "cpu, cuda, mps or auto")
+
+
 # --- verbs ---------------------------------------------------------------------------------------
 
 def _read_text_arg(text: str | None, what: str) -> str:
@@ -150,12 +186,85 @@ def cmd_generate(ns) -> None:
 
 
 def cmd_evaluate(ns) -> None:
+    from .api import load
     from .evaluate import evaluate_text
 
     a = from_namespace(EvaluateArgs, ns)
     if not a.data:
         raise LMForgeError("--data is required")
-    print(json.dumps(evaluate_text(a.model_dir, a.data, a.text_field, a.batch_size, a.device)))
+    lm = load(a.model_dir, device=a.device)
+    if lm.meta.get("kind") == "classifier":
+        from .finetune.classify import evaluate_classifier
+
+        if len(a.data) != 1:
+            raise LMForgeError("a classifier is evaluated on one labelled file (--data FILE)")
+        label_field = lm.meta.get("label_field", "label")
+        print(json.dumps(evaluate_classifier(lm, a.data[0], a.text_field, label_field), ensure_ascii=False))
+        return
+    print(json.dumps(evaluate_text(lm, a.data, a.text_field, a.batch_size)))
+
+
+def cmd_finetune_classify(ns) -> None:
+    from .finetune.classify import ClassifyConfig, finetune_classify
+
+    _print_summary(finetune_classify(from_namespace(ClassifyConfig, ns)),
+                   ("step", "loss", "val_loss", "val_accuracy", "val_macro_f1"))
+
+
+def cmd_finetune_instruct(ns) -> None:
+    from .finetune.instruct import InstructConfig, finetune_instruct
+
+    _print_summary(finetune_instruct(from_namespace(InstructConfig, ns)), ("step", "tokens", "loss", "val_loss"))
+
+
+def _print_summary(state: dict, keys) -> None:
+    m = state.get("metrics", {})
+    print(json.dumps({k: m[k] for k in keys if k in m}))
+
+
+def cmd_classify(ns) -> None:
+    from .api import load
+    from .finetune.classify import classify_texts, read_labelled
+
+    a = from_namespace(ClassifyArgs, ns)
+    texts = list(a.text)
+    if a.file:
+        from pathlib import Path
+
+        path = Path(a.file)
+        if path.suffix.lower() in (".csv", ".tsv", ".tab", ".jsonl", ".json"):
+            texts += read_labelled(path, a.text_field, None)[0]
+        elif not path.exists():
+            raise LMForgeError(f"no such file: {path}")
+        else:
+            texts += [line for line in path.read_text().splitlines() if line.strip()]
+    if not texts:
+        raise LMForgeError("nothing to classify: give --text or --file")
+    lm = load(a.model_dir, device=a.device)
+    for text, r in zip(texts, classify_texts(lm, texts)):
+        if a.json:
+            print(json.dumps({"text": text, **r}, ensure_ascii=False))
+        else:
+            probs = "  ".join(f"{k} {v:.3f}" for k, v in sorted(r["probs"].items(), key=lambda kv: -kv[1]))
+            print(f"{r['label']}\t{probs}\t{text[:80]!r}")
+
+
+def cmd_merge_lora(ns) -> None:
+    from .finetune.common import merge_adapter
+
+    a = from_namespace(MergeLoraArgs, ns)
+    if not a.out:
+        raise LMForgeError("--out is required")
+    merge_adapter(a.model_dir, a.out, a.overwrite)
+
+
+def cmd_chat(ns) -> None:
+    from .api import load
+    from .chat import chat
+
+    a = from_namespace(ChatArgs, ns)
+    lm = load(a.model_dir, device=a.device)
+    chat(lm, a.system, a.max_new_tokens, a.temperature, a.top_p, a.top_k, a.seed)
 
 
 def cmd_import(ns) -> None:
@@ -234,6 +343,14 @@ EXAMPLES = {
     "export": """example:
   lmforge export runs/py --format hf --out hf/py
   # then, in Python: AutoModelForCausalLM.from_pretrained("hf/py"), AutoTokenizer.from_pretrained("hf/py")""",
+    "classify": """examples:
+  lmforge classify runs/spam --text "WIN a FREE cruise, click now" "see you at lunch"
+  lmforge classify runs/spam --file inbox.txt --json""",
+    "chat": """example:
+  lmforge chat runs/assistant --system "You are a concise assistant."
+  you> What does zip() do?""",
+    "merge-lora": """example:
+  lmforge merge-lora runs/spam-lora --out runs/spam-merged""",
     "evaluate": """example:
   lmforge evaluate runs/demo --data held_out.txt
   -> {"loss": 3.21, "perplexity": 24.8, "bits_per_byte": 1.27, "tokens": 52110}""",
@@ -263,6 +380,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_verb(sub, "evaluate", EvaluateArgs, cmd_evaluate, "loss, perplexity and bits per byte on text (JSON)")
     _add_verb(sub, "import", ImportArgs, cmd_import, "convert a Hugging Face checkpoint into a model directory")
     _add_verb(sub, "export", ExportArgs, cmd_export, "write a model directory as a Hugging Face checkpoint")
+    ft = sub.add_parser("finetune", help="fine-tune a model: classify (labelled texts) or instruct (instructions)",
+                        description="Fine-tune a pretrained (or imported) model, fully or with LoRA.")
+    fsub = ft.add_subparsers(dest="sub", metavar="TASK", required=True)
+    from .finetune.classify import ClassifyConfig
+    from .finetune.instruct import InstructConfig
+
+    _add_verb(fsub, "classify", ClassifyConfig, cmd_finetune_classify, "train a classifier on labelled texts")
+    _add_verb(fsub, "instruct", InstructConfig, cmd_finetune_instruct, "teach a model to follow instructions")
+    _add_verb(sub, "classify", ClassifyArgs, cmd_classify, "label texts with a fine-tuned classifier")
+    _add_verb(sub, "chat", ChatArgs, cmd_chat, "talk to a model in the terminal")
+    _add_verb(sub, "merge-lora", MergeLoraArgs, cmd_merge_lora, "fold a LoRA adapter into its base model")
     tok = sub.add_parser("tokenizer", help="train a tokenizer, or see how one splits text",
                          description="Byte-level BPE tokenizers (Hugging Face tokenizer.json format).")
     tsub = tok.add_subparsers(dest="sub", metavar="ACTION", required=True)

@@ -115,38 +115,54 @@ def prepare(corpus: Corpus, tokenizer: Tokenizer, val_corpus: Corpus | None = No
     return TokenData(load("train.bin"), load("val.bin"), directory)
 
 
-class BatchStream:
-    """Training windows over a token stream, visited in a fresh random order every epoch.
+class EpochOrder:
+    """An endless sequence of item indices: each epoch a fresh seeded permutation of 0..n-1.
 
-    Window k of the (endless) stream depends only on (seed, k), so the data for any step can be
-    recomputed: resuming restores nothing, and each DDP rank takes its slice of a global batch.
+    Item k depends only on (seed, k), so the data for any step can be recomputed: resuming
+    restores nothing, and each DDP rank takes its own slice of a global batch.
     """
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed = n, seed
+        self._epoch, self._perm = -1, None
+
+    def __call__(self, k: int) -> int:
+        epoch, i = divmod(k, self.n)
+        if epoch != self._epoch:
+            self._perm, self._epoch = np.random.default_rng([self.seed, epoch]).permutation(self.n), epoch
+        return int(self._perm[i])
+
+    def epoch_of(self, k: int) -> int:
+        return k // self.n
+
+
+class BatchStream:
+    """Training windows over a token stream, visited in a fresh random order every epoch (with
+    window edges shifted per epoch, so token pairs across edges are seen too)."""
 
     def __init__(self, data: np.ndarray, context_length: int, seed: int) -> None:
         if len(data) < context_length + 1:
             raise LMForgeError(f"the training data has {len(data):,} tokens, fewer than one window of "
                                f"context length + 1 = {context_length + 1}; lower --context-length")
-        self.data, self.ctx, self.seed = data, context_length, seed
+        self.data, self.ctx = data, context_length
         self.per_epoch = (len(data) - 1) // context_length
-        self._epoch, self._perm, self._shift = -1, None, 0
+        self.order = EpochOrder(self.per_epoch, seed)
+        self._shift_epoch, self._shift = -1, 0
 
     def _window_start(self, k: int) -> int:
-        epoch, i = divmod(k, self.per_epoch)
-        if epoch != self._epoch:
-            rng = np.random.default_rng([self.seed, epoch])
+        i = self.order(k)
+        if self.order.epoch_of(k) != self._shift_epoch:
             slack = len(self.data) - 1 - self.per_epoch * self.ctx
-            self._shift = int(rng.integers(0, min(slack, self.ctx - 1) + 1))  # vary window edges
-            self._perm, self._epoch = rng.permutation(self.per_epoch), epoch
-        return self._shift + int(self._perm[i]) * self.ctx
+            self._shift = int(np.random.default_rng([self.order.seed, self.order.epoch_of(k), 1])
+                              .integers(0, min(slack, self.ctx - 1) + 1))
+            self._shift_epoch = self.order.epoch_of(k)
+        return self._shift + i * self.ctx
 
     def batch(self, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Windows first .. first+count-1 as (inputs, targets), each [count, context_length]."""
         rows = [self.data[s:s + self.ctx + 1] for s in map(self._window_start, range(first, first + count))]
         xy = torch.from_numpy(np.stack(rows).astype(np.int64))
         return xy[:, :-1], xy[:, 1:]
-
-    def epochs(self, windows_seen: int) -> float:
-        return windows_seen / self.per_epoch
 
 
 def eval_batches(data: np.ndarray, context_length: int, batch_size: int, max_windows: int | None = None):

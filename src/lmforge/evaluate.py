@@ -7,12 +7,13 @@ does not depend on the tokenizer: runs with different vocabularies compare direc
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .api import LM
+from .corpus import load_corpus
 from .data import encode_documents, eval_batches
 from .errors import LMForgeError
 from .runtime import autocast
@@ -46,13 +47,10 @@ def evaluate_lm(model: torch.nn.Module, data: np.ndarray, context_length: int, t
             "bits_per_byte": nats_bpb.item() / math.log(2) / max(n_bytes, 1), "tokens": n_tokens}
 
 
-def evaluate_text(model_dir: str | Path, data: list[str], text_field: str = "text",
-                  batch_size: int = 8, device: str = "auto") -> dict:
+def evaluate_text(lm: LM, data: list[str], text_field: str = "text", batch_size: int = 8) -> dict:
     """`lmforge evaluate`: loss, perplexity, bits per byte and token count of a model on text."""
-    from .api import load
-    from .corpus import load_corpus
-
-    lm = load(model_dir, device=device)
+    if lm.meta.get("kind", "causal-lm") != "causal-lm":
+        raise LMForgeError(f"{lm.path} is a {lm.meta['kind']}: language-model metrics do not apply")
     corpus = load_corpus(data, text_field)
     stream = encode_documents(lm.tokenizer, corpus.documents)
     with autocast(lm.device):

@@ -56,6 +56,30 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
+@contextlib.contextmanager
+def staged_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Write a whole directory beside `out`, then move it into place: a failure midway leaves
+    nothing at `out` (or the previous contents untouched)."""
+    from .errors import LMForgeError
+
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise LMForgeError(f"{out} exists and is not empty (pass --overwrite to replace it)")
+    tmp = out.with_name(out.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    os.replace(tmp, out)
+    _fsync_dir(out.parent)
+
+
 def replace_dir(new: Path, dest: Path) -> None:
     """Swap a fully written directory `new` into place at `dest`.
 

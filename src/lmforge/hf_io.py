@@ -28,7 +28,7 @@ from .checkpoint import (
     weights_for_saving,
 )
 from .errors import LMForgeError
-from .fileio import atomic_path, atomic_write_json
+from .fileio import atomic_path, atomic_write_json, staged_dir
 from .hf import SUPPORTED, config_from_hf, config_to_hf, export_family, weights_from_hf, weights_to_hf
 from .model import Transformer
 from .tokenizer import Tokenizer
@@ -124,41 +124,16 @@ def load_hf(directory: str | Path, dtype: str = "auto") -> tuple[Transformer, To
     return model.eval(), tokenizer, meta
 
 
-def _prepare_out(out: Path, overwrite: bool) -> Path:
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise LMForgeError(f"{out} exists and is not empty (pass --overwrite to replace it)")
-    tmp = out.with_name(out.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def _finish(tmp: Path, out: Path) -> None:
-    """Move a fully written directory into place (nothing half-written is ever at `out`)."""
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.replace(out)
-
-
 def import_hf(src: str | Path, out: str | Path, dtype: str = "auto", overwrite: bool = False) -> Path:
     """Convert a Hugging Face checkpoint into an lmforge model directory."""
     src, out = Path(src), Path(out)
     model, tokenizer, meta = load_hf(src, dtype)
-    tmp = _prepare_out(out, overwrite)
-    try:
+    with staged_dir(out, overwrite) as tmp:
         atomic_write_json(tmp / "config.json", meta)
         tokenizer.save(tmp / "tokenizer.json")
         with atomic_path(tmp / "model.safetensors") as f:
             save_file(weights_for_saving(model), str(f))
-        for name in SIDE_FILES:
-            if (src / name).exists():
-                shutil.copyfile(src / name, tmp / name)
-        _finish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        copy_side_files(src, tmp)
     return out
 
 
@@ -193,14 +168,11 @@ def export_hf(model_dir: str | Path, out: str | Path, shard_size_mb: float = 200
         tensors = {k: v.to(to) for k, v in tensors.items()}
     hf_cfg = config_to_hf(cfg, family, bos_id=tokenizer.eot_id, eos_id=tokenizer.eot_id)
     hf_cfg["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
-    tmp = _prepare_out(out, overwrite)
-    try:
+    with staged_dir(out, overwrite) as tmp:
         _write_shards(tensors, tmp, int(shard_size_mb * 1e6))
         atomic_write_json(tmp / "config.json", hf_cfg)
         tokenizer.save(tmp / "tokenizer.json")
-        for name in SIDE_FILES:  # an imported model keeps its own; a trained one gets fresh ones
-            if (model_dir / name).exists():
-                shutil.copyfile(model_dir / name, tmp / name)
+        copy_side_files(model_dir, tmp)  # an imported model keeps its own; a trained one gets fresh ones
         if not (tmp / "tokenizer_config.json").exists():
             atomic_write_json(tmp / "tokenizer_config.json", _tokenizer_config(tokenizer, cfg.context_length))
         if not (tmp / "generation_config.json").exists():
@@ -208,12 +180,14 @@ def export_hf(model_dir: str | Path, out: str | Path, shard_size_mb: float = 200
             atomic_write_json(tmp / "generation_config.json", {
                 "bos_token_id": tokenizer.eot_id, "eos_token_id": stop[0] if len(stop) == 1 else stop,
                 "pad_token_id": tokenizer.token_id("<|pad|>")})
-        _finish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(f"exported {model_dir} as a Hugging Face {family} checkpoint to {out}", file=sys.stderr)
     return out
+
+
+def copy_side_files(src: Path, dest: Path) -> None:
+    for name in SIDE_FILES:
+        if (src / name).exists() and not (dest / name).exists():
+            shutil.copyfile(src / name, dest / name)
 
 
 def _write_shards(tensors: dict[str, torch.Tensor], directory: Path, max_bytes: int) -> None:

@@ -348,6 +348,15 @@ class Transformer(nn.Module):
         return linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, self.lm_head.bias,
                                     targets.flatten())
 
+    def finish_loading(self) -> None:
+        """After weights were assigned onto a meta-device skeleton: re-tie the output matrix to the
+        embedding and rebuild the (unsaved) rotary tables on the weights' device."""
+        if self.cfg.tie_embeddings and isinstance(self.lm_head, nn.Linear):
+            self.lm_head.weight = self.wte.weight
+        if self.cfg.pos_embedding == "rope":
+            with torch.device(self.wte.weight.device):
+                self.rope_cos, self.rope_sin = self.rope_tables(self.cfg)
+
     def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
         p = self.wte.weight
         return KVCache(self.cfg, batch, max_len or self.cfg.context_length, p.device, p.dtype)
@@ -359,6 +368,51 @@ class Transformer(nn.Module):
             if hasattr(self, "wpe"):
                 n -= self.wpe.weight.numel()
         return n
+
+
+class Classifier(nn.Module):
+    """A transformer body with a classification head on one pooled hidden state per sequence.
+
+    Pooling: "last" (the last real token: a decoder has read the whole text there), "cls" (the
+    first token, BERT-style) or "mean" (average over real tokens).
+    """
+
+    def __init__(self, cfg: ModelConfig, n_classes: int, pooling: str = "last",
+                 backbone: Transformer | None = None) -> None:
+        super().__init__()
+        if pooling not in ("last", "cls", "mean"):
+            raise LMForgeError(f"unknown pooling {pooling!r} (choose last, cls or mean)")
+        self.backbone = backbone if backbone is not None else Transformer(cfg)
+        self.backbone.lm_head = nn.Identity()  # the vocabulary projection is not needed here
+        p = next(self.backbone.parameters())
+        self.head = nn.Linear(cfg.n_embd, n_classes, device=p.device, dtype=p.dtype)
+        self.pooling = pooling
+        if p.device.type != "meta":
+            nn.init.normal_(self.head.weight, std=0.02)
+            nn.init.zeros_(self.head.bias)
+
+    @property
+    def cfg(self) -> ModelConfig:
+        return self.backbone.cfg
+
+    def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Class logits [B, n_classes] for right-padded `idx` [B, T] (mask: 1 = real token)."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(idx)
+        # A causal body never lets real tokens see the right padding, so it needs no mask (and
+        # keeps the fast attention path); a bidirectional one does.
+        h = self.backbone.hidden(idx, attention_mask=None if self.cfg.causal else attention_mask)
+        if self.pooling == "last":
+            pooled = h[torch.arange(h.shape[0], device=h.device), attention_mask.sum(1) - 1]
+        elif self.pooling == "cls":
+            pooled = h[:, 0]
+        else:
+            m = attention_mask.unsqueeze(-1).to(h.dtype)
+            pooled = (h * m).sum(1) / m.sum(1).clamp(min=1)
+        return self.head(pooled)
+
+    def finish_loading(self) -> None:
+        self.backbone.finish_loading()
 
 
 def flops_per_token(cfg: ModelConfig) -> float:

@@ -27,6 +27,8 @@ def plot_metrics(metrics_file: Path, png: Path, title: str = "") -> None:
     import matplotlib.pyplot as plt
 
     rows = read_metrics(metrics_file)
+    if not rows:
+        return
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
     extra = sorted({k for r in rows for k in r if k.startswith("val_") and k not in ("val_loss", "val_bpb")

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import math
-import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
 from .checkpoint import check_vocab, read_config, save_model_dir
-from .config import arg, explicit_keys, save_yaml
+from .config import arg
 from .corpus import Corpus, _cache_dir, load_corpus
 from .data import BatchStream, TokenData, prepare
 from .errors import LMForgeError
@@ -24,7 +21,7 @@ from .model import ModelConfig, Transformer
 from .runtime import Dist, init_distributed
 from .sizing import arch_config, choose_depth, depth_of, measure_step_seconds, sized_config
 from .tokenizer import Tokenizer, auto_vocab_size
-from .train import Run, TrainConfig, fit
+from .train import Run, TrainConfig, check_out, fit, resume_config, start_run_dir
 
 
 @dataclass
@@ -48,11 +45,6 @@ class PretrainConfig(TrainConfig):
     n_kv_head: int | None = arg(None, "key/value heads, fewer than --n-head for grouped-query attention")
     context_length: int = arg(256, "tokens per training sequence (the model's context window)")
     dropout: float = arg(0.0, "dropout probability")
-
-
-# Settings a resumed run may change; everything else must match the original run.
-RESUMABLE = {"max_steps", "max_tokens", "max_minutes", "epochs", "eval_every", "eval_batches", "save_every",
-             "log_every", "device", "compile", "resume", "overwrite", "out"}
 
 
 class LMTask:
@@ -94,47 +86,13 @@ def _log(dist_info: Dist, msg: str) -> None:
         print(msg, file=sys.stderr)
 
 
-def _resume_config(cfg: PretrainConfig, out: Path) -> PretrainConfig:
-    """The original run's config, with only the settings a resume may change taken from `cfg`.
-
-    A setting given explicitly (flag or --config) that differs from the original run is an error.
-    """
-    saved_file = out / "train_config.yaml"
-    if not saved_file.exists():
-        raise LMForgeError(f"nothing to resume in {out} (no train_config.yaml)")
-    saved = yaml.safe_load(saved_file.read_text())
-    defaults = PretrainConfig()
-    given = explicit_keys(cfg)
-    if given is None:  # built in Python: treat values that differ from the defaults as given
-        given = {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(defaults, f.name)}
-    conflicts = []
-    for name in sorted(given - RESUMABLE - {"tokenizer"}):
-        if name in saved and getattr(cfg, name) != saved[name]:
-            conflicts.append(f"{name}={getattr(cfg, name)!r} (the run used {saved[name]!r})")
-    if cfg.tokenizer and (out / "tokenizer.json").exists():
-        if Tokenizer.from_file(cfg.tokenizer).to_str() != Tokenizer.from_file(out / "tokenizer.json").to_str():
-            conflicts.append(f"tokenizer {cfg.tokenizer} differs from the one the run was trained with")
-    if conflicts:
-        raise LMForgeError("--resume with an incompatible config: " + "; ".join(conflicts))
-    return PretrainConfig(**{**saved, **{k: getattr(cfg, k) for k in RESUMABLE}})
-
-
-def _prepare_out(cfg: PretrainConfig, out: Path) -> None:
-    if cfg.resume:
-        return
-    if out.exists() and any(out.iterdir()):
-        is_run = (out / "config.json").exists() or (out / "state").exists() or (out / "train_config.yaml").exists()
-        if not is_run:
-            raise LMForgeError(f"{out} exists and is not a model directory; choose another --out")
-        if not cfg.overwrite:
-            raise LMForgeError(f"{out} already holds a model: pass --resume to continue it "
-                               "or --overwrite to replace it")
-        shutil.rmtree(out)
-
-
 def get_tokenizer(cfg: PretrainConfig, corpus: Corpus, out: Path, dist_info: Dist) -> Tokenizer:
     if cfg.resume:
-        return Tokenizer.from_file(out / "tokenizer.json")
+        tok = Tokenizer.from_file(out / "tokenizer.json")
+        given = cfg.tokenizer and Path(cfg.tokenizer).exists() and Tokenizer.from_file(cfg.tokenizer)
+        if given and given.to_str() != tok.to_str():
+            raise LMForgeError(f"--resume: {cfg.tokenizer} is not the tokenizer the run in {out} was trained with")
+        return tok
     if cfg.tokenizer:
         return Tokenizer.from_file(cfg.tokenizer)
     vocab = cfg.vocab_size or auto_vocab_size(corpus.num_bytes)
@@ -186,9 +144,9 @@ def pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None = None) 
     dist_info, device = init_distributed(cfg.device)
     out = Path(cfg.out)
     if cfg.resume:
-        cfg = _resume_config(cfg, out)
-    elif dist_info.main and out.exists() and any(out.iterdir()) and not cfg.overwrite:
-        _prepare_out(cfg, out)  # fail early, before any work, if --out is taken
+        cfg = resume_config(cfg, out)
+    elif dist_info.main:
+        check_out(out, cfg.overwrite)  # fail early, before any work, if --out is taken
     corpus = load_corpus(cfg.data, cfg.text_field)
     val_corpus = load_corpus(cfg.val_data, cfg.text_field) if cfg.val_data else None
     tokenizer = get_tokenizer(cfg, corpus, out, dist_info)
@@ -212,9 +170,7 @@ def pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None = None) 
                     f"{tokens_per_step:,} tokens/step; lr {lr:g}; {device}"
                     + (f" x {dist_info.world} processes" if dist_info.world > 1 else ""))
     if dist_info.main:  # only now, with every input checked, touch --out
-        _prepare_out(cfg, out)
-        out.mkdir(parents=True, exist_ok=True)
-        save_yaml(cfg, out / "train_config.yaml")
+        start_run_dir(cfg, out)
     dist_info.barrier()
     run = Run(out, lambda d, w: save_model_dir(d, model, tokenizer, w, created_by="lmforge pretrain"),
               title=f"{out.name}: {cfg.arch} d{mcfg.n_layer}")
