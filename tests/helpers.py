@@ -3,28 +3,13 @@
 from __future__ import annotations
 
 import os
-import random
 import subprocess
 import sys
+from pathlib import Path
 
-NOUNS = ["function", "module", "value", "list", "string", "object", "file", "class", "method", "argument",
-         "result", "iterator", "dictionary", "number", "error", "thread", "socket", "buffer", "path", "key"]
-VERBS = ["returns", "accepts", "raises", "creates", "reads", "writes", "holds", "checks", "yields", "sorts"]
-ADJS = ["new", "empty", "optional", "default", "given", "current", "first", "last", "small", "valid"]
-
-
-def make_sentences(n: int, seed: int = 0) -> list[str]:
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        out.append(f"The {rng.choice(ADJS)} {rng.choice(NOUNS)} {rng.choice(VERBS)} "
-                   f"a {rng.choice(ADJS)} {rng.choice(NOUNS)}.")
-    return out
-
-
-def make_docs(n_docs: int, seed: int = 0) -> list[str]:
-    sents = make_sentences(n_docs * 6, seed)
-    return [" ".join(sents[i * 6:(i + 1) * 6]) for i in range(n_docs)]
+# The synthetic datasets live with the examples, so the README's walkthrough and the tests agree.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from make_data import NOUNS, make_docs, make_sentences, reverse_records, spam_rows  # noqa: E402,F401
 
 
 def run_cli(*args: str, timeout: int = 300, input: str | None = None, env: dict | None = None):
@@ -42,26 +27,3 @@ def assert_clean_error(proc, fragment: str) -> None:
     assert len(errors) == 1, proc.stderr
     assert fragment.lower() in errors[0].lower(), errors[0]
 
-
-SPAM_WORDS = ["win", "free", "prize", "cash", "click", "offer", "winner", "claim", "urgent", "bonus", "money", "deal"]
-
-
-def spam_rows(n: int, seed: int = 0) -> list[dict]:
-    """A separable spam/ham task: spam is shouted prize vocabulary, ham is documentation prose."""
-    rng = random.Random(seed)
-    spam = [" ".join(rng.choice(SPAM_WORDS) for _ in range(rng.randint(4, 8))).capitalize() + "!"
-            for _ in range(n // 2)]
-    ham = make_sentences(n - n // 2, seed=seed + 100)
-    rows = [{"text": t, "label": "spam"} for t in spam] + [{"text": t, "label": "ham"} for t in ham]
-    rng.shuffle(rows)
-    return rows
-
-
-def reverse_records(n: int, seed: int = 0) -> list[dict]:
-    """Alpaca-style records for a task a base model cannot do: reverse three words."""
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        words = [rng.choice(NOUNS) for _ in range(3)]
-        out.append({"instruction": "Reverse the words: " + " ".join(words), "output": " ".join(reversed(words))})
-    return out

@@ -102,7 +102,7 @@ def reverse_data(tmp_path_factory):
         write_jsonl(d / "test.jsonl", reverse_records(40, seed=99))
 
 
-def test_instruction_tuning_raises_exact_match(ft_base, reverse_data, tmp_path):
+def test_instruction_tuning_raises_exact_match(ft_base, reverse_data, tmp_path, capsys):
     train, test = reverse_data
     out = tmp_path / "inst"
     finetune_instruct(InstructConfig(base=str(ft_base), data=str(train), out=str(out), max_steps=300, batch_size=16,
@@ -115,6 +115,8 @@ def test_instruction_tuning_raises_exact_match(ft_base, reverse_data, tmp_path):
     before = exact_match(base.model, base.tokenizer, template, convs)
     after = exact_match(tuned.model, tuned.tokenizer, template, convs)
     assert after >= before + 0.2, (before, after)  # typically 0 -> 0.4-0.7
+    assert main(["evaluate", str(out), "--data", str(test)]) == 0
+    assert json.loads(capsys.readouterr().out)["exact_match"] == pytest.approx(after)
     # the saved model knows its format: generation stops at the end of the answer
     assert json.loads((out / "config.json").read_text())["chat_template"]["name"] == "chatml"
 

@@ -37,7 +37,10 @@ class GenerateArgs:
 
 @dataclass
 class EvaluateArgs:
-    """Measure a model on text: prints one JSON object."""
+    """Measure a model, printing one JSON object: on text, loss / perplexity / bits per byte; on
+    instruction records (.jsonl with instruction/output or messages), exact match of greedy
+    answers; for a classifier on a labelled file, accuracy, macro-F1, per-class precision/recall
+    and the confusion matrix."""
 
     model_dir: str = arg(None, "model directory", positional=True)
     data: list[str] = arg([], "text files, directories, .jsonl files, or 'pydocs'")
@@ -200,6 +203,11 @@ def cmd_evaluate(ns) -> None:
             raise LMForgeError("a classifier is evaluated on one labelled file (--data FILE)")
         label_field = lm.meta.get("label_field", "label")
         print(json.dumps(evaluate_classifier(lm, a.data[0], a.text_field, label_field), ensure_ascii=False))
+        return
+    from .finetune.instruct import evaluate_instructions, looks_like_instructions
+
+    if len(a.data) == 1 and looks_like_instructions(a.data[0]):
+        print(json.dumps(evaluate_instructions(lm, a.data[0])))
         return
     print(json.dumps(evaluate_text(lm, a.data, a.text_field, a.batch_size)))
 

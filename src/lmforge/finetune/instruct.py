@@ -134,7 +134,7 @@ class InstructTask:
                  batch_size: int, samples: int) -> None:
         self.train, self.val, self.val_convs = train, val, val_convs
         self.tokenizer, self.template, self.batch_size, self.samples = tokenizer, template, batch_size, samples
-        self.order = EpochOrder(len(train), seed)
+        self.order = EpochOrder(max(len(train), 1), seed)
         self.windows_per_epoch = len(train)
         self.pad = tokenizer.token_id("<|pad|>")
         self.pad = tokenizer.eot_id if self.pad is None else self.pad
@@ -204,3 +204,30 @@ def finetune_instruct(cfg: InstructConfig, on_step=None) -> dict:
     task = InstructTask(train, val, val_convs, tokenizer, template, cfg.seed, cfg.batch_size, cfg.samples)
     return fit(model, task, cfg, Run(out, save, title=f"{out.name}: instruction tuning"), default_lr(cfg),
                on_step=on_step)
+
+
+def looks_like_instructions(path: str | Path) -> bool:
+    """Whether a data file holds instruction records rather than plain text."""
+    path = Path(path)
+    if path.suffix.lower() not in (".jsonl", ".json") or not path.is_file():
+        return False
+    try:
+        first = read_records(path)[0][1]
+    except LMForgeError:
+        return False
+    return isinstance(first, dict) and ("instruction" in first or "messages" in first)
+
+
+def evaluate_instructions(lm, path: str | Path) -> dict:
+    """Exact match of greedy answers and the loss on reference answers, for instruction records."""
+    from ..templates import template_from_json
+
+    template = template_from_json(lm.meta.get("chat_template"), lm.tokenizer)
+    template.check(lm.tokenizer)
+    convs = read_instructions(path)
+    examples, dropped = encode_conversations(convs, lm.tokenizer, template, lm.model.cfg.context_length + 1)
+    task = InstructTask([], examples, [], lm.tokenizer, template, 0, 8, 0)
+    with torch.no_grad():
+        loss = task.evaluate(lm.model).get("val_loss")
+    return {"exact_match": round(exact_match(lm.model, lm.tokenizer, template, convs), 4), "loss": loss,
+            "examples": len(convs), "template": template.name}
