@@ -133,3 +133,31 @@ def tiny_hf_model(family: str, directory: Path, *, vocab: int | None = None, sha
     model.save_pretrained(directory, max_shard_size=shard) if shard else model.save_pretrained(directory)
     save_tokenizer(tok, directory, bos, eos)
     return model
+
+
+def wordpiece_style() -> HFTokenizer:
+    """A BERT WordPiece tokenizer ([CLS] text [SEP], lowercase), trained on the sample texts."""
+    from tokenizers.implementations import BertWordPieceTokenizer
+
+    wp = BertWordPieceTokenizer(lowercase=True)
+    wp.train_from_iterator(make_docs(80) + SAMPLE_TEXTS, vocab_size=300, show_progress=False)
+    return wp._tokenizer
+
+
+def tiny_bert(directory: Path, masked_lm: bool = True):
+    """A tiny random BERT (BertForMaskedLM, or the bare BertModel) with its WordPiece tokenizer."""
+    import transformers as tf
+
+    tok = wordpiece_style()
+    torch.manual_seed(0)
+    cfg = tf.BertConfig(vocab_size=64 * (tok.get_vocab_size() // 64 + 1), hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=4, intermediate_size=64, max_position_embeddings=64,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = (tf.BertForMaskedLM if masked_lm else tf.BertModel)(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "LayerNorm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(directory)
+    tf.BertTokenizerFast(tokenizer_object=tok).save_pretrained(directory)
+    return model

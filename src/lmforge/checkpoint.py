@@ -60,7 +60,7 @@ def make_skeleton(meta: dict, device: str | torch.device = "meta") -> torch.nn.M
     cfg = ModelConfig.from_dict(meta["model"])
     kind = meta.get("kind", "causal-lm")
     with torch.device(device):
-        if kind == "causal-lm":
+        if kind in ("causal-lm", "masked-lm", "encoder"):
             model = Transformer(cfg)
         elif kind == "classifier":
             model = Classifier(cfg, len(meta["labels"]), meta.get("pooling", "last"))

@@ -142,6 +142,34 @@ class ChatArgs:
     device: str = arg("auto", "cpu, cuda, mps or auto")
 
 
+@dataclass
+class EmbedArgs:
+    """Sentence embeddings from an encoder: the mean of its final hidden states over the real tokens,
+    L2-normalised (so a dot product is a cosine similarity). With --query, rank the texts by
+    similarity to it (semantic search). `minilm` names the bundled all-MiniLM-L6-v2 model."""
+
+    model_dir: str = arg(None, "encoder model directory, Hugging Face checkpoint, or minilm", positional=True)
+    text: list[str] = arg([], "text(s) to embed")
+    file: str | None = arg(None, "embed each non-empty line of this file")
+    query: str | None = arg(None, "rank the texts by cosine similarity to this query instead of printing vectors")
+    top_k: int = arg(10, "with --query: how many of the best matches to show")
+    out: str | None = arg(None, "write the embeddings to FILE.npy (numpy) or FILE.json instead of stdout")
+    batch_size: int = arg(32, "texts per forward pass")
+    truncate: bool = arg(True, "cut texts longer than the model reads (with a warning); --no-truncate: error")
+    device: str = arg("auto", "cpu, cuda, mps or auto")
+
+
+@dataclass
+class FillMaskArgs:
+    """Predict the masked word(s) in a text with a masked-language model (BERT-style)."""
+
+    model_dir: str = arg(None, "masked-LM model directory or Hugging Face checkpoint", positional=True)
+    text: str = arg(None, "text with [MASK] where a word is missing", positional=True)
+    top_k: int = arg(5, "how many candidates to show per mask")
+    json: bool = arg(False, "print one JSON object")
+    device: str = arg("auto", "cpu, cuda, mps or auto")
+
+
 # --- verbs ---------------------------------------------------------------------------------------
 
 def _read_text_arg(text: str | None, what: str) -> str:
@@ -294,6 +322,70 @@ def cmd_export(ns) -> None:
     export_hf(a.model_dir, a.out, a.shard_size_mb, a.overwrite, a.dtype)
 
 
+def _texts(text: list[str], file: str | None) -> list[str]:
+    from pathlib import Path
+
+    texts = list(text)
+    if file:
+        if not Path(file).exists():
+            raise LMForgeError(f"no such file: {file}")
+        texts += [line for line in Path(file).read_text(encoding="utf-8", errors="replace").splitlines()
+                  if line.strip()]
+    if not texts:
+        raise LMForgeError("nothing to embed: give --text or --file")
+    return texts
+
+
+def cmd_embed(ns) -> None:
+    from pathlib import Path
+
+    import numpy as np
+
+    from .api import load
+    from .embed import embed_texts, rank
+    from .fileio import atomic_path, atomic_write
+
+    a = from_namespace(EmbedArgs, ns)
+    texts = _texts(a.text, a.file)
+    lm = load(a.model_dir, device=a.device)
+    vectors = embed_texts(lm, texts, a.batch_size, a.truncate)
+    if a.query is not None:
+        q = embed_texts(lm, [a.query], truncate=a.truncate)[0]
+        for i, score in rank(q, vectors)[:a.top_k]:
+            print(f"{score:.4f}  {texts[i]}")
+        return
+    if a.out:
+        out = Path(a.out)
+        if out.suffix == ".npy":
+            with atomic_path(out) as tmp, open(tmp, "wb") as f:
+                np.save(f, vectors)
+        elif out.suffix == ".json":
+            atomic_write(out, json.dumps({"texts": texts, "embeddings": vectors.tolist()}))
+        else:
+            raise LMForgeError("--out must end in .npy or .json")
+        print(f"wrote {len(texts)} embeddings of dimension {vectors.shape[1]} to {out}", file=sys.stderr)
+        return
+    print(json.dumps({"dim": int(vectors.shape[1]), "texts": texts,
+                      "embeddings": [[round(float(v), 6) for v in row] for row in vectors]}, ensure_ascii=False))
+
+
+def cmd_fill_mask(ns) -> None:
+    from .api import load
+    from .embed import fill_mask
+
+    a = from_namespace(FillMaskArgs, ns)
+    lm = load(a.model_dir, device=a.device)
+    results = fill_mask(lm, a.text, a.top_k)
+    if a.json:
+        print(json.dumps({"text": a.text, "masks": results}, ensure_ascii=False))
+        return
+    for n, options in enumerate(results, 1):
+        if len(results) > 1:
+            print(f"mask {n}:")
+        for r in options:
+            print(f"  {r['prob']:7.2%}  {r['token']:<15} {r['sequence']}")
+
+
 def cmd_demo(ns) -> None:
     from .demo import demo
 
@@ -359,6 +451,11 @@ EXAMPLES = {
   you> What does zip() do?""",
     "merge-lora": """example:
   lmforge merge-lora runs/spam-lora --out runs/spam-merged""",
+    "embed": """examples:
+  lmforge embed minilm --text "A cat sits on the mat." "Stocks fell sharply." --out vectors.npy
+  lmforge embed minilm --file faq.txt --query "how do I reset my password?" --top-k 3""",
+    "fill-mask": """example:
+  lmforge fill-mask runs/bert "The [MASK] function returns a new list." """,
     "evaluate": """example:
   lmforge evaluate runs/demo --data held_out.txt
   -> {"loss": 3.21, "perplexity": 24.8, "bits_per_byte": 1.27, "tokens": 52110}""",
@@ -399,6 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_verb(sub, "classify", ClassifyArgs, cmd_classify, "label texts with a fine-tuned classifier")
     _add_verb(sub, "chat", ChatArgs, cmd_chat, "talk to a model in the terminal")
     _add_verb(sub, "merge-lora", MergeLoraArgs, cmd_merge_lora, "fold a LoRA adapter into its base model")
+    _add_verb(sub, "embed", EmbedArgs, cmd_embed, "sentence embeddings and semantic search with an encoder")
+    _add_verb(sub, "fill-mask", FillMaskArgs, cmd_fill_mask, "predict masked words with a BERT-style model")
     tok = sub.add_parser("tokenizer", help="train a tokenizer, or see how one splits text",
                          description="Byte-level BPE tokenizers (Hugging Face tokenizer.json format).")
     tsub = tok.add_subparsers(dest="sub", metavar="ACTION", required=True)

@@ -47,12 +47,59 @@ def evaluate_lm(model: torch.nn.Module, data: np.ndarray, context_length: int, t
             "bits_per_byte": nats_bpb.item() / math.log(2) / max(n_bytes, 1), "tokens": n_tokens}
 
 
+def mask_tokens(x: torch.Tensor, generator: torch.Generator, mask_id: int, vocab: int, special: torch.Tensor,
+                rate: float = 0.15) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT's corruption: pick `rate` of the (non-special) tokens as targets; replace 80% of them
+    with the mask token, 10% with a random token, and leave 10% unchanged. Returns (inputs, targets)
+    with targets -100 where nothing is to be predicted."""
+    u = torch.rand(x.shape, generator=generator)
+    chosen = (u < rate) & ~torch.isin(x, special)
+    how = torch.rand(x.shape, generator=generator)
+    random_ids = torch.randint(0, vocab, x.shape, generator=generator)
+    inputs = torch.where(chosen & (how < 0.8), torch.full_like(x, mask_id), x)
+    inputs = torch.where(chosen & (how >= 0.8) & (how < 0.9), random_ids, inputs)
+    return inputs, torch.where(chosen, x, torch.full_like(x, -100))
+
+
+@torch.no_grad()
+def evaluate_mlm(model: torch.nn.Module, data: np.ndarray, context_length: int, mask_id: int, vocab: int,
+                 special: torch.Tensor, batch_size: int = 8, max_windows: int | None = None, seed: int = 0) -> dict:
+    """Masked-token loss and accuracy, with the same (seeded) masking every time it is run."""
+    device = next(model.parameters()).device
+    g = torch.Generator().manual_seed(seed)
+    nats, correct, n = 0.0, 0, 0
+    was_training = model.training
+    model.eval()
+    for x, _ in eval_batches(data, context_length, batch_size, max_windows):
+        inputs, targets = mask_tokens(x, g, mask_id, vocab, special)
+        sel = targets != -100
+        if not sel.any():
+            continue
+        h = model.hidden(inputs.to(device))[sel.to(device)]
+        logits = model.head(h).float()
+        t = targets[sel].to(device)
+        nats += F.cross_entropy(logits, t, reduction="sum").item()
+        correct += int((logits.argmax(-1) == t).sum())
+        n += int(sel.sum())
+    model.train(was_training)
+    if n == 0:
+        raise LMForgeError("nothing to evaluate: no maskable tokens in the data")
+    return {"masked_loss": nats / n, "masked_accuracy": correct / n, "masked_tokens": n}
+
+
 def evaluate_text(lm: LM, data: list[str], text_field: str = "text", batch_size: int = 8) -> dict:
     """`lmforge evaluate`: loss, perplexity, bits per byte and token count of a model on text."""
-    if lm.meta.get("kind", "causal-lm") != "causal-lm":
-        raise LMForgeError(f"{lm.path} is a {lm.meta['kind']}: language-model metrics do not apply")
+    kind = lm.meta.get("kind", "causal-lm")
+    if kind not in ("causal-lm", "masked-lm"):
+        raise LMForgeError(f"{lm.path} is a {kind}: language-model metrics do not apply")
     corpus = load_corpus(data, text_field)
     stream = encode_documents(lm.tokenizer, corpus.documents)
+    if kind == "masked-lm":
+        mask_id = lm.tokenizer.token_id(lm.tokenizer.mask_token or "")
+        special = torch.tensor(sorted(lm.tokenizer.special_ids))
+        with autocast(lm.device):
+            return evaluate_mlm(lm.model, stream, lm.model.cfg.context_length, mask_id, lm.tokenizer.vocab_size,
+                                special, batch_size)
     with autocast(lm.device):
         return evaluate_lm(lm.model, stream, lm.model.cfg.context_length,
                            torch.tensor(lm.tokenizer.token_bytes()), batch_size)

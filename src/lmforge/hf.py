@@ -7,6 +7,7 @@ concatenate: lmforge fuses q/k/v and gate/up projections into single matmuls).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 
 import torch
@@ -15,7 +16,7 @@ from .errors import LMForgeError
 from .model import ModelConfig, Transformer
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
-SUPPORTED = ("gpt2",) + LLAMA_LIKE
+SUPPORTED = ("gpt2",) + LLAMA_LIKE + ("bert",)
 _ACT_FROM_HF = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
                 "gelu": "gelu", "relu": "relu", "silu": "silu", "swish": "silu"}
 _ACT_TO_HF = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu"}
@@ -57,6 +58,17 @@ def config_from_hf(c: dict) -> ModelConfig:
     if family not in SUPPORTED:
         raise LMForgeError(f"unsupported model_type {family!r}; supported: {', '.join(SUPPORTED)}")
     extra = {"hf_family": family}
+    if family == "bert":
+        _require(c, "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+        if c.get("position_embedding_type", "absolute") != "absolute":
+            raise LMForgeError(f"BERT with position_embedding_type {c['position_embedding_type']!r} is not supported")
+        return ModelConfig(
+            vocab_size=c["vocab_size"], context_length=c.get("max_position_embeddings", 512),
+            n_layer=c["num_hidden_layers"], n_head=c["num_attention_heads"], n_embd=c["hidden_size"],
+            intermediate_size=c["intermediate_size"], norm="layernorm", norm_eps=c.get("layer_norm_eps", 1e-12),
+            mlp="plain", activation=_activation(c.get("hidden_act", "gelu")), pos_embedding="learned", bias=True,
+            causal=False, norm_position="post", type_vocab_size=c.get("type_vocab_size", 2), embedding_norm=True,
+            tie_embeddings=True, extra=extra)
     if family == "gpt2":
         _require(c, "vocab_size", "n_embd", "n_layer", "n_head")
         if c.get("scale_attn_by_inverse_layer_idx") or c.get("reorder_and_upcast_attn"):
@@ -144,7 +156,30 @@ def config_to_hf(cfg: ModelConfig, family: str, bos_id: int | None, eos_id: int 
 def _plan(cfg: ModelConfig, family: str, prefix: str) -> list[tuple[str, tuple[str, ...], str]]:
     """(lmforge name, Hugging Face names, how) for every tensor: how is copy, t (transpose) or cat."""
     plan = []
-    if family == "gpt2":  # GPT-2's Conv1D layers store weights as [in, out]: transpose them
+    if family == "bert":
+        e = "embeddings."
+        plan += [("wte.weight", (f"{e}word_embeddings.weight",), "copy"),
+                 ("wpe.weight", (f"{e}position_embeddings.weight",), "copy"),
+                 ("wtt.weight", (f"{e}token_type_embeddings.weight",), "copy"),
+                 ("emb_norm.weight", (f"{e}LayerNorm.weight",), "copy"),
+                 ("emb_norm.bias", (f"{e}LayerNorm.bias",), "copy")]
+        for i in range(cfg.n_layer):
+            h, b = f"encoder.layer.{i}.", f"blocks.{i}."
+            a = h + "attention."
+            for kind in ("weight", "bias"):
+                qkv = tuple(f"{a}self.{x}.{kind}" for x in ("query", "key", "value"))
+                plan += [(f"{b}attn.qkv.{kind}", qkv, "cat"),
+                         (f"{b}attn.proj.{kind}", (f"{a}output.dense.{kind}",), "copy"),
+                         (f"{b}norm1.{kind}", (f"{a}output.LayerNorm.{kind}",), "copy"),
+                         (f"{b}mlp.fc.{kind}", (f"{h}intermediate.dense.{kind}",), "copy"),
+                         (f"{b}mlp.proj.{kind}", (f"{h}output.dense.{kind}",), "copy"),
+                         (f"{b}norm2.{kind}", (f"{h}output.LayerNorm.{kind}",), "copy")]
+        t = "cls.predictions."  # the masked-LM head (BertForMaskedLM); its decoder is the tied embedding
+        plan += [("head_dense.weight", (f"{t}transform.dense.weight",), "copy"),
+                 ("head_dense.bias", (f"{t}transform.dense.bias",), "copy"),
+                 ("head_norm.weight", (f"{t}transform.LayerNorm.weight",), "copy"),
+                 ("head_norm.bias", (f"{t}transform.LayerNorm.bias",), "copy"), ("lm_head.bias", (f"{t}bias",), "copy")]
+    elif family == "gpt2":  # GPT-2's Conv1D layers store weights as [in, out]: transpose them
         plan += [("wte.weight", ("wte.weight",), "copy"), ("wpe.weight", ("wpe.weight",), "copy")]
         for i in range(cfg.n_layer):
             h, b = f"h.{i}.", f"blocks.{i}."
@@ -173,7 +208,7 @@ def _plan(cfg: ModelConfig, family: str, prefix: str) -> list[tuple[str, tuple[s
                      (f"{b}attn.k_norm.weight", (f"{a}k_norm.weight",), "copy")]
         plan += [("norm.weight", ("model.norm.weight",), "copy"), ("lm_head.weight", ("lm_head.weight",), "copy")]
     expected = set(expected_tensors(cfg))
-    return [(ours, tuple(prefix + t if not t.startswith("lm_head") else t for t in theirs), how)
+    return [(ours, tuple(prefix + t if not t.startswith(("lm_head", "cls.")) else t for t in theirs), how)
             for ours, theirs, how in plan if ours in expected]
 
 
@@ -187,16 +222,41 @@ def expected_tensors(cfg: ModelConfig) -> dict[str, torch.Size]:
 
 
 def hf_prefix(family: str, names: set[str]) -> str:
-    """GPT-2 checkpoints come with or without the `transformer.` prefix (LMHeadModel vs Model)."""
-    if family == "gpt2" and any(n.startswith("transformer.") for n in names):
-        return "transformer."
+    """GPT-2 and BERT checkpoints come with or without a prefix (`transformer.`, `bert.`), depending on
+    whether the bare model or one with a head was saved."""
+    for fam, prefix in (("gpt2", "transformer."), ("bert", "bert.")):
+        if family == fam and any(n.startswith(prefix) for n in names):
+            return prefix
     return ""
+
+
+def adapt_to_weights(cfg: ModelConfig, family: str, names: set[str]) -> tuple[ModelConfig, str]:
+    """Settle what config.json leaves open: whether a BERT checkpoint carries its masked-LM head.
+    Returns the config and the kind of model ("causal-lm", "masked-lm" or "encoder")."""
+    if family != "bert":
+        return cfg, "causal-lm"
+    if "cls.predictions.transform.dense.weight" in names:
+        return dataclasses.replace(cfg, head_transform=True, lm_head_bias=True), "masked-lm"
+    return cfg, "encoder"
+
+
+def legacy_names(names: set[str]) -> dict[str, str]:
+    """Old BERT checkpoints call LayerNorm parameters gamma/beta: map modern names to them."""
+    out = {}
+    for n in names:
+        if n.endswith("LayerNorm.gamma"):
+            out[n[:-5] + "weight"] = n
+        elif n.endswith("LayerNorm.beta"):
+            out[n[:-4] + "bias"] = n
+    return out
 
 
 def weights_from_hf(cfg: ModelConfig, family: str, names: set[str],
                     get: Callable[[str], torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield lmforge tensors one at a time, reading Hugging Face tensors through `get` (streaming)."""
+    alias = legacy_names(names)
     for ours, theirs, how in _plan(cfg, family, hf_prefix(family, names)):
+        theirs = tuple(alias.get(t, t) for t in theirs)
         missing = [t for t in theirs if t not in names]
         if missing:
             raise LMForgeError(f"the checkpoint lacks tensor {missing[0]}")

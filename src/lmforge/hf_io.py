@@ -29,13 +29,13 @@ from .checkpoint import (
 )
 from .errors import LMForgeError
 from .fileio import atomic_path, atomic_write_json, staged_dir
-from .hf import SUPPORTED, config_from_hf, config_to_hf, export_family, weights_from_hf, weights_to_hf
+from .hf import SUPPORTED, adapt_to_weights, config_from_hf, config_to_hf, export_family, weights_from_hf, weights_to_hf
 from .model import Transformer
 from .tokenizer import Tokenizer
 
 # Files copied along with the weights: they carry the chat template, special tokens and
 # generation defaults that `transformers` (and lmforge's chat) read back.
-SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "vocab.txt")
 DTYPES = {"auto": None, "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
@@ -109,9 +109,10 @@ def load_hf(directory: str | Path, dtype: str = "auto") -> tuple[Transformer, To
     cfg = config_from_hf(hf_cfg)
     if dtype not in DTYPES:
         raise LMForgeError(f"unknown dtype {dtype!r} (choose {', '.join(DTYPES)})")
-    tokenizer = Tokenizer.from_file(directory)
+    tokenizer = tokenizer_for(directory)
     check_vocab(tokenizer, cfg, str(directory))
     shards = _Shards(directory)
+    cfg, kind = adapt_to_weights(cfg, family, shards.names)
     to = DTYPES[dtype]
     get: Callable[[str], torch.Tensor] = shards.get if to is None else (lambda n: shards.get(n).to(to))
     tensors = dict(weights_from_hf(cfg, family, shards.names, get))
@@ -119,9 +120,23 @@ def load_hf(directory: str | Path, dtype: str = "auto") -> tuple[Transformer, To
     gen = _read_json(directory / "generation_config.json") if (directory / "generation_config.json").exists() else {}
     eos = gen.get("eos_token_id", hf_cfg.get("eos_token_id"))
     stop = [eos] if isinstance(eos, int) else list(eos or [])
-    meta = model_config_json(model, tokenizer, created_by=f"lmforge import ({family})",
+    meta = model_config_json(model, tokenizer, kind=kind, created_by=f"lmforge import ({family})",
                              stop_token_ids=[i for i in stop if i is not None and i < tokenizer.vocab_size])
+    st = directory / "sentence_bert_config.json"  # a sentence-transformers model: its sequence limit
+    if st.exists():
+        meta["max_seq_length"] = _read_json(st).get("max_seq_length")
     return model.eval(), tokenizer, meta
+
+
+def tokenizer_for(directory: Path) -> Tokenizer:
+    """tokenizer.json, or for older BERT checkpoints a WordPiece tokenizer built from vocab.txt."""
+    if (directory / "tokenizer.json").exists() or not (directory / "vocab.txt").exists():
+        return Tokenizer.from_file(directory)
+    from tokenizers.implementations import BertWordPieceTokenizer
+
+    cfg = _read_json(directory / "tokenizer_config.json") if (directory / "tokenizer_config.json").exists() else {}
+    wp = BertWordPieceTokenizer(str(directory / "vocab.txt"), lowercase=cfg.get("do_lower_case", True))
+    return Tokenizer(wp._tokenizer, cfg)
 
 
 def import_hf(src: str | Path, out: str | Path, dtype: str = "auto", overwrite: bool = False) -> Path:

@@ -283,6 +283,8 @@ class Transformer(nn.Module):
         """The attention mask SDPA gets: "causal", None (attend everywhere) or a boolean tensor."""
         cfg = self.cfg
         window = cfg.sliding_window if cfg.sliding_window and start + T > cfg.sliding_window else None
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None  # no padding in this batch: keep the fast unmasked kernels
         if attention_mask is None and window is None:
             if not cfg.causal or T == 1:
                 return None
@@ -384,6 +386,8 @@ class Classifier(nn.Module):
             raise LMForgeError(f"unknown pooling {pooling!r} (choose last, cls or mean)")
         self.backbone = backbone if backbone is not None else Transformer(cfg)
         self.backbone.lm_head = nn.Identity()  # the vocabulary projection is not needed here
+        if cfg.head_transform:  # nor a masked-LM head's transform
+            del self.backbone.head_dense, self.backbone.head_norm
         p = next(self.backbone.parameters())
         self.head = nn.Linear(cfg.n_embd, n_classes, device=p.device, dtype=p.dtype)
         self.pooling = pooling

@@ -24,7 +24,7 @@ MAX_DEPTH = 32
 
 def arch_config(arch: str, vocab_size: int, context_length: int, n_layer: int, n_embd: int,
                 n_head: int | None = None, n_kv_head: int | None = None, dropout: float = 0.0) -> ModelConfig:
-    """GPT-2 or Llama layout at a given shape."""
+    """GPT-2, Llama or BERT layout at a given shape."""
     n_head = n_head or max(1, n_embd // 64)
     common = dict(vocab_size=vocab_size, context_length=context_length, n_layer=n_layer, n_embd=n_embd,
                   n_head=n_head, dropout=dropout)
@@ -36,7 +36,12 @@ def arch_config(arch: str, vocab_size: int, context_length: int, n_layer: int, n
             n_kv_head = n_head // 2 if n_head % 2 == 0 and n_head >= 4 else n_head
         return ModelConfig(**common, n_kv_head=n_kv_head, norm="rmsnorm", norm_eps=1e-5, mlp="gated",
                            activation="silu", pos_embedding="rope", bias=False, tie_embeddings=False)
-    raise LMForgeError(f"unknown --arch {arch!r} (choose gpt2 or llama)")
+    if arch == "bert":  # bidirectional encoder for masked-token prediction, BERT's post-norm layout
+        return ModelConfig(**common, n_kv_head=n_kv_head, norm="layernorm", norm_eps=1e-12, mlp="plain",
+                           activation="gelu", pos_embedding="learned", bias=True, tie_embeddings=True, causal=False,
+                           norm_position="post", type_vocab_size=2, embedding_norm=True, head_transform=True,
+                           lm_head_bias=True)
+    raise LMForgeError(f"unknown --arch {arch!r} (choose gpt2, llama or bert)")
 
 
 def depth_of(size: str) -> int:

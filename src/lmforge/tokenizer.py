@@ -52,6 +52,10 @@ class Tokenizer:
     """Thin wrapper over `tokenizers.Tokenizer` with the few things lmforge needs on top."""
 
     def __init__(self, tok: HFTokenizer, config: dict | None = None) -> None:
+        # Some shipped tokenizer.json files switch on truncation/padding (MiniLM: 128 tokens);
+        # lmforge decides lengths itself.
+        tok.no_truncation()
+        tok.no_padding()
         self.hf = tok
         self.config = config or {}  # tokenizer_config.json, when loaded from a Hugging Face directory
 
@@ -130,15 +134,32 @@ class Tokenizer:
     def special_ids(self) -> set[int]:
         return {i for i, t in self.hf.get_added_tokens_decoder().items() if t.special}
 
-    @cached_property
-    def eot_id(self) -> int:
-        """The end-of-text token that separates documents."""
-        names = [self.config.get("eos_token")] + _EOT_CANDIDATES
-        for name in names:
+    def _configured(self, key: str, candidates: list[str]) -> int | None:
+        for name in [self.config.get(key)] + candidates:
             if isinstance(name, dict):  # tokenizer_config.json sometimes stores an AddedToken dict
                 name = name.get("content")
             if name and self.token_id(name) is not None:
                 return self.token_id(name)
+        return None
+
+    @cached_property
+    def pad_id(self) -> int:
+        """Padding token (padded positions are masked or ignored, so any valid id would do)."""
+        found = self._configured("pad_token", ["<|pad|>", "[PAD]", "<pad>"])
+        return self.eot_id if found is None else found
+
+    @cached_property
+    def mask_token(self) -> str | None:
+        """The masked-language-model mask token, if the tokenizer has one."""
+        found = self._configured("mask_token", ["[MASK]", "<mask>", "<|mask|>"])
+        return None if found is None else self.id_to_token(found)
+
+    @cached_property
+    def eot_id(self) -> int:
+        """The end-of-text token that separates documents."""
+        found = self._configured("eos_token", _EOT_CANDIDATES)
+        if found is not None:
+            return found
         raise LMForgeError("the tokenizer has no end-of-text token (looked for "
                            + ", ".join(_EOT_CANDIDATES) + ")")
 

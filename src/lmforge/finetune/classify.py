@@ -83,7 +83,8 @@ def encode_texts(tokenizer: Tokenizer, texts: list[str], max_len: int, causal: b
     position (the one pooled) has read the whole text; encoders get their own [CLS] ... [SEP]."""
     if causal:
         return [ids[:max_len - 1] + [tokenizer.eot_id] for ids in tokenizer.encode_batch(texts)]
-    return [e.ids[:max_len] for e in tokenizer.hf.encode_batch(texts, add_special_tokens=True)]
+    seqs = [e.ids for e in tokenizer.hf.encode_batch(texts, add_special_tokens=True)]
+    return [s if len(s) <= max_len else s[:max_len - 1] + s[-1:] for s in seqs]  # keep the closing [SEP]
 
 
 def collate(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,7 +174,7 @@ def _freeze(model: Classifier, train_layers: str) -> None:
 
 
 def finetune_classify(cfg: ClassifyConfig, on_step=None) -> dict:
-    cfg, body, tokenizer, meta = prepare(cfg)
+    cfg, body, tokenizer, base = prepare(cfg, kinds=("causal-lm", "masked-lm", "encoder"))
     if not cfg.train:
         raise LMForgeError("--train is required (a labelled .csv, .tsv or .jsonl file)")
     texts, labels = read_labelled(cfg.train, cfg.text_field, cfg.label_field)
@@ -193,8 +194,11 @@ def finetune_classify(cfg: ClassifyConfig, on_step=None) -> dict:
         raise LMForgeError(f"validation labels not seen in training: {', '.join(unknown[:5])}")
     index = {n: i for i, n in enumerate(names)}
     causal = body.cfg.causal
-    pooling = cfg.pooling if cfg.pooling != "auto" else ("last" if causal else "cls")
-    pad = tokenizer.token_id("<|pad|>") if tokenizer.token_id("<|pad|>") is not None else tokenizer.eot_id
+    # auto: the last token for a decoder (it alone has read everything); the mean for an encoder
+    pooling = cfg.pooling if cfg.pooling != "auto" else ("last" if causal else "mean")
+    if pooling == "last" and not causal:
+        raise LMForgeError("--pooling last suits decoders; use cls or mean for an encoder")
+    pad = tokenizer.pad_id
     train = list(zip(encode_texts(tokenizer, texts, cfg.context_length, causal), [index[y] for y in labels]))
     val = list(zip(encode_texts(tokenizer, val_texts, cfg.context_length, causal), [index[y] for y in val_labels]))
     weights = None
@@ -212,7 +216,7 @@ def finetune_classify(cfg: ClassifyConfig, on_step=None) -> dict:
           file=sys.stderr)
     out = Path(cfg.out)
     start_run_dir(cfg, out)
-    save = make_saver(model, tokenizer, Path(cfg.base), lora, train_also=("head.",), kind="classifier",
+    save = make_saver(model, tokenizer, base, lora, train_also=("head.",), kind="classifier",
                       labels=names, pooling=pooling, text_field=cfg.text_field, label_field=cfg.label_field,
                       created_by="lmforge finetune classify")
     task = ClassifyTask(train, val, names, pad, cfg.seed, weights, cfg.batch_size)
@@ -229,9 +233,8 @@ def classify_texts(lm: LM, texts: list[str]) -> list[dict]:
     labels = lm.meta["labels"]
     if any(not t.strip() for t in texts):
         raise LMForgeError("empty text: nothing to classify")
-    pad = lm.tokenizer.token_id("<|pad|>")
     seqs = encode_texts(lm.tokenizer, texts, lm.model.cfg.context_length, lm.model.cfg.causal)
-    probs = predict_probs(lm.model, seqs, lm.tokenizer.eot_id if pad is None else pad)
+    probs = predict_probs(lm.model, seqs, lm.tokenizer.pad_id)
     return [{"label": labels[int(p.argmax())], "probs": {n: round(float(q), 6) for n, q in zip(labels, p)}}
             for p in probs]
 

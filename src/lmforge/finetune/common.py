@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..api import load_parts
+from ..api import builtin_model, load_parts
 from ..checkpoint import model_config_json, read_config, save_model_dir, save_weights
 from ..config import arg
 from ..errors import LMForgeError
@@ -47,8 +47,8 @@ def default_lr(cfg: FinetuneConfig, head_only: bool = False) -> float:
     return cfg.lr or (1e-3 if cfg.lora_rank or head_only else 1e-4)
 
 
-def prepare(cfg: FinetuneConfig):
-    """Check --out / --resume and load the base model in fp32. Returns (cfg, model, tokenizer, meta)."""
+def prepare(cfg: FinetuneConfig, kinds: tuple[str, ...] = ("causal-lm",)):
+    """Check --out / --resume and load the base model in fp32. Returns (cfg, model, tokenizer, base path)."""
     if not cfg.base:
         raise LMForgeError("missing required argument BASE (the model to fine-tune)")
     if not cfg.out:
@@ -58,17 +58,17 @@ def prepare(cfg: FinetuneConfig):
         cfg = resume_config(cfg, out)
     else:
         check_out(out, cfg.overwrite)
-    base = Path(cfg.base).expanduser()
+    base = builtin_model(cfg.base) or Path(cfg.base).expanduser()
     if (base / "adapter.safetensors").exists():
         raise LMForgeError(f"{base} is a LoRA adapter: merge it first (lmforge merge-lora {base} --out DIR)")
     model, tokenizer, meta = load_parts(base)
-    if meta.get("kind", "causal-lm") != "causal-lm":
-        raise LMForgeError(f"{base} is a {meta['kind']}, not a language model to fine-tune")
+    if meta.get("kind", "causal-lm") not in kinds:
+        raise LMForgeError(f"{base} is a {meta['kind']}; this fine-tuning needs a {' or '.join(kinds)} base")
     if all(v is None for v in (cfg.max_steps, cfg.max_tokens, cfg.max_minutes, cfg.epochs)):
         cfg.epochs = 3.0
     model = model.float()  # train in fp32 (AdamW state and small updates need the precision)
     cfg.context_length = min(cfg.context_length or model.cfg.context_length, model.cfg.context_length)
-    return cfg, model, tokenizer, meta
+    return cfg, model, tokenizer, base
 
 
 def setup_lora(model: torch.nn.Module, cfg: FinetuneConfig, train_also: tuple[str, ...] = ()) -> dict | None:

@@ -136,8 +136,7 @@ class InstructTask:
         self.tokenizer, self.template, self.batch_size, self.samples = tokenizer, template, batch_size, samples
         self.order = EpochOrder(max(len(train), 1), seed)
         self.windows_per_epoch = len(train)
-        self.pad = tokenizer.token_id("<|pad|>")
-        self.pad = tokenizer.eot_id if self.pad is None else self.pad
+        self.pad = tokenizer.pad_id
 
     def batch(self, first: int, count: int) -> dict[str, torch.Tensor]:
         return collate([self.train[self.order(k)] for k in range(first, first + count)], self.pad)
@@ -168,7 +167,7 @@ class InstructTask:
 
 
 def finetune_instruct(cfg: InstructConfig, on_step=None) -> dict:
-    cfg, model, tokenizer, meta = prepare(cfg)
+    cfg, model, tokenizer, base = prepare(cfg)
     if not cfg.data:
         raise LMForgeError("--data is required (JSONL records to learn from)")
     template = get_template(cfg.template, tokenizer)
@@ -199,7 +198,7 @@ def finetune_instruct(cfg: InstructConfig, on_step=None) -> dict:
     out = Path(cfg.out)
     start_run_dir(cfg, out)
     stop = template.stop_tokens(tokenizer)
-    save = make_saver(model, tokenizer, Path(cfg.base), lora, chat_template=template.to_json(), stop_token_ids=stop,
+    save = make_saver(model, tokenizer, base, lora, chat_template=template.to_json(), stop_token_ids=stop,
                       created_by="lmforge finetune instruct")
     task = InstructTask(train, val, val_convs, tokenizer, template, cfg.seed, cfg.batch_size, cfg.samples)
     return fit(model, task, cfg, Run(out, save, title=f"{out.name}: instruction tuning"), default_lr(cfg),
