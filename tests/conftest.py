@@ -33,27 +33,24 @@ def corpus_dir(tmp_path_factory) -> Path:
     return d
 
 
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory, corpus_dir) -> Path:
-    """A tiny GPT trained for a few steps on the synthetic corpus (in-process: fast)."""
+def pretrained(tmp_path_factory, corpus_dir, name: str, **shape) -> Path:
+    """A small GPT pretrained in-process (fast) on the synthetic corpus."""
     from lmforge.pretrain import PretrainConfig, pretrain
 
-    out = tmp_path_factory.mktemp("runs") / "tiny"
-    pretrain(PretrainConfig(data=[str(corpus_dir)], out=str(out), n_layer=2, n_embd=32, n_head=2,
-                            context_length=32, batch_size=8, max_steps=150, eval_every=50, eval_batches=2,
-                            log_every=5, vocab_size=384, lr=1e-2, device="cpu"))
+    out = tmp_path_factory.mktemp("runs") / name
+    pretrain(PretrainConfig(data=[str(corpus_dir)], out=str(out), n_layer=2, n_head=2, batch_size=8, max_steps=150,
+                            eval_every=50, eval_batches=2, log_every=5, vocab_size=384, lr=1e-2, device="cpu",
+                            **shape))
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, corpus_dir) -> Path:
+    """A tiny GPT (2 layers x 32, context 32) for generation, CLI and export tests."""
+    return pretrained(tmp_path_factory, corpus_dir, "tiny", n_embd=32, context_length=32)
 
 
 @pytest.fixture(scope="session")
 def ft_base(tmp_path_factory, corpus_dir) -> Path:
-    """A small pretrained base for fine-tuning tests (2 layers x 64)."""
-    from lmforge.pretrain import PretrainConfig, pretrain
-
-    out = tmp_path_factory.mktemp("runs") / "ft_base"
-    pretrain(PretrainConfig(data=[str(corpus_dir)], out=str(out), n_layer=2, n_embd=64, n_head=2,
-                            context_length=64, batch_size=8, max_steps=150, eval_every=150, eval_batches=2,
-                            vocab_size=384, lr=1e-2, device="cpu"))
-    return out
+    """A small pretrained base for fine-tuning tests (2 layers x 64, context 64)."""
+    return pretrained(tmp_path_factory, corpus_dir, "ft_base", n_embd=64, context_length=64)

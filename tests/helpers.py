@@ -27,3 +27,14 @@ def assert_clean_error(proc, fragment: str) -> None:
     assert len(errors) == 1, proc.stderr
     assert fragment.lower() in errors[0].lower(), errors[0]
 
+
+
+def fails(capsys, fragment: str, *args: str) -> None:
+    """`lmforge ARGS` through the entry function: exit code 2, one error line mentioning `fragment`."""
+    from lmforge.cli import main
+
+    code = main(list(args))
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    lines = [x for x in err.splitlines() if x.startswith("error:")]
+    assert len(lines) == 1 and fragment.lower() in lines[0].lower(), err

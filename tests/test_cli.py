@@ -6,7 +6,7 @@ import json
 import shutil
 
 import pytest
-from helpers import assert_clean_error, run_cli
+from helpers import assert_clean_error, fails, run_cli
 
 from lmforge.cli import build_parser, main
 from lmforge.tokenizer import Tokenizer
@@ -21,11 +21,6 @@ def run_main(capsys, *args):
     return code, out, err
 
 
-def check_error(capsys, fragment, *args):
-    code, _, err = run_main(capsys, *args)
-    assert code == 2 and "Traceback" not in err
-    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1 and fragment.lower() in lines[0].lower(), err
 
 
 def test_every_verb_has_help(capsys):
@@ -80,19 +75,19 @@ def test_config_file_with_flag_overrides(corpus_dir, tmp_path, capsys):
 def test_unknown_config_key(tmp_path, capsys):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("max_steps: 3\nlearning_rate: 0.1\n")
-    check_error(capsys, "unknown config key(s) learning_rate", "pretrain", "--config", str(cfg))
+    fails(capsys, "unknown config key(s) learning_rate", "pretrain", "--config", str(cfg))
     cfg.write_text("max_steps: many\n")
-    check_error(capsys, "expected int", "pretrain", "--config", str(cfg))
+    fails(capsys, "expected int", "pretrain", "--config", str(cfg))
 
 
 def test_missing_and_empty_data(tmp_path, capsys):
     out = tmp_path / "out"
-    check_error(capsys, "no such file", "pretrain", "--data", str(tmp_path / "missing"), "--out", str(out),
+    fails(capsys, "no such file", "pretrain", "--data", str(tmp_path / "missing"), "--out", str(out),
                 "--max-steps", "1")
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "blank.txt").write_text("\n\n")
-    check_error(capsys, "corpus is empty", "pretrain", "--data", str(empty), "--out", str(out), "--max-steps", "1")
+    fails(capsys, "corpus is empty", "pretrain", "--data", str(empty), "--out", str(out), "--max-steps", "1")
     assert not out.exists()  # nothing half-written
 
 
@@ -114,14 +109,14 @@ def test_binary_and_invalid_utf8_files_are_survivable(corpus_dir, tmp_path):
 def test_resume_with_incompatible_config(tiny_run, tmp_path, capsys):
     run = tmp_path / "copy"
     shutil.copytree(tiny_run, run)
-    check_error(capsys, "incompatible config: batch_size=16", "pretrain", "--out", str(run), "--resume",
+    fails(capsys, "incompatible config: batch_size=16", "pretrain", "--out", str(run), "--resume",
                 "--batch-size", "16", "--max-steps", "200")
-    check_error(capsys, "incompatible config: n_layer=3", "pretrain", "--out", str(run), "--resume",
+    fails(capsys, "incompatible config: n_layer=3", "pretrain", "--out", str(run), "--resume",
                 "--n-layer", "3")
 
 
 def test_existing_output_needs_resume_or_overwrite(tiny_run, capsys):
-    check_error(capsys, "already holds a model", "pretrain", "--out", str(tiny_run), "--max-steps", "1")
+    fails(capsys, "already holds a model", "pretrain", "--out", str(tiny_run), "--max-steps", "1")
 
 
 def test_tokenizer_that_does_not_match_the_model(tiny_run, tmp_path, capsys):
@@ -130,17 +125,17 @@ def test_tokenizer_that_does_not_match_the_model(tiny_run, tmp_path, capsys):
     bigger = Tokenizer.from_file(run / "tokenizer.json")
     bigger.hf.add_tokens([f"extra{i}" for i in range(500)])  # now larger than the embedding
     bigger.save(run / "tokenizer.json")
-    check_error(capsys, "do not belong together", "generate", str(run), "--prompt", "The")
+    fails(capsys, "do not belong together", "generate", str(run), "--prompt", "The")
 
 
 def test_max_new_tokens_beyond_context(tiny_run, capsys):
-    check_error(capsys, "exceeds the model's context length", "generate", str(tiny_run), "--prompt", "The",
+    fails(capsys, "exceeds the model's context length", "generate", str(tiny_run), "--prompt", "The",
                 "--max-new-tokens", "1000")
 
 
 def test_not_a_model_directory(tmp_path, capsys):
-    check_error(capsys, "not a model directory", "generate", str(tmp_path), "--prompt", "x")
-    check_error(capsys, "no such model directory", "evaluate", str(tmp_path / "nope"), "--data", "pydocs")
+    fails(capsys, "not a model directory", "generate", str(tmp_path), "--prompt", "x")
+    fails(capsys, "no such model directory", "evaluate", str(tmp_path / "nope"), "--data", "pydocs")
 
 
 def test_tokenizer_train_and_encode(corpus_dir, tmp_path, capsys):

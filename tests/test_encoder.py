@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import spam_rows
+from helpers import fails, spam_rows
 from hf_fixtures import tiny_bert
 
 from lmforge import load
@@ -160,25 +160,19 @@ def test_embed_cli_outputs_and_search(tmp_path, capsys):
 
 # --- bad input -----------------------------------------------------------------------------------
 
-def bad(capsys, fragment, *args):
-    code = main(list(args))
-    err = capsys.readouterr().err
-    assert code == 2 and "Traceback" not in err, err
-    lines = [x for x in err.splitlines() if x.startswith("error:")]
-    assert len(lines) == 1 and fragment in lines[0], err
 
 
 def test_long_text_is_truncated_with_a_warning_or_refused(minilm_lm, capsys):
     long = "word " * 600  # far past the 512-position table (and MiniLM's 256-token limit)
     vec = embed_texts(minilm_lm, [long])
     assert vec.shape == (1, 384) and "truncated" in capsys.readouterr().err
-    bad(capsys, "exceed the model's 256-token limit", "embed", "minilm", "--text", long, "--no-truncate")
+    fails(capsys, "exceed the model's 256-token limit", "embed", "minilm", "--text", long, "--no-truncate")
 
 
 def test_bad_encoder_input(tiny_run, tmp_path, capsys):
-    bad(capsys, "empty text", "embed", "minilm", "--text", "")
-    bad(capsys, "needs an encoder", "embed", str(tiny_run), "--text", "hello")
-    bad(capsys, "needs an encoder", "fill-mask", str(tiny_run), "The [MASK] is here.")
-    bad(capsys, "no masked-LM head", "fill-mask", "minilm", "The [MASK] is here.")
+    fails(capsys, "empty text", "embed", "minilm", "--text", "")
+    fails(capsys, "needs an encoder", "embed", str(tiny_run), "--text", "hello")
+    fails(capsys, "needs an encoder", "fill-mask", str(tiny_run), "The [MASK] is here.")
+    fails(capsys, "no masked-LM head", "fill-mask", "minilm", "The [MASK] is here.")
     tiny_bert(tmp_path)
-    bad(capsys, "has no mask token", "fill-mask", str(tmp_path), "nothing is missing here")
+    fails(capsys, "has no mask token", "fill-mask", str(tmp_path), "nothing is missing here")

@@ -8,7 +8,7 @@ import signal
 
 import pytest
 import torch
-from helpers import reverse_records, run_cli, spam_rows
+from helpers import fails, reverse_records, run_cli, spam_rows
 from safetensors.torch import load_file
 
 from lmforge import load
@@ -235,25 +235,19 @@ def test_chat_history_is_trimmed_to_the_context(ft_base):
 
 # --- bad input ----------------------------------------------------------------------------------
 
-def bad(capsys, fragment, *args):
-    code = main(list(args))
-    err = capsys.readouterr().err
-    assert code == 2 and "Traceback" not in err, err
-    lines = [x for x in err.splitlines() if x.startswith("error:")]
-    assert len(lines) == 1 and fragment in lines[0], err
 
 
 def test_bad_classification_input(ft_base, tmp_path, capsys):
     out = str(tmp_path / "o")
     f = write_jsonl(tmp_path / "a.jsonl", [{"text": "x y", "category": "a"}, {"text": "z", "category": "b"}])
-    bad(capsys, "no column 'label'", "finetune", "classify", str(ft_base), "--train", str(f), "--out", out)
+    fails(capsys, "no column 'label'", "finetune", "classify", str(ft_base), "--train", str(f), "--out", out)
     f = write_jsonl(tmp_path / "b.jsonl", [{"text": f"t{i}", "label": "only"} for i in range(10)])
-    bad(capsys, "only one class ('only')", "finetune", "classify", str(ft_base), "--train", str(f), "--out", out)
+    fails(capsys, "only one class ('only')", "finetune", "classify", str(ft_base), "--train", str(f), "--out", out)
     f = write_jsonl(tmp_path / "c.jsonl", [{"text": "fine", "label": "a"}, {"text": "  ", "label": "b"}])
-    bad(capsys, "1 row(s) with empty text", "finetune", "classify", str(ft_base), "--train", str(f), "--out", out)
-    bad(capsys, "is not a model directory", "finetune", "classify", str(tmp_path), "--train", str(f), "--out", out)
+    fails(capsys, "1 row(s) with empty text", "finetune", "classify", str(ft_base), "--train", str(f), "--out", out)
+    fails(capsys, "is not a model directory", "finetune", "classify", str(tmp_path), "--train", str(f), "--out", out)
     good = write_jsonl(tmp_path / "d.jsonl", spam_rows(40))
-    bad(capsys, "'nope' matches no linear layer", "finetune", "classify", str(ft_base), "--train", str(good),
+    fails(capsys, "'nope' matches no linear layer", "finetune", "classify", str(ft_base), "--train", str(good),
         "--out", out, "--lora-rank", "2", "--lora-targets", "nope")
     assert not (tmp_path / "o").exists()
 
@@ -263,17 +257,17 @@ def test_bad_instruction_input(ft_base, tmp_path, capsys):
 
     out = str(tmp_path / "o")
     f = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "do it"}])
-    bad(capsys, "a.jsonl:1: record has no 'output'", "finetune", "instruct", str(ft_base), "--data", str(f),
+    fails(capsys, "a.jsonl:1: record has no 'output'", "finetune", "instruct", str(ft_base), "--data", str(f),
         "--out", out)
     f = write_jsonl(tmp_path / "b.jsonl", [{"messages": [{"role": "user", "content": "hi"},
                                                         {"role": "robot", "content": "beep"}]}])
-    bad(capsys, "unknown role 'robot'", "finetune", "instruct", str(ft_base), "--data", str(f), "--out", out)
+    fails(capsys, "unknown role 'robot'", "finetune", "instruct", str(ft_base), "--data", str(f), "--out", out)
     hf = tmp_path / "hf"
     tiny_hf_model("mistral", hf)
     assert sentencepiece_style  # (the mistral fixture's tokenizer has no <|im_start|>)
     f = write_jsonl(tmp_path / "c.jsonl", reverse_records(5))
-    bad(capsys, "chatml template needs the special tokens", "finetune", "instruct", str(hf), "--data", str(f),
+    fails(capsys, "chatml template needs the special tokens", "finetune", "instruct", str(hf), "--data", str(f),
         "--out", out, "--template", "chatml")
-    bad(capsys, "no chat_template", "finetune", "instruct", str(hf), "--data", str(f), "--out", out,
+    fails(capsys, "no chat_template", "finetune", "instruct", str(hf), "--data", str(f), "--out", out,
         "--template", "model")
     assert not (tmp_path / "o").exists()
