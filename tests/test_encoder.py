@@ -176,3 +176,14 @@ def test_bad_encoder_input(tiny_run, tmp_path, capsys):
     fails(capsys, "no masked-LM head", "fill-mask", "minilm", "The [MASK] is here.")
     tiny_bert(tmp_path)
     fails(capsys, "has no mask token", "fill-mask", str(tmp_path), "nothing is missing here")
+
+
+def test_bert_with_only_vocab_txt(tmp_path):
+    tiny_bert(tmp_path)
+    before = load(tmp_path, device="cpu").tokenizer.encode("The new module returns a value.", add_special_tokens=True)
+    vocab = json.loads((tmp_path / "tokenizer.json").read_text())["model"]["vocab"]
+    (tmp_path / "vocab.txt").write_text("".join(t + "\n" for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])))
+    (tmp_path / "tokenizer.json").unlink()  # older checkpoints ship vocab.txt alone
+    lm = load(tmp_path, device="cpu")
+    assert lm.tokenizer.encode("The new module returns a value.", add_special_tokens=True) == before
+    assert fill_mask(lm, "the [MASK] returns a value.", top_k=2)[0][0]["prob"] > 0

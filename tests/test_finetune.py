@@ -271,3 +271,16 @@ def test_bad_instruction_input(ft_base, tmp_path, capsys):
     fails(capsys, "no chat_template", "finetune", "instruct", str(hf), "--data", str(f), "--out", out,
         "--template", "model")
     assert not (tmp_path / "o").exists()
+
+
+def test_classification_metrics_by_hand():
+    from lmforge.finetune.classify import classification_metrics
+
+    m = classification_metrics(preds=[0, 0, 1, 1, 1, 2], gold=[0, 1, 1, 1, 2, 2], labels=["a", "b", "c"])
+    assert m["confusion"] == [[1, 0, 0], [1, 2, 0], [0, 1, 1]]
+    assert m["accuracy"] == pytest.approx(4 / 6, abs=1e-4)
+    third = pytest.approx(2 / 3, abs=1e-4)
+    assert m["per_class"]["b"] == {"precision": third, "recall": third, "f1": third, "support": 3}
+    assert m["per_class"]["a"]["precision"] == 0.5 and m["per_class"]["c"]["recall"] == 0.5
+    f1 = [0.6667, 2 / 3, 0.6667]
+    assert m["macro_f1"] == pytest.approx(sum(f1) / 3, abs=1e-3)

@@ -154,3 +154,32 @@ def test_loss_goes_down(tiny_run):
         assert key in rows[0]
     assert (tiny_run / "loss.png").stat().st_size > 1000
     assert torch.is_tensor(load(tiny_run, device="cpu").model.wte.weight)
+
+
+def test_sigterm_saves_a_checkpoint_that_resumes(corpus_dir, tmp_path):
+    """A real SIGTERM to a real process: the step finishes, a checkpoint is written, --resume goes on."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "lmforge", "pretrain", "--data", str(corpus_dir), "--out", str(out), "--n-layer", "2",
+            "--n-embd", "32", "--n-head", "2", "--context-length", "16", "--batch-size", "4", "--vocab-size", "300",
+            "--max-steps", "100000", "--log-every", "1", "--eval-every", "100000", "--save-every", "100000",
+            "--device", "cpu"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    metrics_file = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics_file.exists() or len(metrics_file.read_text().splitlines()) < 5):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-2000:]
+    assert "SIGTERM: stopping after this step" in err and "continue with --resume" in err
+    saved = json.loads((out / "state" / "trainer.json").read_text())["step"]
+    assert 5 <= saved < 100000 and metrics(out)[-1]["step"] == saved
+    # only what a resume may change is given; everything else comes from the run's train_config.yaml
+    state = pretrain(PretrainConfig(out=str(out), resume=True, max_steps=saved + 3, device="cpu"))
+    assert state["step"] == saved + 3
