@@ -174,6 +174,7 @@ def test_bad_encoder_input(tiny_run, tmp_path, capsys):
     fails(capsys, "needs an encoder", "embed", str(tiny_run), "--text", "hello")
     fails(capsys, "needs an encoder", "fill-mask", str(tiny_run), "The [MASK] is here.")
     fails(capsys, "no masked-LM head", "fill-mask", "minilm", "The [MASK] is here.")
+    fails(capsys, "text generation needs a decoder", "generate", "minilm", "--prompt", "Hello")
     tiny_bert(tmp_path)
     fails(capsys, "has no mask token", "fill-mask", str(tmp_path), "nothing is missing here")
 

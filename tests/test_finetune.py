@@ -170,7 +170,7 @@ def test_templates(ft_base, tmp_path):
     assert alpaca.startswith("Be brief.\n\n### Instruction:\nQ1\n\n### Response:\nA1")
 
 
-def test_lora_instruct_resumes_exactly_and_keeps_base_frozen(ft_base, reverse_data, tmp_path):
+def test_lora_instruct_resumes_exactly_and_keeps_base_frozen(ft_base, reverse_data, tmp_path, capsys):
     train, _ = reverse_data
 
     def cfg(out, **kw):
@@ -189,6 +189,7 @@ def test_lora_instruct_resumes_exactly_and_keeps_base_frozen(ft_base, reverse_da
     lm, base = load(tmp_path / "full", device="cpu"), load(ft_base, device="cpu")
     tuned_sd, base_sd = lm.model.state_dict(), base.model.state_dict()
     assert all(torch.equal(base_sd[k], tuned_sd[k]) for k in base_sd)
+    fails(capsys, "merge it first", "export", str(tmp_path / "full"), "--out", str(tmp_path / "hf"))
     assert main(["merge-lora", str(tmp_path / "full"), "--out", str(tmp_path / "merged")]) == 0
     merged = load(tmp_path / "merged", device="cpu")
     ids = torch.tensor([lm.tokenizer.encode("Reverse the words: key path file")])

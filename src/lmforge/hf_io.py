@@ -171,6 +171,8 @@ def export_hf(model_dir: str | Path, out: str | Path, shard_size_mb: float = 200
     meta = read_config(model_dir)
     if meta.get("kind", "causal-lm") != "causal-lm":
         raise LMForgeError(f"only language models can be exported to Hugging Face format (this is a {meta['kind']})")
+    if "lora" in meta:
+        raise LMForgeError(f"{model_dir} is a LoRA adapter: merge it first (lmforge merge-lora {model_dir} --out DIR)")
     model, tokenizer, meta = load_model_dir(model_dir)
     cfg = model.cfg
     family = export_family(cfg)
