@@ -178,14 +178,14 @@ def pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None = None) 
     """Run pretraining as configured; returns the trainer record with the final metrics."""
     dist_info, device = init_distributed(cfg.device)
     out = Path(cfg.out)
-    if cfg.objective == "mlm" and cfg.arch == "gpt2" and not cfg.resume:
-        cfg.arch = "bert"  # masked-token prediction needs a bidirectional encoder
-    if (cfg.objective == "mlm") != (cfg.arch == "bert"):
-        raise LMForgeError("--arch bert goes with --objective mlm (a bidirectional encoder), gpt2/llama with clm")
     if cfg.resume:
         cfg = resume_config(cfg, out)
     elif dist_info.main:
         check_out(out, cfg.overwrite)  # fail early, before any work, if --out is taken
+    if cfg.objective == "mlm" and cfg.arch == "gpt2":
+        cfg.arch = "bert"  # masked-token prediction needs a bidirectional encoder
+    if (cfg.objective == "mlm") != (cfg.arch == "bert"):
+        raise LMForgeError("--arch bert goes with --objective mlm (a bidirectional encoder), gpt2/llama with clm")
     corpus = load_corpus(cfg.data, cfg.text_field)
     val_corpus = load_corpus(cfg.val_data, cfg.text_field) if cfg.val_data else None
     tokenizer = get_tokenizer(cfg, corpus, out, dist_info)

@@ -276,7 +276,8 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run: Run, lr: floa
         return out
 
     bar = tqdm(total=100, disable=not dist_info.main, unit="%", dynamic_ncols=True, file=sys.stderr,
-               bar_format="{l_bar}{bar}| {n:.0f}% [{elapsed}<{remaining}{postfix}]", mininterval=0.5)
+               bar_format="{l_bar}{bar}| {n:.0f}% [{elapsed}<{remaining}{postfix}]",
+               mininterval=0.5 if sys.stderr.isatty() else 30)  # a log file gets a line every 30 s
     bar.update(100 * min(budget.progress(state), 1.0))
     log_loss, log_tokens, log_steps, log_time = 0.0, 0, 0, time.perf_counter()
     last_row: dict = {}
@@ -285,7 +286,8 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run: Run, lr: floa
         while True:
             t0 = time.perf_counter()
             progress = budget.progress(state)
-            flags = dist_info.all_reduce_max(torch.tensor([progress, float(stop.requested)]))
+            # every rank stops together (time budgets and signals differ slightly between processes)
+            flags = dist_info.all_reduce_max(torch.tensor([progress, float(stop.requested)], device=device))
             if flags[0] >= 1.0 or flags[1] > 0:
                 break
             lr_now = lr_at(cfg, lr, state["step"], progress, warmup)
