@@ -147,3 +147,10 @@ def test_tokenizer_train_and_encode(corpus_dir, tmp_path, capsys):
     assert code == 0
     enc = json.loads(out)
     assert "".join(enc["tokens"]) == "The new module" and len(enc["ids"]) == len(enc["tokens"])
+
+
+def test_stop_strings_understand_escapes():
+    from lmforge.cli import _unescape
+
+    assert _unescape(r"\n\n") == "\n\n" and _unescape(r"a\tb") == "a\tb" and _unescape(r"c:\\n") == "c:\\n"
+    assert _unescape("café") == "café"

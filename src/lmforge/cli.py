@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from dataclasses import dataclass
 
@@ -28,7 +29,8 @@ class GenerateArgs:
     top_k: int | None = arg(None, "sample only among the K most likely tokens")
     top_p: float | None = arg(None, "sample only among the most likely tokens whose probabilities sum to P")
     seed: int | None = arg(None, "random seed: the same seed gives the same text")
-    stop: list[str] = arg([], "stop when this string appears (repeatable; not included in the output)")
+    stop: list[str] = arg([], "stop when this string appears (repeatable; not included in the output; \\n and \\t "
+                          "mean newline and tab)")
     top_candidates: int = arg(0, "print, at each step, the K most likely next tokens and their probabilities")
     num_samples: int = arg(1, "how many completions to generate (seeds seed, seed+1, ...)", short="-n")
     echo: bool = arg(True, "print the prompt before the completion")
@@ -178,6 +180,11 @@ def _read_text_arg(text: str | None, what: str) -> str:
     return sys.stdin.read() if text == "-" else text
 
 
+def _unescape(text: str) -> str:
+    """`\\n`, `\\t`, `\\r` and `\\\\` typed on a command line mean newline, tab, return, backslash."""
+    return re.sub(r"\\([ntr\\])", lambda m: {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}[m.group(1)], text)
+
+
 def cmd_pretrain(ns) -> None:
     from .pretrain import PretrainConfig, pretrain
 
@@ -192,6 +199,7 @@ def cmd_generate(ns) -> None:
 
     a = from_namespace(GenerateArgs, ns)
     prompt = _read_text_arg(a.prompt, "prompt")
+    stops = [_unescape(s) for s in a.stop]
     lm = load(a.model_dir, device=a.device)
     out = sys.stdout
 
@@ -205,14 +213,14 @@ def cmd_generate(ns) -> None:
             out.write(f"--- sample {i + 1} ---\n")
         if a.top_candidates:
             text = lm.generate(prompt, max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
-                               top_p=a.top_p, seed=seed, stop=a.stop, top_candidates=a.top_candidates,
+                               top_p=a.top_p, seed=seed, stop=stops, top_candidates=a.top_candidates,
                                on_candidates=show)
             out.write(f"\n{prompt if a.echo else ''}{text}\n")
             continue
         if a.echo:
             out.write(prompt)
         lm.generate(prompt, max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
-                    top_p=a.top_p, seed=seed, stop=a.stop, stream=lambda s: (out.write(s), out.flush()))
+                    top_p=a.top_p, seed=seed, stop=stops, stream=lambda s: (out.write(s), out.flush()))
         out.write("\n")
 
 
