@@ -50,6 +50,10 @@ def test_greedy_generation_matches_transformers(ckpt):
     ours = [s.token for s in generate_ids(lm.model, prompt, 32, temperature=0)]
     assert ours == theirs
     assert [s.token for s in generate_ids(lm.model, prompt, 32, temperature=0, use_cache=False)] == theirs
+    with torch.no_grad():  # the repetition penalty works as transformers' does
+        theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, repetition_penalty=1.3,
+                             attention_mask=torch.ones(1, len(prompt), dtype=torch.long))[0, len(prompt):].tolist()
+    assert [s.token for s in generate_ids(lm.model, prompt, 32, temperature=0, repetition_penalty=1.3)] == theirs
 
 
 def test_import_export_roundtrip_through_transformers(ckpt, tmp_path):

@@ -44,14 +44,15 @@ class LM:
 
     def generate(self, prompt: str, *, max_new_tokens: int | None = None, temperature: float = 0.8,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                 stop: list[str] | None = None, stream: Callable[[str], None] | None = None, **kw) -> str:
+                 stop: list[str] | None = None, stream: Callable[[str], None] | None = None,
+                 repetition_penalty: float = 1.0, **kw) -> str:
         """Continue `prompt`; returns only the new text."""
         kind = self.meta.get("kind", "causal-lm")
         if kind != "causal-lm":
             raise LMForgeError(f"{self.path} is a {kind}; text generation needs a decoder (causal language model)")
         return generate_text(self.model, self.tokenizer, prompt, max_new_tokens=max_new_tokens,
                              temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop,
-                             stop_ids=self.stop_ids(), stream=stream, **kw)
+                             stop_ids=self.stop_ids(), stream=stream, repetition_penalty=repetition_penalty, **kw)
 
     def __repr__(self) -> str:
         c = self.config

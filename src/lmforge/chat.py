@@ -33,7 +33,7 @@ def fit_history(lm: LM, template, history: list[dict], reserve: int) -> list[int
 
 def chat(lm: LM, system: str | None = None, max_new_tokens: int = 256, temperature: float = 0.7,
          top_p: float | None = 0.9, top_k: int | None = None, seed: int | None = None,
-         stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> list[dict]:
+         repetition_penalty: float = 1.0, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> list[dict]:
     """Read user turns from `stdin` until /exit or end of input; returns the final history."""
     if lm.meta.get("kind", "causal-lm") != "causal-lm":
         raise LMForgeError(f"{lm.path} is a {lm.meta['kind']}, not a model that can chat")
@@ -76,7 +76,8 @@ def chat(lm: LM, system: str | None = None, max_new_tokens: int = 256, temperatu
         stdout.write("assistant> ")
         answer = generate_text(lm.model, lm.tokenizer, "", max_new_tokens=reserve, temperature=temperature,
                                top_k=top_k, top_p=top_p, seed=None if seed is None else seed + turn,
-                               stop_ids=stop, prompt_ids=ids, stream=lambda s: (stdout.write(s), stdout.flush()))
+                               repetition_penalty=repetition_penalty, stop_ids=stop, prompt_ids=ids,
+                               stream=lambda s: (stdout.write(s), stdout.flush()))
         stdout.write("\n")
         stdout.flush()
         history.append({"role": "assistant", "content": answer.strip()})

@@ -29,6 +29,8 @@ class GenerateArgs:
     top_k: int | None = arg(None, "sample only among the K most likely tokens")
     top_p: float | None = arg(None, "sample only among the most likely tokens whose probabilities sum to P")
     seed: int | None = arg(None, "random seed: the same seed gives the same text")
+    repetition_penalty: float = arg(1.0, "above 1 makes tokens already in the text less likely (1.1-1.3 curbs "
+                                    "loops in small models)")
     stop: list[str] = arg([], "stop when this string appears (repeatable; not included in the output; \\n and \\t "
                           "mean newline and tab)")
     top_candidates: int = arg(0, "print, at each step, the K most likely next tokens and their probabilities")
@@ -141,6 +143,7 @@ class ChatArgs:
     top_p: float | None = arg(0.9, "nucleus sampling threshold")
     top_k: int | None = arg(None, "sample among the K most likely tokens only")
     seed: int | None = arg(None, "random seed for reproducible answers")
+    repetition_penalty: float = arg(1.0, "above 1 discourages repeating tokens already in the conversation")
     device: str = arg("auto", "cpu, cuda, mps or auto")
 
 
@@ -214,13 +217,15 @@ def cmd_generate(ns) -> None:
         if a.top_candidates:
             text = lm.generate(prompt, max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
                                top_p=a.top_p, seed=seed, stop=stops, top_candidates=a.top_candidates,
+                               repetition_penalty=a.repetition_penalty,
                                on_candidates=show)
             out.write(f"\n{prompt if a.echo else ''}{text}\n")
             continue
         if a.echo:
             out.write(prompt)
         lm.generate(prompt, max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
-                    top_p=a.top_p, seed=seed, stop=stops, stream=lambda s: (out.write(s), out.flush()))
+                    top_p=a.top_p, seed=seed, stop=stops, repetition_penalty=a.repetition_penalty,
+                    stream=lambda s: (out.write(s), out.flush()))
         out.write("\n")
 
 
@@ -308,7 +313,7 @@ def cmd_chat(ns) -> None:
 
     a = from_namespace(ChatArgs, ns)
     lm = load(a.model_dir, device=a.device)
-    chat(lm, a.system, a.max_new_tokens, a.temperature, a.top_p, a.top_k, a.seed)
+    chat(lm, a.system, a.max_new_tokens, a.temperature, a.top_p, a.top_k, a.seed, a.repetition_penalty)
 
 
 def cmd_import(ns) -> None:

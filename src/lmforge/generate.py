@@ -44,10 +44,20 @@ def filter_probs(logits: torch.Tensor, temperature: float, top_k: int | None, to
     return probs
 
 
+def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Make tokens already in the text less likely (CTRL's repetition penalty, as in transformers):
+    positive logits are divided by `penalty`, negative ones multiplied by it."""
+    picked = logits[seen]
+    logits = logits.clone()
+    logits[seen] = torch.where(picked > 0, picked / penalty, picked * penalty)
+    return logits
+
+
 @torch.no_grad()
 def generate_ids(model: Transformer, prompt: list[int], max_new_tokens: int, *, temperature: float = 0.8,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                 stop_ids: set[int] = frozenset(), use_cache: bool = True) -> Iterator[Step]:
+                 stop_ids: set[int] = frozenset(), use_cache: bool = True,
+                 repetition_penalty: float = 1.0) -> Iterator[Step]:
     """Yield one `Step` per new token until `max_new_tokens` or a token in `stop_ids` (not yielded)."""
     ctx = model.cfg.context_length
     if not prompt:
@@ -61,14 +71,19 @@ def generate_ids(model: Transformer, prompt: list[int], max_new_tokens: int, *, 
     cache = model.new_cache(1, len(prompt) + max_new_tokens) if use_cache else None
     model.eval()
     next_input = ids
+    seen = torch.zeros(model.cfg.vocab_size, dtype=torch.bool, device=device)
+    seen[ids[0]] = True
     for _ in range(max_new_tokens):
         with autocast(device):
             logits = model(next_input if use_cache else ids, cache=cache, last_only=True)[0, -1]
+        if repetition_penalty != 1.0:
+            logits = penalize_repeats(logits.float(), seen, repetition_penalty)
         probs = filter_probs(logits, temperature, top_k, top_p).cpu()
         token = int(torch.multinomial(probs, 1, generator=gen)) if temperature > 0 else int(probs.argmax())
         if token in stop_ids:
             return
         yield Step(token, probs)
+        seen[token] = True
         next_input = torch.tensor([[token]], device=device)
         if not use_cache:
             ids = torch.cat([ids, next_input], dim=1)
@@ -88,7 +103,7 @@ def _held_back(text: str, stops: list[str]) -> int:
 def generate_text(model: Transformer, tokenizer: Tokenizer, prompt: str, *, max_new_tokens: int | None = None,
                   temperature: float = 0.8, top_k: int | None = None, top_p: float | None = None,
                   seed: int | None = None, stop: list[str] | None = None, stop_ids: set[int] | None = None,
-                  stream: Callable[[str], None] | None = None, top_candidates: int = 0,
+                  repetition_penalty: float = 1.0, stream: Callable[[str], None] | None = None, top_candidates: int = 0,
                   on_candidates: Callable[[int, list[tuple[str, float]], str], None] | None = None,
                   prompt_ids: list[int] | None = None) -> str:
     """The completion of `prompt` (without the prompt), streamed piecewise to `stream` if given.
@@ -108,7 +123,8 @@ def generate_text(model: Transformer, tokenizer: Tokenizer, prompt: str, *, max_
     emitted = 0
     text = ""
     for i, step in enumerate(generate_ids(model, ids, max_new_tokens, temperature=temperature, top_k=top_k,
-                                          top_p=top_p, seed=seed, stop_ids=end)):
+                                          top_p=top_p, seed=seed, stop_ids=end,
+                                          repetition_penalty=repetition_penalty)):
         new.append(step.token)
         if top_candidates and on_candidates is not None:
             p, idx = step.probs.topk(min(top_candidates, step.probs.numel()))
