@@ -158,16 +158,26 @@ def test_peak_memory_stays_near_the_weights(tmp_path):
     tf.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "big")
     llama3_style().save(str(tmp_path / "big" / "tokenizer.json"))
     weights = (tmp_path / "big" / "model.safetensors").stat().st_size
-    code = ("import resource, sys, torch; import lmforge;"
-            "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
-            "lm = lmforge.load(sys.argv[1], device='cpu');"
-            "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
-            "print((peak - base) * 1024)")
+    # Resident memory before loading, then the peak during it. Writing 5 to clear_refs resets the
+    # kernel's high-water mark (VmHWM), so the peak of importing torch does not hide the load's own.
+    # A tiny meta-device model first: PyTorch's meta kernels cost ~70 MB of one-time imports, a fixed
+    # cost unrelated to the weights.
+    code = (
+        "import sys, lmforge\n"
+        "from lmforge.hf import expected_tensors\n"
+        "from lmforge.model import ModelConfig\n"
+        "expected_tensors(ModelConfig(vocab_size=8, context_length=8, n_layer=1, n_head=1, n_embd=8))\n"
+        "def status(key):\n"
+        "    return next(int(x.split()[1]) * 1024 for x in open('/proc/self/status') if x.startswith(key))\n"
+        "before = status('VmRSS:')\n"
+        "open('/proc/self/clear_refs', 'w').write('5')\n"
+        "lm = lmforge.load(sys.argv[1], device='cpu')\n"
+        "print(status('VmHWM:') - before)\n")
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "big")], capture_output=True, text=True,
                           env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
     assert proc.returncode == 0, proc.stderr
     grown = int(proc.stdout.strip().splitlines()[-1])
-    assert grown <= 1.3 * weights, (grown / 1e6, weights / 1e6)
+    assert 0.9 * weights <= grown <= 1.3 * weights, (grown / 1e6, weights / 1e6)
 
 
 # --- bad input -----------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.checkpoint import build_model
-from lmforge.hf import config_from_hf, weights_from_hf
+from lmforge.hf import DictSource, config_from_hf, weights_from_hf
 from lmforge.model import ModelConfig, Transformer, linear_cross_entropy
 from lmforge.sizing import arch_config
 
@@ -17,8 +17,8 @@ transformers = pytest.importorskip("transformers")
 def from_hf_model(hf_model) -> Transformer:
     """Copy a transformers model's weights into an lmforge model (what `lmforge import` does)."""
     cfg = config_from_hf(hf_model.config.to_dict())
-    sd = hf_model.state_dict()
-    return build_model(cfg, dict(weights_from_hf(cfg, cfg.extra["hf_family"], set(sd), sd.__getitem__))).eval()
+    source = DictSource(hf_model.state_dict())
+    return build_model(cfg, dict(weights_from_hf(cfg, cfg.extra["hf_family"], source))).eval()
 
 
 def test_gpt2_logits_match_transformers():

@@ -18,13 +18,13 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .errors import LMForgeError
 from .fileio import atomic_path, atomic_write_json, recover_dir, replace_dir
 from .lora import apply_lora
 from .model import Classifier, ModelConfig, Transformer
+from .tensorfile import read_all
 from .tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
@@ -49,10 +49,7 @@ def save_weights(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
     if not path.exists():
         raise LMForgeError(f"missing weights file {path}")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError) as e:
-        raise LMForgeError(f"cannot read {path}: {e}") from None
+    return read_all(path)
 
 
 def make_skeleton(meta: dict, device: str | torch.device = "meta") -> torch.nn.Module:

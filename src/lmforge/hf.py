@@ -8,7 +8,8 @@ concatenate: lmforge fuses q/k/v and gate/up projections into single matmuls).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from typing import Protocol
 
 import torch
 
@@ -251,22 +252,58 @@ def legacy_names(names: set[str]) -> dict[str, str]:
     return out
 
 
-def weights_from_hf(cfg: ModelConfig, family: str, names: set[str],
-                    get: Callable[[str], torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield lmforge tensors one at a time, reading Hugging Face tensors through `get` (streaming)."""
+class TensorSource(Protocol):
+    """Where Hugging Face tensors come from: a checkpoint on disk, or a state dict in memory."""
+
+    names: set[str]
+
+    def shape(self, name: str) -> tuple[int, ...]: ...
+    def dtype(self, name: str) -> torch.dtype: ...
+    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor: ...
+
+
+class DictSource:
+    """A state dict as a TensorSource (e.g. a transformers model already in memory)."""
+
+    def __init__(self, sd: dict[str, torch.Tensor]) -> None:
+        self.sd, self.names = sd, set(sd)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.sd[name].shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.sd[name].dtype
+
+    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        return self.sd[name] if out is None else out.copy_(self.sd[name])
+
+
+def weights_from_hf(cfg: ModelConfig, family: str, source: TensorSource,
+                    dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield lmforge tensors one at a time (streaming). Concatenated matrices are allocated once and
+    each Hugging Face part is read straight into its slice, so no tensor is ever held twice."""
+    names = source.names
     alias = legacy_names(names)
     for ours, theirs, how in _plan(cfg, family, hf_prefix(family, names)):
         theirs = tuple(alias.get(t, t) for t in theirs)
         missing = [t for t in theirs if t not in names]
         if missing:
             raise LMForgeError(f"the checkpoint lacks tensor {missing[0]}")
-        parts = [get(t) for t in theirs]
-        if how == "t":
-            yield ours, parts[0].t().contiguous()
-        elif how == "cat":
-            yield ours, torch.cat(parts, dim=0)
+        to = dtype or source.dtype(theirs[0])
+        if how == "cat":
+            shapes = [source.shape(t) for t in theirs]
+            if any(s[1:] != shapes[0][1:] for s in shapes):
+                raise LMForgeError(f"tensors {', '.join(theirs)} do not fit together (shapes {shapes})")
+            out = torch.empty((sum(s[0] for s in shapes), *shapes[0][1:]), dtype=to)
+            row = 0
+            for t, s in zip(theirs, shapes):
+                source.read(t, out[row:row + s[0]])
+                row += s[0]
+            yield ours, out
+        elif how == "t":
+            yield ours, source.read(theirs[0]).t().to(to).contiguous()
         else:
-            yield ours, parts[0]
+            yield ours, source.read(theirs[0]).to(to)
 
 
 def weights_to_hf(cfg: ModelConfig, family: str, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -11,11 +11,9 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .checkpoint import (
@@ -31,6 +29,7 @@ from .errors import LMForgeError
 from .fileio import atomic_path, atomic_write_json, staged_dir
 from .hf import SUPPORTED, adapt_to_weights, config_from_hf, config_to_hf, export_family, weights_from_hf, weights_to_hf
 from .model import Transformer
+from .tensorfile import TensorFile
 from .tokenizer import Tokenizer
 
 # Files copied along with the weights: they carry the chat template, special tokens and
@@ -58,8 +57,8 @@ def _read_json(path: Path) -> dict:
         raise LMForgeError(f"{path}: invalid JSON ({e.msg})") from None
 
 
-class _Shards:
-    """Tensor name -> reader, over one or many safetensors files (opened lazily, memory-mapped)."""
+class Shards:
+    """The tensors of a checkpoint directory, over one or many safetensors files (with the index)."""
 
     def __init__(self, directory: Path) -> None:
         index = directory / "model.safetensors.index.json"
@@ -77,24 +76,22 @@ class _Shards:
                     if pickles else ""
                 raise LMForgeError(f"no weights (*.safetensors) in {directory}{extra}")
             weight_map = None
-        self.handles = {}
-        self.where: dict[str, str] = {}
+        self.where: dict[str, TensorFile] = {}
         for f in files:
-            try:
-                handle = safe_open(str(directory / f), framework="pt")
-            except (SafetensorError, OSError) as e:
-                raise LMForgeError(f"cannot read shard {f}: {e} (truncated or corrupt?)") from None
-            self.handles[f] = handle
-            for name in handle.keys():
+            tf = TensorFile(directory / f)
+            for name in tf.names:
                 if weight_map is None or weight_map.get(name) == f:
-                    self.where[name] = f
+                    self.where[name] = tf
         self.names = set(self.where)
 
-    def get(self, name: str) -> torch.Tensor:
-        try:
-            return self.handles[self.where[name]].get_tensor(name)
-        except (SafetensorError, OSError, RuntimeError) as e:
-            raise LMForgeError(f"cannot read tensor {name} from {self.where[name]}: {e} (truncated shard?)") from None
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.where[name].shape(name)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.where[name].dtype(name)
+
+    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        return self.where[name].read(name, out)
 
 
 def load_hf(directory: str | Path, dtype: str = "auto") -> tuple[Transformer, Tokenizer, dict]:
@@ -111,11 +108,9 @@ def load_hf(directory: str | Path, dtype: str = "auto") -> tuple[Transformer, To
         raise LMForgeError(f"unknown dtype {dtype!r} (choose {', '.join(DTYPES)})")
     tokenizer = tokenizer_for(directory)
     check_vocab(tokenizer, cfg, str(directory))
-    shards = _Shards(directory)
+    shards = Shards(directory)
     cfg, kind = adapt_to_weights(cfg, family, shards.names)
-    to = DTYPES[dtype]
-    get: Callable[[str], torch.Tensor] = shards.get if to is None else (lambda n: shards.get(n).to(to))
-    tensors = dict(weights_from_hf(cfg, family, shards.names, get))
+    tensors = dict(weights_from_hf(cfg, family, shards, DTYPES[dtype]))
     model = build_model(cfg, tensors, f"weights in {directory}")
     gen = _read_json(directory / "generation_config.json") if (directory / "generation_config.json").exists() else {}
     eos = gen.get("eos_token_id", hf_cfg.get("eos_token_id"))
