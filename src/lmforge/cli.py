@@ -317,12 +317,13 @@ def cmd_chat(ns) -> None:
 
 
 def cmd_import(ns) -> None:
+    from .api import builtin_model
     from .hf_io import import_hf
 
     a = from_namespace(ImportArgs, ns)
     if not a.out:
         raise LMForgeError("--out is required")
-    out = import_hf(a.hf_dir, a.out, a.dtype, a.overwrite)
+    out = import_hf(builtin_model(a.hf_dir) or a.hf_dir, a.out, a.dtype, a.overwrite)
     print(f"imported {a.hf_dir} -> {out}", file=sys.stderr)
 
 
