@@ -155,7 +155,7 @@ class EmbedArgs:
 
     model_dir: str = arg(None, "encoder model directory, Hugging Face checkpoint, or minilm", positional=True)
     text: list[str] = arg([], "text(s) to embed")
-    file: str | None = arg(None, "embed each non-empty line of this file")
+    file: str | None = arg(None, "embed each non-empty line of this file (or the text column of a .csv/.tsv/.jsonl)")
     query: str | None = arg(None, "rank the texts by cosine similarity to this query instead of printing vectors")
     top_k: int = arg(10, "with --query: how many of the best matches to show")
     out: str | None = arg(None, "write the embeddings to FILE.npy (numpy) or FILE.json instead of stdout")
@@ -273,22 +273,10 @@ def _print_summary(state: dict, keys) -> None:
 
 def cmd_classify(ns) -> None:
     from .api import load
-    from .finetune.classify import classify_texts, read_labelled
+    from .finetune.classify import classify_texts
 
     a = from_namespace(ClassifyArgs, ns)
-    texts = list(a.text)
-    if a.file:
-        from pathlib import Path
-
-        path = Path(a.file)
-        if path.suffix.lower() in (".csv", ".tsv", ".tab", ".jsonl", ".json"):
-            texts += read_labelled(path, a.text_field, None)[0]
-        elif not path.exists():
-            raise LMForgeError(f"no such file: {path}")
-        else:
-            texts += [line for line in path.read_text().splitlines() if line.strip()]
-    if not texts:
-        raise LMForgeError("nothing to classify: give --text or --file")
+    texts = _texts(a.text, a.file, a.text_field, "classify")
     lm = load(a.model_dir, device=a.device)
     for text, r in zip(texts, classify_texts(lm, texts)):
         if a.json:
@@ -336,17 +324,24 @@ def cmd_export(ns) -> None:
     export_hf(a.model_dir, a.out, a.shard_size_mb, a.overwrite, a.dtype)
 
 
-def _texts(text: list[str], file: str | None) -> list[str]:
+def _texts(text: list[str], file: str | None, text_field: str = "text", what: str = "embed") -> list[str]:
+    """--text values plus --file: the text column of a .csv/.tsv/.jsonl, else each non-empty line."""
     from pathlib import Path
 
     texts = list(text)
     if file:
-        if not Path(file).exists():
-            raise LMForgeError(f"no such file: {file}")
-        texts += [line for line in Path(file).read_text(encoding="utf-8", errors="replace").splitlines()
-                  if line.strip()]
+        path = Path(file)
+        if not path.exists():
+            raise LMForgeError(f"no such file: {path}")
+        if path.suffix.lower() in (".csv", ".tsv", ".tab", ".jsonl", ".json"):
+            from .finetune.classify import read_labelled
+
+            texts += read_labelled(path, text_field, None)[0]
+        else:
+            texts += [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines()
+                      if line.strip()]
     if not texts:
-        raise LMForgeError("nothing to embed: give --text or --file")
+        raise LMForgeError(f"nothing to {what}: give --text or --file")
     return texts
 
 

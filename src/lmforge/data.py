@@ -165,6 +165,16 @@ class BatchStream:
         return xy[:, :-1], xy[:, 1:]
 
 
+def pad_batch(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token sequences: (ids [B, T], attention mask [B, T] with 1 on real tokens)."""
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s), 1
+    return ids, mask
+
+
 def eval_batches(data: np.ndarray, context_length: int, batch_size: int, max_windows: int | None = None):
     """Non-overlapping (inputs, targets) windows covering `data`, each token predicted once,
     stacked `batch_size` at a time (a shorter final window comes alone)."""

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from .api import LM
+from .data import pad_batch
 from .errors import LMForgeError
 from .runtime import autocast
 
@@ -31,13 +32,12 @@ def encode_for_encoder(lm: LM, texts: list[str], truncate: bool = True) -> list[
     if any(not t.strip() for t in texts):
         raise LMForgeError("empty text: nothing to encode")
     limit = min(lm.meta.get("max_seq_length") or lm.model.cfg.context_length, lm.model.cfg.context_length)
-    seqs = [e.ids for e in lm.tokenizer.hf.encode_batch(texts, add_special_tokens=True)]
-    long = sum(len(s) > limit for s in seqs)
+    seqs, long = lm.tokenizer.encode_with_specials(texts, limit)
     if long and not truncate:
         raise LMForgeError(f"{long} text(s) exceed the model's {limit}-token limit (drop --no-truncate to cut them)")
     if long:
         print(f"warning: {long} text(s) longer than {limit} tokens were truncated", file=sys.stderr)
-    return [s if len(s) <= limit else s[:limit - 1] + s[-1:] for s in seqs]  # keep the closing [SEP]
+    return seqs
 
 
 @torch.no_grad()
@@ -51,11 +51,7 @@ def embed_texts(lm: LM, texts: list[str], batch_size: int = 32, truncate: bool =
     lm.model.eval()
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        width = max(len(seqs[i]) for i in idx)
-        ids = torch.full((len(idx), width), lm.tokenizer.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            ids[row, :len(seqs[i])], mask[row, :len(seqs[i])] = torch.tensor(seqs[i]), 1
+        ids, mask = pad_batch([seqs[i] for i in idx], lm.tokenizer.pad_id)
         ids, mask = ids.to(device), mask.to(device)
         with autocast(device):
             h = lm.model.hidden(ids, attention_mask=mask).float()

@@ -71,19 +71,22 @@ def generate_ids(model: Transformer, prompt: list[int], max_new_tokens: int, *, 
     cache = model.new_cache(1, len(prompt) + max_new_tokens) if use_cache else None
     model.eval()
     next_input = ids
-    seen = torch.zeros(model.cfg.vocab_size, dtype=torch.bool, device=device)
-    seen[ids[0]] = True
+    penalize = repetition_penalty != 1.0
+    if penalize:  # tokens already in the text, for the repetition penalty
+        seen = torch.zeros(model.cfg.vocab_size, dtype=torch.bool, device=device)
+        seen[ids[0]] = True
     for _ in range(max_new_tokens):
         with autocast(device):
             logits = model(next_input if use_cache else ids, cache=cache, last_only=True)[0, -1]
-        if repetition_penalty != 1.0:
+        if penalize:
             logits = penalize_repeats(logits.float(), seen, repetition_penalty)
         probs = filter_probs(logits, temperature, top_k, top_p).cpu()
         token = int(torch.multinomial(probs, 1, generator=gen)) if temperature > 0 else int(probs.argmax())
         if token in stop_ids:
             return
         yield Step(token, probs)
-        seen[token] = True
+        if penalize:
+            seen[token] = True
         next_input = torch.tensor([[token]], device=device)
         if not use_cache:
             ids = torch.cat([ids, next_input], dim=1)

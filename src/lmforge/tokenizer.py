@@ -113,6 +113,13 @@ class Tokenizer:
         default here: a document that mentions `<|endoftext|>` must not end early."""
         return self._encode(texts, special)
 
+    def encode_with_specials(self, texts: list[str], max_len: int) -> tuple[list[list[int]], int]:
+        """Encoder inputs: each text with the tokenizer's own specials ([CLS] ... [SEP]), cut to
+        `max_len` while keeping the closing token. Returns (ids, how many texts were cut)."""
+        seqs = self._encode(texts, True, add_special_tokens=True)
+        cut = sum(len(s) > max_len for s in seqs)
+        return [s if len(s) <= max_len else s[:max_len - 1] + s[-1:] for s in seqs], cut
+
     def _encode(self, texts: list[str], special: bool, add_special_tokens: bool = False) -> list[list[int]]:
         old = self.hf.encode_special_tokens
         self.hf.encode_special_tokens = not special

@@ -286,9 +286,11 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run: Run, lr: floa
         while True:
             t0 = time.perf_counter()
             progress = budget.progress(state)
-            # every rank stops together (time budgets and signals differ slightly between processes)
-            flags = dist_info.all_reduce_max(torch.tensor([progress, float(stop.requested)], device=device))
-            if flags[0] >= 1.0 or flags[1] > 0:
+            done, stopping = progress >= 1.0, stop.requested
+            if dist_info.world > 1:  # every rank stops together (time and signals differ between processes)
+                flags = dist_info.all_reduce_max(torch.tensor([progress, float(stopping)], device=device))
+                done, stopping = bool(flags[0] >= 1.0), bool(flags[1] > 0)
+            if done or stopping:
                 break
             lr_now = lr_at(cfg, lr, state["step"], progress, warmup)
             for g in optimizer.param_groups:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..api import LM
 from ..config import arg
-from ..data import EpochOrder
+from ..data import EpochOrder, pad_batch
 from ..errors import LMForgeError
 from ..model import Classifier
 from ..tokenizer import Tokenizer
@@ -83,17 +83,7 @@ def encode_texts(tokenizer: Tokenizer, texts: list[str], max_len: int, causal: b
     position (the one pooled) has read the whole text; encoders get their own [CLS] ... [SEP]."""
     if causal:
         return [ids[:max_len - 1] + [tokenizer.eot_id] for ids in tokenizer.encode_batch(texts)]
-    seqs = [e.ids for e in tokenizer.hf.encode_batch(texts, add_special_tokens=True)]
-    return [s if len(s) <= max_len else s[:max_len - 1] + s[-1:] for s in seqs]  # keep the closing [SEP]
-
-
-def collate(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, seqs))
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s), 1
-    return ids, mask
+    return tokenizer.encode_with_specials(texts, max_len)[0]
 
 
 def classification_metrics(preds: list[int], gold: list[int], labels: list[str]) -> dict:
@@ -123,7 +113,7 @@ def predict_probs(model: Classifier, seqs: list[list[int]], pad_id: int, batch_s
     device = next(model.parameters()).device
     out = []
     for i in range(0, len(seqs), batch_size):
-        ids, mask = collate(seqs[i:i + batch_size], pad_id)
+        ids, mask = pad_batch(seqs[i:i + batch_size], pad_id)
         out.append(torch.softmax(model(ids.to(device), mask.to(device)).float(), dim=-1).cpu())
     return torch.cat(out)
 
@@ -137,7 +127,7 @@ class ClassifyTask:
 
     def batch(self, first: int, count: int) -> dict[str, torch.Tensor]:
         rows = [self.train[self.order(k)] for k in range(first, first + count)]
-        ids, mask = collate([r[0] for r in rows], self.pad)
+        ids, mask = pad_batch([r[0] for r in rows], self.pad)
         return {"ids": ids, "mask": mask, "labels": torch.tensor([r[1] for r in rows])}
 
     def loss(self, model, b) -> tuple[torch.Tensor, int]:
