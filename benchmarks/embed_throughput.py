@@ -23,8 +23,8 @@ import torch  # noqa: E402
 from sentence_transformers import SentenceTransformer  # noqa: E402
 
 import lmforge  # noqa: E402
-from lmforge.api import builtin_model  # noqa: E402
-from lmforge.embed import embed_texts  # noqa: E402
+from lmforge.formats.load import builtin_model  # noqa: E402
+from lmforge.inference.embed import embed_texts  # noqa: E402
 
 WORDS = ("model data token layer text vector search query answer result library python network "
          "training sentence embedding meaning similar language document retrieval index").split()

@@ -20,8 +20,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 
-from lmforge.hf import config_from_hf
-from lmforge.model import Transformer
+from lmforge.formats.hf import config_from_hf
+from lmforge.models.transformer import Transformer
 
 V, T, B, LAYERS, WIDTH, HEADS = 8192, 256, 8, 6, 384, 6
 

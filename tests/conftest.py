@@ -35,7 +35,7 @@ def corpus_dir(tmp_path_factory) -> Path:
 
 def pretrained(tmp_path_factory, corpus_dir, name: str, **shape) -> Path:
     """A small GPT pretrained in-process (fast) on the synthetic corpus."""
-    from lmforge.pretrain import PretrainConfig, pretrain
+    from lmforge.training.pretrain import PretrainConfig, pretrain
 
     out = tmp_path_factory.mktemp("runs") / name
     pretrain(PretrainConfig(data=[str(corpus_dir)], out=str(out), n_layer=2, n_head=2, batch_size=8, max_steps=150,

@@ -9,7 +9,7 @@ from helpers import make_docs
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
-from lmforge.tokenizer import SPLIT_PATTERN
+from lmforge.text.tokenizer import SPLIT_PATTERN
 
 VOCAB = 320  # embedding rows; the tokenizers below have a few less (padding, as real models do)
 

@@ -9,7 +9,7 @@ import pytest
 from helpers import assert_clean_error, fails, run_cli
 
 from lmforge.cli import build_parser, main
-from lmforge.tokenizer import Tokenizer
+from lmforge.text.tokenizer import Tokenizer
 
 TINY = ["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--context-length", "16", "--batch-size", "4",
         "--vocab-size", "300", "--device", "cpu", "--eval-every", "5", "--eval-batches", "1"]

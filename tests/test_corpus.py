@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from lmforge.corpus import load_corpus, pydocs
-from lmforge.errors import LMForgeError
+from lmforge.core.errors import LMForgeError
+from lmforge.text.corpus import load_corpus, pydocs
 
 
 def test_files_directories_and_jsonl(tmp_path):

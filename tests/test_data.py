@@ -7,10 +7,10 @@ import pytest
 import torch
 from helpers import make_docs
 
-from lmforge.corpus import Corpus
-from lmforge.data import BatchStream, eval_batches, prepare, split_documents
-from lmforge.errors import LMForgeError
-from lmforge.tokenizer import Tokenizer
+from lmforge.core.errors import LMForgeError
+from lmforge.data.tokens import BatchStream, eval_batches, prepare, split_documents
+from lmforge.text.corpus import Corpus
+from lmforge.text.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")

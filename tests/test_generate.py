@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from lmforge import load
-from lmforge.errors import LMForgeError
-from lmforge.generate import filter_probs, generate_ids
+from lmforge.core.errors import LMForgeError
+from lmforge.inference.generate import generate_ids
+from lmforge.inference.sampling import filter_probs
 
 
 def test_temperature_top_k_top_p():

@@ -13,8 +13,8 @@ from helpers import assert_clean_error, run_cli
 from hf_fixtures import SAMPLE_TEXTS, gpt2_style, llama3_style, qwen_style, sentencepiece_style, tiny_hf_model
 
 from lmforge import load
-from lmforge.generate import generate_ids
-from lmforge.tokenizer import Tokenizer
+from lmforge.inference.generate import generate_ids
+from lmforge.text.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
 FAMILIES = ["gpt2", "llama", "mistral", "qwen2", "qwen3"]
@@ -114,7 +114,7 @@ def test_half_precision_weights(tmp_path, dtype):
 
 
 def test_export_models_trained_with_lmforge(tiny_run, corpus_dir, tmp_path):
-    from lmforge.pretrain import PretrainConfig, pretrain
+    from lmforge.training.pretrain import PretrainConfig, pretrain
 
     llama_run = tmp_path / "llama_run"
     pretrain(PretrainConfig(data=[str(corpus_dir)], out=str(llama_run), arch="llama", n_layer=2, n_embd=64,
@@ -164,8 +164,8 @@ def test_peak_memory_stays_near_the_weights(tmp_path):
     # cost unrelated to the weights.
     code = (
         "import sys, lmforge\n"
-        "from lmforge.hf import expected_tensors\n"
-        "from lmforge.model import ModelConfig\n"
+        "from lmforge.formats.hf import expected_tensors\n"
+        "from lmforge.models.config import ModelConfig\n"
         "expected_tensors(ModelConfig(vocab_size=8, context_length=8, n_layer=1, n_head=1, n_embd=8))\n"
         "def status(key):\n"
         "    return next(int(x.split()[1]) * 1024 for x in open('/proc/self/status') if x.startswith(key))\n"

@@ -6,10 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmforge.checkpoint import build_model
-from lmforge.hf import DictSource, config_from_hf, weights_from_hf
-from lmforge.model import ModelConfig, Transformer, linear_cross_entropy
-from lmforge.sizing import arch_config
+from lmforge.formats.hf import DictSource, config_from_hf, weights_from_hf
+from lmforge.formats.modeldir import build_model
+from lmforge.models.config import ModelConfig
+from lmforge.models.loss import linear_cross_entropy
+from lmforge.models.sizing import arch_config
+from lmforge.models.transformer import Transformer
 
 transformers = pytest.importorskip("transformers")
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from helpers import make_docs
 
-from lmforge.errors import LMForgeError
-from lmforge.tokenizer import EOT, SPECIAL_TOKENS, Tokenizer, auto_vocab_size
+from lmforge.core.errors import LMForgeError
+from lmforge.text.tokenizer import EOT, SPECIAL_TOKENS, Tokenizer, auto_vocab_size
 
 TEXTS = ["Hello, world!", "  leading and trailing spaces  ", "déjà vu — naïve café", "emoji 😀🎉 and 中文",
          "def f(x):\n    return x ** 2\n\n\n", "tabs\tand\r\nwindows newlines", ""]

@@ -11,11 +11,13 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-import lmforge.checkpoint as checkpoint
+import lmforge.training.state as training_state
 from lmforge import load
-from lmforge.pretrain import LMTask, PretrainConfig, pretrain
-from lmforge.sizing import choose_depth, sized_config, trained_params
-from lmforge.train import NonFiniteLoss, TrainConfig, lr_at
+from lmforge.models.sizing import choose_depth, sized_config, trained_params
+from lmforge.training.loop import NonFiniteLoss, TrainConfig
+from lmforge.training.pretrain import PretrainConfig, pretrain
+from lmforge.training.schedule import lr_at
+from lmforge.training.tasks.lm import LMTask
 
 
 def tiny(corpus_dir, out, **kw) -> PretrainConfig:
@@ -56,7 +58,7 @@ def test_interrupted_then_resumed_run_equals_uninterrupted(corpus_dir, tmp_path)
 
 def test_crash_during_a_save_leaves_a_usable_directory(corpus_dir, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    real = checkpoint.replace_dir
+    real = training_state.replace_dir
     calls = []
 
     def dies_on_second_save(new, dest):
@@ -65,10 +67,10 @@ def test_crash_during_a_save_leaves_a_usable_directory(corpus_dir, tmp_path, mon
             raise RuntimeError("power cut")
         real(new, dest)
 
-    monkeypatch.setattr(checkpoint, "replace_dir", dies_on_second_save)
+    monkeypatch.setattr(training_state, "replace_dir", dies_on_second_save)
     with pytest.raises(RuntimeError, match="power cut"):
         pretrain(tiny(corpus_dir, out, max_steps=8))
-    monkeypatch.setattr(checkpoint, "replace_dir", real)
+    monkeypatch.setattr(training_state, "replace_dir", real)
     assert json.loads((out / "state" / "trainer.json").read_text())["step"] == 4
     lm = load(out, device="cpu")  # the model directory is whole
     assert lm.generate("The", max_new_tokens=3, seed=0) is not None
@@ -126,12 +128,12 @@ def test_auto_size_follows_the_compute_optimal_rule():
     probes = []
 
     def fake_step_seconds(cfg):  # a machine doing 1e12 FLOP/s
-        from lmforge.model import flops_per_token
+        from lmforge.models.config import flops_per_token
         probes.append(cfg.n_layer)
         return flops_per_token(cfg) * 2048 / 1e12
 
     seconds = 20 * trained_params(sized_config("gpt2", 8, 4096, 256)) * \
-        __import__("lmforge.model", fromlist=["x"]).flops_per_token(sized_config("gpt2", 8, 4096, 256)) / 1e12
+        __import__("lmforge.models.config", fromlist=["x"]).flops_per_token(sized_config("gpt2", 8, 4096, 256)) / 1e12
     depth, _ = choose_depth("gpt2", 4096, 256, 2048, max_tokens=None, seconds=seconds,
                             step_seconds=fake_step_seconds)
     assert depth == 8 and probes[0] == 4 and probes[-1] == 8

@@ -1,0 +1,1 @@
+"""Foundations every stage uses: errors, atomic files, safetensors reading, devices and DDP, configs."""

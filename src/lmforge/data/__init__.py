@@ -1,0 +1,1 @@
+"""Training data: cached token streams, JSONL records (labelled, instruction, chat), batching."""

@@ -1,0 +1,108 @@
+"""Records from files: one JSONL reader behind labelled rows (classification) and instruction or
+chat conversations (instruction tuning). Every error names the file and line."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+from ..core.errors import LMForgeError
+from ..text.templates import validate_messages
+
+
+def read_records(path: str | Path) -> list[tuple[int, dict]]:
+    """(line number, record) pairs from a JSONL file or a JSON array."""
+    path = Path(path)
+    if not path.exists():
+        raise LMForgeError(f"no such file: {path}")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise LMForgeError(f"{path}: invalid JSON ({e.msg})") from None
+        return [(i + 1, r) for i, r in enumerate(data)]
+    records = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                records.append((lineno, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise LMForgeError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+    if not records:
+        raise LMForgeError(f"{path} holds no records")
+    return records
+
+
+def read_labelled(path: str | Path, text_field: str, label_field: str | None) -> tuple[list[str], list[str]]:
+    """(texts, labels) from CSV/TSV (header row) or JSON lines; labels become strings (label_field
+    None: texts only)."""
+    path = Path(path)
+    if not path.exists():
+        raise LMForgeError(f"no such file: {path}")
+    if path.suffix.lower() in (".csv", ".tsv", ".tab"):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        reader = csv.DictReader(io.StringIO(text), delimiter="," if path.suffix.lower() == ".csv" else "\t")
+        rows = [(i + 2, r) for i, r in enumerate(reader)]
+        columns = reader.fieldnames or []
+    else:
+        rows = read_records(path)
+        columns = sorted({k for _, r in rows if isinstance(r, dict) for k in r})
+    for field in (text_field, label_field):
+        if field is not None and field not in columns:
+            raise LMForgeError(f"{path}: no column {field!r} (columns: {', '.join(columns) or 'none'}); "
+                               "set --text-field / --label-field")
+    texts, labels, empty = [], [], []
+    for where, r in rows:
+        if not isinstance(r, dict) or (label_field is not None and r.get(label_field) in (None, "")):
+            raise LMForgeError(f"{path}:{where}: row has no {label_field!r}")
+        t = r.get(text_field)
+        if not isinstance(t, str) or not t.strip():
+            empty.append(where)
+            continue
+        texts.append(t)
+        labels.append(str(r[label_field]) if label_field is not None else "")
+    if empty:
+        raise LMForgeError(f"{path}: {len(empty)} row(s) with empty text (first at line {empty[0]})")
+    if not texts:
+        raise LMForgeError(f"{path} holds no rows")
+    return texts, labels
+
+
+def read_instructions(path: str | Path) -> list[list[dict]]:
+    """Conversations (lists of messages) from Alpaca- or chat-style records."""
+    out = []
+    for lineno, r in read_records(path):
+        where = f"{path}:{lineno}"
+        if not isinstance(r, dict):
+            raise LMForgeError(f"{where}: expected a JSON object")
+        if "messages" in r:
+            messages = validate_messages(r["messages"], where)
+            if not any(m["role"] == "assistant" for m in messages):
+                raise LMForgeError(f"{where}: the conversation has no assistant message to learn from")
+        elif "instruction" in r:
+            if "output" not in r:
+                raise LMForgeError(f"{where}: record has no 'output'")
+            if not isinstance(r["output"], str) or not isinstance(r["instruction"], str):
+                raise LMForgeError(f"{where}: 'instruction' and 'output' must be strings")
+            messages = [{"role": "user", "content": r["instruction"], "input": r.get("input") or ""},
+                        {"role": "assistant", "content": r["output"]}]
+        else:
+            raise LMForgeError(f"{where}: record has neither 'messages' nor 'instruction'")
+        out.append(messages)
+    return out
+
+
+def looks_like_instructions(path: str | Path) -> bool:
+    """Whether a data file holds instruction records rather than plain text."""
+    path = Path(path)
+    if path.suffix.lower() not in (".jsonl", ".json") or not path.is_file():
+        return False
+    try:
+        first = read_records(path)[0][1]
+    except LMForgeError:
+        return False
+    return isinstance(first, dict) and ("instruction" in first or "messages" in first)
+

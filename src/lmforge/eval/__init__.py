@@ -1,0 +1,1 @@
+"""Measuring models: loss and bits per byte, exact match, classification metrics."""

@@ -1,1 +1,0 @@
-"""Fine-tuning: classification and instruction following, full or with LoRA."""

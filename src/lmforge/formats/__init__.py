@@ -1,0 +1,1 @@
+"""Models on disk: the lmforge model directory, model kinds, Hugging Face checkpoints, loading."""

@@ -1,0 +1,55 @@
+"""What kind of model a directory holds, as one type: the "kind" field of config.json.
+
+Every "can this model do X?" question is answered here, so no module compares kind strings.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from ..core.errors import LMForgeError
+
+
+class Kind(str, Enum):
+    CAUSAL_LM = "causal-lm"  # a decoder: predicts the next token (generate, chat, fine-tune)
+    MASKED_LM = "masked-lm"  # a BERT-style encoder with its masked-token head (fill-mask, embed)
+    ENCODER = "encoder"  # a bare encoder, e.g. a sentence-embedding model (embed)
+    CLASSIFIER = "classifier"  # a body plus a class head (classify)
+
+    @property
+    def generates(self) -> bool:
+        return self is Kind.CAUSAL_LM
+
+    @property
+    def is_encoder(self) -> bool:
+        return self in (Kind.MASKED_LM, Kind.ENCODER)
+
+    @property
+    def has_lm_head(self) -> bool:
+        """Whether it gives a distribution over tokens (language-model metrics apply)."""
+        return self in (Kind.CAUSAL_LM, Kind.MASKED_LM)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def kind_of(meta: dict) -> Kind:
+    """The kind recorded in a config.json (older directories without one hold a causal LM)."""
+    value = meta.get("kind", Kind.CAUSAL_LM.value)
+    try:
+        return Kind(value)
+    except ValueError:
+        raise LMForgeError(f"unknown model kind {value!r} in config.json") from None
+
+
+def is_adapter(meta: dict) -> bool:
+    """A LoRA adapter directory: adapter weights plus a reference to its base model."""
+    return "lora" in meta
+
+
+def require(meta: dict, where: str, what: str, ok) -> Kind:
+    """The kind, or a one-line error saying that `what` needs a model for which `ok(kind)` holds."""
+    kind = kind_of(meta)
+    if not ok(kind):
+        raise LMForgeError(f"{what}: {where} is a {kind}")
+    return kind

@@ -1,0 +1,1 @@
+"""Using a model: sampling, the generation loop, chat, embeddings, classification."""

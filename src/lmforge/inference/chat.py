@@ -1,0 +1,85 @@
+"""`lmforge chat`: a multi-turn conversation in the terminal, streamed, in the model's own format."""
+
+from __future__ import annotations
+
+import sys
+from typing import TextIO
+
+from ..core.errors import LMForgeError
+from ..formats.load import Loaded
+from ..text.templates import encode_segments, template_from_json
+from .generate import generate_text
+
+HELP = "commands: /reset (forget the conversation), /exit (quit)"
+
+
+def fit_history(lm: Loaded, template, history: list[dict], reserve: int) -> list[int]:
+    """Prompt ids for the conversation, dropping the oldest exchanges until `reserve` new tokens
+    fit in the context window (a system message is always kept)."""
+    ctx = lm.model.cfg.context_length
+    while True:
+        ids, _ = encode_segments(lm.tokenizer, template.render(history, lm.tokenizer, add_generation_prompt=True))
+        if len(ids) + reserve <= ctx:
+            return ids
+        turns = [i for i, m in enumerate(history) if m["role"] != "system"]
+        if len(turns) <= 1:
+            raise LMForgeError(f"the message is too long for the model's context window ({ctx} tokens, "
+                               f"{reserve} kept for the answer)")
+        first = turns[0]  # drop the oldest exchange: a user message and the answer to it
+        pair = history[first]["role"] == "user" and first + 1 < len(history) - 1 \
+            and history[first + 1]["role"] == "assistant"
+        del history[first:first + (2 if pair else 1)]
+
+
+def chat(lm: Loaded, system: str | None = None, max_new_tokens: int = 256, temperature: float = 0.7,
+         top_p: float | None = 0.9, top_k: int | None = None, seed: int | None = None,
+         repetition_penalty: float = 1.0, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> list[dict]:
+    """Read user turns from `stdin` until /exit or end of input; returns the final history."""
+    if lm.meta.get("kind", "causal-lm") != "causal-lm":
+        raise LMForgeError(f"{lm.path} is a {lm.meta['kind']}, not a model that can chat")
+    template = template_from_json(lm.meta.get("chat_template"), lm.tokenizer)
+    template.check(lm.tokenizer)
+    stop = set(template.stop_tokens(lm.tokenizer)) | lm.stop_ids()
+    reserve = min(max_new_tokens, lm.model.cfg.context_length // 2)
+    start = [{"role": "system", "content": system}] if system else []
+    history = list(start)
+    interactive = stdin.isatty()
+    if interactive:
+        print(f"chatting with {lm.path} ({template.name} format). {HELP}", file=sys.stderr)
+    turn = 0
+    while True:
+        if interactive:
+            stdout.write("\nyou> ")
+            stdout.flush()
+        line = stdin.readline()
+        if not line:
+            break
+        text = line.rstrip("\n")
+        if not text.strip():
+            continue
+        if text.strip() in ("/exit", "/quit"):
+            break
+        if text.strip() == "/reset":
+            history = list(start)
+            stdout.write("(conversation reset)\n")
+            continue
+        if text.startswith("/"):
+            stdout.write(f"unknown command {text.split()[0]}; {HELP}\n")
+            continue
+        history.append({"role": "user", "content": text})
+        try:
+            ids = fit_history(lm, template, history, reserve)
+        except LMForgeError as e:
+            history.pop()
+            stdout.write(f"({e})\n")
+            continue
+        stdout.write("assistant> ")
+        answer = generate_text(lm.model, lm.tokenizer, "", max_new_tokens=reserve, temperature=temperature,
+                               top_k=top_k, top_p=top_p, seed=None if seed is None else seed + turn,
+                               repetition_penalty=repetition_penalty, stop_ids=stop, prompt_ids=ids,
+                               stream=lambda s: (stdout.write(s), stdout.flush()))
+        stdout.write("\n")
+        stdout.flush()
+        history.append({"role": "assistant", "content": answer.strip()})
+        turn += 1
+    return history

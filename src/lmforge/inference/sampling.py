@@ -1,0 +1,35 @@
+"""Turning next-token logits into a choice: temperature, top-k, top-p and repetition penalties."""
+
+from __future__ import annotations
+
+import torch
+
+
+def filter_probs(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """Next-token probabilities after temperature, then top-k, then top-p (nucleus) filtering."""
+    logits = logits.float()
+    if temperature <= 0:  # greedy takes the argmax of the model's own distribution
+        return torch.softmax(logits, dim=-1)
+    logits = logits / temperature
+    if top_k is not None and 0 < top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p is not None and 0 < top_p < 1:
+        sorted_p, order = probs.sort(descending=True)
+        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+        drop = sorted_p.cumsum(0) - sorted_p >= top_p
+        sorted_p[drop] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+        probs /= probs.sum()
+    return probs
+
+
+def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Make tokens already in the text less likely (CTRL's repetition penalty, as in transformers):
+    positive logits are divided by `penalty`, negative ones multiplied by it."""
+    picked = logits[seen]
+    logits = logits.clone()
+    logits[seen] = torch.where(picked > 0, picked / penalty, picked * penalty)
+    return logits
+

@@ -1,0 +1,1 @@
+"""Tokens to logits: the model config, the one transformer, its fused loss, LoRA, sizing."""

@@ -1,0 +1,106 @@
+"""`ModelConfig`: every architecture lmforge supports is a setting of these fields.
+
+GPT-2, Llama/Mistral/Qwen and BERT differ only in field values (norm, mlp, pos_embedding, ...),
+never in classes. Saved as the "model" entry of a model directory's config.json.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+import torch.nn.functional as F
+
+from ..core.errors import LMForgeError
+
+ACTIVATIONS = {
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),  # GPT-2's "gelu_new"
+    "gelu": F.gelu,
+    "silu": F.silu,
+    "relu": F.relu,
+}
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 8192
+    context_length: int = 256
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    n_kv_head: int | None = None  # None: n_head (multi-head); fewer: grouped-query attention
+    head_dim: int | None = None  # None: n_embd // n_head (Qwen3 sets it independently)
+    intermediate_size: int | None = None  # MLP width; None: 4*n_embd, or ~8/3*n_embd when gated
+    norm: str = "layernorm"  # "layernorm" | "rmsnorm"
+    norm_eps: float = 1e-5
+    mlp: str = "plain"  # "plain": proj(act(fc(x)))  |  "gated": proj(act(gate(x)) * up(x)) (SwiGLU)
+    activation: str = "gelu_tanh"  # see ACTIVATIONS
+    pos_embedding: str = "learned"  # "learned" | "rope" | "none"
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"type": "linear"|"llama3", "factor": ..., ...}
+    bias: bool = True  # biases in linear layers (and LayerNorm)
+    qkv_bias: bool | None = None  # None: same as `bias` (Qwen2 has q/k/v biases only)
+    proj_bias: bool | None = None  # attention output projection; None: same as `bias`
+    mlp_bias: bool | None = None  # None: same as `bias`
+    qk_norm: bool = False  # RMSNorm on each head's queries and keys (Qwen3)
+    tie_embeddings: bool = True
+    causal: bool = True  # False: bidirectional encoder
+    sliding_window: int | None = None  # attend only to the last N positions (Mistral)
+    dropout: float = 0.0
+    # Encoder (BERT) layout
+    norm_position: str = "pre"  # "pre" (GPT/Llama) | "post" (BERT: norm after each residual add)
+    type_vocab_size: int = 0  # >0: token-type (segment) embeddings
+    embedding_norm: bool = False  # LayerNorm right after the embeddings (BERT)
+    head_transform: bool = False  # dense + activation + norm before the output layer (BERT MLM head)
+    lm_head_bias: bool = False
+    extra: dict = field(default_factory=dict)  # free-form notes carried along (e.g. the source family)
+
+    def __post_init__(self) -> None:
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.head_dim is None:
+            if self.n_embd % self.n_head:
+                raise LMForgeError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+            self.head_dim = self.n_embd // self.n_head
+        if self.intermediate_size is None:
+            if self.mlp == "gated":  # ~8/3 * width keeps parameters equal to a 4x plain MLP
+                self.intermediate_size = 64 * math.ceil(8 * self.n_embd / 3 / 64)
+            else:
+                self.intermediate_size = 4 * self.n_embd
+        for name in ("qkv_bias", "proj_bias", "mlp_bias"):
+            if getattr(self, name) is None:
+                setattr(self, name, self.bias)
+        checks = [
+            (self.n_head % self.n_kv_head == 0, f"n_head ({self.n_head}) must be a multiple of n_kv_head "
+             f"({self.n_kv_head})"),
+            (self.norm in ("layernorm", "rmsnorm"), f"unknown norm {self.norm!r}"),
+            (self.mlp in ("plain", "gated"), f"unknown mlp {self.mlp!r}"),
+            (self.activation in ACTIVATIONS, f"unknown activation {self.activation!r}"),
+            (self.pos_embedding in ("learned", "rope", "none"), f"unknown pos_embedding {self.pos_embedding!r}"),
+            (self.norm_position in ("pre", "post"), f"unknown norm_position {self.norm_position!r}"),
+            (min(self.vocab_size, self.context_length, self.n_layer, self.n_embd) > 0,
+             "vocab_size, context_length, n_layer and n_embd must be positive"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise LMForgeError(f"invalid model config: {msg}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise LMForgeError(f"unknown model config keys {unknown}; is this model from a newer lmforge?")
+        return cls(**d)
+
+
+def flops_per_token(cfg: ModelConfig) -> float:
+    """Training FLOPs per token (forward + backward): 6 per weight plus attention's score/mix work."""
+    hd = cfg.head_dim
+    attn = cfg.n_embd * (cfg.n_head + 2 * cfg.n_kv_head) * hd + cfg.n_head * hd * cfg.n_embd
+    mlp = cfg.n_embd * cfg.intermediate_size * (3 if cfg.mlp == "gated" else 2)
+    weights = cfg.n_layer * (attn + mlp) + cfg.n_embd * cfg.vocab_size  # the output layer counts
+    return 6 * weights + 12 * cfg.n_layer * cfg.n_head * hd * cfg.context_length

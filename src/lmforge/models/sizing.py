@@ -1,0 +1,132 @@
+"""Model sizes: one dial (depth) that derives the rest, and `--size auto`.
+
+`dN` means N layers of width 64*N with 64-dimensional heads (the nanochat recipe: a single dial
+that keeps the shape sensible). `auto` picks the depth that makes the best use of the budget by
+the compute-optimal rule (about 20 training tokens per parameter, Hoffmann et al. 2022), using
+the throughput measured on this machine for time budgets.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Callable
+
+import torch
+
+from ..core.errors import LMForgeError
+from .config import ModelConfig, flops_per_token
+from .transformer import Transformer
+
+TOKENS_PER_PARAM = 20
+MAX_DEPTH = 32
+
+
+def arch_config(arch: str, vocab_size: int, context_length: int, n_layer: int, n_embd: int,
+                n_head: int | None = None, n_kv_head: int | None = None, dropout: float = 0.0) -> ModelConfig:
+    """GPT-2, Llama or BERT layout at a given shape."""
+    n_head = n_head or max(1, n_embd // 64)
+    common = dict(vocab_size=vocab_size, context_length=context_length, n_layer=n_layer, n_embd=n_embd,
+                  n_head=n_head, dropout=dropout)
+    if arch == "gpt2":
+        return ModelConfig(**common, n_kv_head=n_kv_head, norm="layernorm", mlp="plain", activation="gelu",
+                           pos_embedding="learned", bias=True, tie_embeddings=True)
+    if arch == "llama":
+        if n_kv_head is None:  # grouped-query attention, 2 query heads per k/v head, when it divides
+            n_kv_head = n_head // 2 if n_head % 2 == 0 and n_head >= 4 else n_head
+        return ModelConfig(**common, n_kv_head=n_kv_head, norm="rmsnorm", norm_eps=1e-5, mlp="gated",
+                           activation="silu", pos_embedding="rope", bias=False, tie_embeddings=False)
+    if arch == "bert":  # bidirectional encoder for masked-token prediction, BERT's post-norm layout
+        return ModelConfig(**common, n_kv_head=n_kv_head, norm="layernorm", norm_eps=1e-12, mlp="plain",
+                           activation="gelu", pos_embedding="learned", bias=True, tie_embeddings=True, causal=False,
+                           norm_position="post", type_vocab_size=2, embedding_norm=True, head_transform=True,
+                           lm_head_bias=True)
+    raise LMForgeError(f"unknown --arch {arch!r} (choose gpt2, llama or bert)")
+
+
+def depth_of(size: str) -> int:
+    m = re.fullmatch(r"d(\d+)", size)
+    if not m or not 1 <= int(m.group(1)) <= MAX_DEPTH:
+        raise LMForgeError(f"unknown --size {size!r}: use auto, or d1 .. d{MAX_DEPTH} "
+                           "(N layers of width 64*N)")
+    return int(m.group(1))
+
+
+def sized_config(arch: str, depth: int, vocab_size: int, context_length: int, dropout: float = 0.0) -> ModelConfig:
+    return arch_config(arch, vocab_size, context_length, depth, 64 * depth, dropout=dropout)
+
+
+def trained_params(cfg: ModelConfig) -> float:
+    """Parameters that cost compute per token: all weights but the input embedding lookup."""
+    return (flops_per_token(cfg) - 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * cfg.context_length) / 6
+
+
+def measure_step_seconds(cfg: ModelConfig, batch_size: int, device: torch.device, steps: int = 2) -> float:
+    """Seconds per training step (forward, backward, AdamW) at this shape, after one warm-up step."""
+    torch.manual_seed(0)
+    model = Transformer(cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randint(0, cfg.vocab_size, (batch_size, cfg.context_length + 1), device=device)
+    times = []
+    for _ in range(steps + 1):
+        t = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = model(x[:, :-1], x[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return min(times[1:])
+
+
+def choose_depth(arch: str, vocab_size: int, context_length: int, tokens_per_step: int, *,
+                 max_tokens: float | None, seconds: float | None,
+                 step_seconds: Callable[[ModelConfig], float]) -> tuple[int, list[str]]:
+    """The depth whose tokens-per-parameter, under the budget, is closest to the optimum.
+
+    With a token budget the answer follows directly. With a time budget, throughput is measured
+    on a probe model; the probe moves to the chosen size until the choice stops changing, since
+    small models use the machine less efficiently than big ones.
+    """
+    cfgs = {d: sized_config(arch, d, vocab_size, context_length) for d in range(1, MAX_DEPTH + 1)}
+    report: list[str] = []
+
+    def pick(tokens_of: Callable[[int], float]) -> int:
+        return min(cfgs, key=lambda d: abs(math.log(tokens_of(d) / (TOKENS_PER_PARAM * trained_params(cfgs[d])))))
+
+    if seconds is None:
+        assert max_tokens is not None
+        depth = pick(lambda d: max_tokens)
+        report.append(f"budget {max_tokens:,.0f} tokens")
+    else:
+        rates: dict[int, float] = {}  # depth -> achieved FLOP/s
+        depth = 4
+        for _ in range(4):
+            if depth in rates:
+                break
+            sec = step_seconds(cfgs[depth])
+            rates[depth] = flops_per_token(cfgs[depth]) * tokens_per_step / sec
+            report.append(f"probe d{depth}: {tokens_per_step / sec:,.0f} tokens/s "
+                          f"({rates[depth] / 1e9:.1f} GFLOP/s)")
+
+            def tokens_of(d: int) -> float:
+                nearest = min(rates, key=lambda r: abs(r - d))
+                return rates[nearest] * seconds / flops_per_token(cfgs[d])
+
+            depth = pick(tokens_of)
+            if max_tokens is not None:  # both budgets: whichever binds first
+                depth = min(depth, pick(lambda d: max_tokens))
+        nearest = min(rates, key=lambda r: abs(r - depth))
+        tokens = rates[nearest] * seconds / flops_per_token(cfgs[depth])
+        if max_tokens is not None:
+            tokens = min(tokens, max_tokens)
+        report.append(f"budget {seconds / 60:.1f} min ~ {tokens:,.0f} tokens at d{depth}")
+        max_tokens = tokens
+    n = trained_params(cfgs[depth])
+    report.append(f"chose d{depth}: {cfgs[depth].n_layer} layers, width {cfgs[depth].n_embd}, "
+                  f"{cfgs[depth].n_head} heads, {n / 1e6:.2f}M parameters -> "
+                  f"{max_tokens / n:.0f} tokens per parameter (compute-optimal is ~{TOKENS_PER_PARAM})")
+    return depth, report

@@ -1,0 +1,337 @@
+"""One transformer for every architecture lmforge supports, driven by `ModelConfig`.
+
+GPT-2 (learned positions, LayerNorm, GELU, biases, tied embeddings), Llama/Mistral/Qwen
+(RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases, q/k norms) and BERT-style encoders
+(bidirectional, post-LayerNorm, token types) are all settings of the same few modules.
+This file knows nothing about files, the CLI or training.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..core.errors import LMForgeError
+from .config import ACTIVATIONS, ModelConfig
+from .loss import linear_cross_entropy
+
+
+def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
+    dim = dim or cfg.n_embd
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(dim, eps=cfg.norm_eps)
+    return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies for rotary embeddings, with Llama 3 / linear context scaling."""
+    hd = cfg.head_dim
+    # float32 throughout, computed the way Hugging Face does, so imported models match exactly.
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("type", "default")
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+        old_ctx = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    elif kind != "default":
+        raise LMForgeError(f"unsupported rope scaling type {kind!r} (supported: linear, llama3)")
+    return inv_freq
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (i, i + d/2) of each head: the "rotate half" layout Llama checkpoints use."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class KVCache:
+    """Keys and values of past positions, preallocated for `max_len` positions per layer."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype) -> None:
+        shape = (batch, cfg.n_kv_head, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.max_len = max_len
+        self.pos = 0  # number of positions already stored
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.pos + k.shape[2]
+        if end > self.max_len:
+            raise LMForgeError(f"KV cache full: {end} positions exceed its {self.max_len}")
+        self.k[layer][:, :, self.pos:end] = k
+        self.v[layer][:, :, self.pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def crop(self, length: int) -> None:
+        """Forget everything after the first `length` positions (e.g. to reuse a shared prompt)."""
+        self.pos = min(self.pos, length)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        hd = cfg.head_dim
+        # One fused projection for q, k and v: a single matmul is faster than three.
+        self.qkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * hd, bias=cfg.qkv_bias)
+        self.proj = nn.Linear(cfg.n_head * hd, cfg.n_embd, bias=cfg.proj_bias)
+        if cfg.qk_norm:
+            self.q_norm = nn.RMSNorm(hd, eps=cfg.norm_eps)
+            self.k_norm = nn.RMSNorm(hd, eps=cfg.norm_eps)
+
+    def forward(self, x, rope, mask, cache: KVCache | None) -> torch.Tensor:
+        cfg = self.cfg
+        B, T, _ = x.shape
+        hd, nh, nkv = cfg.head_dim, cfg.n_head, cfg.n_kv_head
+        q, k, v = self.qkv(x).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+        q = q.view(B, T, nh, hd).transpose(1, 2)
+        k = k.view(B, T, nkv, hd).transpose(1, 2)
+        v = v.view(B, T, nkv, hd).transpose(1, 2)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        if nkv != nh:  # grouped-query attention: each k/v head serves nh // nkv query heads
+            rep = nh // nkv
+            k = k[:, :, None].expand(B, nkv, rep, k.shape[2], hd).reshape(B, nh, k.shape[2], hd)
+            v = v[:, :, None].expand(B, nkv, rep, v.shape[2], hd).reshape(B, nh, v.shape[2], hd)
+        drop = cfg.dropout if self.training else 0.0
+        if isinstance(mask, str):  # "causal": let the kernel build it (fastest path)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
+        return self.proj(y.transpose(1, 2).reshape(B, T, nh * hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gated = cfg.mlp == "gated"
+        width = cfg.intermediate_size * (2 if self.gated else 1)  # gate and up fused in one matmul
+        self.fc = nn.Linear(cfg.n_embd, width, bias=cfg.mlp_bias)
+        self.proj = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=cfg.mlp_bias)
+        self.act = ACTIVATIONS[cfg.activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            return self.proj(self.act(gate) * up)
+        return self.proj(self.act(h))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.post_norm = cfg.norm_position == "post"
+        self.norm1, self.attn = make_norm(cfg), Attention(cfg, layer)
+        self.norm2, self.mlp = make_norm(cfg), MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope, mask, cache) -> torch.Tensor:
+        if self.post_norm:  # BERT: normalise after adding the residual
+            x = self.norm1(x + self.drop(self.attn(x, rope, mask, cache)))
+            return self.norm2(x + self.drop(self.mlp(x)))
+        x = x + self.drop(self.attn(self.norm1(x), rope, mask, cache))
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+class Transformer(nn.Module):
+    """`model(ids)` returns logits [B, T, vocab]; `model.hidden(ids)` the final hidden states."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        if cfg.pos_embedding == "learned":
+            self.wpe = nn.Embedding(cfg.context_length, cfg.n_embd)
+        if cfg.type_vocab_size:
+            self.wtt = nn.Embedding(cfg.type_vocab_size, cfg.n_embd)
+        if cfg.embedding_norm:
+            self.emb_norm = make_norm(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm = make_norm(cfg) if cfg.norm_position == "pre" else nn.Identity()
+        if cfg.head_transform:
+            self.head_dense = nn.Linear(cfg.n_embd, cfg.n_embd)
+            self.head_norm = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=cfg.lm_head_bias)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        if cfg.pos_embedding == "rope":
+            cos, sin = self.rope_tables(cfg)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        # GPT-2: scale the residual-path projections so the residual stream's variance stays put.
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.proj.weight", "mlp.proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of every position's rotation angles, [context_length, head_dim]."""
+        freqs = torch.outer(torch.arange(cfg.context_length, dtype=torch.float32), rope_frequencies(cfg))
+        angles = torch.cat((freqs, freqs), dim=-1)
+        return angles.cos(), angles.sin()
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def _mask(self, T: int, start: int, attention_mask: torch.Tensor | None, device):
+        """The attention mask SDPA gets: "causal", None (attend everywhere) or a boolean tensor."""
+        cfg = self.cfg
+        window = cfg.sliding_window if cfg.sliding_window and start + T > cfg.sliding_window else None
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None  # no padding in this batch: keep the fast unmasked kernels
+        if attention_mask is None and window is None:
+            if not cfg.causal or T == 1:
+                return None
+            if start == 0:
+                return "causal"
+        q_pos = torch.arange(start, start + T, device=device)[:, None]
+        k_pos = torch.arange(start + T, device=device)[None, :]
+        mask = (k_pos <= q_pos) if cfg.causal else torch.ones(T, start + T, dtype=torch.bool, device=device)
+        if window is not None:
+            mask = mask & (k_pos > q_pos - window)
+        mask = mask[None, None]
+        if attention_mask is not None:  # [B, start+T] or [B, T]: 1 = real token, 0 = padding
+            keys = attention_mask.bool()[:, None, None, :]
+            # A padding query that sees no key would give NaN; let it see itself instead.
+            mask = (mask & keys) | (q_pos == k_pos)[None, None]
+        return mask
+
+    def hidden(self, idx: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
+               token_type_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """Final hidden states [B, T, n_embd] (after the last norm)."""
+        cfg = self.cfg
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        if start + T > cfg.context_length:
+            raise LMForgeError(f"sequence of {start + T} tokens exceeds the context length {cfg.context_length}")
+        x = self.wte(idx)
+        if cfg.pos_embedding == "learned":
+            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
+        if cfg.type_vocab_size:
+            types = token_type_ids if token_type_ids is not None else torch.zeros_like(idx)
+            x = x + self.wtt(types)
+        if cfg.embedding_norm:
+            x = self.emb_norm(x)
+        x = self.drop(x)
+        rope = None
+        if cfg.pos_embedding == "rope":
+            rope = (self.rope_cos[start:start + T].to(x.dtype), self.rope_sin[start:start + T].to(x.dtype))
+        mask = self._mask(T, start, attention_mask, idx.device)
+        for block in self.blocks:
+            x = block(x, rope, mask, cache)
+        if cache is not None:
+            cache.pos += T
+        return self.norm(x)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Hidden states -> vocabulary logits."""
+        if self.cfg.head_transform:
+            h = self.head_norm(ACTIVATIONS[self.cfg.activation](self.head_dense(h)))
+        return self.lm_head(h)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
+                attention_mask: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
+                cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+        """Logits [B, T, vocab]; or, given `targets` [B, T] (-100 = ignore), the mean cross-entropy.
+
+        The loss path never materialises the full logits (see `linear_cross_entropy`).
+        """
+        h = self.hidden(idx, attention_mask=attention_mask, token_type_ids=token_type_ids, cache=cache)
+        if targets is None:
+            return self.head(h[:, -1:] if last_only else h)
+        if self.cfg.head_transform:
+            h = self.head_norm(ACTIVATIONS[self.cfg.activation](self.head_dense(h)))
+        return linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, self.lm_head.bias,
+                                    targets.flatten())
+
+    def finish_loading(self) -> None:
+        """After weights were assigned onto a meta-device skeleton: re-tie the output matrix to the
+        embedding and rebuild the (unsaved) rotary tables on the weights' device."""
+        if self.cfg.tie_embeddings and isinstance(self.lm_head, nn.Linear):
+            self.lm_head.weight = self.wte.weight
+        if self.cfg.pos_embedding == "rope":
+            with torch.device(self.wte.weight.device):
+                self.rope_cos, self.rope_sin = self.rope_tables(self.cfg)
+
+    def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
+        p = self.wte.weight
+        return KVCache(self.cfg, batch, max_len or self.cfg.context_length, p.device, p.dtype)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.wte.weight.numel()
+            if hasattr(self, "wpe"):
+                n -= self.wpe.weight.numel()
+        return n
+
+
+class Classifier(nn.Module):
+    """A transformer body with a classification head on one pooled hidden state per sequence.
+
+    Pooling: "last" (the last real token: a decoder has read the whole text there), "cls" (the
+    first token, BERT-style) or "mean" (average over real tokens).
+    """
+
+    def __init__(self, cfg: ModelConfig, n_classes: int, pooling: str = "last",
+                 backbone: Transformer | None = None) -> None:
+        super().__init__()
+        if pooling not in ("last", "cls", "mean"):
+            raise LMForgeError(f"unknown pooling {pooling!r} (choose last, cls or mean)")
+        self.backbone = backbone if backbone is not None else Transformer(cfg)
+        self.backbone.lm_head = nn.Identity()  # the vocabulary projection is not needed here
+        if cfg.head_transform:  # nor a masked-LM head's transform
+            del self.backbone.head_dense, self.backbone.head_norm
+        p = next(self.backbone.parameters())
+        self.head = nn.Linear(cfg.n_embd, n_classes, device=p.device, dtype=p.dtype)
+        self.pooling = pooling
+        if p.device.type != "meta":
+            nn.init.normal_(self.head.weight, std=0.02)
+            nn.init.zeros_(self.head.bias)
+
+    @property
+    def cfg(self) -> ModelConfig:
+        return self.backbone.cfg
+
+    def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Class logits [B, n_classes] for right-padded `idx` [B, T] (mask: 1 = real token)."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(idx)
+        # A causal body never lets real tokens see the right padding, so it needs no mask (and
+        # keeps the fast attention path); a bidirectional one does.
+        h = self.backbone.hidden(idx, attention_mask=None if self.cfg.causal else attention_mask)
+        if self.pooling == "last":
+            pooled = h[torch.arange(h.shape[0], device=h.device), attention_mask.sum(1) - 1]
+        elif self.pooling == "cls":
+            pooled = h[:, 0]
+        else:
+            m = attention_mask.unsqueeze(-1).to(h.dtype)
+            pooled = (h * m).sum(1) / m.sum(1).clamp(min=1)
+        return self.head(pooled)
+
+    def finish_loading(self) -> None:
+        self.backbone.finish_loading()

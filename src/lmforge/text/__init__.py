@@ -1,0 +1,1 @@
+"""Raw text to tokens: corpora, the BPE tokenizer, chat templates."""

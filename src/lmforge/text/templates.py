@@ -1,0 +1,187 @@
+"""Prompt templates: how a conversation becomes text, and which parts the model learns to write.
+
+A template renders messages ({"role": system|user|assistant, "content": ...}) into segments
+(text, trainable, markup). Trainable segments are the assistant's words and end-of-turn marker:
+instruction tuning puts loss on them only. Markup segments may contain special tokens; message
+content never does, so a user cannot forge a turn boundary by typing `<|im_end|>`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..core.errors import LMForgeError
+from .tokenizer import Tokenizer
+
+Segment = tuple[str, bool, bool]  # (text, trainable, markup)
+ROLES = ("system", "user", "assistant")
+ALPACA_PREAMBLE = ("Below is an instruction that describes a task. Write a response that appropriately "
+                   "completes the request.")
+ALPACA_PREAMBLE_INPUT = ("Below is an instruction that describes a task, paired with an input that provides "
+                         "further context. Write a response that appropriately completes the request.")
+_END_OF_TURN = ["<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "</s>"]
+
+
+def user_text(message: dict) -> str:
+    """A user message's text; an Alpaca-style `input` is appended to the instruction."""
+    extra = message.get("input") or ""
+    return message["content"] + (f"\n\n{extra}" if extra else "")
+
+
+@dataclass
+class Template:
+    name: str
+    source: str = ""  # the Jinja text, for name == "jinja"
+
+    # -- rendering ------------------------------------------------------------------------------
+    def render(self, messages: list[dict], tokenizer: Tokenizer, add_generation_prompt: bool = False) -> list[Segment]:
+        return getattr(self, f"_render_{self.name}")(messages, tokenizer, add_generation_prompt)
+
+    def _render_alpaca(self, messages, tokenizer, gen) -> list[Segment]:
+        eot = tokenizer.id_to_token(tokenizer.eot_id)
+        system = next((m["content"] for m in messages if m["role"] == "system"), None)
+        segments: list[Segment] = []
+        first = True
+        for m in messages:
+            if m["role"] == "user":
+                preamble = system or (ALPACA_PREAMBLE_INPUT if m.get("input") else ALPACA_PREAMBLE)
+                text = (f"{preamble}\n\n" if first else "\n\n") + f"### Instruction:\n{m['content']}\n\n"
+                if m.get("input"):
+                    text += f"### Input:\n{m['input']}\n\n"
+                segments.append((text + "### Response:\n", False, False))
+                first = False
+            elif m["role"] == "assistant":
+                segments += [(m["content"], True, False), (eot, True, True)]
+        return segments
+
+    def _render_chatml(self, messages, tokenizer, gen) -> list[Segment]:
+        segments: list[Segment] = []
+        for m in messages:
+            if m["role"] == "assistant":
+                segments += [("<|im_start|>assistant\n", False, True), (m["content"], True, False),
+                             ("<|im_end|>", True, True), ("\n", False, False)]
+            else:
+                content = user_text(m) if m["role"] == "user" else m["content"]
+                segments += [(f"<|im_start|>{m['role']}\n", False, True), (content, False, False),
+                             ("<|im_end|>\n", False, True)]
+        if gen:
+            segments.append(("<|im_start|>assistant\n", False, True))
+        return segments
+
+    def _render_jinja(self, messages, tokenizer, gen) -> list[Segment]:
+        """The model's own chat template. Trainable spans come from rendering the conversation
+        turn by turn: the text each assistant message adds is what the model must learn."""
+        msgs = [{"role": m["role"], "content": user_text(m) if m["role"] == "user" else m["content"]}
+                for m in messages]
+        segments: list[Segment] = []
+        done = ""
+        for i, m in enumerate(msgs):
+            if m["role"] != "assistant":
+                continue
+            prompt = self._jinja(msgs[:i], tokenizer, True)
+            full = self._jinja(msgs[:i + 1], tokenizer, False)
+            if not (prompt.startswith(done) and full.startswith(prompt)):
+                raise LMForgeError("the model's chat_template does not render conversations incrementally, so "
+                                   "the assistant's part cannot be isolated; use --template chatml or alpaca")
+            segments += [(prompt[len(done):], False, True), (full[len(prompt):], True, True)]
+            done = full
+        rest = self._jinja(msgs, tokenizer, gen) if (gen or not segments) else done
+        if rest[len(done):]:
+            segments.append((rest[len(done):], False, True))
+        return segments
+
+    def _jinja(self, messages: list[dict], tokenizer: Tokenizer, gen: bool) -> str:
+        from jinja2 import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(msg):
+            raise LMForgeError(f"chat template: {msg}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        special = {k: _token_text(tokenizer.config.get(k)) for k in ("bos_token", "eos_token", "pad_token")}
+        try:
+            return env.from_string(self.source).render(messages=messages, add_generation_prompt=gen, tools=None,
+                                                       **special)
+        except TemplateError as e:
+            raise LMForgeError(f"chat template failed to render: {e}") from None
+
+    # -- properties -----------------------------------------------------------------------------
+    def stop_tokens(self, tokenizer: Tokenizer) -> list[int]:
+        """Token ids that end an assistant turn."""
+        names = {"alpaca": [], "chatml": ["<|im_end|>"]}.get(self.name)
+        if names is None:  # jinja: the tokenizer's EOS and any end-of-turn marker it knows
+            names = [_token_text(tokenizer.config.get("eos_token"))] + _END_OF_TURN
+        ids = {tokenizer.eot_id}
+        ids.update(i for i in (tokenizer.token_id(n) for n in names if n) if i is not None)
+        return sorted(ids)
+
+    def check(self, tokenizer: Tokenizer) -> None:
+        if self.name == "chatml":
+            missing = [t for t in ("<|im_start|>", "<|im_end|>") if tokenizer.token_id(t) is None]
+            if missing:
+                raise LMForgeError(f"the chatml template needs the special tokens {', '.join(missing)}, which "
+                                   "this tokenizer cannot express; use --template alpaca (or the model's own)")
+        if self.name == "jinja" and not self.source:
+            raise LMForgeError("this model's tokenizer has no chat_template; use --template chatml or alpaca")
+
+    def to_json(self) -> dict:
+        return {"name": self.name, **({"source": self.source} if self.source else {})}
+
+
+def _token_text(value) -> str | None:
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def get_template(name: str, tokenizer: Tokenizer) -> Template:
+    """alpaca, chatml, model (the tokenizer's own chat_template), or auto: the model's own if it
+    has one, else chatml if the tokenizer has its tokens, else alpaca."""
+    source = tokenizer.config.get("chat_template") or ""
+    if isinstance(source, list):  # some tokenizers ship several named templates
+        source = next((t["template"] for t in source if t.get("name") == "default"), source[0]["template"])
+    if name == "auto":
+        if source:
+            name = "model"
+        elif all(tokenizer.token_id(t) is not None for t in ("<|im_start|>", "<|im_end|>")):
+            name = "chatml"
+        else:
+            name = "alpaca"
+    if name not in ("alpaca", "chatml", "model"):
+        raise LMForgeError(f"unknown template {name!r} (choose auto, alpaca, chatml or model)")
+    template = Template("jinja", source) if name == "model" else Template(name)
+    template.check(tokenizer)
+    return template
+
+
+def template_from_json(data: dict | None, tokenizer: Tokenizer) -> Template:
+    if not data:
+        return get_template("auto", tokenizer)
+    return Template(data["name"], data.get("source", ""))
+
+
+def encode_segments(tokenizer: Tokenizer, segments: list[Segment]) -> tuple[list[int], list[bool]]:
+    """Token ids and, per token, whether it is trainable."""
+    ids: list[int] = []
+    trainable: list[bool] = []
+    for text, train, markup in segments:
+        if not text:
+            continue
+        piece = tokenizer.encode(text, special=markup)
+        ids += piece
+        trainable += [train] * len(piece)
+    return ids, trainable
+
+
+def validate_messages(messages, where: str) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise LMForgeError(f"{where}: 'messages' must be a non-empty list")
+    out = []
+    for m in messages:
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise LMForgeError(f"{where}: each message needs 'role' and 'content'")
+        if m["role"] not in ROLES:
+            raise LMForgeError(f"{where}: unknown role {m['role']!r} (use {', '.join(ROLES)})")
+        if not isinstance(m["content"], str):
+            raise LMForgeError(f"{where}: message content must be a string")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out

@@ -1,0 +1,1 @@
+"""One training loop for every objective: config, schedule, optimizer, run directory, state, tasks."""

@@ -1,0 +1,170 @@
+"""`lmforge pretrain`: raw text -> tokenizer -> token data -> model -> trained model directory."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..core.config import arg
+from ..core.errors import LMForgeError
+from ..core.runtime import Dist, init_distributed
+from ..data.tokens import prepare
+from ..formats.modeldir import check_vocab, read_config, save_model_dir
+from ..models.config import ModelConfig
+from ..models.sizing import arch_config, choose_depth, depth_of, measure_step_seconds, sized_config
+from ..models.transformer import Transformer
+from ..text.corpus import Corpus, _cache_dir, load_corpus
+from ..text.tokenizer import Tokenizer, auto_vocab_size
+from .config import TrainConfig
+from .loop import fit
+from .rundir import Run, check_out, resume_config, start_run_dir
+from .tasks.lm import LMTask, MLMTask
+
+
+@dataclass
+class PretrainConfig(TrainConfig):
+    """Pretraining: data, tokenizer and model shape."""
+
+    data: list[str] = arg(["pydocs"], "training text: files, directories (recursive), .jsonl files "
+                          "(one document per line), or 'pydocs' (built-in Python documentation)")
+    val_data: list[str] | None = arg(None, "validation text (default: hold out --val-fraction of --data)")
+    val_fraction: float = arg(0.05, "share of documents held out for validation when --val-data is not given")
+    text_field: str = arg("text", "field holding the text in .jsonl files")
+    out: str = arg("runs/pretrain", "model directory to write")
+    tokenizer: str | None = arg(None, "use this tokenizer.json (or a directory with one) instead of training one")
+    vocab_size: int | None = arg(None, "vocabulary size of a newly trained tokenizer (default: from corpus size)")
+    objective: str = arg("clm", "clm: predict the next token (decoders); mlm: predict masked tokens, BERT-style "
+                         "(encoders; implies --arch bert)", choices=["clm", "mlm"])
+    arch: str = arg("gpt2", "architecture family: gpt2 (learned positions, LayerNorm, GELU), llama "
+                    "(RoPE, RMSNorm, SwiGLU, grouped-query attention) or bert (bidirectional encoder, for --objective "
+                    "mlm)", choices=["gpt2", "llama", "bert"])
+    mask_rate: float = arg(0.15, "mlm: share of tokens to predict (of those: 80%% masked, 10%% random, 10%% kept)")
+    size: str = arg("auto", "model size: auto (best use of the budget), or dN = N layers of width 64*N")
+    n_layer: int | None = arg(None, "number of transformer blocks (overrides --size)")
+    n_embd: int | None = arg(None, "model width (overrides --size)")
+    n_head: int | None = arg(None, "attention heads (default: width / 64)")
+    n_kv_head: int | None = arg(None, "key/value heads, fewer than --n-head for grouped-query attention")
+    context_length: int = arg(256, "tokens per training sequence (the model's context window)")
+    dropout: float = arg(0.0, "dropout probability")
+
+
+def default_lr(n_embd: int, arch: str = "gpt2") -> float:
+    """Peak AdamW learning rate: narrower models tolerate (and need) larger steps; BERT's post-norm
+    layout wants smaller ones (in trials at width 64, 1e-3 beat 3e-3 for masked-token prediction)."""
+    return round((5e-4 if arch == "bert" else 2e-3) * math.sqrt(256 / n_embd), 6)
+
+
+def padded_vocab(n: int) -> int:
+    """Embedding rows: the tokenizer's size rounded up to a multiple of 64 (faster matmuls)."""
+    return 64 * math.ceil(n / 64)
+
+
+def _log(dist_info: Dist, msg: str) -> None:
+    if dist_info.main:
+        print(msg, file=sys.stderr)
+
+
+def get_tokenizer(cfg: PretrainConfig, corpus: Corpus, out: Path, dist_info: Dist) -> Tokenizer:
+    if cfg.resume:
+        tok = Tokenizer.from_file(out / "tokenizer.json")
+        given = cfg.tokenizer and Path(cfg.tokenizer).exists() and Tokenizer.from_file(cfg.tokenizer)
+        if given and given.to_str() != tok.to_str():
+            raise LMForgeError(f"--resume: {cfg.tokenizer} is not the tokenizer the run in {out} was trained with")
+        return tok
+    if cfg.tokenizer:
+        return Tokenizer.from_file(cfg.tokenizer)
+    vocab = cfg.vocab_size or auto_vocab_size(corpus.num_bytes)
+    key = hashlib.sha256(f"{corpus.fingerprint()}|{vocab}|v1".encode()).hexdigest()[:16]
+    cached = _cache_dir() / "tokenizers" / f"{key}.json"
+    with dist_info.main_first():
+        if not cached.exists():
+            _log(dist_info, f"training a byte-level BPE tokenizer: {vocab} tokens on {corpus.num_bytes / 1e6:.1f} MB")
+            Tokenizer.train(corpus.documents, vocab, show_progress=sys.stderr.isatty()).save(cached)
+    return Tokenizer.from_file(cached)
+
+
+def build_model_config(cfg: PretrainConfig, vocab: int, out: Path, tokens_per_step: int, train_tokens: int,
+                       dist_info: Dist, device: torch.device) -> ModelConfig:
+    if cfg.resume:
+        return ModelConfig.from_dict(read_config(out)["model"])
+    explicit = cfg.n_layer is not None and cfg.n_embd is not None
+    if explicit:
+        depth = None
+    elif cfg.size == "auto":
+        max_tokens = cfg.max_tokens
+        for tokens in (cfg.max_steps and cfg.max_steps * tokens_per_step, cfg.epochs and cfg.epochs * train_tokens):
+            if tokens:
+                max_tokens = min(max_tokens or tokens, tokens)
+        seconds = cfg.max_minutes * 60 if cfg.max_minutes else None
+        if max_tokens is None and seconds is None:
+            raise LMForgeError("--size auto needs a budget: --max-steps, --max-tokens, --max-minutes or --epochs")
+        depth, report = None, []
+        if dist_info.main:
+            depth, report = choose_depth(
+                cfg.arch, vocab, cfg.context_length, tokens_per_step, max_tokens=max_tokens, seconds=seconds,
+                step_seconds=lambda c: measure_step_seconds(c, cfg.batch_size, device))
+        depth = dist_info.broadcast_object(depth)
+        for line in report:
+            _log(dist_info, f"size auto: {line}")
+    else:
+        depth = depth_of(cfg.size)
+    base = sized_config(cfg.arch, depth, vocab, cfg.context_length) if depth else None
+    n_layer = cfg.n_layer or base.n_layer
+    n_embd = cfg.n_embd or base.n_embd
+    n_head = cfg.n_head or (base.n_head if base and base.n_embd == n_embd else None)
+    if depth:
+        cfg.size = f"d{depth}"
+    return arch_config(cfg.arch, vocab, cfg.context_length, n_layer, n_embd, n_head, cfg.n_kv_head, cfg.dropout)
+
+
+def pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None = None) -> dict:
+    """Run pretraining as configured; returns the trainer record with the final metrics."""
+    dist_info, device = init_distributed(cfg.device)
+    out = Path(cfg.out)
+    if cfg.resume:
+        cfg = resume_config(cfg, out)
+    elif dist_info.main:
+        check_out(out, cfg.overwrite)  # fail early, before any work, if --out is taken
+    if cfg.objective == "mlm" and cfg.arch == "gpt2":
+        cfg.arch = "bert"  # masked-token prediction needs a bidirectional encoder
+    if (cfg.objective == "mlm") != (cfg.arch == "bert"):
+        raise LMForgeError("--arch bert goes with --objective mlm (a bidirectional encoder), gpt2/llama with clm")
+    corpus = load_corpus(cfg.data, cfg.text_field)
+    val_corpus = load_corpus(cfg.val_data, cfg.text_field) if cfg.val_data else None
+    tokenizer = get_tokenizer(cfg, corpus, out, dist_info)
+    with dist_info.main_first():
+        data = prepare(corpus, tokenizer, val_corpus, cfg.val_fraction)
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * dist_info.world * cfg.context_length
+    mcfg = build_model_config(cfg, padded_vocab(tokenizer.vocab_size), out, tokens_per_step, len(data.train),
+                              dist_info, device)
+    check_vocab(tokenizer, mcfg, str(out))
+    cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_kv_head = mcfg.n_layer, mcfg.n_embd, mcfg.n_head, mcfg.n_kv_head
+    cfg.vocab_size = cfg.vocab_size or (None if cfg.tokenizer else tokenizer.vocab_size)
+    lr = cfg.lr = cfg.lr or default_lr(mcfg.n_embd, cfg.arch)
+
+    torch.manual_seed(cfg.seed)
+    model = Transformer(mcfg)
+    if cfg.objective == "mlm":
+        task = MLMTask(data, mcfg.context_length, cfg.seed, tokenizer, cfg.mask_rate, cfg.eval_batches * cfg.batch_size,
+                       cfg.batch_size)
+    else:
+        task = LMTask(data, mcfg.context_length, cfg.seed, tokenizer.token_bytes(), cfg.eval_batches * cfg.batch_size,
+                      cfg.batch_size)
+    _log(dist_info, f"model: {cfg.arch} {mcfg.n_layer} layers x {mcfg.n_embd} wide, {mcfg.n_head} heads "
+                    f"({mcfg.n_kv_head} k/v), context {mcfg.context_length}, vocab {mcfg.vocab_size}: "
+                    f"{model.num_params() / 1e6:.2f}M parameters; {len(data.train):,} training tokens; "
+                    f"{tokens_per_step:,} tokens/step; lr {lr:g}; {device}"
+                    + (f" x {dist_info.world} processes" if dist_info.world > 1 else ""))
+    if dist_info.main:  # only now, with every input checked, touch --out
+        start_run_dir(cfg, out)
+    dist_info.barrier()
+    kind = "masked-lm" if cfg.objective == "mlm" else "causal-lm"
+    run = Run(out, lambda d, w: save_model_dir(d, model, tokenizer, w, kind=kind, created_by="lmforge pretrain"),
+              title=f"{out.name}: {cfg.arch} d{mcfg.n_layer}")
+    return fit(model, task, cfg, run, lr, on_step=on_step, ddp=(dist_info, device))

@@ -1,0 +1,158 @@
+"""`lmforge finetune instruct`: teach a language model to follow instructions.
+
+Records are Alpaca-style ({"instruction", "input", "output"}) or chat-style ({"messages": [...]})
+in JSONL. Loss falls on the response tokens only (and the end-of-turn marker, so the model
+learns to stop); prompt tokens get no gradient.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ...core.config import arg
+from ...core.errors import LMForgeError
+from ...data.collate import IGNORE, collate, pack
+from ...data.records import read_instructions
+from ...data.tokens import EpochOrder
+from ...inference.generate import generate_text
+from ...text.templates import Template, encode_segments, get_template, user_text
+from ...text.tokenizer import Tokenizer
+from ..finetune import FinetuneConfig, default_lr, make_saver, prepare, report_parameters, setup_lora
+from ..loop import fit
+from ..rundir import Run, start_run_dir
+
+
+@dataclass
+class InstructConfig(FinetuneConfig):
+    """Instruction tuning: data and prompt format"""
+
+    data: str = arg(None, "training records, JSONL: {instruction, input, output} or {messages: [...]}")
+    val_data: str | None = arg(None, "validation records (default: hold out --val-fraction of --data)")
+    val_fraction: float = arg(0.1, "share of records held out for validation when --val-data is not given")
+    template: str = arg("auto", "prompt format: auto (the model's own chat_template, else chatml if the tokenizer "
+                        "has its tokens, else alpaca), alpaca, chatml, or model", choices=["auto", "alpaca", "chatml",
+                                                                                          "model"])
+    pack: bool = arg(False, "pack several examples into each sequence (faster on short examples; packed examples "
+                     "can attend to earlier ones in the same row)")
+    samples: int = arg(3, "validation prompts answered (greedily) and logged at each evaluation")
+
+
+def encode_conversations(convs: list[list[dict]], tokenizer: Tokenizer, template: Template,
+                         max_len: int) -> tuple[list[tuple[list[int], list[int]]], int]:
+    """(ids, labels) per conversation, labels = ids on trainable tokens else -100, cut to max_len.
+
+    Returns the examples and how many were dropped for having nothing left to learn."""
+    examples, dropped = [], 0
+    for conv in convs:
+        ids, trainable = encode_segments(tokenizer, template.render(conv, tokenizer))
+        ids, trainable = ids[:max_len], trainable[:max_len]
+        labels = [t if keep else IGNORE for t, keep in zip(ids, trainable)]
+        if not any(trainable[1:]):  # the first token is never predicted
+            dropped += 1
+            continue
+        examples.append((ids, labels))
+    return examples, dropped
+
+
+def respond(model, tokenizer: Tokenizer, template: Template, conv: list[dict], max_new_tokens: int = 64) -> str:
+    """The model's greedy answer to a conversation's prompt (its messages before the last answer)."""
+    last = max(i for i, m in enumerate(conv) if m["role"] == "assistant")
+    ids, _ = encode_segments(tokenizer, template.render(conv[:last], tokenizer, add_generation_prompt=True))
+    room = model.cfg.context_length - len(ids)
+    if room <= 0:
+        return ""
+    return generate_text(model, tokenizer, "", max_new_tokens=min(max_new_tokens, room), temperature=0,
+                         stop_ids=set(template.stop_tokens(tokenizer)), prompt_ids=ids)
+
+
+def exact_match(model, tokenizer: Tokenizer, template: Template, convs: list[list[dict]]) -> float:
+    """Share of conversations whose last assistant answer the model reproduces exactly (greedy)."""
+    hits = 0
+    for conv in convs:
+        expected = [m for m in conv if m["role"] == "assistant"][-1]["content"]
+        hits += respond(model, tokenizer, template, conv, max_new_tokens=len(tokenizer.encode(expected)) + 8).strip() \
+            == expected.strip()
+    return hits / max(len(convs), 1)
+
+
+class InstructTask:
+    def __init__(self, train, val, val_convs, tokenizer: Tokenizer, template: Template, seed: int,
+                 batch_size: int, samples: int) -> None:
+        self.train, self.val, self.val_convs = train, val, val_convs
+        self.tokenizer, self.template, self.batch_size, self.samples = tokenizer, template, batch_size, samples
+        self.order = EpochOrder(max(len(train), 1), seed)
+        self.windows_per_epoch = len(train)
+        self.pad = tokenizer.pad_id
+
+    def batch(self, first: int, count: int) -> dict[str, torch.Tensor]:
+        return collate([self.train[self.order(k)] for k in range(first, first + count)], self.pad)
+
+    def loss(self, model, batch) -> tuple[torch.Tensor, int]:
+        return model(batch["x"], batch["y"]), int((batch["y"] != IGNORE).sum())
+
+    def evaluate(self, model) -> dict:
+        out: dict = {}
+        if self.val:
+            device = next(model.parameters()).device
+            total, count = 0.0, 0
+            for i in range(0, len(self.val), self.batch_size):
+                b = collate(self.val[i:i + self.batch_size], self.pad)
+                n = int((b["y"] != IGNORE).sum())
+                total += float(model(b["x"].to(device), b["y"].to(device))) * n
+                count += n
+            out["val_loss"] = round(total / max(count, 1), 6)
+        shown = []
+        for conv in self.val_convs[:self.samples]:
+            answer = respond(model, self.tokenizer, self.template, conv)
+            prompt = next(user_text(m) for m in reversed(conv) if m["role"] == "user")
+            shown.append({"prompt": prompt[:200], "response": answer[:300]})
+            tqdm.write(f"  sample  {prompt[:60]!r} -> {answer[:100]!r}", file=sys.stderr)
+        if shown:
+            out["val_samples"] = shown
+        return out
+
+
+def finetune_instruct(cfg: InstructConfig, on_step=None) -> dict:
+    cfg, model, tokenizer, base = prepare(cfg)
+    if not cfg.data:
+        raise LMForgeError("--data is required (JSONL records to learn from)")
+    template = get_template(cfg.template, tokenizer)
+    convs = read_instructions(cfg.data)
+    if cfg.val_data:
+        val_convs = read_instructions(cfg.val_data)
+    else:
+        n_val = int(len(convs) * cfg.val_fraction) if len(convs) >= 10 else 0
+        g = torch.Generator().manual_seed(cfg.seed)
+        perm = torch.randperm(len(convs), generator=g).tolist()
+        val_convs = [convs[i] for i in perm[:n_val]]
+        convs = [convs[i] for i in perm[n_val:]]
+    max_len = cfg.context_length + 1  # inputs and targets are this shifted by one
+    train, dropped = encode_conversations(convs, tokenizer, template, max_len)
+    val, _ = encode_conversations(val_convs, tokenizer, template, max_len)
+    if dropped:
+        print(f"warning: {dropped} record(s) dropped: nothing of the response fits in {cfg.context_length} tokens",
+              file=sys.stderr)
+    if not train:
+        raise LMForgeError("no training records left to learn from")
+    if cfg.pack:
+        train = pack(train, max_len)
+    torch.manual_seed(cfg.seed)
+    lora = setup_lora(model, cfg)
+    report_parameters(model)
+    print(f"instruction tuning: {len(train)} training {'rows' if cfg.pack else 'examples'}, {len(val)} validation, "
+          f"template {template.name}", file=sys.stderr)
+    out = Path(cfg.out)
+    start_run_dir(cfg, out)
+    stop = template.stop_tokens(tokenizer)
+    save = make_saver(model, tokenizer, base, lora, chat_template=template.to_json(), stop_token_ids=stop,
+                      created_by="lmforge finetune instruct")
+    task = InstructTask(train, val, val_convs, tokenizer, template, cfg.seed, cfg.batch_size, cfg.samples)
+    return fit(model, task, cfg, Run(out, save, title=f"{out.name}: instruction tuning"), default_lr(cfg),
+               on_step=on_step)
+
+

@@ -1,0 +1,124 @@
+"""Language-model objectives: next-token prediction (LMTask) and masked-token prediction (MLMTask),
+with their validation metrics (loss, bits per byte, masked accuracy)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ...core.errors import LMForgeError
+from ...data.collate import mask_tokens
+from ...data.tokens import BatchStream, TokenData, eval_batches
+from ...text.tokenizer import Tokenizer
+
+
+@torch.no_grad()
+def evaluate_lm(model: torch.nn.Module, data: np.ndarray, context_length: int, token_bytes: torch.Tensor,
+                batch_size: int = 8, max_windows: int | None = None) -> dict:
+    """Loss over every token of `data` (or its first `max_windows` windows)."""
+    device = next(model.parameters()).device
+    token_bytes = token_bytes.to(device)
+    nats = torch.zeros((), dtype=torch.float64, device=device)
+    nats_bpb = torch.zeros((), dtype=torch.float64, device=device)
+    n_tokens, n_bytes = 0, 0
+    was_training = model.training
+    model.eval()
+    for x, y in eval_batches(data, context_length, batch_size, max_windows):
+        x, y = x.to(device), y.to(device)
+        logits = model(x).float()
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
+        nb = token_bytes[y.flatten()]
+        nats += loss.sum().double()
+        nats_bpb += (loss * (nb > 0)).sum().double()  # special tokens carry no bytes: left out
+        n_tokens += y.numel()
+        n_bytes += int(nb.sum())
+    model.train(was_training)
+    if n_tokens == 0:
+        raise LMForgeError("nothing to evaluate: the data has fewer than 2 tokens")
+    loss = nats.item() / n_tokens
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700)),
+            "bits_per_byte": nats_bpb.item() / math.log(2) / max(n_bytes, 1), "tokens": n_tokens}
+
+
+@torch.no_grad()
+def evaluate_mlm(model: torch.nn.Module, data: np.ndarray, context_length: int, mask_id: int, vocab: int,
+                 special: torch.Tensor, batch_size: int = 8, max_windows: int | None = None, seed: int = 0) -> dict:
+    """Masked-token loss and accuracy, with the same (seeded) masking every time it is run."""
+    device = next(model.parameters()).device
+    g = torch.Generator().manual_seed(seed)
+    nats, correct, n = 0.0, 0, 0
+    was_training = model.training
+    model.eval()
+    for x, _ in eval_batches(data, context_length, batch_size, max_windows):
+        inputs, targets = mask_tokens(x, g, mask_id, vocab, special)
+        sel = targets != -100
+        if not sel.any():
+            continue
+        h = model.hidden(inputs.to(device))[sel.to(device)]
+        logits = model.head(h).float()
+        t = targets[sel].to(device)
+        nats += F.cross_entropy(logits, t, reduction="sum").item()
+        correct += int((logits.argmax(-1) == t).sum())
+        n += int(sel.sum())
+    model.train(was_training)
+    if n == 0:
+        raise LMForgeError("nothing to evaluate: no maskable tokens in the data")
+    return {"masked_loss": nats / n, "masked_accuracy": correct / n, "masked_tokens": n}
+
+
+class LMTask:
+    """Next-token prediction on a token stream."""
+
+    def __init__(self, data: TokenData, context_length: int, seed: int, token_bytes: list[int],
+                 eval_windows: int, batch_size: int) -> None:
+        self.stream = BatchStream(data.train, context_length, seed)
+        self.windows_per_epoch = self.stream.per_epoch
+        self.val, self.ctx, self.eval_windows, self.batch_size = data.val, context_length, eval_windows, batch_size
+        self.token_bytes = torch.tensor(token_bytes)
+
+    def batch(self, first: int, count: int) -> dict[str, torch.Tensor]:
+        x, y = self.stream.batch(first, count)
+        return {"x": x, "y": y}
+
+    def loss(self, model, batch) -> tuple[torch.Tensor, int]:
+        return model(batch["x"], batch["y"]), batch["y"].numel()
+
+    def evaluate(self, model) -> dict[str, float]:
+        if len(self.val) < 2:
+            return {}
+        r = evaluate_lm(model, self.val, self.ctx, self.token_bytes, self.batch_size, self.eval_windows)
+        return {"val_loss": round(r["loss"], 6), "val_bpb": round(r["bits_per_byte"], 6)}
+
+
+class MLMTask(LMTask):
+    """Masked-token prediction on the same windows: BERT's 80/10/10 corruption, seeded per batch so
+    that a resumed or multi-process run sees exactly the same masks."""
+
+    def __init__(self, data: TokenData, context_length: int, seed: int, tokenizer: Tokenizer, rate: float,
+                 eval_windows: int, batch_size: int) -> None:
+        super().__init__(data, context_length, seed, [], eval_windows, batch_size)
+        mask = tokenizer.mask_token
+        if mask is None:
+            raise LMForgeError("--objective mlm needs a tokenizer with a mask token ([MASK], <mask> or <|mask|>)")
+        self.mask_id, self.vocab, self.rate, self.seed = tokenizer.token_id(mask), tokenizer.vocab_size, rate, seed
+        self.special = torch.tensor(sorted(tokenizer.special_ids))
+
+    def batch(self, first: int, count: int) -> dict[str, torch.Tensor]:
+        x, _ = self.stream.batch(first, count)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + first)
+        inputs, targets = mask_tokens(x, g, self.mask_id, self.vocab, self.special, self.rate)
+        return {"x": inputs, "y": targets}
+
+    def loss(self, model, batch) -> tuple[torch.Tensor, int]:
+        return model(batch["x"], batch["y"]), int((batch["y"] != -100).sum())
+
+    def evaluate(self, model) -> dict[str, float]:
+        if len(self.val) < 2:
+            return {}
+        r = evaluate_mlm(model, self.val, self.ctx, self.mask_id, self.vocab, self.special, self.batch_size,
+                         self.eval_windows)
+        return {"val_loss": round(r["masked_loss"], 6), "val_mlm_accuracy": round(r["masked_accuracy"], 4)}
+
