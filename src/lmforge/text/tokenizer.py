@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import sys
+import threading
 from functools import cached_property
 from pathlib import Path
 
@@ -48,6 +50,25 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
+def show_bytes(data: bytes) -> str:
+    """UTF-8 text, with each byte that is not part of a whole character shown as `<0xC3>`."""
+    out = []
+    while data:
+        try:
+            out.append(data.decode())
+            break
+        except UnicodeDecodeError as e:
+            out.append(data[:e.start].decode())
+            out += [f"<0x{b:02X}>" for b in data[e.start:e.end]]
+            data = data[e.end:]
+    return "".join(out)
+
+
+def printable(text: str) -> str:
+    """`text` safe to print on one line of a table: control characters (newlines, tabs, ...) escaped."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
+
+
 class Tokenizer:
     """Thin wrapper over `tokenizers.Tokenizer` with the few things lmforge needs on top."""
 
@@ -56,8 +77,11 @@ class Tokenizer:
         # lmforge decides lengths itself.
         tok.no_truncation()
         tok.no_padding()
-        self.hf = tok
+        tok.encode_special_tokens = False
+        self.hf = tok  # parses special-token strings; treat as read-only once encoding has begun
         self.config = config or {}  # tokenizer_config.json, when loaded from a Hugging Face directory
+        self._plain: HFTokenizer | None = None
+        self._plain_lock = threading.Lock()
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -72,6 +96,10 @@ class Tokenizer:
             vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIAL_TOKENS,
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=show_progress)
         tok.train_from_iterator(documents, trainer=trainer, length=len(documents))
+        got = tok.get_vocab_size(with_added_tokens=True)
+        if got < vocab_size:  # BPE stops when no pair is seen twice: a small corpus caps the merges
+            print(f"warning: asked for {vocab_size:,} tokens, but the corpus supports only {got:,} "
+                  "(too little text for more merges)", file=sys.stderr)
         return cls(tok)
 
     @classmethod
@@ -121,15 +149,51 @@ class Tokenizer:
         return [s if len(s) <= max_len else s[:max_len - 1] + s[-1:] for s in seqs], cut
 
     def _encode(self, texts: list[str], special: bool, add_special_tokens: bool = False) -> list[list[int]]:
-        old = self.hf.encode_special_tokens
-        self.hf.encode_special_tokens = not special
-        try:
-            return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=add_special_tokens)]
-        finally:
-            self.hf.encode_special_tokens = old
+        tok = self.hf if special else self._plain_tokenizer()
+        return [e.ids for e in tok.encode_batch(texts, add_special_tokens=add_special_tokens)]
+
+    def _plain_tokenizer(self) -> HFTokenizer:
+        """A second copy that reads special-token strings as plain text. `encode_special_tokens`
+        is a setting of the shared Rust object, so flipping it per call would race between
+        threads (a server encodes from several); two fixed copies never change state."""
+        if self._plain is None:
+            with self._plain_lock:
+                if self._plain is None:
+                    plain = HFTokenizer.from_str(self.hf.to_str())
+                    plain.no_truncation()
+                    plain.no_padding()
+                    plain.encode_special_tokens = True
+                    self._plain = plain
+        return self._plain
 
     def decode(self, ids: list[int], skip_special: bool = False) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special)
+
+    def piece(self, i: int) -> str:
+        """Token `i` as a reader should see it: its own text when that is whole UTF-8, else its bytes
+        as `<0xC3>` escapes (a byte-level BPE token often holds half a character, which decoding
+        alone would show as `\ufffd`). Whitespace and control characters are left as they are."""
+        raw = self.id_to_token(i)
+        if raw is None:
+            raise LMForgeError(f"token id {i} is outside the vocabulary ({self.vocab_size} tokens)")
+        if i in self.special_ids:
+            return raw
+        inverse = self._byte_decoder
+        if inverse is not None and all(c in inverse for c in raw):
+            return show_bytes(bytes(inverse[c] for c in raw))
+        text = self.decode([i])
+        if "\ufffd" in text and raw.startswith("<0x") and raw.endswith(">"):  # SentencePiece byte fallback
+            return raw
+        return text
+
+    @cached_property
+    def _byte_decoder(self) -> dict[str, int] | None:
+        """Character -> byte for byte-level BPE (GPT-2's map), None for other tokenizers."""
+        decoder = json.loads(self.hf.to_str()).get("decoder") or {}
+        parts = decoder.get("decoders", [decoder]) if decoder.get("type") == "Sequence" else [decoder]
+        if not any(d.get("type") == "ByteLevel" for d in parts):
+            return None
+        return {c: b for b, c in _bytes_to_unicode().items()}
 
     def token_id(self, token: str) -> int | None:
         return self.hf.token_to_id(token)
@@ -174,9 +238,8 @@ class Tokenizer:
         """UTF-8 byte length of each token (0 for special tokens): for bits-per-byte."""
         n = self.vocab_size
         lengths = [0] * n
-        byte_level = json.loads(self.hf.to_str()).get("decoder") or {}
-        byte_level = byte_level.get("type") == "ByteLevel"
-        inverse = {c: b for b, c in _bytes_to_unicode().items()}
+        inverse = self._byte_decoder
+        byte_level = inverse is not None
         special = self.special_ids
         for i in range(n):
             if i in special:
