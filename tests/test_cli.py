@@ -150,7 +150,7 @@ def test_tokenizer_train_and_encode(corpus_dir, tmp_path, capsys):
 
 
 def test_stop_strings_understand_escapes():
-    from lmforge.cli import _unescape
+    from lmforge.cli.verbs import unescape as _unescape
 
     assert _unescape(r"\n\n") == "\n\n" and _unescape(r"a\tb") == "a\tb" and _unescape(r"c:\\n") == "c:\\n"
     assert _unescape("café") == "café"

@@ -22,10 +22,16 @@ from .fileio import atomic_write
 
 
 def arg(default: Any = None, help: str = "", *, positional: bool = False, choices=None,
-        short: str | None = None, cli: bool = True, nargs=None) -> Any:
-    """A dataclass field that knows its flag: `x: int = arg(3, "what x does")`."""
+        short: str | None = None, cli: bool = True, nargs=None, ge: float | None = None, gt: float | None = None,
+        le: float | None = None, lt: float | None = None) -> Any:
+    """A dataclass field that knows its flag: `x: int = arg(3, "what x does", ge=1)`.
+
+    `ge`/`gt`/`le`/`lt` bound a numeric value (each element of a list); `check` enforces them for
+    flags, YAML and Python callers alike, with a one-line error naming the flag.
+    """
     meta = {"help": help, "positional": positional, "choices": choices, "short": short, "cli": cli,
-            "nargs": nargs}
+            "nargs": nargs, "bounds": {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt))
+                                       if v is not None}}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -89,8 +95,8 @@ def _add_fields(parser, fields_: list[dataclasses.Field], hints: dict) -> None:
         tp, is_list = _base_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text = meta.get("help", "")
-        if default not in (None, [], False) and not meta.get("positional"):
-            help_text += f" (default: {default})"
+        if not (default is None or default is False or default == []) and not meta.get("positional"):
+            help_text += f" (default: {default})"  # 0 is a default worth showing, False is not
         kw: dict[str, Any] = {"help": help_text, "default": argparse.SUPPRESS}
         if meta.get("positional"):
             # Optional for argparse so that --config may supply it; from_namespace checks it is there.
@@ -102,7 +108,7 @@ def _add_fields(parser, fields_: list[dataclasses.Field], hints: dict) -> None:
             parser.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
             continue
         if is_list:  # repeatable: `--data a b --data c` gives [a, b, c]
-            kw["nargs"], kw["action"] = meta.get("nargs") or "+", "extend"
+            kw["nargs"], kw["action"] = meta.get("nargs") or "+", _Extend
         if tp in (dict, typing.Any):
             tp = yaml.safe_load
         elif tp is int:
@@ -153,14 +159,55 @@ def _coerce(cls, values: dict) -> dict:
     return out
 
 
+_BOUND_TEXT = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+_BOUND_OK = {"ge": lambda v, b: v >= b, "gt": lambda v, b: v > b, "le": lambda v, b: v <= b, "lt": lambda v, b: v < b}
+
+
+def check(obj) -> None:
+    """Enforce every field's declared bounds: one mechanism for every verb's numbers."""
+    for f in dataclasses.fields(obj):
+        bounds = f.metadata.get("bounds") or {}
+        value = getattr(obj, f.name)
+        if not bounds or value is None:
+            continue
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            if v != v or not all(_BOUND_OK[k](v, b) for k, b in bounds.items()):  # v != v: NaN
+                want = " and ".join(f"{_BOUND_TEXT[k]} {b:g}" for k, b in bounds.items())
+                raise LMForgeError(f"{_flag(f.name)} must be {want} (got {v:g})")
+
+
+def recover_positionals(cls, values: dict, order: list[str]) -> None:
+    """`evaluate --data a b MODEL`: a list flag swallowed the positional that followed it. When a
+    required positional is missing, take it back from the end of the list flag given last."""
+    missing = [f.name for f in dataclasses.fields(cls)
+               if f.metadata.get("positional") and values.get(f.name) in (None, [])]
+    lists = [name for name in reversed(order) if isinstance(values.get(name), list) and len(values[name]) > 1]
+    for name in missing:
+        if not lists:
+            return
+        values[name] = values[lists[0]].pop()
+
+
+class _Extend(argparse._ExtendAction):
+    """`--data a b --data c` gives [a, b, c], and remembers the order list flags were given in."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        super().__call__(parser, namespace, values, option_string)
+        order = getattr(namespace, "_list_order", [])
+        namespace._list_order = [*order, self.dest]
+
+
 def from_namespace(cls, ns: argparse.Namespace):
     """Build `cls` from parsed flags, filling in values from `--config` underneath them."""
-    given = {k: v for k, v in vars(ns).items() if k not in ("command", "config", "func", "sub")}
+    given = {k: v for k, v in vars(ns).items() if k not in ("command", "config", "func", "sub", "_list_order")}
     values = {}
     if getattr(ns, "config", None):
         values.update(_coerce(cls, load_yaml(ns.config, cls)))
     known = {f.name for f in dataclasses.fields(cls)}
     values.update({k: v for k, v in given.items() if k in known})
+    recover_positionals(cls, values, getattr(ns, "_list_order", []))
     missing = [f.name for f in dataclasses.fields(cls)
                if f.metadata.get("positional") and values.get(f.name) in (None, [])]
     if missing:
@@ -169,6 +216,7 @@ def from_namespace(cls, ns: argparse.Namespace):
         obj = cls(**values)
     except TypeError as e:
         raise LMForgeError(str(e)) from None
+    check(obj)
     obj.__dict__["_explicit"] = set(values)  # what the user set (resume checks only those)
     return obj
 

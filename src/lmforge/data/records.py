@@ -106,3 +106,21 @@ def looks_like_instructions(path: str | Path) -> bool:
         return False
     return isinstance(first, dict) and ("instruction" in first or "messages" in first)
 
+
+
+def read_texts(texts: list[str], file: str | Path | None, text_field: str = "text", what: str = "embed") -> list[str]:
+    """Texts given directly plus those of `file`: the text column of a .csv/.tsv/.jsonl, else each
+    non-empty line."""
+    texts = list(texts)
+    if file:
+        path = Path(file)
+        if not path.exists():
+            raise LMForgeError(f"no such file: {path}")
+        if path.suffix.lower() in (".csv", ".tsv", ".tab", ".jsonl", ".json"):
+            texts += read_labelled(path, text_field, None)[0]
+        else:
+            texts += [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines()
+                      if line.strip()]
+    if not texts:
+        raise LMForgeError(f"nothing to {what}: give --text or --file")
+    return texts

@@ -1,0 +1,180 @@
+"""The flags of the verbs that do not train: one dataclass per verb (fields become `--flags`).
+
+Torch-free on purpose: `lmforge --help` and argument errors answer without importing torch.
+Numbers carry their bounds (`ge=`, `gt=`, ...), checked by `core.config.check` for every verb.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..core.config import arg
+
+DEVICE_HELP = "cpu, cuda, cuda:N, mps, or auto"
+
+
+@dataclass
+class SamplingArgs:
+    """Sampling: how each next token is chosen"""
+
+    max_new_tokens: int | None = arg(None, "most new tokens to generate (default: 200, or as many as fit in the "
+                                     "context window)", ge=1)
+    temperature: float = arg(0.8, "randomness: 0 = greedy (always the most likely token), 1 = the model's own "
+                             "distribution, higher = wilder", ge=0)
+    top_k: int | None = arg(None, "sample only among the K most likely tokens", ge=1)
+    top_p: float | None = arg(None, "sample only among the most likely tokens whose probabilities sum to P "
+                              "(0 < P <= 1)", gt=0, le=1)
+    seed: int | None = arg(None, "random seed: the same seed gives the same text")
+    repetition_penalty: float = arg(1.0, "above 1 makes tokens already in the text less likely (1.1-1.3 curbs "
+                                    "loops in small models)", gt=0)
+    device: str = arg("auto", DEVICE_HELP)
+
+
+@dataclass
+class GenerateArgs(SamplingArgs):
+    """Generate text from a prompt."""
+
+    model_dir: str = arg(None, "model directory or Hugging Face checkpoint", positional=True)
+    prompt: str = arg(None, "text to continue ('-' reads it from stdin)", short="-p")
+    stop: list[str] = arg([], "stop when this string appears (repeatable; not included in the output; \\n and \\t "
+                          "mean newline and tab)")
+    truncate: str | None = arg(None, "a prompt longer than the context: left keeps its last tokens that fit "
+                               "(default: refuse it)", choices=["left"])
+    top_candidates: int = arg(0, "print, at each step, the K most likely next tokens and their probabilities, "
+                              "and the rank of the one picked", ge=0)
+    num_samples: int = arg(1, "how many completions to generate (seeds seed, seed+1, ...)", short="-n", ge=1)
+    echo: bool = arg(True, "print the prompt before the completion")
+
+
+@dataclass
+class ChatArgs(SamplingArgs):
+    """Talk to a model in the terminal, multi-turn, with the prompt format it was tuned with.
+    Type /reset to start over and /exit to quit."""
+
+    model_dir: str = arg(None, "model directory or Hugging Face checkpoint", positional=True)
+    system: str | None = arg(None, "system message that sets the assistant's behaviour")
+    # Chat's own defaults: longer answers, a little less random, nucleus sampling on.
+    max_new_tokens: int | None = arg(256, "longest answer in tokens", ge=1)
+    temperature: float = arg(0.7, "randomness (0 = greedy)", ge=0)
+    top_p: float | None = arg(0.9, "nucleus sampling threshold (0 < P <= 1)", gt=0, le=1)
+
+
+@dataclass
+class EvaluateArgs:
+    """Measure a model, printing one JSON object: on text, loss / perplexity / bits per byte; on
+    instruction records (.jsonl with instruction/output or messages), exact match of greedy
+    answers; for a classifier on a labelled file, accuracy, macro-F1, per-class precision/recall
+    and the confusion matrix."""
+
+    model_dir: str = arg(None, "model directory", positional=True)
+    data: list[str] = arg([], "text files, directories, .jsonl files, or 'pydocs'")
+    text_field: str = arg("text", "field holding the text in .jsonl files")
+    batch_size: int = arg(8, "windows per forward pass", ge=1)
+    device: str = arg("auto", DEVICE_HELP)
+
+
+@dataclass
+class DemoArgs:
+    """Build the pydocs corpus, train a tokenizer and a small GPT, then sample from it."""
+
+    minutes: float = arg(4.0, "pretraining time budget", gt=0)
+    out: str = arg("runs/demo", "model directory to write (replaced if it exists)")
+    arch: str = arg("gpt2", "gpt2 or llama", choices=["gpt2", "llama"])
+    seed: int = arg(1337, "random seed")
+    device: str = arg("auto", DEVICE_HELP)
+
+
+@dataclass
+class TokenizerTrainArgs:
+    """Train a byte-level BPE tokenizer."""
+
+    data: list[str] = arg(["pydocs"], "text files, directories, .jsonl files, or 'pydocs'")
+    out: str = arg("tokenizer.json", "where to write tokenizer.json")
+    vocab_size: int | None = arg(None, "vocabulary size (default: from the corpus size)", ge=272)
+    text_field: str = arg("text", "field holding the text in .jsonl files")
+
+
+@dataclass
+class TokenizerEncodeArgs:
+    """Show how a tokenizer splits text."""
+
+    tokenizer: str = arg(None, "tokenizer.json, or a model directory", positional=True)
+    text: str = arg(None, "text to encode ('-' reads stdin)")
+    json: bool = arg(False, "print one JSON object (ids and tokens) instead of a table")
+
+
+@dataclass
+class ImportArgs:
+    """Convert a Hugging Face checkpoint (config.json + safetensors + tokenizer.json) into an lmforge
+    model directory. Supported families: GPT-2, Llama (incl. Llama 3 rope scaling), Mistral, Qwen2,
+    Qwen3, BERT, and Llama-style models such as SmolLM."""
+
+    hf_dir: str = arg(None, "Hugging Face model directory", positional=True)
+    out: str = arg(None, "lmforge model directory to write")
+    dtype: str = arg("auto", "weight precision: auto (as stored), float32, bfloat16 or float16",
+                     choices=["auto", "float32", "bfloat16", "float16"])
+    overwrite: bool = arg(False, "replace --out if it exists")
+
+
+@dataclass
+class ExportArgs:
+    """Write a model directory as a Hugging Face checkpoint that `transformers` loads with
+    AutoModelForCausalLM/AutoTokenizer.from_pretrained."""
+
+    model_dir: str = arg(None, "lmforge model directory", positional=True)
+    format: str = arg("hf", "output format", choices=["hf"])
+    out: str = arg(None, "directory to write")
+    shard_size_mb: float = arg(2000.0, "split the weights into files of at most this many MB", gt=0)
+    dtype: str = arg("auto", "weight precision: auto (as stored), float32, bfloat16 or float16",
+                     choices=["auto", "float32", "bfloat16", "float16"])
+    overwrite: bool = arg(False, "replace --out if it exists")
+
+
+@dataclass
+class ClassifyArgs:
+    """Label texts with a fine-tuned classifier."""
+
+    model_dir: str = arg(None, "classifier model directory (from `lmforge finetune classify`)", positional=True)
+    text: list[str] = arg([], "text(s) to classify")
+    file: str | None = arg(None, "classify each line of this file (or each row of a .csv/.tsv/.jsonl)")
+    text_field: str = arg("text", "column / field holding the text in .csv/.tsv/.jsonl files")
+    json: bool = arg(False, "print one JSON object per text: {text, label, probs}")
+    device: str = arg("auto", DEVICE_HELP)
+
+
+@dataclass
+class MergeLoraArgs:
+    """Fold a LoRA adapter into its base model's weights: a plain model directory, no base needed."""
+
+    model_dir: str = arg(None, "adapter directory (from fine-tuning with --lora-rank)", positional=True)
+    out: str = arg(None, "model directory to write")
+    overwrite: bool = arg(False, "replace --out if it exists")
+
+
+@dataclass
+class EmbedArgs:
+    """Sentence embeddings from an encoder: the mean of its final hidden states over the real tokens,
+    L2-normalised (so a dot product is a cosine similarity). With --query, rank the texts by
+    similarity to it (semantic search). `minilm` names the bundled all-MiniLM-L6-v2 model."""
+
+    model_dir: str = arg(None, "encoder model directory, Hugging Face checkpoint, or minilm", positional=True)
+    text: list[str] = arg([], "text(s) to embed")
+    file: str | None = arg(None, "embed each non-empty line of this file (or the text column of a .csv/.tsv/.jsonl)")
+    text_field: str = arg("text", "column / field holding the text in .csv/.tsv/.jsonl files")
+    query: str | None = arg(None, "rank the texts by cosine similarity to this query instead of printing vectors")
+    top_k: int = arg(10, "with --query: how many of the best matches to show", ge=1)
+    out: str | None = arg(None, "write the embeddings to FILE.npy (numpy) or FILE.json instead of stdout")
+    batch_size: int = arg(32, "texts per forward pass", ge=1)
+    truncate: bool = arg(True, "cut texts longer than the model reads (with a warning); --no-truncate: error")
+    device: str = arg("auto", DEVICE_HELP)
+
+
+@dataclass
+class FillMaskArgs:
+    """Predict the masked word(s) in a text with a masked-language model (BERT-style)."""
+
+    model_dir: str = arg(None, "masked-LM model directory or Hugging Face checkpoint", positional=True)
+    text: str = arg(None, "text with [MASK] where a word is missing", positional=True)
+    top_k: int = arg(5, "how many candidates to show per mask", ge=1)
+    json: bool = arg(False, "print one JSON object")
+    device: str = arg("auto", DEVICE_HELP)

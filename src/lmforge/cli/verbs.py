@@ -1,0 +1,263 @@
+"""What each verb does: parse its dataclass, call one library function, print the result.
+
+Imports are inside the functions so that a verb loads only what it uses (and `--help` nothing).
+Machine-readable results go to stdout as one JSON object; human chatter goes to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+
+from ..core.config import from_namespace
+from ..core.errors import LMForgeError
+from .args import (
+    ChatArgs,
+    ClassifyArgs,
+    DemoArgs,
+    EmbedArgs,
+    EvaluateArgs,
+    ExportArgs,
+    FillMaskArgs,
+    GenerateArgs,
+    ImportArgs,
+    MergeLoraArgs,
+    SamplingArgs,
+    TokenizerEncodeArgs,
+    TokenizerTrainArgs,
+)
+
+
+def read_text_arg(text: str | None, what: str) -> str:
+    if text is None:
+        raise LMForgeError(f"--{what} is required")
+    return sys.stdin.read() if text == "-" else text
+
+
+def unescape(text: str) -> str:
+    """`\\n`, `\\t`, `\\r` and `\\\\` typed on a command line mean newline, tab, return, backslash."""
+    return re.sub(r"\\([ntr\\])", lambda m: {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}[m.group(1)], text)
+
+
+def sampling(a: SamplingArgs) -> dict:
+    """The sampling settings of a verb, as keyword arguments for `LM.generate` / `generate_text`."""
+    return {"max_new_tokens": a.max_new_tokens, "temperature": a.temperature, "top_k": a.top_k, "top_p": a.top_p,
+            "repetition_penalty": a.repetition_penalty}
+
+
+def print_summary(state: dict, keys) -> None:
+    """The final metrics of a training run, as one JSON line (rank 0 only under torchrun)."""
+    if not state.get("main", True):
+        return
+    m = state.get("metrics", {})
+    print(json.dumps({k: m[k] for k in keys if k in m}))
+
+
+def pretrain(ns) -> None:
+    from ..training.pretrain import PretrainConfig, pretrain
+
+    print_summary(pretrain(from_namespace(PretrainConfig, ns)), ("step", "tokens", "loss", "val_loss", "val_bpb"))
+
+
+def finetune_classify(ns) -> None:
+    from ..training.tasks.classify import ClassifyConfig, finetune_classify
+
+    print_summary(finetune_classify(from_namespace(ClassifyConfig, ns)),
+                  ("step", "loss", "val_loss", "val_accuracy", "val_macro_f1"))
+
+
+def finetune_instruct(ns) -> None:
+    from ..training.tasks.instruct import InstructConfig, finetune_instruct
+
+    print_summary(finetune_instruct(from_namespace(InstructConfig, ns)), ("step", "tokens", "loss", "val_loss"))
+
+
+def generate(ns) -> None:
+    a = from_namespace(GenerateArgs, ns)
+
+    from ..api import load
+
+    prompt = read_text_arg(a.prompt, "prompt")
+    stops = [unescape(s) for s in a.stop]
+    lm = load(a.model_dir, device=a.device)
+    out = sys.stdout
+
+    def show(step: int, ranked: list[tuple[str, float]], chosen: str) -> None:
+        cands = "  ".join(f"{t!r} {p:6.2%}" for t, p in ranked)
+        out.write(f"[{step:3d}] {chosen!r:>14} <- {cands}\n")
+
+    for i in range(a.num_samples):
+        seed = None if a.seed is None else a.seed + i
+        if a.num_samples > 1:
+            out.write(f"--- sample {i + 1} ---\n")
+        if a.top_candidates:
+            text = lm.generate(prompt, seed=seed, stop=stops, top_candidates=a.top_candidates, on_candidates=show,
+                               **sampling(a))
+            out.write(f"\n{prompt if a.echo else ''}{text}\n")
+            continue
+        if a.echo:
+            out.write(prompt)
+        lm.generate(prompt, seed=seed, stop=stops, stream=lambda s: (out.write(s), out.flush()), **sampling(a))
+        out.write("\n")
+
+
+def chat(ns) -> None:
+    a = from_namespace(ChatArgs, ns)
+
+    from ..api import load
+    from ..inference.chat import chat
+
+    lm = load(a.model_dir, device=a.device)
+    chat(lm, a.system, seed=a.seed, **sampling(a))
+
+
+def evaluate(ns) -> None:
+    a = from_namespace(EvaluateArgs, ns)
+
+    from ..eval.evaluate import evaluate
+    from ..formats.load import load_model
+
+    if not a.data:
+        raise LMForgeError("--data is required")
+    print(json.dumps(evaluate(load_model(a.model_dir, device=a.device), a.data, a.text_field, a.batch_size),
+                     ensure_ascii=False))
+
+
+def classify(ns) -> None:
+    a = from_namespace(ClassifyArgs, ns)
+
+    from ..data.records import read_texts
+    from ..formats.load import load_model
+    from ..inference.classify import classify_texts
+
+    texts = read_texts(a.text, a.file, a.text_field, "classify")
+    lm = load_model(a.model_dir, device=a.device)
+    for text, r in zip(texts, classify_texts(lm, texts)):
+        if a.json:
+            print(json.dumps({"text": text, **r}, ensure_ascii=False))
+        else:
+            probs = "  ".join(f"{k} {v:.3f}" for k, v in sorted(r["probs"].items(), key=lambda kv: -kv[1]))
+            print(f"{r['label']}\t{probs}\t{text[:80]!r}")
+
+
+def merge_lora(ns) -> None:
+    a = from_namespace(MergeLoraArgs, ns)
+
+    from ..formats.load import merge_adapter
+
+    if not a.out:
+        raise LMForgeError("--out is required")
+    merge_adapter(a.model_dir, a.out, a.overwrite)
+
+
+def import_(ns) -> None:
+    a = from_namespace(ImportArgs, ns)
+
+    from ..formats.hf_dir import import_hf
+    from ..formats.load import builtin_model
+
+    if not a.out:
+        raise LMForgeError("--out is required")
+    out = import_hf(builtin_model(a.hf_dir) or a.hf_dir, a.out, a.dtype, a.overwrite)
+    print(f"imported {a.hf_dir} -> {out}", file=sys.stderr)
+
+
+def export(ns) -> None:
+    a = from_namespace(ExportArgs, ns)
+
+    from ..formats.hf_dir import export_hf
+
+    if not a.out:
+        raise LMForgeError("--out is required")
+    export_hf(a.model_dir, a.out, a.shard_size_mb, a.overwrite, a.dtype)
+
+
+def embed(ns) -> None:
+    a = from_namespace(EmbedArgs, ns)
+
+    from pathlib import Path
+
+    import numpy as np
+
+    from ..core.fileio import atomic_path, atomic_write
+    from ..data.records import read_texts
+    from ..formats.load import load_model
+    from ..inference.embed import embed_texts, rank
+
+    if a.out and Path(a.out).suffix not in (".npy", ".json"):
+        raise LMForgeError("--out must end in .npy or .json")
+    texts = read_texts(a.text, a.file, a.text_field)
+    lm = load_model(a.model_dir, device=a.device)
+    vectors = embed_texts(lm, texts, a.batch_size, a.truncate)
+    if a.query is not None:
+        q = embed_texts(lm, [a.query], truncate=a.truncate)[0]
+        for i, score in rank(q, vectors)[:a.top_k]:
+            print(f"{score:.4f}  {texts[i]}")
+        return
+    if a.out:
+        out = Path(a.out)
+        if out.suffix == ".npy":
+            with atomic_path(out) as tmp, open(tmp, "wb") as f:
+                np.save(f, vectors)
+        else:
+            atomic_write(out, json.dumps({"texts": texts, "embeddings": vectors.tolist()}))
+        print(f"wrote {len(texts)} embeddings of dimension {vectors.shape[1]} to {out}", file=sys.stderr)
+        return
+    print(json.dumps({"dim": int(vectors.shape[1]), "texts": texts,
+                      "embeddings": [[round(float(v), 6) for v in row] for row in vectors]}, ensure_ascii=False))
+
+
+def fill_mask(ns) -> None:
+    a = from_namespace(FillMaskArgs, ns)
+
+    from ..formats.load import load_model
+    from ..inference.embed import fill_mask
+
+    results = fill_mask(load_model(a.model_dir, device=a.device), a.text, a.top_k)
+    if a.json:
+        print(json.dumps({"text": a.text, "masks": results}, ensure_ascii=False))
+        return
+    for n, options in enumerate(results, 1):
+        if len(results) > 1:
+            print(f"mask {n}:")
+        for r in options:
+            print(f"  {r['prob']:7.2%}  {r['token']:<15} {r['sequence']}")
+
+
+def demo(ns) -> None:
+    a = from_namespace(DemoArgs, ns)
+
+    from .demo import demo
+
+    demo(a.minutes, a.out, a.arch, a.seed, a.device)
+
+
+def tokenizer_train(ns) -> None:
+    a = from_namespace(TokenizerTrainArgs, ns)
+
+    from ..text.corpus import load_corpus
+    from ..text.tokenizer import Tokenizer, auto_vocab_size
+
+    corpus = load_corpus(a.data, a.text_field)
+    tok = Tokenizer.train(corpus.documents, a.vocab_size or auto_vocab_size(corpus.num_bytes),
+                          show_progress=sys.stderr.isatty())
+    tok.save(a.out)
+    print(f"wrote {a.out}: {tok.vocab_size} tokens from {corpus.num_bytes / 1e6:.2f} MB", file=sys.stderr)
+
+
+def tokenizer_encode(ns) -> None:
+    a = from_namespace(TokenizerEncodeArgs, ns)
+
+    from ..text.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_file(a.tokenizer)
+    text = read_text_arg(a.text, "text")
+    ids = tok.encode(text)
+    pieces = [tok.decode([i]) for i in ids]
+    if a.json:
+        print(json.dumps({"ids": ids, "tokens": pieces}, ensure_ascii=False))
+        return
+    for i, p in zip(ids, pieces):
+        print(f"{i:>8}  {p!r}")
+    print(f"{len(ids)} tokens, {len(text.encode())} bytes", file=sys.stderr)
