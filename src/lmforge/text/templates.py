@@ -8,6 +8,7 @@ content never does, so a user cannot forge a turn boundary by typing `<|im_end|>
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from ..core.errors import LMForgeError
@@ -70,27 +71,58 @@ class Template:
 
     def _render_jinja(self, messages, tokenizer, gen) -> list[Segment]:
         """The model's own chat template. Trainable spans come from rendering the conversation
-        turn by turn: the text each assistant message adds is what the model must learn."""
+        turn by turn: the text each assistant message adds is what the model must learn. Within
+        every span, message content is plain text and only the template's own text is markup."""
         msgs = [{"role": m["role"], "content": user_text(m) if m["role"] == "user" else m["content"]}
                 for m in messages]
         segments: list[Segment] = []
-        done = ""
+        done: list[Piece] = []
         for i, m in enumerate(msgs):
             if m["role"] != "assistant":
                 continue
             prompt = self._jinja(msgs[:i], tokenizer, True)
             full = self._jinja(msgs[:i + 1], tokenizer, False)
-            if not (prompt.startswith(done) and full.startswith(prompt)):
+            if not (_text(prompt).startswith(_text(done)) and _text(full).startswith(_text(prompt))):
                 raise LMForgeError("the model's chat_template does not render conversations incrementally, so "
                                    "the assistant's part cannot be isolated; use --template chatml or alpaca")
-            segments += [(prompt[len(done):], False, True), (full[len(prompt):], True, True)]
+            segments += [(t, False, not c) for t, c in _cut(prompt, len(_text(done)))]
+            segments += [(t, True, not c) for t, c in _cut(full, len(_text(prompt)))]
             done = full
         rest = self._jinja(msgs, tokenizer, gen) if (gen or not segments) else done
-        if rest[len(done):]:
-            segments.append((rest[len(done):], False, True))
+        segments += [(t, False, not c) for t, c in _cut(rest, len(_text(done)))]
         return segments
 
-    def _jinja(self, messages: list[dict], tokenizer: Tokenizer, gen: bool) -> str:
+    def _jinja(self, messages: list[dict], tokenizer: Tokenizer, gen: bool) -> list[Piece]:
+        """The rendered conversation as (text, is_content) pieces.
+
+        The template is rendered twice: with the real messages, and with each content replaced by a
+        placeholder. The placeholder rendering shows which text is the template's own; the content
+        between it is found in the real rendering, which templates may have trimmed or cut (Llama 3
+        trims, Qwen3 drops past reasoning), so each span need only be part of its message.
+        """
+        real = self._render_source(messages, tokenizer, gen)
+        # Empty content stays empty: templates test `if message.content`, and it hides nothing.
+        marked = [{**m, "content": _placeholder(i) if m["content"] else ""} for i, m in enumerate(messages)]
+        parts = _PLACEHOLDER.split(self._render_source(marked, tokenizer, gen))
+        markup, order = parts[0::2], [int(i) for i in parts[1::2]]
+        if not order:
+            return [(real, False)] if real else []
+        pieces: list[Piece] = []
+        if not real.startswith(markup[0]):
+            raise _untraceable()
+        pos = len(markup[0])
+        pieces.append((markup[0], False))
+        for k, i in enumerate(order):
+            after = markup[k + 1]
+            last = k == len(order) - 1
+            end = _content_end(real, pos, after, messages[i]["content"], last)
+            pieces += [(real[pos:end], True), (after, False)]
+            pos = end + len(after)
+        if pos != len(real):
+            raise _untraceable()
+        return [p for p in pieces if p[0]]
+
+    def _render_source(self, messages: list[dict], tokenizer: Tokenizer, gen: bool) -> str:
         from jinja2 import TemplateError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -127,6 +159,53 @@ class Template:
 
     def to_json(self) -> dict:
         return {"name": self.name, **({"source": self.source} if self.source else {})}
+
+
+Piece = tuple[str, bool]  # (text, is message content)
+# Private-use characters: no template alters them, and they survive trim/strip/split.
+_PLACEHOLDER = re.compile("\ue000([0-9]+)\ue001")
+
+
+def _placeholder(i: int) -> str:
+    return f"\ue000{i}\ue001"
+
+
+def _text(pieces: list[Piece]) -> str:
+    return "".join(t for t, _ in pieces)
+
+
+def _cut(pieces: list[Piece], start: int) -> list[Piece]:
+    """The pieces from character `start` on."""
+    out, pos = [], 0
+    for text, content in pieces:
+        if pos + len(text) > start:
+            out.append((text[max(start - pos, 0):], content))
+        pos += len(text)
+    return out
+
+
+def _content_end(real: str, pos: int, after: str, content: str, last: bool) -> int:
+    """Where a message's rendered content, starting at `pos` in `real`, ends: the longest span that
+    is part of the message and is followed by the template's next text. Longest, because content
+    that imitates the template (a forged `<|im_end|>`) also matches a shorter span."""
+    if last:
+        end = len(real) - len(after)
+        if end >= pos and real.endswith(after) and real[pos:end] in content:
+            return end
+        raise _untraceable()
+    best, j = -1, real.find(after, pos)
+    while j >= 0 and j - pos <= len(content):
+        if real[pos:j] in content:
+            best = j
+        j = real.find(after, j + 1)
+    if best < 0:
+        raise _untraceable()
+    return best
+
+
+def _untraceable() -> LMForgeError:
+    return LMForgeError("the model's chat_template rewrites message content, so lmforge cannot tell the "
+                        "content from the template's own markup; use --template chatml or alpaca")
 
 
 def _token_text(value) -> str | None:
