@@ -3,7 +3,10 @@
 `dN` means N layers of width 64*N with 64-dimensional heads (the nanochat recipe: a single dial
 that keeps the shape sensible). `auto` picks the depth that makes the best use of the budget by
 the compute-optimal rule (about 20 training tokens per parameter, Hoffmann et al. 2022), using
-the throughput measured on this machine for time budgets.
+the throughput measured on this machine for time budgets. Tokens seen again in a later pass are
+worth less than new ones, so the rule counts *effective* tokens (Muennighoff et al. 2023,
+data-constrained scaling): after about 4 passes repetition buys little, and a small corpus
+with a long budget is better spent on a bigger model (or a shorter run) than on more passes.
 """
 
 from __future__ import annotations
@@ -21,6 +24,27 @@ from .transformer import Transformer
 
 TOKENS_PER_PARAM = 20
 MAX_DEPTH = 32
+REPEAT_DECAY = 15.4  # R*_D of Muennighoff et al. 2023: repeated tokens' value decays on this scale
+USEFUL_PASSES = 4  # up to here, repeated data is nearly as good as new (ibid.); beyond it, warn
+
+
+def effective_tokens(tokens: float, unique: float | None) -> float:
+    """Training tokens discounted for repetition: U + U * R* * (1 - exp(-R / R*)), with R the
+    passes beyond the first over `unique` tokens (Muennighoff et al. 2023, eq. 5)."""
+    if not unique or tokens <= unique:
+        return tokens
+    repeats = tokens / unique - 1
+    return unique * (1 + REPEAT_DECAY * (1 - math.exp(-repeats / REPEAT_DECAY)))
+
+
+def passes_warning(tokens: float, unique: float) -> str | None:
+    """A warning when a budget implies many passes over the data, else None."""
+    passes = tokens / max(unique, 1)
+    if passes <= USEFUL_PASSES:
+        return None
+    return (f"the budget means {passes:.1f} passes over {unique:,.0f} training tokens; beyond about "
+            f"{USEFUL_PASSES} passes repeated data adds little and the model starts to memorise it (watch "
+            "val_loss; more text, or a smaller budget, will do better)")
 
 
 def arch_config(arch: str, vocab_size: int, context_length: int, n_layer: int, n_embd: int,
@@ -84,18 +108,26 @@ def measure_step_seconds(cfg: ModelConfig, batch_size: int, device: torch.device
 
 def choose_depth(arch: str, vocab_size: int, context_length: int, tokens_per_step: int, *,
                  max_tokens: float | None, seconds: float | None,
-                 step_seconds: Callable[[ModelConfig], float]) -> tuple[int, list[str]]:
-    """The depth whose tokens-per-parameter, under the budget, is closest to the optimum.
+                 step_seconds: Callable[[ModelConfig], float],
+                 unique_tokens: float | None = None) -> tuple[int, list[str]]:
+    """The depth whose effective tokens per parameter, under the budget, is closest to the optimum
+    (`unique_tokens`: the size of the training data, to discount repeated passes).
 
     With a token budget the answer follows directly. With a time budget, throughput is measured
     on a probe model; the probe moves to the chosen size until the choice stops changing, since
     small models use the machine less efficiently than big ones.
     """
+    if (max_tokens is not None and max_tokens <= 0) or (seconds is not None and seconds <= 0):
+        raise LMForgeError("--size auto needs a positive budget")
     cfgs = {d: sized_config(arch, d, vocab_size, context_length) for d in range(1, MAX_DEPTH + 1)}
     report: list[str] = []
 
     def pick(tokens_of: Callable[[int], float]) -> int:
-        return min(cfgs, key=lambda d: abs(math.log(tokens_of(d) / (TOKENS_PER_PARAM * trained_params(cfgs[d])))))
+        def distance(d: int) -> float:
+            useful = effective_tokens(tokens_of(d), unique_tokens)
+            return abs(math.log(useful / (TOKENS_PER_PARAM * trained_params(cfgs[d]))))
+
+        return min(cfgs, key=distance)
 
     if seconds is None:
         assert max_tokens is not None
@@ -126,7 +158,9 @@ def choose_depth(arch: str, vocab_size: int, context_length: int, tokens_per_ste
         report.append(f"budget {seconds / 60:.1f} min ~ {tokens:,.0f} tokens at d{depth}")
         max_tokens = tokens
     n = trained_params(cfgs[depth])
+    useful = effective_tokens(max_tokens, unique_tokens)
+    worth = f", worth {useful / n:.0f} new ones" if useful < max_tokens else ""
     report.append(f"chose d{depth}: {cfgs[depth].n_layer} layers, width {cfgs[depth].n_embd}, "
                   f"{cfgs[depth].n_head} heads, {n / 1e6:.2f}M parameters -> "
-                  f"{max_tokens / n:.0f} tokens per parameter (compute-optimal is ~{TOKENS_PER_PARAM})")
+                  f"{max_tokens / n:.0f} tokens per parameter{worth} (compute-optimal is ~{TOKENS_PER_PARAM})")
     return depth, report

@@ -1,0 +1,108 @@
+"""Argument handling shared by every verb: bounds on numbers, positionals anywhere, help, speed."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+import typing
+
+import pytest
+from helpers import fails
+
+from lmforge.cli import VERBS, _dataclass, main
+from lmforge.core.config import _base_type
+
+UNBOUNDED = {"seed"}  # any integer is a valid seed
+
+
+def bounded_fields():
+    """(verb, field, bounds) for every numeric flag of every verb."""
+    for verb, (spec, _, _) in VERBS.items():
+        cls = _dataclass(spec)
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            tp, _ = _base_type(hints[f.name])
+            if tp in (int, float) and f.metadata.get("cli", True):
+                yield verb, f, f.metadata.get("bounds") or {}
+
+
+def test_every_numeric_flag_is_bounded():
+    unbounded = [f"{verb} --{f.name}" for verb, f, bounds in bounded_fields() if not bounds and f.name not in UNBOUNDED]
+    assert not unbounded, f"numeric flags without bounds: {unbounded}"
+
+
+def _violation(bounds: dict, is_int: bool) -> str:
+    if "ge" in bounds:
+        value = bounds["ge"] - 1
+    elif "gt" in bounds:
+        value = bounds["gt"] - (1 if is_int else 0)
+    elif "le" in bounds:
+        value = bounds["le"] + 1
+    else:
+        value = bounds["lt"]
+    return str(int(value)) if is_int else str(value)
+
+
+@pytest.mark.parametrize("verb,field,bounds", [pytest.param(v, f, b, id=f"{v}--{f.name}")
+                                               for v, f, b in bounded_fields() if b])
+def test_out_of_range_numbers_give_one_line_errors(verb, field, bounds, capsys, tmp_path):
+    cls = _dataclass(VERBS[verb][0])
+    is_int = _base_type(typing.get_type_hints(cls)[field.name])[0] is int
+    positionals = [str(tmp_path / f.name) for f in dataclasses.fields(cls) if f.metadata.get("positional")]
+    flag = "--" + field.name.replace("_", "-")
+    fails(capsys, f"{flag} must be", *verb.split(), *positionals, flag, _violation(bounds, is_int))
+
+
+def test_absurd_values_named_in_the_issue(capsys, tiny_run):
+    for args, message in [
+        (["generate", str(tiny_run), "-p", "a", "--temperature", "-1"], "--temperature must be >= 0"),
+        (["generate", str(tiny_run), "-p", "a", "--top-p", "1.5"], "--top-p must be > 0 and <= 1"),
+        (["generate", str(tiny_run), "-p", "a", "--top-k", "-3"], "--top-k must be >= 1"),
+        (["generate", str(tiny_run), "-p", "a", "--max-new-tokens", "-1"], "--max-new-tokens must be >= 1"),
+        (["generate", str(tiny_run), "-p", "a", "-n", "0"], "--num-samples must be >= 1"),
+        (["generate", str(tiny_run), "-p", "a", "--repetition-penalty", "0"], "--repetition-penalty must be > 0"),
+        (["evaluate", str(tiny_run), "--data", "pydocs", "--batch-size", "0"], "--batch-size must be >= 1"),
+        (["pretrain", "--data", "pydocs", "--out", "x", "--max-steps", "-5"], "--max-steps must be"),
+        (["pretrain", "--data", "pydocs", "--out", "x", "--max-steps", "5", "--n-head", "0"], "--n-head must be"),
+    ]:
+        fails(capsys, message, *args)
+
+
+def test_positionals_are_recognised_after_list_flags(tiny_run, tmp_path, capsys):
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("The valid key reads a new socket. The first path yields a small list.")
+    assert main(["evaluate", "--data", str(held_out), str(tiny_run)]) == 0
+    after = json.loads(capsys.readouterr().out)
+    assert main(["evaluate", str(tiny_run), "--data", str(held_out)]) == 0
+    assert json.loads(capsys.readouterr().out) == after
+    fails(capsys, "missing required argument(s): MODEL_DIR", "evaluate", "--data", str(held_out))
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip().startswith("lmforge 0.")
+
+
+def test_help_and_argument_errors_do_not_import_torch():
+    code = ("import sys\nfrom lmforge.cli import main\n"
+            "for argv in (['--help'], ['generate', '--help'], ['generate', 'x', '--top-p', '2'],\n"
+            "             ['embed', '--help']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "print('torch' in sys.modules)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_help_shows_zero_defaults_and_each_verbs_own_examples(capsys):
+    with pytest.raises(SystemExit):
+        main(["finetune", "classify", "--help"])
+    out = capsys.readouterr().out
+    assert "lmforge finetune classify runs/demo" in out and "lmforge classify runs/spam" not in out
+    assert "LoRA rank; 0 = full fine-tuning of every (unfrozen) weight (default: 0)" in " ".join(out.split())
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--help"])
+    assert "dropout probability (default: 0.0)" in " ".join(capsys.readouterr().out.split())
