@@ -2,69 +2,136 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _chunks(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+            ignore_index: int, acc: torch.dtype) -> Iterator[tuple]:
+    """Row chunks of the output layer: (start, h rows, clamped targets, valid rows, exp(logits - max),
+    its row sums z, per-row loss (0 where ignored), the matmul dtype). Logits are in `acc`.
+
+    A few rows at a time keep each chunk's logits in cache (~16 MB of fp32 per chunk), so neither
+    the forward nor a backward ever holds [tokens, vocab].
+    """
+    rows = min(1024, max(128, (1 << 22) // weight.shape[0]))
+    for s in range(0, h.shape[0], rows):
+        hc, tc = h[s:s + rows], targets[s:s + rows]
+        raw = F.linear(hc, weight, bias)
+        cdt = raw.dtype  # bf16 under autocast: do the gradient matmuls in it too
+        logits = raw.to(acc) if raw.dtype != acc else raw
+        valid = tc != ignore_index
+        tgt = tc.clamp(min=0)
+        target_logit = logits.gather(1, tgt[:, None]).squeeze(1)
+        # log-sum-exp by hand, in place: torch.logsumexp is several times slower on CPU.
+        m = logits.amax(dim=-1, keepdim=True)
+        p = logits.sub_(m).exp_()
+        z = p.sum(dim=-1)
+        loss = (m.squeeze(1) + z.log() - target_logit) * valid
+        yield s, hc, tgt, valid, p, z, loss, cdt
+
+
+def _add_grads(p, z, tgt, row_weight, hc, weight, cdt, acc, s, grad_h, grad_w, grad_b) -> None:
+    """Accumulate the gradients of sum(row_weight * loss) for one chunk; `p` is overwritten.
+    d loss / d logits = softmax - onehot, per row."""
+    g = p.mul_((row_weight / z)[:, None])
+    g[torch.arange(len(tgt), device=g.device), tgt] -= row_weight
+    if grad_h is not None:
+        grad_h[s:s + len(tgt)] = g.to(cdt) @ weight.to(cdt)
+    if grad_w is not None and cdt == acc:
+        grad_w.addmm_(g.t(), hc.to(acc))
+    elif grad_w is not None:
+        grad_w += (g.t().to(cdt) @ hc.to(cdt)).float()
+    if grad_b is not None:
+        grad_b += g.sum(0)
+
+
+def _grad_buffers(h, weight, bias, acc, need: tuple[bool, bool, bool]):
+    """Gradient buffers for h, weight and bias, only where wanted: a frozen output layer (LoRA)
+    needs no buffer the size of the weight."""
+    return (torch.empty_like(h) if need[0] else None, torch.zeros_like(weight, dtype=acc) if need[1] else None,
+            torch.zeros_like(bias, dtype=acc) if bias is not None and need[2] else None)
+
+
+def _cast(grad: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor | None:
+    return grad.to(like.dtype) if grad is not None else None
+
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """Output layer + cross-entropy in row chunks, gradients computed during the forward pass.
+    """Mean (or summed) cross-entropy of the output layer, gradients computed during the forward pass.
 
     Materialising [tokens, vocab] logits, then log-softmax, then its backward and a zero-filled
-    gradient buffer is a large share of a small model's step and of its memory. Processing a
-    few rows at a time keeps each chunk's logits in cache; since the loss is a scalar, the
-    gradients w.r.t. the hidden states and the weight can be formed right away, so backward
-    only rescales them (no recomputation).
+    gradient buffer is a large share of a small model's step and of its memory. Since the loss is
+    a scalar, the gradients w.r.t. the hidden states and the weight can be formed chunk by chunk
+    right away, so backward only rescales them (no recomputation). `want_grad` comes from the
+    caller: forward always runs with grad mode off, and `needs_input_grad` is True even under
+    `torch.no_grad()`, where the gradient buffers (as large as the weight) would be wasted.
     """
 
     @staticmethod
-    def forward(ctx, h, weight, bias, targets, ignore_index: int):
-        n_valid = (targets != ignore_index).sum()
-        want_grad = any(ctx.needs_input_grad[:3])
-        grad_h = torch.empty_like(h) if want_grad else None
+    def forward(ctx, h, weight, bias, targets, ignore_index: int, mean: bool, need: tuple[bool, bool, bool]):
         acc = torch.promote_types(weight.dtype, torch.float32)  # accumulate in >= fp32
-        grad_w = torch.zeros_like(weight, dtype=acc) if want_grad else None
-        grad_b = torch.zeros_like(bias, dtype=acc) if want_grad and bias is not None else None
+        n_valid = (targets != ignore_index).sum()
+        denom = n_valid.clamp(min=1).to(acc) if mean else torch.ones((), dtype=acc, device=h.device)
+        grads = _grad_buffers(h, weight, bias, acc, need)
+        want_grad = any(g is not None for g in grads)
         total = torch.zeros((), dtype=acc, device=h.device)
-        rows = min(1024, max(128, (1 << 22) // weight.shape[0]))  # ~16 MB of fp32 logits per chunk
-        denom = n_valid.clamp(min=1).to(acc)
-        for s in range(0, h.shape[0], rows):
-            hc, tc = h[s:s + rows], targets[s:s + rows]
-            raw = F.linear(hc, weight, bias)
-            cdt = raw.dtype  # bf16 under autocast: do the gradient matmuls in it too
-            logits = raw.to(acc) if raw.dtype != acc else raw
-            valid = tc != ignore_index
-            tgt = tc.clamp(min=0)
-            target_logit = logits.gather(1, tgt[:, None]).squeeze(1)
-            # log-sum-exp by hand, in place: torch.logsumexp is several times slower on CPU.
-            m = logits.amax(dim=-1, keepdim=True)
-            p = logits.sub_(m).exp_()
-            z = p.sum(dim=-1)
-            lse = m.squeeze(1) + z.log()
-            total += ((lse - target_logit) * valid).sum()
-            if want_grad:  # d loss / d logits = (softmax - onehot) / n_valid, on valid rows
-                weight_row = valid.to(acc) / denom
-                g = p.mul_((weight_row / z)[:, None])
-                g[torch.arange(len(tgt), device=g.device), tgt] -= weight_row
-                grad_h[s:s + rows] = g.to(cdt) @ weight.to(cdt)
-                if cdt == acc:
-                    grad_w.addmm_(g.t(), hc.to(acc))
-                else:
-                    grad_w += (g.t().to(cdt) @ hc.to(cdt)).float()
-                if grad_b is not None:
-                    grad_b += g.sum(0)
+        for s, hc, tgt, valid, p, z, loss, cdt in _chunks(h, weight, bias, targets, ignore_index, acc):
+            total += loss.sum()
+            if want_grad:
+                _add_grads(p, z, tgt, valid.to(acc) / denom, hc, weight, cdt, acc, s, *grads)
         if want_grad:
-            ctx.save_for_backward(grad_h, grad_w.to(weight.dtype),
-                                  grad_b.to(bias.dtype) if grad_b is not None else None)
+            ctx.save_for_backward(grads[0], _cast(grads[1], weight), _cast(grads[2], bias))
         return total / denom
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad_h, grad_w, grad_b = ctx.saved_tensors
-        return (grad_h * grad_out, grad_w * grad_out,
-                grad_b * grad_out if grad_b is not None else None, None, None)
+        return (*(g * grad_out if g is not None else None for g in ctx.saved_tensors), None, None, None, None)
+
+
+class _TokenLosses(torch.autograd.Function):
+    """Per-token cross-entropy [tokens] of the output layer (0 where ignored). Its gradient depends
+    on a per-token upstream gradient, so backward recomputes each chunk's logits rather than
+    keeping them: memory stays at one chunk either way."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, ignore_index: int):
+        acc = torch.promote_types(weight.dtype, torch.float32)
+        out = torch.empty(h.shape[0], dtype=acc, device=h.device)
+        for s, _, _, _, _, _, loss, _ in _chunks(h, weight, bias, targets, ignore_index, acc):
+            out[s:s + len(loss)] = loss
+        ctx.save_for_backward(h, weight, bias, targets)
+        ctx.ignore_index = ignore_index
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h, weight, bias, targets = ctx.saved_tensors
+        acc = torch.promote_types(weight.dtype, torch.float32)
+        grad_h, grad_w, grad_b = _grad_buffers(h, weight, bias, acc, ctx.needs_input_grad[:3])
+        for s, hc, tgt, valid, p, z, _, cdt in _chunks(h, weight, bias, targets, ctx.ignore_index, acc):
+            row_weight = grad_out[s:s + len(tgt)].to(acc) * valid
+            _add_grads(p, z, tgt, row_weight, hc, weight, cdt, acc, s, grad_h, grad_w, grad_b)
+        return grad_h, _cast(grad_w, weight), _cast(grad_b, bias), None, None
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                         targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Mean cross-entropy of `F.linear(h, weight, bias)` against `targets`, memory-light and fast."""
-    return _LinearCrossEntropy.apply(h, weight, bias, targets, ignore_index)
+                         targets: torch.Tensor, ignore_index: int = -100, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of `F.linear(h, weight, bias)` [N, vocab] against `targets` [N], memory-light
+    and fast: never more than one chunk of logits exists.
+
+    reduction: "mean" over non-ignored targets, "sum", or "none" for per-token losses [N] in fp32
+    (0 where ignored), as `F.cross_entropy` gives them; evaluation sums these without ever holding
+    the [N, vocab] logits.
+    """
+    if reduction == "none":
+        return _TokenLosses.apply(h, weight, bias, targets, ignore_index)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, not {reduction!r}")
+    grad = torch.is_grad_enabled()  # forward runs with grad off, so the caller must ask
+    need = tuple(grad and t is not None and t.requires_grad for t in (h, weight, bias))
+    return _LinearCrossEntropy.apply(h, weight, bias, targets, ignore_index, reduction == "mean", need)

@@ -255,8 +255,9 @@ class Transformer(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 attention_mask: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
-                cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
-        """Logits [B, T, vocab]; or, given `targets` [B, T] (-100 = ignore), the mean cross-entropy.
+                cache: KVCache | None = None, last_only: bool = False, reduction: str = "mean") -> torch.Tensor:
+        """Logits [B, T, vocab]; or, given `targets` [B, T] (-100 = ignore), the cross-entropy:
+        its mean, its sum, or (reduction="none") per-token losses [B, T] in fp32, 0 where ignored.
 
         The loss path never materialises the full logits (see `linear_cross_entropy`).
         """
@@ -265,8 +266,20 @@ class Transformer(nn.Module):
             return self.head(h[:, -1:] if last_only else h)
         if self.cfg.head_transform:
             h = self.head_norm(ACTIVATIONS[self.cfg.activation](self.head_dense(h)))
-        return linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, self.lm_head.bias,
-                                    targets.flatten())
+        weight, bias = self.head_weight_and_bias()
+        loss = linear_cross_entropy(h.flatten(0, 1), weight, bias, targets.flatten(), reduction=reduction)
+        return loss.view(targets.shape) if reduction == "none" else loss
+
+    def head_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The output layer's effective weight and bias, for the fused loss (which needs the matrix,
+        not the module). A LoRA-wrapped head (duck-typed: `lora_a`, `lora_b`, `scale`) contributes
+        W + scale * B A, differentiable in A and B, so adapting lm_head trains through the loss
+        path too. LoRA dropout, applied to the head's input, has no weight form and is left out."""
+        head = self.lm_head
+        weight = head.weight
+        if all(hasattr(head, a) for a in ("lora_a", "lora_b", "scale")):
+            weight = weight + (head.lora_b @ head.lora_a) * head.scale
+        return weight, head.bias
 
     def finish_loading(self) -> None:
         """After weights were assigned onto a meta-device skeleton: re-tie the output matrix to the
