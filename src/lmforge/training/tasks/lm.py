@@ -28,8 +28,7 @@ def evaluate_lm(model: torch.nn.Module, data: np.ndarray, context_length: int, t
     model.eval()
     for x, y in eval_batches(data, context_length, batch_size, max_windows):
         x, y = x.to(device), y.to(device)
-        logits = model(x).float()
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
+        loss = model(x, y, reduction="none").flatten()  # per token, chunked: never [B, T, vocab] logits
         nb = token_bytes[y.flatten()]
         nats += loss.sum().double()
         nats_bpb += (loss * (nb > 0)).sum().double()  # special tokens carry no bytes: left out
