@@ -128,3 +128,22 @@ def test_loss_path_sees_a_wrapped_output_layer():
     assert torch.allclose(ga, ra, atol=1e-5) and torch.allclose(gb, rb, atol=1e-5)
     weight, bias = model.head_weight_and_bias()
     assert bias is model.lm_head.bias and not torch.equal(weight, model.lm_head.weight)
+
+
+def test_lm_evaluation_never_holds_all_logits():
+    import numpy as np
+
+    from lmforge.training.tasks.lm import evaluate_lm
+
+    V, T, B = 8192, 64, 16  # 1024 positions per batch, more than one chunk of rows at this vocabulary
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=V, context_length=T, n_layer=1, n_head=2, n_embd=16))
+    data = np.random.default_rng(0).integers(0, V, B * T + 1)
+    with ShapeLog() as log:
+        result = evaluate_lm(model, data, T, torch.ones(V, dtype=torch.long), batch_size=B)
+    assert not [s for s in log.shapes if len(s) >= 2 and s[-1] == V and (len(s) == 3 or s[0] > 512)]
+    x = torch.from_numpy(data[:-1].astype(np.int64)).view(B, T)
+    y = torch.from_numpy(data[1:].astype(np.int64)).view(B, T)
+    with torch.no_grad():
+        ref = F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item()
+    assert result["tokens"] == B * T and abs(result["loss"] - ref) < 1e-5
