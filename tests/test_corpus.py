@@ -71,3 +71,9 @@ def test_pydocs_is_deterministic_deduplicated_and_about_2mb():
     assert 1.0e6 < size < 4.0e6
     assert any(d.startswith("Module json") for d in docs)
     assert not any(" at 0x" in d.split("\n", 1)[0] for d in docs)  # no memory addresses in signatures
+
+
+def test_the_corpus_says_what_it_read(tmp_path):
+    (tmp_path / "a.txt").write_text("one document")
+    (tmp_path / "b.jsonl").write_text('{"text": "two"}\n{"text": "three"}\n')
+    assert load_corpus([str(tmp_path)]).describe() == "2 files: 3 documents, 0.00 MB"

@@ -34,6 +34,7 @@ def warn(msg: str) -> None:
 class Corpus:
     documents: list[str]
     sources: list[str] = field(default_factory=list)  # the paths (or "pydocs") it was read from
+    files: int = 0  # text and JSONL files read (pydocs counts as none)
 
     def fingerprint(self) -> str:
         """A hash of the content: the cache key for tokenizers and encoded data built from it."""
@@ -45,6 +46,12 @@ class Corpus:
     @property
     def num_bytes(self) -> int:
         return sum(len(d.encode()) for d in self.documents)
+
+    def describe(self) -> str:
+        """What was read, for the log: "3 files (pydocs): 1,204 documents, 1.85 MB"."""
+        where = [f"{self.files:,} file{'s' if self.files != 1 else ''}"] if self.files else []
+        where += [BUILTIN] if BUILTIN in self.sources else []
+        return f"{' + '.join(where)}: {len(self.documents):,} documents, {self.num_bytes / 1e6:.2f} MB"
 
 
 def _read_text(path: Path) -> str | None:
@@ -98,6 +105,7 @@ def load_corpus(paths: list[str], text_field: str = "text") -> Corpus:
     if not paths:
         raise LMForgeError("no data given (pass files, directories, or 'pydocs')")
     docs: list[str] = []
+    n_files = 0
     for spec in paths:
         if spec == BUILTIN:
             docs.extend(pydocs())
@@ -108,6 +116,7 @@ def load_corpus(paths: list[str], text_field: str = "text") -> Corpus:
         files = _walk(path) if path.is_dir() else [path]
         if path.is_dir() and not files:
             warn(f"no text files found under {spec}")
+        n_files += len(files)
         for f in files:
             if f.suffix.lower() in JSONL_SUFFIXES:
                 docs.extend(_read_jsonl(f, text_field))
@@ -118,7 +127,7 @@ def load_corpus(paths: list[str], text_field: str = "text") -> Corpus:
     docs = [d for d in docs if d.strip()]
     if not docs:
         raise LMForgeError(f"the corpus is empty: no text found in {', '.join(paths)}")
-    return Corpus(docs, list(paths))
+    return Corpus(docs, list(paths), n_files)
 
 
 # --- The built-in corpus: documentation that ships with Python itself ---------------------------
