@@ -222,3 +222,24 @@ def test_tokenizer_that_does_not_fit_the_embeddings(tmp_path):
     small = tmp_path / "small"
     tiny_hf_model("gpt2", small, vocab=128)  # fewer rows than tokens: ids would be out of range
     assert_clean_error(run_cli("import", str(small), "--out", str(tmp_path / "o2")), "do not belong together")
+
+
+def test_gpt2_with_untied_output_layer(tmp_path):
+    """Fine-tuned GPT-2s sometimes ship their own lm_head (tie_word_embeddings false)."""
+    hf = tiny_hf_model("gpt2", tmp_path / "src", tie_word_embeddings=False)
+    assert hf.lm_head.weight.data_ptr() != hf.transformer.wte.weight.data_ptr()
+    lm = load(tmp_path / "src", device="cpu")
+    assert not lm.config.tie_embeddings
+    ids = ids_for(hf.config.vocab_size)
+    with torch.no_grad():
+        assert torch.equal(lm.model.lm_head.weight, hf.lm_head.weight)
+        assert (lm.model(ids) - hf(ids).logits).abs().max().item() <= 1e-4
+    mine, back = tmp_path / "mine", tmp_path / "back"
+    assert run_cli("import", str(tmp_path / "src"), "--out", str(mine)).returncode == 0
+    proc = run_cli("export", str(mine), "--out", str(back))
+    assert proc.returncode == 0, proc.stderr
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(back).eval()
+    assert not reloaded.config.tie_word_embeddings
+    with torch.no_grad():
+        assert torch.equal(reloaded.lm_head.weight, hf.lm_head.weight)
+        assert (reloaded(ids).logits - hf(ids).logits).abs().max().item() <= 1e-5

@@ -1,6 +1,6 @@
 """Hugging Face checkpoint layouts <-> lmforge: configs and weight names, family by family.
 
-Pure mapping, no files (see `hf_io.py` for directories). Each family is a plan: for every
+Pure mapping, no files (see `hf_dir.py` for directories). Each family is a plan: for every
 lmforge tensor, which Hugging Face tensors it comes from and how (copy, transpose, or
 concatenate: lmforge fuses q/k/v and gate/up projections into single matmuls).
 """
@@ -107,7 +107,7 @@ def export_family(cfg: ModelConfig) -> str:
     if fam in SUPPORTED:
         return fam
     if cfg.pos_embedding == "learned" and cfg.norm == "layernorm" and cfg.mlp == "plain" and cfg.causal \
-            and cfg.n_kv_head == cfg.n_head and cfg.bias and cfg.tie_embeddings:
+            and cfg.n_kv_head == cfg.n_head and cfg.bias and not cfg.lm_head_bias:
         return "gpt2"
     if cfg.pos_embedding == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "gated" and cfg.causal:
         if cfg.qk_norm:
@@ -192,7 +192,8 @@ def _plan(cfg: ModelConfig, family: str, prefix: str) -> list[tuple[str, tuple[s
                                  ("mlp.fc", "mlp.c_fc"), ("mlp.proj", "mlp.c_proj")):
                 plan += [(f"{b}{ours}.weight", (f"{h}{theirs}.weight",), "t"),
                          (f"{b}{ours}.bias", (f"{h}{theirs}.bias",), "copy")]
-        plan += [("norm.weight", ("ln_f.weight",), "copy"), ("norm.bias", ("ln_f.bias",), "copy")]
+        plan += [("norm.weight", ("ln_f.weight",), "copy"), ("norm.bias", ("ln_f.bias",), "copy"),
+                 ("lm_head.weight", ("lm_head.weight",), "copy")]  # only when untied (see `expected` below)
     else:
         plan.append(("wte.weight", ("model.embed_tokens.weight",), "copy"))
         for i in range(cfg.n_layer):
