@@ -7,8 +7,8 @@ import torch
 
 from lmforge import load
 from lmforge.core.errors import LMForgeError
-from lmforge.inference.generate import generate_ids
-from lmforge.inference.sampling import filter_probs
+from lmforge.inference.generate import generate_ids, prepare_prompt
+from lmforge.inference.sampling import filter_probs, validate_sampling
 
 
 def test_temperature_top_k_top_p():
@@ -59,15 +59,88 @@ def test_top_candidates_are_the_sampling_distribution(tiny_run):
     lm = load(tiny_run, device="cpu")
     seen = []
     lm.generate("The", max_new_tokens=5, temperature=0.7, top_k=3, seed=0, top_candidates=5,
-                on_candidates=lambda step, ranked, chosen: seen.append((ranked, chosen)))
+                on_candidates=lambda step, ranked, picked: seen.append((ranked, picked)))
     assert len(seen) == 5
-    for ranked, chosen in seen:
+    for ranked, picked in seen:
         probs = [p for _, p in ranked]
         assert len(ranked) <= 3 and probs == sorted(probs, reverse=True)  # top-k=3 leaves at most 3
-        assert abs(sum(probs) - 1) < 1e-5 and chosen in [t for t, _ in ranked]
+        assert abs(sum(probs) - 1) < 1e-5
+        assert ranked[picked.rank - 1] == (picked.text, picked.prob)
+
+
+def test_picked_token_rank_and_probability_beyond_the_candidates_shown(tiny_run):
+    """With top-k off, the drawn token is often not among the K shown: its rank and probability say
+    where it came from."""
+    lm = load(tiny_run, device="cpu")
+    steps = list(generate_ids(lm.model, lm.tokenizer.encode("The"), 20, temperature=3.0, seed=0))
+    seen = []
+    lm.generate("The", max_new_tokens=20, temperature=3.0, seed=0, top_candidates=1,
+                on_candidates=lambda step, ranked, picked: seen.append((ranked, picked)))
+    assert len(seen) == len(steps) and any(picked.rank > 1 for _, picked in seen)
+    for (ranked, picked), step in zip(seen, steps):
+        assert len(ranked) == 1 and picked.text == lm.tokenizer.piece(step.token)
+        assert picked.prob == pytest.approx(float(step.probs[step.token]))
+        assert picked.rank == 1 + int((step.probs > step.probs[step.token]).sum())
+        if picked.rank == 1:
+            assert ranked[0][1] == pytest.approx(picked.prob)
 
 
 def test_max_new_tokens_beyond_context(tiny_run):
     lm = load(tiny_run, device="cpu")
-    with pytest.raises(LMForgeError, match="exceeds the model's context length"):
+    with pytest.raises(LMForgeError, match="leaves no room for the prompt"):
         lm.generate("The", max_new_tokens=lm.config.context_length)
+    with pytest.raises(LMForgeError, match="exceeds the model's context length"):  # lower-level check stays
+        list(generate_ids(lm.model, [1, 2], lm.config.context_length))
+
+
+def test_long_prompt_is_refused_or_cut_from_the_left(tiny_run):
+    lm = load(tiny_run, device="cpu")
+    ctx = lm.config.context_length
+    prompt = "The new module returns a small list. " * 20
+    ids = lm.tokenizer.encode(prompt)
+    assert len(ids) > ctx
+    with pytest.raises(LMForgeError, match="--truncate left") as e:
+        prepare_prompt(lm.tokenizer, lm.config, prompt, 8)
+    assert "\n" not in str(e.value) and f"{len(ids)} tokens" in str(e.value)
+    kept, note = prepare_prompt(lm.tokenizer, lm.config, prompt, 8, truncate="left")
+    assert kept == ids[-(ctx - 8):]
+    assert f"cut {len(ids) - (ctx - 8)} " in note and "\n" not in note
+    fits, none = prepare_prompt(lm.tokenizer, lm.config, "The new", 8)
+    assert fits == lm.tokenizer.encode("The new") and none is None
+    default, _ = prepare_prompt(lm.tokenizer, lm.config, prompt, None, truncate="left")
+    assert len(default) == ctx - ctx // 2  # room for the default answer length
+    with pytest.raises(LMForgeError, match="unknown truncation"):
+        prepare_prompt(lm.tokenizer, lm.config, prompt, 8, truncate="right")
+    text = lm.generate(prompt, max_new_tokens=8, temperature=0, truncate="left")
+    assert text == lm.generate("", max_new_tokens=8, temperature=0, prompt_ids=kept)
+
+
+def test_left_truncation_keeps_a_leading_bos():
+    from hf_fixtures import llama3_style
+
+    from lmforge.models.config import ModelConfig
+    from lmforge.text.tokenizer import Tokenizer
+
+    tok = Tokenizer(llama3_style())
+    bos = tok.token_id("<|begin_of_text|>")
+    prompt = "The quick brown fox jumps over the lazy dog. " * 10
+    ids, note = prepare_prompt(tok, ModelConfig(vocab_size=320, context_length=32), prompt, 4, truncate="left")
+    assert len(ids) == 28 and ids[0] == bos and ids[1:] == tok.encode(prompt)[-27:] and note
+
+
+@pytest.mark.parametrize("bad, fragment", [
+    (dict(temperature=-0.1), "--temperature"), (dict(temperature=float("nan")), "--temperature"),
+    (dict(top_k=0), "--top-k"), (dict(top_p=0.0), "--top-p"), (dict(top_p=1.5), "--top-p"),
+    (dict(repetition_penalty=0.0), "--repetition-penalty"), (dict(max_new_tokens=0), "--max-new-tokens"),
+    (dict(n=0), "--num-samples")])
+def test_sampling_settings_are_checked_in_one_place(tiny_run, bad, fragment):
+    with pytest.raises(LMForgeError, match=fragment):
+        validate_sampling(**bad)
+    if "n" not in bad:
+        with pytest.raises(LMForgeError, match=fragment):
+            load(tiny_run, device="cpu").generate("The", **bad)
+
+
+def test_valid_sampling_edges():
+    validate_sampling(temperature=0, top_k=1, top_p=1.0, repetition_penalty=0.5, max_new_tokens=1, n=1)
+    validate_sampling(top_k=None, top_p=None, max_new_tokens=None)

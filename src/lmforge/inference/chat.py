@@ -9,6 +9,7 @@ from ..core.errors import LMForgeError
 from ..formats.load import Loaded
 from ..text.templates import encode_segments, template_from_json
 from .generate import generate_text
+from .sampling import validate_sampling
 
 HELP = "commands: /reset (forget the conversation), /exit (quit)"
 
@@ -37,6 +38,11 @@ def chat(lm: Loaded, system: str | None = None, max_new_tokens: int = 256, tempe
     """Read user turns from `stdin` until /exit or end of input; returns the final history."""
     if lm.meta.get("kind", "causal-lm") != "causal-lm":
         raise LMForgeError(f"{lm.path} is a {lm.meta['kind']}, not a model that can chat")
+    validate_sampling(temperature, top_k, top_p, repetition_penalty, max_new_tokens)
+    if not lm.meta.get("chat_template") and not lm.tokenizer.config.get("chat_template"):
+        # A base model only continues text: it runs, but says nothing about why answers ramble.
+        print(f"warning: {lm.path} was not tuned for chat (it has no chat template), so its answers may not "
+              "follow the conversation; fine-tune it with `lmforge finetune instruct` first", file=sys.stderr)
     template = template_from_json(lm.meta.get("chat_template"), lm.tokenizer)
     template.check(lm.tokenizer)
     stop = set(template.stop_tokens(lm.tokenizer)) | lm.stop_ids()

@@ -1,21 +1,28 @@
 """Autoregressive generation: temperature, top-k, top-p, seeds, stop strings, KV cache, streaming.
 
-`generate_ids` is the token loop; `generate_text` adds text concerns on top: stop strings,
-streaming only complete UTF-8 characters, and the ranked candidates at each step.
+`generate_ids` is the token loop; `generate_text` adds text concerns on top: the prompt's fit in
+the context window (`prepare_prompt`), stop strings, streaming only complete UTF-8 characters,
+and the ranked candidates at each step.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from ..core.errors import LMForgeError
 from ..core.runtime import autocast
+from ..models.config import ModelConfig
 from ..models.transformer import Transformer
 from ..text.tokenizer import Tokenizer
-from .sampling import filter_probs, penalize_repeats
+from .sampling import filter_probs, penalize_repeats, validate_sampling
+
+DEFAULT_NEW_TOKENS = 200
+TRUNCATE = ("left",)
 
 
 @dataclass
@@ -75,24 +82,77 @@ def _held_back(text: str, stops: list[str]) -> int:
     return longest
 
 
+class Picked(NamedTuple):
+    """The token drawn at a step, for `on_candidates`: its text (`Tokenizer.piece`), its rank in the
+    distribution it was drawn from (1 = most likely) and its probability there."""
+
+    text: str
+    rank: int
+    prob: float
+
+
+def prepare_prompt(tokenizer: Tokenizer, cfg: ModelConfig, prompt: str, max_new_tokens: int | None = None,
+                   truncate: str | None = None) -> tuple[list[int], str | None]:
+    """Prompt ids that leave room for the answer in the context window, and a note when the prompt
+    was cut (else None). Call it before printing anything, so a prompt that cannot fit fails first.
+
+    truncate=None: a prompt that does not fit is an error. "left": keep the prompt's last tokens
+    (and a leading BOS the tokenizer adds), leaving room for `max_new_tokens` new ones, or when
+    that is None for min(200, context // 2).
+    """
+    if truncate not in (None, *TRUNCATE):
+        raise LMForgeError(f"unknown truncation {truncate!r} (--truncate left keeps the prompt's last tokens)")
+    # add_special_tokens: models trained with a leading BOS (Llama) expect one in the prompt too
+    ids = tokenizer.encode(prompt, add_special_tokens=True)
+    if not ids:
+        raise LMForgeError("the prompt is empty")
+    ctx = cfg.context_length
+    if max_new_tokens is not None and max_new_tokens >= ctx:
+        raise LMForgeError(f"--max-new-tokens {max_new_tokens} leaves no room for the prompt in the model's "
+                           f"context length of {ctx} tokens")
+    if len(ids) + (max_new_tokens or 1) <= ctx:
+        return ids, None
+    room = max_new_tokens or min(DEFAULT_NEW_TOKENS, ctx // 2)
+    if truncate is None:
+        why = f"with --max-new-tokens {max_new_tokens} that exceeds" if max_new_tokens else "more than"
+        raise LMForgeError(f"the prompt is {len(ids)} tokens; {why} the model's context length of {ctx} "
+                           f"(use --truncate left to keep its last {ctx - room} tokens)")
+    plain = tokenizer.encode(prompt)
+    lead = len(ids) - len(plain) if ids[len(ids) - len(plain):] == plain else 0  # e.g. a BOS: kept
+    keep = ctx - room
+    if keep <= lead:
+        raise LMForgeError(f"--max-new-tokens {room} leaves no room for the prompt in the model's context "
+                           f"length of {ctx} tokens")
+    cut = len(ids) - keep
+    ids = ids[:lead] + ids[lead + cut:]
+    return ids, (f"the prompt is {len(ids) + cut} tokens: cut {cut} from its start to fit the model's context "
+                 f"length of {ctx} with room for {room} new tokens")
+
+
 def generate_text(model: Transformer, tokenizer: Tokenizer, prompt: str, *, max_new_tokens: int | None = None,
                   temperature: float = 0.8, top_k: int | None = None, top_p: float | None = None,
                   seed: int | None = None, stop: list[str] | None = None, stop_ids: set[int] | None = None,
                   repetition_penalty: float = 1.0, stream: Callable[[str], None] | None = None, top_candidates: int = 0,
-                  on_candidates: Callable[[int, list[tuple[str, float]], str], None] | None = None,
-                  prompt_ids: list[int] | None = None) -> str:
+                  on_candidates: Callable[[int, list[tuple[str, float]], Picked], None] | None = None,
+                  prompt_ids: list[int] | None = None, truncate: str | None = None) -> str:
     """The completion of `prompt` (without the prompt), streamed piecewise to `stream` if given.
 
     Generation ends at an end-of-text token, at a `stop` string (not included), or after
     `max_new_tokens` (default: 200, or what fits in the context window). With `top_candidates` K,
-    `on_candidates(step, [(token, prob)...], chosen)` sees the K most likely next tokens of the
-    distribution each token was drawn from.
+    `on_candidates(step, [(token, prob)...], picked)` sees the K most likely next tokens of the
+    distribution each token was drawn from, and the `Picked` token with its rank there (it may lie
+    outside the K shown). `prompt_ids` (e.g. from `prepare_prompt`) replace encoding `prompt`;
+    otherwise `truncate` is passed to `prepare_prompt` and a cut is reported on stderr.
     """
+    validate_sampling(temperature, top_k, top_p, repetition_penalty, max_new_tokens)
     stops = [s for s in (stop or []) if s]
-    # add_special_tokens: models trained with a leading BOS (Llama) expect one in the prompt too
-    ids = prompt_ids if prompt_ids is not None else tokenizer.encode(prompt, add_special_tokens=True)
+    ids = prompt_ids
+    if ids is None:
+        ids, note = prepare_prompt(tokenizer, model.cfg, prompt, max_new_tokens, truncate)
+        if note:
+            print(f"warning: {note}", file=sys.stderr)
     if max_new_tokens is None:  # not asked for: as much as fits, up to 200
-        max_new_tokens = max(1, min(200, model.cfg.context_length - len(ids)))
+        max_new_tokens = max(1, min(DEFAULT_NEW_TOKENS, model.cfg.context_length - len(ids)))
     end = {tokenizer.eot_id} if stop_ids is None else stop_ids
     new: list[int] = []
     emitted = 0
@@ -102,9 +162,7 @@ def generate_text(model: Transformer, tokenizer: Tokenizer, prompt: str, *, max_
                                           repetition_penalty=repetition_penalty)):
         new.append(step.token)
         if top_candidates and on_candidates is not None:
-            p, idx = step.probs.topk(min(top_candidates, step.probs.numel()))
-            ranked = [(tokenizer.decode([int(t)]), float(q)) for q, t in zip(p, idx) if q > 0]
-            on_candidates(i + 1, ranked, tokenizer.decode([step.token]))
+            on_candidates(i + 1, *_candidates(tokenizer, step, top_candidates))
         text = tokenizer.decode(new)
         hit = min((text.find(s) for s in stops if s in text), default=-1)
         if hit >= 0:
@@ -118,3 +176,12 @@ def generate_text(model: Transformer, tokenizer: Tokenizer, prompt: str, *, max_
     if stream is not None and len(text) > emitted:
         stream(text[emitted:])
     return text
+
+
+def _candidates(tokenizer: Tokenizer, step: Step, k: int) -> tuple[list[tuple[str, float]], Picked]:
+    p, idx = step.probs.topk(min(k, step.probs.numel()))
+    ranked = [(tokenizer.piece(int(t)), float(q)) for q, t in zip(p, idx) if q > 0]
+    prob = step.probs[step.token]
+    # ties share the better rank: the sampler had no reason to prefer either
+    rank = 1 + int((step.probs > prob).sum())
+    return ranked, Picked(tokenizer.piece(step.token), rank, float(prob))
