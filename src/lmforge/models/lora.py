@@ -100,10 +100,20 @@ def adapter_state(model: nn.Module, train_also: tuple[str, ...] = ()) -> dict[st
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its base weight, leaving plain linear layers."""
+    """Fold every adapter into its base weight, leaving plain linear layers.
+
+    An adapted output layer tied to the embedding gets its own merged matrix and the model's
+    config is marked untied: folding the update into the shared matrix would change the input
+    embedding too, which the adapter never did.
+    """
     for name, m in list(model.named_modules()):
         if isinstance(m, LoRALinear):
             _replace(model, name, m.merged())
+    for m in model.modules():
+        cfg, head, wte = getattr(m, "cfg", None), getattr(m, "lm_head", None), getattr(m, "wte", None)
+        if getattr(cfg, "tie_embeddings", False) and isinstance(head, nn.Linear) and isinstance(wte, nn.Embedding) \
+                and head.weight is not wte.weight:
+            cfg.tie_embeddings = False  # in place: the blocks hold the same config object
     return model
 
 
