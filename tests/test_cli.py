@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -154,3 +155,27 @@ def test_stop_strings_understand_escapes():
 
     assert _unescape(r"\n\n") == "\n\n" and _unescape(r"a\tb") == "a\tb" and _unescape(r"c:\\n") == "c:\\n"
     assert _unescape("café") == "café"
+
+
+def test_long_prompts_are_refused_before_any_output_or_cut_from_the_left(tiny_run, capsys):
+    long_prompt = "The valid key reads a new socket. " * 30
+    code, out, err = run_main(capsys, "generate", str(tiny_run), "-p", long_prompt, "--max-new-tokens", "4")
+    assert code == 2 and out == "" and "--truncate left" in err  # nothing echoed before the refusal
+    code, out, err = run_main(capsys, "generate", str(tiny_run), "-p", long_prompt, "--max-new-tokens", "4",
+                              "--truncate", "left", "--seed", "0")
+    assert code == 0, err
+    assert "cut" in err and "from its start" in err and out.startswith("…")
+
+
+def test_top_candidates_show_the_picked_tokens_rank(tiny_run, capsys):
+    code, out, err = run_main(capsys, "generate", str(tiny_run), "-p", "The new", "--max-new-tokens", "5",
+                              "--top-candidates", "2", "--seed", "3", "--temperature", "1.5")
+    assert code == 0, err
+    lines = [line for line in out.splitlines() if "<-" in line]
+    assert len(lines) == 5 and all(re.search(r"picked #\d+ \(\d+\.\d%\)$", line) for line in lines)
+
+
+def test_tokenizer_encode_shows_partial_characters_as_bytes(tiny_run, capsys):
+    code, out, _ = run_main(capsys, "tokenizer", "encode", str(tiny_run), "--text", "héllo 🙂\nx")
+    assert code == 0
+    assert "\ufffd" not in out and "<0xF0>" in out and "\\n" in out  # bytes shown, newline escaped

@@ -77,28 +77,34 @@ def generate(ns) -> None:
     a = from_namespace(GenerateArgs, ns)
 
     from ..api import load
+    from ..inference.generate import Picked, prepare_prompt
 
     prompt = read_text_arg(a.prompt, "prompt")
     stops = [unescape(s) for s in a.stop]
     lm = load(a.model_dir, device=a.device)
+    ids, note = prepare_prompt(lm.tokenizer, lm.config, prompt, a.max_new_tokens, a.truncate)  # before any output
+    if note:
+        print(f"warning: {note}", file=sys.stderr)
+        prompt = "…" + lm.tokenizer.decode(ids, skip_special=True)
     out = sys.stdout
 
-    def show(step: int, ranked: list[tuple[str, float]], chosen: str) -> None:
+    def show(step: int, ranked: list[tuple[str, float]], picked: Picked) -> None:
         cands = "  ".join(f"{t!r} {p:6.2%}" for t, p in ranked)
-        out.write(f"[{step:3d}] {chosen!r:>14} <- {cands}\n")
+        out.write(f"[{step:3d}] {picked.text!r:>14} <- {cands}   picked #{picked.rank} ({picked.prob:.1%})\n")
 
     for i in range(a.num_samples):
         seed = None if a.seed is None else a.seed + i
         if a.num_samples > 1:
             out.write(f"--- sample {i + 1} ---\n")
         if a.top_candidates:
-            text = lm.generate(prompt, seed=seed, stop=stops, top_candidates=a.top_candidates, on_candidates=show,
-                               **sampling(a))
+            text = lm.generate(prompt, prompt_ids=ids, seed=seed, stop=stops, top_candidates=a.top_candidates,
+                               on_candidates=show, **sampling(a))
             out.write(f"\n{prompt if a.echo else ''}{text}\n")
             continue
         if a.echo:
             out.write(prompt)
-        lm.generate(prompt, seed=seed, stop=stops, stream=lambda s: (out.write(s), out.flush()), **sampling(a))
+        lm.generate(prompt, prompt_ids=ids, seed=seed, stop=stops, stream=lambda s: (out.write(s), out.flush()),
+                    **sampling(a))
         out.write("\n")
 
 
@@ -249,15 +255,15 @@ def tokenizer_train(ns) -> None:
 def tokenizer_encode(ns) -> None:
     a = from_namespace(TokenizerEncodeArgs, ns)
 
-    from ..text.tokenizer import Tokenizer
+    from ..text.tokenizer import Tokenizer, printable
 
     tok = Tokenizer.from_file(a.tokenizer)
     text = read_text_arg(a.text, "text")
     ids = tok.encode(text)
-    pieces = [tok.decode([i]) for i in ids]
+    pieces = [tok.piece(i) for i in ids]  # partial characters as <0xC3> bytes, not as U+FFFD
     if a.json:
         print(json.dumps({"ids": ids, "tokens": pieces}, ensure_ascii=False))
         return
     for i, p in zip(ids, pieces):
-        print(f"{i:>8}  {p!r}")
+        print(f"{i:>8}  {printable(p)}")
     print(f"{len(ids)} tokens, {len(text.encode())} bytes", file=sys.stderr)
