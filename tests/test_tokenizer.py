@@ -124,3 +124,10 @@ def test_small_corpus_warns_about_the_vocabulary(capsys):
     assert err.count("\n") == 1 and "8,192" in err and f"only {small.vocab_size:,}" in err
     Tokenizer.train(make_docs(40), 300, show_progress=False)
     assert capsys.readouterr().err == ""
+
+
+def test_tokenizer_can_be_copied(tok):
+    import copy
+
+    twin = copy.deepcopy(tok)
+    assert twin.encode(f"a{EOT}", special=False) == tok.encode(f"a{EOT}", special=False)

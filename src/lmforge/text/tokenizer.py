@@ -50,6 +50,9 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
+_PLAIN_LOCK = threading.Lock()  # module-level: a lock in the instance would stop copy.deepcopy
+
+
 def show_bytes(data: bytes) -> str:
     """UTF-8 text, with each byte that is not part of a whole character shown as `<0xC3>`."""
     out = []
@@ -81,7 +84,6 @@ class Tokenizer:
         self.hf = tok  # parses special-token strings; treat as read-only once encoding has begun
         self.config = config or {}  # tokenizer_config.json, when loaded from a Hugging Face directory
         self._plain: HFTokenizer | None = None
-        self._plain_lock = threading.Lock()
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -152,12 +154,16 @@ class Tokenizer:
         tok = self.hf if special else self._plain_tokenizer()
         return [e.ids for e in tok.encode_batch(texts, add_special_tokens=add_special_tokens)]
 
+    def __getstate__(self) -> dict:
+        # Pickling a Rust tokenizer drops `encode_special_tokens`: let a copy rebuild its plain twin.
+        return {**self.__dict__, "_plain": None}
+
     def _plain_tokenizer(self) -> HFTokenizer:
         """A second copy that reads special-token strings as plain text. `encode_special_tokens`
         is a setting of the shared Rust object, so flipping it per call would race between
         threads (a server encodes from several); two fixed copies never change state."""
         if self._plain is None:
-            with self._plain_lock:
+            with _PLAIN_LOCK:
                 if self._plain is None:
                     plain = HFTokenizer.from_str(self.hf.to_str())
                     plain.no_truncation()
