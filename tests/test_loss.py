@@ -147,3 +147,20 @@ def test_lm_evaluation_never_holds_all_logits():
     with torch.no_grad():
         ref = F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item()
     assert result["tokens"] == B * T and abs(result["loss"] - ref) < 1e-5
+
+
+def test_per_token_backward_outside_autocast():
+    """Backward usually runs after the autocast block has closed; recomputed logits must still be
+    formed the way forward formed them (bf16 matmuls of bf16 hidden states and an fp32 weight),
+    not fail on mixed dtypes."""
+    h, w, b, t = problem(V=3000)
+    h = h.detach().to(torch.bfloat16).requires_grad_()  # what a bf16 layer hands the output layer
+    w, b = (x.detach().float().requires_grad_() for x in (w, b))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = linear_cross_entropy(h, w, b, t, reduction="none")
+    ours.sum().backward()
+    ref = F.cross_entropy(F.linear(h.float(), w, b), t, reduction="none")
+    ref_grads = torch.autograd.grad(ref.sum(), (w, b))
+    assert torch.allclose(ours, ref, atol=0.1) and h.grad.dtype == torch.bfloat16
+    for a, r in zip((w.grad, b.grad), ref_grads):
+        assert a.dtype == torch.float32 and torch.allclose(a, r, atol=0.05 * r.abs().max().item())

@@ -106,6 +106,8 @@ class _TokenLosses(torch.autograd.Function):
             out[s:s + len(loss)] = loss
         ctx.save_for_backward(h, weight, bias, targets)
         ctx.ignore_index = ignore_index
+        device = h.device.type  # backward recomputes the logits as forward did, autocast included
+        ctx.amp = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
         return out
 
     @staticmethod
@@ -113,10 +115,12 @@ class _TokenLosses(torch.autograd.Function):
         h, weight, bias, targets = ctx.saved_tensors
         acc = torch.promote_types(weight.dtype, torch.float32)
         grad_h, grad_w, grad_b = _grad_buffers(h, weight, bias, acc, ctx.needs_input_grad[:3])
-        for s, hc, tgt, valid, p, z, _, cdt in _chunks(h, weight, bias, targets, ctx.ignore_index, acc):
-            row_weight = grad_out[s:s + len(tgt)].to(acc) * valid
-            _add_grads(p, z, tgt, row_weight, hc, weight, cdt, acc, s, grad_h, grad_w, grad_b)
-        return grad_h, _cast(grad_w, weight), _cast(grad_b, bias), None, None
+        device, amp_dtype, amp = ctx.amp
+        with torch.autocast(device, dtype=amp_dtype, enabled=amp):
+            for s, hc, tgt, valid, p, z, _, cdt in _chunks(h, weight, bias, targets, ctx.ignore_index, acc):
+                row_weight = grad_out[s:s + len(tgt)].to(acc) * valid
+                _add_grads(p, z, tgt, row_weight, hc, weight, cdt, acc, s, grad_h, grad_w, grad_b)
+        return _cast(grad_h, h), _cast(grad_w, weight), _cast(grad_b, bias), None, None
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
