@@ -108,8 +108,8 @@ def prepare_prompt(tokenizer: Tokenizer, cfg: ModelConfig, prompt: str, max_new_
         raise LMForgeError("the prompt is empty")
     ctx = cfg.context_length
     if max_new_tokens is not None and max_new_tokens >= ctx:
-        raise LMForgeError(f"--max-new-tokens {max_new_tokens} leaves no room for the prompt in the model's "
-                           f"context length of {ctx} tokens")
+        raise LMForgeError(f"--max-new-tokens {max_new_tokens} exceeds the model's context length of {ctx} "
+                           "tokens, leaving no room for the prompt")
     if len(ids) + (max_new_tokens or 1) <= ctx:
         return ids, None
     room = max_new_tokens or min(DEFAULT_NEW_TOKENS, ctx // 2)
@@ -121,8 +121,8 @@ def prepare_prompt(tokenizer: Tokenizer, cfg: ModelConfig, prompt: str, max_new_
     lead = len(ids) - len(plain) if ids[len(ids) - len(plain):] == plain else 0  # e.g. a BOS: kept
     keep = ctx - room
     if keep <= lead:
-        raise LMForgeError(f"--max-new-tokens {room} leaves no room for the prompt in the model's context "
-                           f"length of {ctx} tokens")
+        raise LMForgeError(f"--max-new-tokens {room} exceeds the model's context length of {ctx} tokens, "
+                           "leaving no room for the prompt")
     cut = len(ids) - keep
     ids = ids[:lead] + ids[lead + cut:]
     return ids, (f"the prompt is {len(ids) + cut} tokens: cut {cut} from its start to fit the model's context "
