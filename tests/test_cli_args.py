@@ -55,7 +55,7 @@ def test_out_of_range_numbers_give_one_line_errors(verb, field, bounds, capsys, 
     fails(capsys, f"{flag} must be", *verb.split(), *positionals, flag, _violation(bounds, is_int))
 
 
-def test_absurd_values_named_in_the_issue(capsys, tiny_run):
+def test_absurd_values_named_in_the_issue(capsys, tiny_run, tmp_path):
     for args, message in [
         (["generate", str(tiny_run), "-p", "a", "--temperature", "-1"], "--temperature must be >= 0"),
         (["generate", str(tiny_run), "-p", "a", "--top-p", "1.5"], "--top-p must be > 0 and <= 1"),
@@ -64,10 +64,12 @@ def test_absurd_values_named_in_the_issue(capsys, tiny_run):
         (["generate", str(tiny_run), "-p", "a", "-n", "0"], "--num-samples must be >= 1"),
         (["generate", str(tiny_run), "-p", "a", "--repetition-penalty", "0"], "--repetition-penalty must be > 0"),
         (["evaluate", str(tiny_run), "--data", "pydocs", "--batch-size", "0"], "--batch-size must be >= 1"),
-        (["pretrain", "--data", "pydocs", "--out", "x", "--max-steps", "-5"], "--max-steps must be"),
-        (["pretrain", "--data", "pydocs", "--out", "x", "--max-steps", "5", "--n-head", "0"], "--n-head must be"),
+        (["pretrain", "--data", "pydocs", "--out", str(tmp_path / "x"), "--max-steps", "-5"], "--max-steps must be"),
+        (["pretrain", "--data", "pydocs", "--out", str(tmp_path / "x"), "--max-steps", "5", "--n-head", "0"],
+         "--n-head must be"),
     ]:
         fails(capsys, message, *args)
+    assert not (tmp_path / "x").exists()
 
 
 def test_positionals_are_recognised_after_list_flags(tiny_run, tmp_path, capsys):
