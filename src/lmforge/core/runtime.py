@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
 from .errors import LMForgeError
+
+T = TypeVar("T")
 
 
 def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
@@ -37,8 +42,14 @@ def autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
+class PeerFailed(LMForgeError):
+    """Another rank (rank 0) failed; that rank reports the cause, so this one need not repeat it."""
+
+
 @dataclass
 class Dist:
+    """This process's place in the torchrun group (rank 0 of 1 when not under torchrun)."""
+
     rank: int = 0
     world: int = 1
     local_rank: int = 0
@@ -46,6 +57,21 @@ class Dist:
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+    def say(self, msg: str) -> None:
+        """A progress or status line on stderr, from rank 0 only (under torchrun only it speaks)."""
+        if self.main:
+            print(msg, file=sys.stderr, flush=True)
+
+    @contextlib.contextmanager
+    def quiet(self) -> Iterator[None]:
+        """Silence stderr (Python-level: prints, warnings, progress bars) on all ranks but 0, which
+        reports the same things; errors still reach the caller as exceptions."""
+        if self.main:
+            yield
+            return
+        with open(os.devnull, "w") as null, contextlib.redirect_stderr(null):
+            yield
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.world > 1:
@@ -61,21 +87,54 @@ class Dist:
         if self.world > 1:
             dist.barrier()
 
-    @contextlib.contextmanager
-    def main_first(self):
-        """Rank 0 runs the block first (e.g. filling a cache); the others follow and reuse it."""
-        if not self.main:
-            self.barrier()
-        yield
-        if self.main:
-            self.barrier()
-
     def broadcast_object(self, obj):
         if self.world == 1:
             return obj
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def _share_outcome(self, error: BaseException | None = None, result=None):
+        """Rank 0 tells the others how its part went: they get its result, or raise PeerFailed.
+        (A bare barrier would leave them waiting forever when rank 0 fails.)"""
+        outcome = None
+        if self.main:
+            outcome = ("error", str(error) or type(error).__name__) if error is not None else ("ok", result)
+        status, value = self.broadcast_object(outcome)
+        if status == "error" and not self.main:
+            raise PeerFailed(f"rank 0 failed: {value}")
+        return value
+
+    def on_main(self, fn: Callable[..., T], *args, **kwargs) -> T:
+        """`fn(...)` on rank 0 only; every rank gets its result, or raises if it failed."""
+        if self.world == 1:
+            return fn(*args, **kwargs)
+        if not self.main:
+            return self._share_outcome()
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException as e:
+            self._share_outcome(e)
+            raise
+        return self._share_outcome(result=result)
+
+    @contextlib.contextmanager
+    def main_first(self) -> Iterator[None]:
+        """Rank 0 runs the block first (e.g. filling a cache); the others follow and reuse it.
+        If rank 0 fails inside the block, the others raise PeerFailed instead of waiting."""
+        if self.world == 1:
+            yield
+            return
+        if not self.main:
+            self._share_outcome()
+            yield
+            return
+        try:
+            yield
+        except BaseException as e:
+            self._share_outcome(e)
+            raise
+        self._share_outcome()
 
 
 def init_distributed(device_name: str = "auto") -> tuple[Dist, torch.device]:
@@ -91,3 +150,15 @@ def init_distributed(device_name: str = "auto") -> tuple[Dist, torch.device]:
             torch.cuda.set_device(device)
         dist.init_process_group(backend=backend)
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank), device
+
+
+@contextlib.contextmanager
+def distributed(device_name: str = "auto") -> Iterator[tuple[Dist, torch.device]]:
+    """`init_distributed` for the length of a block; the process group it joined is destroyed
+    when the block ends, on success or error (so a training verb leaves no group behind)."""
+    joined = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
+    try:
+        yield init_distributed(device_name)
+    finally:
+        if joined and dist.is_initialized():
+            dist.destroy_process_group()
