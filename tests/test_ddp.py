@@ -6,12 +6,19 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
 
 def losses(out) -> list[float]:
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def torchrun(*args: str, timeout: int = 200) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           *args], capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                          timeout=timeout)
 
 
 def test_two_processes_match_one_with_the_same_global_batch(corpus_dir, tmp_path):
@@ -22,12 +29,88 @@ def test_two_processes_match_one_with_the_same_global_batch(corpus_dir, tmp_path
     single = subprocess.run([sys.executable, "-m", "lmforge", *common, "--batch-size", "8",
                              "--out", str(tmp_path / "one")], capture_output=True, text=True, env=env, timeout=200)
     assert single.returncode == 0, single.stderr[-3000:]
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "lmforge", *common, "--batch-size", "4", "--out", str(tmp_path / "two")],
-                         capture_output=True, text=True, env=env, timeout=200)
+    ddp = torchrun("-m", "lmforge", *common, "--batch-size", "4", "--out", str(tmp_path / "two"))
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert "x 2 processes" in ddp.stderr
+    # only rank 0 speaks
+    assert ddp.stderr.count("model: gpt2") == 1 and ddp.stderr.count("model directory:") == 1, ddp.stderr
+    assert "tokenized data" not in ddp.stderr.split("model: gpt2")[1]
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(one) == len(two) == 6
     assert two == pytest.approx(one, abs=1e-4)
     assert one[0] != pytest.approx(one[-1], abs=1e-3)  # it actually trained
+
+
+def run_script(tmp_path, code: str, *args: str) -> list[str]:
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(code))
+    proc = torchrun(str(script), str(tmp_path), *args, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
+
+
+def test_a_failure_on_rank_0_reaches_the_others(tmp_path):
+    """Rank 0 failing inside `main_first` / `on_main` used to leave the others waiting forever at a
+    barrier; now they raise. The process group is torn down when `distributed` ends, even on error."""
+    rank0, rank1 = run_script(tmp_path, """
+        import os, sys
+        import torch.distributed as dist
+        from lmforge.core.errors import LMForgeError
+        from lmforge.core.runtime import PeerFailed, distributed
+
+        said = []
+        try:
+            with distributed("cpu") as (d, _):
+                try:
+                    with d.main_first():
+                        if d.main:
+                            raise LMForgeError("disk full")
+                except PeerFailed as e:
+                    said.append(f"peer: {e}")
+                except LMForgeError as e:
+                    said.append(f"own: {e}")
+                try:
+                    d.on_main(lambda: 1 / 0)
+                except PeerFailed as e:
+                    said.append(f"peer: {e}")
+                except ZeroDivisionError:
+                    said.append("own: division")
+                said.append(d.on_main(lambda: f"from rank {d.rank}"))
+                raise RuntimeError("boom")
+        except RuntimeError:
+            said.append(f"destroyed: {not dist.is_initialized()}")
+        open(os.path.join(sys.argv[1], f"rank{os.environ['RANK']}.txt"), "w").write(" | ".join(said))
+    """)
+    assert rank0 == "own: disk full | own: division | from rank 0 | destroyed: True"
+    assert rank1 == ("peer: rank 0 failed: disk full | peer: rank 0 failed: division by zero | from rank 0 | "
+                     "destroyed: True")
+
+
+def test_a_time_budget_gives_every_rank_the_same_learning_rate(corpus_dir, tmp_path):
+    """Rank 1's clock runs 3x fast. Each rank used to take its LR from its own clock, so the
+    replicas drifted apart; now they agree on the elapsed time and end with identical weights."""
+    rank0, rank1 = run_script(tmp_path, """
+        import hashlib, os, sys, time, types
+        import lmforge.training.loop as loop
+        import lmforge.training.pretrain as pretraining
+
+        rank = os.environ["RANK"]
+        if rank == "1":
+            real = time.perf_counter
+            loop.time = types.SimpleNamespace(perf_counter=lambda: 3 * real())
+        real_fit = pretraining.fit
+
+        def fit(model, *args, **kw):
+            state = real_fit(model, *args, **kw)
+            digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters()))
+            open(os.path.join(sys.argv[1], f"rank{rank}.txt"), "w").write(f"{digest.hexdigest()} {state['step']}")
+            return state
+
+        pretraining.fit = fit
+        pretraining.pretrain(pretraining.PretrainConfig(
+            data=[sys.argv[2]], out=os.path.join(sys.argv[1], "run"), n_layer=2, n_embd=32, n_head=2,
+            context_length=16, batch_size=4, max_minutes=0.03, vocab_size=300, lr=1e-2, warmup_steps=0,
+            eval_every=10**6, save_every=0, device="cpu", seed=1))
+    """, str(corpus_dir))
+    assert int(rank0.split()[1]) > 3
+    assert rank0 == rank1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import signal
@@ -13,9 +14,15 @@ from safetensors.torch import load_file
 
 import lmforge.training.state as training_state
 from lmforge import load
+from lmforge.core.errors import LMForgeError
+from lmforge.core.runtime import Dist
+from lmforge.data.collate import IGNORE, collate
+from lmforge.models.config import ModelConfig
 from lmforge.models.sizing import choose_depth, sized_config, trained_params
-from lmforge.training.loop import NonFiniteLoss, TrainConfig
+from lmforge.models.transformer import Transformer
+from lmforge.training.loop import NonFiniteLoss, TrainConfig, Trainer
 from lmforge.training.pretrain import PretrainConfig, pretrain
+from lmforge.training.rundir import Run
 from lmforge.training.schedule import lr_at
 from lmforge.training.tasks.lm import LMTask
 
@@ -83,9 +90,9 @@ def test_nan_loss_stops_training_and_keeps_last_good_checkpoint(corpus_dir, tmp_
     real_loss, calls = LMTask.loss, []
 
     def explodes(self, model, batch):
-        loss, n = real_loss(self, model, batch)
+        loss, weight, n = real_loss(self, model, batch)
         calls.append(1)
-        return (loss * float("nan") if len(calls) >= 5 else loss), n
+        return (loss * float("nan") if len(calls) >= 5 else loss), weight, n
 
     monkeypatch.setattr(LMTask, "loss", explodes)
     with pytest.raises(NonFiniteLoss, match=r"nan at step 5.*checkpoint \(step 4\)"):
@@ -102,6 +109,87 @@ def test_gradient_accumulation_matches_a_bigger_batch(corpus_dir, tmp_path):
     assert la == pytest.approx(lb, abs=1e-5)
 
 
+class UnevenTargets:
+    """Two examples whose responses have 3 and 32 target tokens (as in instruction tuning with
+    masked prompts): averaging per micro-batch would weigh the 3 tokens like the 32."""
+
+    windows_per_epoch = 2
+
+    def __init__(self) -> None:
+        ids = torch.randint(0, 64, (33,), generator=torch.Generator().manual_seed(0)).tolist()
+        self.rows = [(ids[:20], [IGNORE] * 17 + ids[17:20]), (ids, [IGNORE] + ids[1:])]
+
+    def batch(self, first: int, count: int) -> dict:
+        return collate([self.rows[k % 2] for k in range(first, first + count)], pad_id=0)
+
+    def loss(self, model, batch):
+        n = int((batch["y"] != IGNORE).sum())
+        return model(batch["x"], batch["y"]), n, n
+
+    def evaluate(self, model) -> dict:
+        return {}
+
+
+def test_accumulation_weighs_every_target_token_alike(tmp_path):
+    """Two micro-batches with 3 and 32 targets give the gradient of one batch holding both."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=64, context_length=40, n_layer=1, n_head=2, n_embd=16))
+    results = []
+    for batch_size, accum in ((1, 2), (2, 1)):
+        m = copy.deepcopy(model)
+        cfg = TrainConfig(batch_size=batch_size, grad_accum=accum, max_steps=1, device="cpu")
+        trainer = Trainer(m, UnevenTargets(), cfg, Run(tmp_path, lambda *a, **k: None), 1e-3, Dist(),
+                          torch.device("cpu"))
+        loss, tokens = trainer.compute_gradients()
+        results.append((loss, tokens, [p.grad.clone() for p in m.parameters()]))
+    (loss_a, tokens_a, grads_a), (loss_b, tokens_b, grads_b) = results
+    assert tokens_a == tokens_b == 35 and loss_a == pytest.approx(loss_b, rel=1e-5)
+    for a, b in zip(grads_a, grads_b):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+class FirstTokenClassifier(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(8, 2)
+
+    def forward(self, ids, mask):
+        return self.emb(ids[:, 0])
+
+
+def test_class_weighted_accumulation_equals_one_batch(tmp_path):
+    """Classification weighs examples (by their class weight): micro-batches with different
+    class mixes add up to the class-weighted mean of the whole batch."""
+    from lmforge.training.tasks.classify import ClassifyTask
+
+    train = [([i % 8, 1], int(i % 4 == 0)) for i in range(8)]
+    grads = []
+    for batch_size, accum in ((1, 4), (2, 2), (4, 1)):
+        torch.manual_seed(0)
+        model = FirstTokenClassifier()
+        task = ClassifyTask(train, [], ["a", "b"], 0, 0, torch.tensor([0.7, 2.5]), batch_size)
+        cfg = TrainConfig(batch_size=batch_size, grad_accum=accum, max_steps=1, device="cpu")
+        Trainer(model, task, cfg, Run(tmp_path, lambda *a, **k: None), 1e-3, Dist(),
+                torch.device("cpu")).compute_gradients()
+        grads.append(model.emb.weight.grad.clone())
+    assert all(torch.allclose(g, grads[-1], atol=1e-7) for g in grads)
+
+
+def test_mlm_token_budget_counts_every_token_read(corpus_dir, tmp_path):
+    """--max-tokens counts the tokens read (as sizing does), not only the masked ones."""
+    state = pretrain(tiny(corpus_dir, tmp_path / "mlm", objective="mlm", max_steps=None, max_tokens=4 * 16 * 3))
+    assert state["step"] == 3 and state["tokens"] == 4 * 16 * 3
+
+
+def test_budgets_are_checked_before_sizing(corpus_dir, tmp_path):
+    """`--max-steps -5 --size auto` used to die in the sizing maths (math domain error)."""
+    with pytest.raises(LMForgeError, match="--max-steps must be >= 1"):
+        pretrain(tiny(corpus_dir, tmp_path / "neg", n_layer=None, n_embd=None, n_head=None, size="auto", max_steps=-5))
+    with pytest.raises(LMForgeError, match="give a training budget"):
+        pretrain(tiny(corpus_dir, tmp_path / "none", max_steps=None))
+    assert not (tmp_path / "neg").exists() and not (tmp_path / "none").exists()
+
+
 def test_token_and_time_budgets(corpus_dir, tmp_path):
     state = pretrain(tiny(corpus_dir, tmp_path / "tok", max_steps=None, max_tokens=4 * 16 * 7))
     assert state["step"] == 7 and state["tokens"] == 4 * 16 * 7
@@ -110,14 +198,33 @@ def test_token_and_time_budgets(corpus_dir, tmp_path):
 
 
 def test_learning_rate_schedules():
-    cfg = TrainConfig(min_lr_ratio=0.1)
-    assert lr_at(cfg, 1.0, 0, 0.0, warmup=10) == pytest.approx(0.1)
-    assert lr_at(cfg, 1.0, 9, 0.1, warmup=10) == pytest.approx(1.0)
-    assert lr_at(cfg, 1.0, 50, 0.5, warmup=10) == pytest.approx(0.55)  # cosine midpoint
-    assert lr_at(cfg, 1.0, 100, 1.0, warmup=10) == pytest.approx(0.1)
-    wsd = TrainConfig(schedule="wsd", decay_fraction=0.2, min_lr_ratio=0.0)
-    assert lr_at(wsd, 1.0, 50, 0.7, warmup=10) == 1.0
-    assert lr_at(wsd, 1.0, 90, 0.9, warmup=10) == pytest.approx(0.5)
+    cfg = TrainConfig(min_lr_ratio=0.1, warmup_steps=10)
+    assert lr_at(cfg, 1.0, 0, 0.0) == pytest.approx(0.1)
+    assert lr_at(cfg, 1.0, 9, 0.09) == pytest.approx(1.0 * (0.1 + 0.45 * (1 + math.cos(math.pi * 0.09))))
+    assert lr_at(cfg, 1.0, 50, 0.5) == pytest.approx(0.55)  # cosine midpoint
+    assert lr_at(cfg, 1.0, 100, 1.0) == pytest.approx(0.1)
+    wsd = TrainConfig(schedule="wsd", decay_fraction=0.2, min_lr_ratio=0.0, warmup_steps=10)
+    assert lr_at(wsd, 1.0, 50, 0.7) == 1.0
+    assert lr_at(wsd, 1.0, 90, 0.9) == pytest.approx(0.5)
+    assert lr_at(TrainConfig(schedule="constant", warmup_steps=0), 1.0, 0, 0.0) == 1.0
+
+
+def test_warmup_ends_by_a_tenth_of_any_budget():
+    """Warmup is capped by the budget, whatever its kind: at 5% of a run, 50 warmup steps or not,
+    the LR is half way up."""
+    cfg = TrainConfig(schedule="constant", warmup_steps=50)
+    assert lr_at(cfg, 1.0, 2, 0.05) == pytest.approx(0.5)
+    assert lr_at(cfg, 1.0, 3, 0.10) == pytest.approx(1.0)
+    assert lr_at(cfg, 1.0, 2, 0.0) == pytest.approx(3 / 50)  # a long run: the warmup steps rule
+
+
+@pytest.mark.parametrize("budget", [{"max_tokens": 4 * 16 * 12}, {"epochs": 0.05}])
+def test_short_runs_of_any_budget_leave_warmup(corpus_dir, tmp_path, budget):
+    """A 12-step run by tokens (or a short one by epochs) with 50 warmup steps used to end inside
+    warmup, never reaching the peak LR; now warmup ends at a tenth of the run."""
+    pretrain(tiny(corpus_dir, tmp_path / "run", max_steps=None, warmup_steps=50, eval_every=1000, **budget))
+    lrs = [r["lr"] for r in metrics(tmp_path / "run")]
+    assert len(lrs) >= 8 and max(lrs) > 0.8 * 3e-3, lrs
 
 
 def test_auto_size_follows_the_compute_optimal_rule():

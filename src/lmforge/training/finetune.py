@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import torch
 from ..core.config import arg
 from ..core.errors import LMForgeError
 from ..core.fileio import atomic_write_json
+from ..core.runtime import Dist
 from ..formats.hf_dir import copy_side_files
 from ..formats.load import builtin_model, load_parts
 from ..formats.modeldir import model_config_json, save_model_dir, save_weights
@@ -19,6 +19,7 @@ from ..models.lora import adapter_state, apply_lora, count_parameters, freeze_fo
 from ..text.tokenizer import Tokenizer
 from .config import TrainConfig
 from .rundir import check_out, resume_config
+from .schedule import BUDGETS, check_budget
 
 
 @dataclass
@@ -28,18 +29,18 @@ class FinetuneConfig(TrainConfig):
     base: str = arg(None, "base model: an lmforge model directory or a Hugging Face checkpoint directory",
                     positional=True)
     out: str = arg(None, "model directory to write")
-    context_length: int | None = arg(None, "longest sequence in tokens (default: the base model's context)")
-    lora_rank: int = arg(0, "LoRA rank; 0 = full fine-tuning of every (unfrozen) weight")
-    lora_alpha: float = arg(16.0, "LoRA scaling numerator: updates are scaled by alpha / rank")
-    lora_dropout: float = arg(0.0, "dropout on the LoRA input")
+    context_length: int | None = arg(None, "longest sequence in tokens (default: the base model's context)", ge=1)
+    lora_rank: int = arg(0, "LoRA rank; 0 = full fine-tuning of every (unfrozen) weight", ge=0)
+    lora_alpha: float = arg(16.0, "LoRA scaling numerator: updates are scaled by alpha / rank", gt=0)
+    lora_dropout: float = arg(0.0, "dropout on the LoRA input", ge=0, lt=1)
     lora_targets: list[str] = arg(["attn"], "layers to adapt: attn (= attn.qkv attn.proj), mlp (= mlp.fc mlp.proj), "
                                   "all, lm_head, or any layer-name suffix")
-    epochs: float | None = arg(None, "passes over the training data (default: 3, when no other budget is given)")
-    eval_every: int = arg(50, "evaluate every N steps (and at the end)")
-    save_every: int = arg(200, "write a checkpoint every N steps (and at the end, and on Ctrl-C)")
-    log_every: int = arg(5, "log a metrics row every N steps")
-    warmup_steps: int = arg(20, "steps of linear warmup (capped at 10%% of --max-steps)")
-    weight_decay: float = arg(0.0, "AdamW weight decay (matrices only)")
+    epochs: float | None = arg(None, "passes over the training data (default: 3, when no other budget is given)", gt=0)
+    eval_every: int = arg(50, "evaluate every N steps (and at the end)", ge=1)
+    save_every: int = arg(200, "write a checkpoint every N steps (and at the end, and on Ctrl-C)", ge=0)
+    log_every: int = arg(5, "log a metrics row every N steps", ge=1)
+    warmup_steps: int = arg(20, "steps of linear warmup (it ends sooner, at 10%% of the budget, in short runs)", ge=0)
+    weight_decay: float = arg(0.0, "AdamW weight decay (matrices only)", ge=0)
 
 
 def default_lr(cfg: FinetuneConfig, head_only: bool = False) -> float:
@@ -47,8 +48,9 @@ def default_lr(cfg: FinetuneConfig, head_only: bool = False) -> float:
     return cfg.lr or (1e-3 if cfg.lora_rank or head_only else 1e-4)
 
 
-def prepare(cfg: FinetuneConfig, kinds: tuple[str, ...] = ("causal-lm",)):
-    """Check --out / --resume and load the base model in fp32. Returns (cfg, model, tokenizer, base path)."""
+def prepare(cfg: FinetuneConfig, dist: Dist, kinds: tuple[str, ...] = ("causal-lm",)):
+    """Check --out / --resume and the budget, and load the base model in fp32. Returns (cfg,
+    model, tokenizer, base path)."""
     if not cfg.base:
         raise LMForgeError("missing required argument BASE (the model to fine-tune)")
     if not cfg.out:
@@ -57,15 +59,16 @@ def prepare(cfg: FinetuneConfig, kinds: tuple[str, ...] = ("causal-lm",)):
     if cfg.resume:
         cfg = resume_config(cfg, out)
     else:
-        check_out(out, cfg.overwrite)
+        dist.on_main(check_out, out, cfg.overwrite)  # rank 0 alone looks: it alone will write there
+    if all(getattr(cfg, b) is None for b in BUDGETS):
+        cfg.epochs = 3.0
+    check_budget(cfg)
     base = builtin_model(cfg.base) or Path(cfg.base).expanduser()
     if (base / "adapter.safetensors").exists():
         raise LMForgeError(f"{base} is a LoRA adapter: merge it first (lmforge merge-lora {base} --out DIR)")
     model, tokenizer, meta = load_parts(base)
     if meta.get("kind", "causal-lm") not in kinds:
         raise LMForgeError(f"{base} is a {meta['kind']}; this fine-tuning needs a {' or '.join(kinds)} base")
-    if all(v is None for v in (cfg.max_steps, cfg.max_tokens, cfg.max_minutes, cfg.epochs)):
-        cfg.epochs = 3.0
     model = model.float()  # train in fp32 (AdamW state and small updates need the precision)
     cfg.context_length = min(cfg.context_length or model.cfg.context_length, model.cfg.context_length)
     return cfg, model, tokenizer, base
@@ -80,10 +83,9 @@ def setup_lora(model: torch.nn.Module, cfg: FinetuneConfig, train_also: tuple[st
     return {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout, "layers": layers}
 
 
-def report_parameters(model: torch.nn.Module) -> None:
+def report_parameters(model: torch.nn.Module, dist: Dist) -> None:
     trainable, total = count_parameters(model)
-    print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.2f}%)",
-          file=sys.stderr)
+    dist.say(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.2f}%)")
 
 
 def make_saver(model: torch.nn.Module, tokenizer: Tokenizer, base: Path, lora: dict | None,
@@ -92,15 +94,15 @@ def make_saver(model: torch.nn.Module, tokenizer: Tokenizer, base: Path, lora: d
     weights plus any trained head, in a small file, and a reference to the base model)."""
     base = base.expanduser().resolve()
 
-    def save(directory: Path, weights_file: Path | None) -> None:
+    def save(directory: Path, weights_file: Path | None, **extra) -> None:
         copy_side_files(base, directory)  # chat template, special tokens, generation defaults
         if lora is None:
-            save_model_dir(directory, model, tokenizer, weights_file, **meta)
+            save_model_dir(directory, model, tokenizer, weights_file, **meta, **extra)
             return
         save_weights(adapter_state(model, train_also), directory / "adapter.safetensors")
         tokenizer.save(directory / "tokenizer.json")
         atomic_write_json(directory / "config.json", model_config_json(
-            model, tokenizer, **meta, lora=lora, base_model=str(base),
+            model, tokenizer, **meta, **extra, lora=lora, base_model=str(base),
             base_model_relative=os.path.relpath(base, directory.resolve())))
 
     return save

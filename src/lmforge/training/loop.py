@@ -1,15 +1,16 @@
 """The training loop: one loop for pretraining and every kind of fine-tuning.
 
 What differs between objectives lives in a `Task` (how to make a batch, the loss, the
-evaluation); the loop owns optimisation, schedules, budgets, logging, checkpoints, resume,
-signals and DDP. Under `torchrun` each rank computes its slice of the same global batch and
-DDP averages gradients, so N processes follow the same trajectory as one with N times the batch.
+evaluation); the `Trainer` owns optimisation, schedules, budgets, logging, checkpoints, resume,
+signals and DDP. Under `torchrun` each rank computes its slice of the same global batch, and the
+gradient is that of the weighted mean loss over the whole global batch (per target token, say),
+so N processes follow the trajectory of one with N times the batch, and accumulating micro-batches
+equals one big batch, however unevenly the targets fall between them.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import signal
 import sys
@@ -19,17 +20,16 @@ from collections.abc import Callable
 from typing import Protocol
 
 import torch
-from tqdm import tqdm
 
 from ..core.errors import LMForgeError
-from ..core.fileio import atomic_write
 from ..core.runtime import Dist, autocast, init_distributed
+from .checkpoint import Checkpointer
 from .config import TrainConfig
+from .metrics import MetricsLog
 from .optim import make_optimizer
-from .plot import plot_metrics, read_metrics
-from .rundir import Run
-from .schedule import Budget, lr_at
-from .state import has_state, load_state, save_state
+from .rundir import Run, record_config
+from .schedule import Budget, Schedule
+from .state import load_state
 
 
 class Task(Protocol):
@@ -40,8 +40,10 @@ class Task(Protocol):
     def batch(self, first: int, count: int) -> dict[str, torch.Tensor]:
         """Training examples first .. first+count-1 of the endless, seeded example stream."""
 
-    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-        """(mean loss, number of tokens it covers)."""
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float, int]:
+        """(mean loss, weight, tokens): the loss averaged over the batch's units (target tokens,
+        examples, pairs, ...), how many units that is (or their summed weight), and the tokens
+        read (for --max-tokens and tokens/s). The loop weights each micro-batch by its weight."""
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
         """Validation metrics, keys prefixed `val_` (run on rank 0 under no_grad)."""
@@ -50,16 +52,17 @@ class Task(Protocol):
 class StopRequest:
     """Ctrl-C / SIGTERM ask the loop to stop after the current step and save; a second one aborts."""
 
-    def __init__(self) -> None:
-        self.requested, self._old = False, {}
+    def __init__(self, announce: bool = True) -> None:
+        self.requested, self.announce, self._old = False, announce, {}
 
     def _handler(self, signum, frame) -> None:
         if self.requested:
             self.__exit__()
             raise KeyboardInterrupt
         self.requested = True
-        print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
-              "(send it again to abort)", file=sys.stderr)
+        if self.announce:
+            print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
+                  "(send it again to abort)", file=sys.stderr)
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
@@ -77,148 +80,195 @@ class NonFiniteLoss(LMForgeError):
     pass
 
 
-# Settings a resumed run may change; everything else must match the original run.
-
-
 def _move(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+class Trainer:
+    """One run of the loop. A step: this rank's micro-batches forward and backward, one
+    all-reduce of (loss, weight, tokens), the gradient scaled to the global weighted mean, clip,
+    optimizer step. After it, one all-reduce agrees on the elapsed time and on stop requests, so
+    every rank takes the same decisions (LR, evaluations, checkpoints, the end)."""
+
+    def __init__(self, model: torch.nn.Module, task: Task, cfg: TrainConfig, run: Run, lr: float, dist: Dist,
+                 device: torch.device, on_step: Callable[[int], None] | None = None) -> None:
+        self.model, self.task, self.cfg, self.run, self.peak = model.to(device), task, cfg, run, lr
+        self.dist, self.device, self.on_step = dist, device, on_step
+        self.optimizer = make_optimizer(self.model, cfg, lr, device)
+        self.budget = Budget(cfg, task.windows_per_epoch)
+        self.schedule = Schedule(cfg, lr)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.global_windows = cfg.batch_size * cfg.grad_accum * dist.world
+        self.record: dict = {"step": 0, "tokens": 0, "elapsed": 0.0, "windows": 0, "last_saved_step": 0}
+        self.log = MetricsLog(run.out / "metrics.jsonl", dist.main, task.windows_per_epoch)
+        self.checkpoints = Checkpointer(run, self.model, self.optimizer, dist, cfg.keep)
+        self.train_model: torch.nn.Module = self.model
+        self.grad_norm: float | None = None
+        self.final_row: dict = {}
+        self.t_start, self.elapsed_at_start = time.perf_counter(), 0.0
+
+    @property
+    def progress(self) -> float:
+        return self.budget.progress(self.record)
+
+    def fit(self) -> dict:
+        """Train until the budget runs out or a stop is requested; see `fit`."""
+        self.start()
+        done = stopping = False
+        self.model.train()
+        try:
+            with StopRequest(announce=self.dist.main) as stop:
+                while not (done or stopping):
+                    lr = self.schedule.lr(self.record["step"], self.progress)
+                    self.step(lr)
+                    if self.on_step is not None:
+                        self.on_step(self.record["step"])
+                    stopping = self.agree(stop.requested)
+                    done = self.progress >= 1.0
+                    self.after_step(lr, done=done, final=done or stopping)
+        finally:
+            self.log.close()
+        return self.finish(interrupted=stopping and not done)
+
+    def start(self) -> None:
+        """Restore a resumed run, refuse one with nothing left to do, and only then, with every
+        check passed, touch the run directory (a failed resume leaves it as it was)."""
+        cfg, rec = self.cfg, self.record
+        if cfg.resume:
+            rec.update(load_state(self.run.out, self.model, self.optimizer))
+        progress = self.progress
+        if progress >= 1.0:
+            raise LMForgeError(self.budget.nothing_left(rec))
+        if cfg.resume:
+            self.schedule = Schedule(cfg, self.peak, resumed_at=(progress, rec.get("schedule_position", progress)))
+        self.dist.on_main(self._open_run_dir)
+        if cfg.resume:
+            of = f"of {cfg.max_steps}" if cfg.max_steps else f"({100 * progress:.0f}% of {self.budget.describe()})"
+            self.dist.say(f"resumed from step {rec['step']} {of}")
+        self.train_model = self._wrap(self.model)
+        self.log.open_bar(progress)
+        self.t_start, self.elapsed_at_start = time.perf_counter(), rec["elapsed"]
+
+    def _open_run_dir(self) -> None:
+        record_config(self.cfg, self.run.out)
+        self.log.start(self.record["step"] if self.cfg.resume else None)
+
+    def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        if self.cfg.compile:
+            model = torch.compile(model)
+        if self.dist.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP  # imports torch._dynamo: slow
+
+            model = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return model
+
+    def compute_gradients(self) -> tuple[float, int]:
+        """Forward and backward over this rank's micro-batches, leaving in `.grad` the gradient of
+        the weighted mean loss over the whole global batch. Returns (that loss, global tokens).
+
+        Each backward is of a micro-batch's loss *sum* (mean x weight), so gradients add up by
+        weight over micro-batches (and DDP averages them over ranks); the global weight, from the
+        same all-reduce as the loss for the log, gives the factor that makes that sum the mean."""
+        cfg, d = self.cfg, self.dist
+        loss_sum = torch.zeros((), dtype=torch.float32 if self.device.type == "mps" else torch.float64,
+                               device=self.device)
+        weight, tokens = 0.0, 0
+        for micro in range(cfg.grad_accum):
+            first = self.record["windows"] + (micro * d.world + d.rank) * cfg.batch_size
+            batch = _move(self.task.batch(first, cfg.batch_size), self.device)
+            sync = micro == cfg.grad_accum - 1 or d.world == 1  # DDP all-reduces on the last backward only
+            with contextlib.nullcontext() if sync else self.train_model.no_sync():
+                with autocast(self.device):
+                    mean, w, n = self.task.loss(self.train_model, batch)
+                (mean.float() * w).backward()
+            loss_sum += mean.detach().to(loss_sum.dtype) * w
+            weight, tokens = weight + w, tokens + n
+        totals = d.all_reduce_sum(torch.stack([loss_sum, loss_sum.new_tensor(weight), loss_sum.new_tensor(tokens)]))
+        loss_sum, weight, tokens = totals.tolist()
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if grads and weight > 0 and d.world != weight:
+            torch._foreach_mul_(grads, d.world / weight)
+        return (loss_sum / weight if weight > 0 else math.nan), int(tokens)
+
+    def step(self, lr: float) -> None:
+        """One optimizer step over the global batch."""
+        loss, tokens = self.compute_gradients()
+        rec = self.record
+        if not math.isfinite(loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLoss(
+                f"the loss became {loss} at step {rec['step'] + 1}: training stopped. "
+                f"The last good checkpoint (step {rec['last_saved_step']}) is kept in {self.run.out}; "
+                "try a lower --lr or more --warmup-steps")
+        self.grad_norm = None
+        if self.cfg.grad_clip > 0:
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip).item()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        rec["step"] += 1
+        rec["windows"] += self.global_windows
+        rec["tokens"] += tokens
+        self.log.add(loss, tokens)
+
+    def agree(self, stop_requested: bool) -> bool:
+        """Ranks measure time and receive signals at different moments: take the largest elapsed
+        time and any rank's stop request, so that all of them decide alike. Returns the stop."""
+        elapsed = self.elapsed_at_start + time.perf_counter() - self.t_start
+        if self.dist.world > 1:
+            flags = torch.tensor([elapsed, float(stop_requested)], dtype=torch.float64, device=self.device)
+            elapsed, stop = self.dist.all_reduce_max(flags).tolist()
+            stop_requested = stop > 0
+        self.record["elapsed"] = elapsed
+        self.record["schedule_position"] = self.schedule.position(self.progress)
+        return stop_requested
+
+    def after_step(self, lr: float, done: bool, final: bool) -> None:
+        """Log, evaluate and checkpoint as scheduled. The last step is always logged, and
+        evaluated when the budget ran out (not when a stop was requested: that should be quick)."""
+        cfg, step = self.cfg, self.record["step"]
+        evaluate = step % cfg.eval_every == 0 or done
+        if step % cfg.log_every == 0 or evaluate or final:
+            row = self.log.row(self.record, lr, self.grad_norm)
+            if evaluate:
+                row.update(self.evaluate())
+                self.checkpoints.evaluated(row, self.record)
+            self.log.write(row)
+            self.final_row = row
+        self.log.progress(self.progress)
+        if cfg.save_every and step % cfg.save_every == 0 and not final:
+            self.checkpoints.save(self.record)
+
+    def evaluate(self) -> dict:
+        if not self.dist.main:
+            return {}
+        self.model.eval()
+        with torch.no_grad(), autocast(self.device):
+            metrics = self.task.evaluate(self.model)
+        self.model.train()
+        return metrics
+
+    def finish(self, interrupted: bool) -> dict:
+        rec = self.record
+        if rec["step"] != rec["last_saved_step"]:
+            self.checkpoints.save(rec)
+        model_step = self.checkpoints.model_step(rec)
+        if interrupted:
+            self.dist.say(f"stopped: checkpoint saved at step {rec['step']} (continue with --resume)")
+        best = f" (the weights of step {model_step}: best validation loss)" if model_step != rec["step"] else ""
+        self.dist.say(f"model directory: {self.run.out}{best}")
+        return {**rec, "metrics": self.final_row, "interrupted": interrupted, "rank": self.dist.rank,
+                "model_step": model_step}
 
 
 def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run: Run, lr: float,
         on_step: Callable[[int], None] | None = None, ddp: tuple[Dist, torch.device] | None = None) -> dict:
     """Train `model` on `task` until the budget runs out or a stop is requested.
 
-    Returns the final trainer record (step, tokens, elapsed, last metrics).
-    """
+    Returns the trainer record (step, tokens, elapsed, windows) with "metrics" (the last step's
+    metrics row), "interrupted", "model_step" (whose weights the model directory holds) and
+    "rank" (0 on the process that reports; under torchrun the others should stay quiet).
+    The caller owns the process group (`core.runtime.distributed`)."""
     dist_info, device = ddp or init_distributed(cfg.device)
-    model.to(device)
-    optimizer = make_optimizer(model, cfg, lr, device)
-    budget = Budget(cfg, task.windows_per_epoch)
-    warmup = min(cfg.warmup_steps, cfg.max_steps // 10) if cfg.max_steps else cfg.warmup_steps
-    state = {"step": 0, "tokens": 0, "elapsed": 0.0, "windows": 0, "last_saved_step": 0}
-    metrics_file = run.out / "metrics.jsonl"
-    if cfg.resume:
-        state.update(load_state(run.out, model, optimizer))
-        if dist_info.main:  # drop rows logged after the checkpoint: they will be logged again
-            rows = [r for r in read_metrics(metrics_file) if r.get("step", 0) <= state["step"]]
-            atomic_write(metrics_file, "".join(json.dumps(r) + "\n" for r in rows))
-    elif dist_info.main:
-        metrics_file.unlink(missing_ok=True)
-    dist_info.barrier()
-
-    train_model = torch.compile(model) if cfg.compile else model
-    if dist_info.world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP  # imports torch._dynamo: slow
-
-        train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
-    global_windows = cfg.batch_size * cfg.grad_accum * dist_info.world
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def save() -> None:
-        if dist_info.main:
-            weights = save_state(run.out, model, optimizer, state)
-            run.save_model(run.out, weights)
-            with contextlib.suppress(Exception):  # a plot is never worth losing a checkpoint over
-                plot_metrics(metrics_file, run.out / "loss.png", run.title)
-        state["last_saved_step"] = state["step"]
-        dist_info.barrier()
-
-    def evaluate() -> dict:
-        if not dist_info.main:
-            return {}
-        model.eval()
-        with torch.no_grad(), autocast(device):
-            out = task.evaluate(model)
-        model.train()
-        return out
-
-    bar = tqdm(total=100, disable=not dist_info.main, unit="%", dynamic_ncols=True, file=sys.stderr,
-               bar_format="{l_bar}{bar}| {n:.0f}% [{elapsed}<{remaining}{postfix}]",
-               mininterval=0.5 if sys.stderr.isatty() else 30)  # a log file gets a line every 30 s
-    bar.update(100 * min(budget.progress(state), 1.0))
-    log_loss, log_tokens, log_steps, log_time = 0.0, 0, 0, time.perf_counter()
-    last_row: dict = {}
-    model.train()
-    with StopRequest() as stop:
-        while True:
-            t0 = time.perf_counter()
-            progress = budget.progress(state)
-            done, stopping = progress >= 1.0, stop.requested
-            if dist_info.world > 1:  # every rank stops together (time and signals differ between processes)
-                flags = dist_info.all_reduce_max(torch.tensor([progress, float(stopping)], device=device))
-                done, stopping = bool(flags[0] >= 1.0), bool(flags[1] > 0)
-            if done or stopping:
-                break
-            lr_now = lr_at(cfg, lr, state["step"], progress, warmup)
-            for g in optimizer.param_groups:
-                g["lr"] = lr_now
-            loss_sum = torch.zeros((), device=device)
-            n_tokens = 0
-            for micro in range(cfg.grad_accum):
-                first = state["windows"] + (micro * dist_info.world + dist_info.rank) * cfg.batch_size
-                batch = _move(task.batch(first, cfg.batch_size), device)
-                last = micro == cfg.grad_accum - 1
-                sync = contextlib.nullcontext() if last or dist_info.world == 1 else train_model.no_sync()
-                with sync, autocast(device):
-                    loss, ntok = task.loss(train_model, batch)
-                (loss / cfg.grad_accum).backward()
-                loss_sum += loss.detach().float()
-                n_tokens += ntok
-            totals = dist_info.all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(n_tokens), device=device)]))
-            step_loss = totals[0].item() / (cfg.grad_accum * dist_info.world)
-            if not math.isfinite(step_loss):
-                optimizer.zero_grad(set_to_none=True)
-                raise NonFiniteLoss(
-                    f"the loss became {step_loss} at step {state['step'] + 1}: training stopped. "
-                    f"The last good checkpoint (step {state['last_saved_step']}) is kept in {run.out}; "
-                    "try a lower --lr or more --warmup-steps")
-            grad_norm = None
-            if cfg.grad_clip > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            state["step"] += 1
-            state["windows"] += global_windows
-            state["tokens"] += int(totals[1].item())
-            state["elapsed"] += time.perf_counter() - t0
-            log_loss, log_tokens, log_steps = log_loss + step_loss, log_tokens + int(totals[1].item()), log_steps + 1
-            step = state["step"]
-            done = budget.progress(state) >= 1.0
-            do_eval = step % cfg.eval_every == 0 or done
-            if step % cfg.log_every == 0 or do_eval or done:
-                now = time.perf_counter()
-                row = {"step": step, "tokens": state["tokens"], "loss": round(log_loss / log_steps, 6),
-                       "lr": lr_now, "tokens_per_sec": round(log_tokens / max(now - log_time, 1e-9), 1),
-                       "elapsed_s": round(state["elapsed"], 2),
-                       "epoch": round(state["windows"] / task.windows_per_epoch, 4)}
-                if grad_norm is not None:
-                    row["grad_norm"] = round(grad_norm, 4)
-                if do_eval:
-                    t_eval = time.perf_counter()
-                    row.update(evaluate())
-                    state["elapsed"] += time.perf_counter() - t_eval
-                if dist_info.main:
-                    with open(metrics_file, "a") as f:
-                        f.write(json.dumps(row) + "\n")
-                    post = {"step": step, "loss": f"{row['loss']:.3f}", "tok/s": f"{row['tokens_per_sec']:,.0f}"}
-                    if "val_loss" in row:
-                        post["val"] = f"{row['val_loss']:.3f}"
-                    bar.set_postfix(post, refresh=False)
-                last_row = row
-                log_loss, log_tokens, log_steps, log_time = 0.0, 0, 0, time.perf_counter()
-            bar.update(100 * min(budget.progress(state), 1.0) - bar.n)
-            if cfg.save_every and step % cfg.save_every == 0 and not done:
-                t_save = time.perf_counter()
-                save()
-                state["elapsed"] += time.perf_counter() - t_save
-            if on_step is not None:
-                on_step(step)
-        bar.close()
-        interrupted = stop.requested
-    if state["step"] != state["last_saved_step"] or not has_state(run.out):
-        save()
-    if interrupted and dist_info.main:
-        print(f"stopped at step {state['step']}; checkpoint saved in {run.out} (continue with --resume)",
-              file=sys.stderr)
-    state["metrics"], state["interrupted"] = last_row, interrupted
-    return state
+    return Trainer(model, task, cfg, run, lr, dist_info, device, on_step).fit()

@@ -13,7 +13,7 @@ import torch
 
 from ..core.config import arg
 from ..core.errors import LMForgeError
-from ..core.runtime import Dist, init_distributed
+from ..core.runtime import Dist, distributed
 from ..data.tokens import prepare
 from ..formats.modeldir import check_vocab, read_config, save_model_dir
 from ..models.config import ModelConfig
@@ -24,6 +24,7 @@ from ..text.tokenizer import Tokenizer, auto_vocab_size
 from .config import TrainConfig
 from .loop import fit
 from .rundir import Run, check_out, resume_config, start_run_dir
+from .schedule import check_budget
 from .tasks.lm import LMTask, MLMTask
 
 
@@ -34,24 +35,26 @@ class PretrainConfig(TrainConfig):
     data: list[str] = arg(["pydocs"], "training text: files, directories (recursive), .jsonl files "
                           "(one document per line), or 'pydocs' (built-in Python documentation)")
     val_data: list[str] | None = arg(None, "validation text (default: hold out --val-fraction of --data)")
-    val_fraction: float = arg(0.05, "share of documents held out for validation when --val-data is not given")
+    val_fraction: float = arg(0.05, "share of documents held out for validation when --val-data is not given",
+                              ge=0, lt=1)
     text_field: str = arg("text", "field holding the text in .jsonl files")
     out: str = arg("runs/pretrain", "model directory to write")
     tokenizer: str | None = arg(None, "use this tokenizer.json (or a directory with one) instead of training one")
-    vocab_size: int | None = arg(None, "vocabulary size of a newly trained tokenizer (default: from corpus size)")
+    vocab_size: int | None = arg(None, "vocabulary size of a newly trained tokenizer (default: from corpus size)", ge=1)
     objective: str = arg("clm", "clm: predict the next token (decoders); mlm: predict masked tokens, BERT-style "
                          "(encoders; implies --arch bert)", choices=["clm", "mlm"])
     arch: str = arg("gpt2", "architecture family: gpt2 (learned positions, LayerNorm, GELU), llama "
                     "(RoPE, RMSNorm, SwiGLU, grouped-query attention) or bert (bidirectional encoder, for --objective "
                     "mlm)", choices=["gpt2", "llama", "bert"])
-    mask_rate: float = arg(0.15, "mlm: share of tokens to predict (of those: 80%% masked, 10%% random, 10%% kept)")
+    mask_rate: float = arg(0.15, "mlm: share of tokens to predict (of those: 80%% masked, 10%% random, 10%% kept)",
+                           gt=0, lt=1)
     size: str = arg("auto", "model size: auto (best use of the budget), or dN = N layers of width 64*N")
-    n_layer: int | None = arg(None, "number of transformer blocks (overrides --size)")
-    n_embd: int | None = arg(None, "model width (overrides --size)")
-    n_head: int | None = arg(None, "attention heads (default: width / 64)")
-    n_kv_head: int | None = arg(None, "key/value heads, fewer than --n-head for grouped-query attention")
-    context_length: int = arg(256, "tokens per training sequence (the model's context window)")
-    dropout: float = arg(0.0, "dropout probability")
+    n_layer: int | None = arg(None, "number of transformer blocks (overrides --size)", ge=1)
+    n_embd: int | None = arg(None, "model width (overrides --size)", ge=1)
+    n_head: int | None = arg(None, "attention heads (default: width / 64)", ge=1)
+    n_kv_head: int | None = arg(None, "key/value heads, fewer than --n-head for grouped-query attention", ge=1)
+    context_length: int = arg(256, "tokens per training sequence (the model's context window)", ge=1)
+    dropout: float = arg(0.0, "dropout probability", ge=0, lt=1)
 
 
 def default_lr(n_embd: int, arch: str = "gpt2") -> float:
@@ -63,11 +66,6 @@ def default_lr(n_embd: int, arch: str = "gpt2") -> float:
 def padded_vocab(n: int) -> int:
     """Embedding rows: the tokenizer's size rounded up to a multiple of 64 (faster matmuls)."""
     return 64 * math.ceil(n / 64)
-
-
-def _log(dist_info: Dist, msg: str) -> None:
-    if dist_info.main:
-        print(msg, file=sys.stderr)
 
 
 def get_tokenizer(cfg: PretrainConfig, corpus: Corpus, out: Path, dist_info: Dist) -> Tokenizer:
@@ -84,7 +82,7 @@ def get_tokenizer(cfg: PretrainConfig, corpus: Corpus, out: Path, dist_info: Dis
     cached = _cache_dir() / "tokenizers" / f"{key}.json"
     with dist_info.main_first():
         if not cached.exists():
-            _log(dist_info, f"training a byte-level BPE tokenizer: {vocab} tokens on {corpus.num_bytes / 1e6:.1f} MB")
+            dist_info.say(f"training a byte-level BPE tokenizer: {vocab} tokens on {corpus.num_bytes / 1e6:.1f} MB")
             Tokenizer.train(corpus.documents, vocab, show_progress=sys.stderr.isatty()).save(cached)
     return Tokenizer.from_file(cached)
 
@@ -104,14 +102,11 @@ def build_model_config(cfg: PretrainConfig, vocab: int, out: Path, tokens_per_st
         seconds = cfg.max_minutes * 60 if cfg.max_minutes else None
         if max_tokens is None and seconds is None:
             raise LMForgeError("--size auto needs a budget: --max-steps, --max-tokens, --max-minutes or --epochs")
-        depth, report = None, []
-        if dist_info.main:
-            depth, report = choose_depth(
-                cfg.arch, vocab, cfg.context_length, tokens_per_step, max_tokens=max_tokens, seconds=seconds,
-                step_seconds=lambda c: measure_step_seconds(c, cfg.batch_size, device))
-        depth = dist_info.broadcast_object(depth)
+        depth, report = dist_info.on_main(  # measured once, on rank 0; the others take its choice
+            choose_depth, cfg.arch, vocab, cfg.context_length, tokens_per_step, max_tokens=max_tokens,
+            seconds=seconds, step_seconds=lambda c: measure_step_seconds(c, cfg.batch_size, device))
         for line in report:
-            _log(dist_info, f"size auto: {line}")
+            dist_info.say(f"size auto: {line}")
     else:
         depth = depth_of(cfg.size)
     base = sized_config(cfg.arch, depth, vocab, cfg.context_length) if depth else None
@@ -124,13 +119,18 @@ def build_model_config(cfg: PretrainConfig, vocab: int, out: Path, tokens_per_st
 
 
 def pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None = None) -> dict:
-    """Run pretraining as configured; returns the trainer record with the final metrics."""
-    dist_info, device = init_distributed(cfg.device)
+    """Run pretraining as configured; returns the trainer record with the final metrics (see `fit`)."""
+    with distributed(cfg.device) as (dist_info, device), dist_info.quiet():
+        return _pretrain(cfg, dist_info, device, on_step)
+
+
+def _pretrain(cfg: PretrainConfig, dist_info: Dist, device: torch.device, on_step) -> dict:
     out = Path(cfg.out)
     if cfg.resume:
         cfg = resume_config(cfg, out)
-    elif dist_info.main:
-        check_out(out, cfg.overwrite)  # fail early, before any work, if --out is taken
+    else:
+        dist_info.on_main(check_out, out, cfg.overwrite)  # fail early, before any work, if --out is taken
+    check_budget(cfg)  # before sizing, which divides by the budget
     if cfg.objective == "mlm" and cfg.arch == "gpt2":
         cfg.arch = "bert"  # masked-token prediction needs a bidirectional encoder
     if (cfg.objective == "mlm") != (cfg.arch == "bert"):
@@ -156,15 +156,14 @@ def pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None = None) 
     else:
         task = LMTask(data, mcfg.context_length, cfg.seed, tokenizer.token_bytes(), cfg.eval_batches * cfg.batch_size,
                       cfg.batch_size)
-    _log(dist_info, f"model: {cfg.arch} {mcfg.n_layer} layers x {mcfg.n_embd} wide, {mcfg.n_head} heads "
-                    f"({mcfg.n_kv_head} k/v), context {mcfg.context_length}, vocab {mcfg.vocab_size}: "
-                    f"{model.num_params() / 1e6:.2f}M parameters; {len(data.train):,} training tokens; "
-                    f"{tokens_per_step:,} tokens/step; lr {lr:g}; {device}"
-                    + (f" x {dist_info.world} processes" if dist_info.world > 1 else ""))
-    if dist_info.main:  # only now, with every input checked, touch --out
-        start_run_dir(cfg, out)
-    dist_info.barrier()
+    dist_info.say(f"model: {cfg.arch} {mcfg.n_layer} layers x {mcfg.n_embd} wide, {mcfg.n_head} heads "
+                  f"({mcfg.n_kv_head} k/v), context {mcfg.context_length}, vocab {mcfg.vocab_size}: "
+                  f"{model.num_params() / 1e6:.2f}M parameters; {len(data.train):,} training tokens; "
+                  f"{tokens_per_step:,} tokens/step; lr {lr:g}; {device}"
+                  + (f" x {dist_info.world} processes" if dist_info.world > 1 else ""))
+    dist_info.on_main(start_run_dir, cfg, out)  # only now, with every input checked, touch --out
     kind = "masked-lm" if cfg.objective == "mlm" else "causal-lm"
-    run = Run(out, lambda d, w: save_model_dir(d, model, tokenizer, w, kind=kind, created_by="lmforge pretrain"),
+    run = Run(out, lambda d, w, **extra: save_model_dir(d, model, tokenizer, w, kind=kind, **extra,
+                                                        created_by="lmforge pretrain"),
               title=f"{out.name}: {cfg.arch} d{mcfg.n_layer}")
     return fit(model, task, cfg, run, lr, on_step=on_step, ddp=(dist_info, device))

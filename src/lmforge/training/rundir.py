@@ -10,8 +10,10 @@ from pathlib import Path
 
 import yaml
 
-from ..core.config import explicit_keys, save_yaml
+from ..core.config import explicit_keys
 from ..core.errors import LMForgeError
+from ..core.fileio import atomic_write
+from .schedule import BUDGETS
 
 
 @dataclass
@@ -19,31 +21,47 @@ class Run:
     """Where a run writes, and how to save the model directory part of a checkpoint."""
 
     out: Path
-    save_model: Callable[[Path, Path | None], None]  # (out dir, weights file to link or None)
+    # (out dir, weights file to link or None, **metadata for config.json)
+    save_model: Callable[..., None]
     title: str = ""
 
 
-RESUMABLE = {"max_steps", "max_tokens", "max_minutes", "epochs", "eval_every", "eval_batches", "save_every",
-             "log_every", "device", "compile", "resume", "overwrite", "out"}
+RESUMABLE = {*BUDGETS, "eval_every", "eval_batches", "save_every", "log_every", "keep", "device", "compile",
+             "resume", "overwrite", "out"}
+
+
+def _given(cfg) -> set[str]:
+    """Names the user set: by flag or --config, or (built in Python) values that differ from the defaults."""
+    given = explicit_keys(cfg)
+    if given is None:
+        defaults = type(cfg)()
+        given = {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(defaults, f.name)}
+    return given
 
 
 def resume_config(cfg, out: Path):
     """The original run's config (from out/train_config.yaml), with only the RESUMABLE settings
-    taken from `cfg`. A setting given explicitly (flag or --config) that differs is an error."""
+    taken from `cfg`. A setting given explicitly (flag or --config) that differs is an error.
+    Without any budget given, the run keeps the budget it was saved with."""
     saved_file = out / "train_config.yaml"
     if not saved_file.exists():
         raise LMForgeError(f"nothing to resume in {out} (no train_config.yaml)")
     saved = yaml.safe_load(saved_file.read_text())
     cls = type(cfg)
-    given = explicit_keys(cfg)
-    if given is None:  # built in Python: treat values that differ from the defaults as given
-        defaults = cls()
-        given = {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(defaults, f.name)}
+    given = _given(cfg)
     conflicts = [f"{name}={getattr(cfg, name)!r} (the run used {saved[name]!r})"
                  for name in sorted(given - RESUMABLE) if name in saved and getattr(cfg, name) != saved[name]]
     if conflicts:
         raise LMForgeError("--resume with an incompatible config: " + "; ".join(conflicts))
-    return cls(**{**saved, **{k: getattr(cfg, k) for k in RESUMABLE}})
+    keep = RESUMABLE if any(getattr(cfg, b) is not None for b in BUDGETS) else RESUMABLE - set(BUDGETS)
+    return cls(**{**saved, **{k: getattr(cfg, k) for k in keep}})
+
+
+def record_config(cfg, out: Path) -> None:
+    """out/train_config.yaml: the full config, as `--config` would reproduce the run (so never
+    with resume: true)."""
+    values = {**dataclasses.asdict(cfg), "resume": False}
+    atomic_write(out / "train_config.yaml", yaml.safe_dump(values, sort_keys=False, allow_unicode=True))
 
 
 def check_out(out: Path, overwrite: bool) -> None:
@@ -57,11 +75,12 @@ def check_out(out: Path, overwrite: bool) -> None:
 
 
 def start_run_dir(cfg, out: Path) -> None:
-    """Create (or, with --overwrite, recreate) the run directory and record the config in it."""
-    if not cfg.resume:
-        check_out(out, cfg.overwrite)
-        if out.exists():
-            shutil.rmtree(out)
+    """Create (or, with --overwrite, recreate) the run directory; a resumed run's is left alone.
+    Call it on one process only (`Dist.on_main`): the others must not race on the removal.
+    The config is recorded by the loop, once training really starts."""
+    if cfg.resume:
+        return
+    check_out(out, cfg.overwrite)
+    if out.exists():
+        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    save_yaml(cfg, out / "train_config.yaml")
-

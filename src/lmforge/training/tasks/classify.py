@@ -7,7 +7,6 @@ LoRA adapters plus the head.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 
 from ...core.config import arg
 from ...core.errors import LMForgeError
+from ...core.runtime import Dist, distributed
 from ...data.collate import pad_batch
 from ...data.records import read_labelled
 from ...data.tokens import EpochOrder
@@ -32,7 +32,7 @@ class ClassifyConfig(FinetuneConfig):
 
     train: str = arg(None, "training data: .csv, .tsv or .jsonl with a text and a label per row")
     val: str | None = arg(None, "validation data in the same format (default: hold out --val-fraction of --train)")
-    val_fraction: float = arg(0.1, "share of rows held out for validation when --val is not given")
+    val_fraction: float = arg(0.1, "share of rows held out for validation when --val is not given", ge=0, lt=1)
     text_field: str = arg("text", "column / field holding the text")
     label_field: str = arg("label", "column / field holding the label (any strings)")
     train_layers: str = arg("all", "what trains: all, head (the new head only), or N (the last N blocks + head)")
@@ -40,7 +40,7 @@ class ClassifyConfig(FinetuneConfig):
                              choices=["auto", "none"])
     pooling: str = arg("auto", "hidden state fed to the head: last token (decoders), cls or mean; auto picks",
                        choices=["auto", "last", "cls", "mean"])
-    lr: float | None = arg(None, "peak learning rate (default: 1e-4 full, 1e-3 LoRA or head-only)")
+    lr: float | None = arg(None, "peak learning rate (default: 1e-4 full, 1e-3 LoRA or head-only)", gt=0)
 
 
 def classification_metrics(preds: list[int], gold: list[int], labels: list[str]) -> dict:
@@ -77,10 +77,15 @@ class ClassifyTask:
         ids, mask = pad_batch([r[0] for r in rows], self.pad)
         return {"ids": ids, "mask": mask, "labels": torch.tensor([r[1] for r in rows])}
 
-    def loss(self, model, b) -> tuple[torch.Tensor, int]:
+    def loss(self, model, b) -> tuple[torch.Tensor, float, int]:
+        """Per example: the class-weighted mean is sum(w[y] * loss) / sum(w[y]), so its weight is
+        sum(w[y]) (the number of examples without class weights), which makes accumulated and
+        multi-process steps equal to one big batch."""
         logits = model(b["ids"], b["mask"]).float()
-        w = self.weights.to(logits.device) if self.weights is not None else None
-        return F.cross_entropy(logits, b["labels"], weight=w), int(b["mask"].sum())
+        if self.weights is None:
+            return F.cross_entropy(logits, b["labels"]), len(b["labels"]), int(b["mask"].sum())
+        w = self.weights.to(logits.device)
+        return F.cross_entropy(logits, b["labels"], weight=w), float(w[b["labels"]].sum()), int(b["mask"].sum())
 
     def evaluate(self, model) -> dict:
         if not self.val:
@@ -111,7 +116,13 @@ def _freeze(model: Classifier, train_layers: str) -> None:
 
 
 def finetune_classify(cfg: ClassifyConfig, on_step=None) -> dict:
-    cfg, body, tokenizer, base = prepare(cfg, kinds=("causal-lm", "masked-lm", "encoder"))
+    with distributed(cfg.device) as ddp, ddp[0].quiet():
+        return _finetune_classify(cfg, ddp, on_step)
+
+
+def _finetune_classify(cfg: ClassifyConfig, ddp: tuple[Dist, torch.device], on_step) -> dict:
+    dist = ddp[0]
+    cfg, body, tokenizer, base = prepare(cfg, dist, kinds=("causal-lm", "masked-lm", "encoder"))
     if not cfg.train:
         raise LMForgeError("--train is required (a labelled .csv, .tsv or .jsonl file)")
     texts, labels = read_labelled(cfg.train, cfg.text_field, cfg.label_field)
@@ -147,18 +158,18 @@ def finetune_classify(cfg: ClassifyConfig, on_step=None) -> dict:
     lora = setup_lora(model, cfg, train_also=("head.",))
     if lora is None:
         _freeze(model, cfg.train_layers)
-    report_parameters(model)
+    report_parameters(model, dist)
     counts = {n: labels.count(n) for n in names}
-    print(f"classification: {len(train)} training / {len(val)} validation texts, classes {counts}, pooling {pooling}",
-          file=sys.stderr)
+    dist.say(f"classification: {len(train)} training / {len(val)} validation texts, classes {counts}, "
+             f"pooling {pooling}")
     out = Path(cfg.out)
-    start_run_dir(cfg, out)
+    dist.on_main(start_run_dir, cfg, out)
     save = make_saver(model, tokenizer, base, lora, train_also=("head.",), kind="classifier",
                       labels=names, pooling=pooling, text_field=cfg.text_field, label_field=cfg.label_field,
                       created_by="lmforge finetune classify")
     task = ClassifyTask(train, val, names, pad, cfg.seed, weights, cfg.batch_size)
     return fit(model, task, cfg, Run(out, save, title=f"{out.name}: classification"),
-               default_lr(cfg, head_only=cfg.train_layers == "head"), on_step=on_step)
+               default_lr(cfg, head_only=cfg.train_layers == "head"), on_step=on_step, ddp=ddp)
 
 
 # --- using a classifier ----------------------------------------------------------------------------

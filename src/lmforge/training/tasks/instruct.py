@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from ...core.config import arg
 from ...core.errors import LMForgeError
+from ...core.runtime import Dist, distributed
 from ...data.collate import IGNORE, collate, pack
 from ...data.records import read_instructions
 from ...data.tokens import EpochOrder
@@ -33,13 +34,13 @@ class InstructConfig(FinetuneConfig):
 
     data: str = arg(None, "training records, JSONL: {instruction, input, output} or {messages: [...]}")
     val_data: str | None = arg(None, "validation records (default: hold out --val-fraction of --data)")
-    val_fraction: float = arg(0.1, "share of records held out for validation when --val-data is not given")
+    val_fraction: float = arg(0.1, "share of records held out for validation when --val-data is not given", ge=0, lt=1)
     template: str = arg("auto", "prompt format: auto (the model's own chat_template, else chatml if the tokenizer "
                         "has its tokens, else alpaca), alpaca, chatml, or model", choices=["auto", "alpaca", "chatml",
                                                                                           "model"])
     pack: bool = arg(False, "pack several examples into each sequence (faster on short examples; packed examples "
                      "can attend to earlier ones in the same row)")
-    samples: int = arg(3, "validation prompts answered (greedily) and logged at each evaluation")
+    samples: int = arg(3, "validation prompts answered (greedily) and logged at each evaluation", ge=0)
 
 
 def encode_conversations(convs: list[list[dict]], tokenizer: Tokenizer, template: Template,
@@ -92,8 +93,9 @@ class InstructTask:
     def batch(self, first: int, count: int) -> dict[str, torch.Tensor]:
         return collate([self.train[self.order(k)] for k in range(first, first + count)], self.pad)
 
-    def loss(self, model, batch) -> tuple[torch.Tensor, int]:
-        return model(batch["x"], batch["y"]), int((batch["y"] != IGNORE).sum())
+    def loss(self, model, batch) -> tuple[torch.Tensor, float, int]:
+        n = int((batch["y"] != IGNORE).sum())  # the mean is per response token: weight by their number
+        return model(batch["x"], batch["y"]), n, n
 
     def evaluate(self, model) -> dict:
         out: dict = {}
@@ -118,7 +120,13 @@ class InstructTask:
 
 
 def finetune_instruct(cfg: InstructConfig, on_step=None) -> dict:
-    cfg, model, tokenizer, base = prepare(cfg)
+    with distributed(cfg.device) as ddp, ddp[0].quiet():
+        return _finetune_instruct(cfg, ddp, on_step)
+
+
+def _finetune_instruct(cfg: InstructConfig, ddp: tuple[Dist, torch.device], on_step) -> dict:
+    dist = ddp[0]
+    cfg, model, tokenizer, base = prepare(cfg, dist)
     if not cfg.data:
         raise LMForgeError("--data is required (JSONL records to learn from)")
     template = get_template(cfg.template, tokenizer)
@@ -135,24 +143,23 @@ def finetune_instruct(cfg: InstructConfig, on_step=None) -> dict:
     train, dropped = encode_conversations(convs, tokenizer, template, max_len)
     val, _ = encode_conversations(val_convs, tokenizer, template, max_len)
     if dropped:
-        print(f"warning: {dropped} record(s) dropped: nothing of the response fits in {cfg.context_length} tokens",
-              file=sys.stderr)
+        dist.say(f"warning: {dropped} record(s) dropped: nothing of the response fits in {cfg.context_length} tokens")
     if not train:
         raise LMForgeError("no training records left to learn from")
     if cfg.pack:
         train = pack(train, max_len)
     torch.manual_seed(cfg.seed)
     lora = setup_lora(model, cfg)
-    report_parameters(model)
-    print(f"instruction tuning: {len(train)} training {'rows' if cfg.pack else 'examples'}, {len(val)} validation, "
-          f"template {template.name}", file=sys.stderr)
+    report_parameters(model, dist)
+    dist.say(f"instruction tuning: {len(train)} training {'rows' if cfg.pack else 'examples'}, {len(val)} "
+             f"validation, template {template.name}")
     out = Path(cfg.out)
-    start_run_dir(cfg, out)
+    dist.on_main(start_run_dir, cfg, out)
     stop = template.stop_tokens(tokenizer)
     save = make_saver(model, tokenizer, base, lora, chat_template=template.to_json(), stop_token_ids=stop,
                       created_by="lmforge finetune instruct")
     task = InstructTask(train, val, val_convs, tokenizer, template, cfg.seed, cfg.batch_size, cfg.samples)
     return fit(model, task, cfg, Run(out, save, title=f"{out.name}: instruction tuning"), default_lr(cfg),
-               on_step=on_step)
+               on_step=on_step, ddp=ddp)
 
 

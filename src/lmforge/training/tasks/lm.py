@@ -82,8 +82,9 @@ class LMTask:
         x, y = self.stream.batch(first, count)
         return {"x": x, "y": y}
 
-    def loss(self, model, batch) -> tuple[torch.Tensor, int]:
-        return model(batch["x"], batch["y"]), batch["y"].numel()
+    def loss(self, model, batch) -> tuple[torch.Tensor, float, int]:
+        n = batch["y"].numel()
+        return model(batch["x"], batch["y"]), n, n
 
     def evaluate(self, model) -> dict[str, float]:
         if len(self.val) < 2:
@@ -111,8 +112,9 @@ class MLMTask(LMTask):
         inputs, targets = mask_tokens(x, g, self.mask_id, self.vocab, self.special, self.rate)
         return {"x": inputs, "y": targets}
 
-    def loss(self, model, batch) -> tuple[torch.Tensor, int]:
-        return model(batch["x"], batch["y"]), int((batch["y"] != -100).sum())
+    def loss(self, model, batch) -> tuple[torch.Tensor, float, int]:
+        # the mean is over the masked tokens; every token was read (as --max-tokens and sizing count)
+        return model(batch["x"], batch["y"]), int((batch["y"] != -100).sum()), batch["x"].numel()
 
     def evaluate(self, model) -> dict[str, float]:
         if len(self.val) < 2:

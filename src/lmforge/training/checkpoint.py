@@ -1,0 +1,60 @@
+"""Checkpoints: state/ for --resume (always the last step) and the model directory (the last
+step's weights, or with keep=best those of the lowest validation loss)."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+
+import torch
+from tqdm import tqdm
+
+from ..core.runtime import Dist
+from .plot import plot_metrics
+from .rundir import Run
+from .state import save_state
+
+
+class Checkpointer:
+    """Writes on the main rank; the others wait for it at each save, so no rank runs ahead of a
+    checkpoint that might fail. The best evaluation so far lives in the trainer record
+    (record["best"]), so a resumed run goes on comparing against it."""
+
+    def __init__(self, run: Run, model: torch.nn.Module, optimizer: torch.optim.Optimizer, dist: Dist,
+                 keep: str) -> None:
+        self.run, self.model, self.optimizer, self.dist, self.keep = run, model, optimizer, dist, keep
+        self._warned = False
+
+    def _holds_best(self, record: dict) -> bool:
+        return self.keep != "last" and "best" in record
+
+    def save(self, record: dict) -> None:
+        """state/ for the current step; the model directory too, unless it holds the best step."""
+        if self.dist.main:
+            weights = save_state(self.run.out, self.model, self.optimizer, record)
+            if not self._holds_best(record):
+                self.run.save_model(self.run.out, weights, checkpoint={"step": record["step"], "keep": "last"})
+            with contextlib.suppress(Exception):  # a plot is never worth losing a checkpoint over
+                plot_metrics(self.run.out / "metrics.jsonl", self.run.out / "loss.png", self.run.title)
+        record["last_saved_step"] = record["step"]
+        self.dist.barrier()
+
+    def evaluated(self, metrics: dict, record: dict) -> None:
+        """After an evaluation (main rank): a new lowest val_loss goes to the model directory now."""
+        if self.keep == "last" or not self.dist.main:
+            return
+        loss = metrics.get("val_loss")
+        if loss is None:
+            if self.keep == "best" and not self._warned:
+                tqdm.write("warning: --keep best, but there is no validation loss: the model directory keeps "
+                           "the last step", file=sys.stderr)
+                self._warned = True
+            return
+        if "best" in record and loss >= record["best"]["val_loss"]:
+            return
+        record["best"] = {"step": record["step"], "val_loss": loss}
+        self.run.save_model(self.run.out, None, checkpoint={**record["best"], "keep": "best"})
+
+    def model_step(self, record: dict) -> int:
+        """The step whose weights the model directory holds."""
+        return record["best"]["step"] if self._holds_best(record) else record["step"]

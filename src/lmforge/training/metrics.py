@@ -1,0 +1,76 @@
+"""metrics.jsonl and the progress bar: what a run reports while it trains."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ..core.fileio import atomic_write
+from .plot import read_metrics
+
+
+class MetricsLog:
+    """Rows of metrics.jsonl (one per --log-every steps, evaluations and the final step) and the
+    progress bar. Every rank keeps the running numbers; only the main one writes and draws."""
+
+    def __init__(self, path: Path, main: bool, windows_per_epoch: int) -> None:
+        self.path, self.main, self.per_epoch = path, main, max(windows_per_epoch, 1)
+        self.bar: tqdm | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self.loss, self.tokens, self.steps, self.since = 0.0, 0, 0, time.perf_counter()
+
+    def start(self, resumed_step: int | None) -> None:
+        """A fresh run starts an empty file; a resumed one drops the rows logged after its
+        checkpoint (those steps run, and are logged, again). Call on the main rank only."""
+        if resumed_step is None:
+            self.path.unlink(missing_ok=True)
+            return
+        rows = [r for r in read_metrics(self.path) if r.get("step", 0) <= resumed_step]
+        atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in rows))
+
+    def open_bar(self, progress: float) -> None:
+        # initial=: the bar starts where the run stands, so its rate and ETA count new progress only
+        self.bar = tqdm(total=100, initial=100 * min(progress, 1.0), disable=not self.main, unit="%",
+                        dynamic_ncols=True, file=sys.stderr,
+                        bar_format="{l_bar}{bar}| {n:.0f}% [{elapsed}<{remaining}{postfix}]",
+                        mininterval=0.5 if sys.stderr.isatty() else 30)  # a log file gets a line every 30 s
+        self._reset()
+
+    def add(self, loss: float, tokens: int) -> None:
+        """One optimizer step's loss and tokens."""
+        self.loss, self.tokens, self.steps = self.loss + loss, self.tokens + tokens, self.steps + 1
+
+    def row(self, state: dict, lr: float, grad_norm: float | None) -> dict:
+        """The row for the current step: losses averaged over the steps since the last row."""
+        row = {"step": state["step"], "tokens": state["tokens"], "loss": round(self.loss / max(self.steps, 1), 6),
+               "lr": lr, "tokens_per_sec": round(self.tokens / max(time.perf_counter() - self.since, 1e-9), 1),
+               "elapsed_s": round(state["elapsed"], 2), "epoch": round(state["windows"] / self.per_epoch, 4)}
+        if grad_norm is not None:
+            row["grad_norm"] = round(grad_norm, 4)
+        return row
+
+    def write(self, row: dict) -> None:
+        if self.main:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            post = {"step": row["step"], "loss": f"{row['loss']:.3f}", "tok/s": f"{row['tokens_per_sec']:,.0f}"}
+            if "val_loss" in row:
+                post["val"] = f"{row['val_loss']:.3f}"
+            if self.bar is not None:
+                self.bar.set_postfix(post, refresh=False)
+        self._reset()
+
+    def progress(self, fraction: float) -> None:
+        if self.bar is not None:
+            self.bar.update(100 * min(fraction, 1.0) - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
