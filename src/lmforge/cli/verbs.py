@@ -184,17 +184,12 @@ def export(ns) -> None:
 def embed(ns) -> None:
     a = from_namespace(EmbedArgs, ns)
 
-    from pathlib import Path
-
-    import numpy as np
-
-    from ..core.fileio import atomic_path, atomic_write
     from ..data.records import read_texts
     from ..formats.load import load_model
-    from ..inference.embed import embed_texts, rank
+    from ..inference.embed import check_embeddings_path, embed_texts, rank, write_embeddings
 
-    if a.out and Path(a.out).suffix not in (".npy", ".json"):
-        raise LMForgeError("--out must end in .npy or .json")
+    if a.out:
+        check_embeddings_path(a.out)  # before the work, not after
     texts = read_texts(a.text, a.file, a.text_field)
     lm = load_model(a.model_dir, device=a.device)
     vectors = embed_texts(lm, texts, a.batch_size, a.truncate)
@@ -202,18 +197,12 @@ def embed(ns) -> None:
         q = embed_texts(lm, [a.query], truncate=a.truncate)[0]
         for i, score in rank(q, vectors)[:a.top_k]:
             print(f"{score:.4f}  {texts[i]}")
-        return
-    if a.out:
-        out = Path(a.out)
-        if out.suffix == ".npy":
-            with atomic_path(out) as tmp, open(tmp, "wb") as f:
-                np.save(f, vectors)
-        else:
-            atomic_write(out, json.dumps({"texts": texts, "embeddings": vectors.tolist()}))
-        print(f"wrote {len(texts)} embeddings of dimension {vectors.shape[1]} to {out}", file=sys.stderr)
-        return
-    print(json.dumps({"dim": int(vectors.shape[1]), "texts": texts,
-                      "embeddings": [[round(float(v), 6) for v in row] for row in vectors]}, ensure_ascii=False))
+    elif a.out:
+        write_embeddings(a.out, texts, vectors)
+        print(f"wrote {len(texts)} embeddings of dimension {vectors.shape[1]} to {a.out}", file=sys.stderr)
+    else:
+        print(json.dumps({"dim": int(vectors.shape[1]), "texts": texts,
+                          "embeddings": [[round(float(v), 6) for v in row] for row in vectors]}, ensure_ascii=False))
 
 
 def fill_mask(ns) -> None:

@@ -6,12 +6,15 @@ L2-normalised, so a dot product is a cosine similarity (the sentence-transformer
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..core.errors import LMForgeError
+from ..core.fileio import atomic_path, atomic_write
 from ..core.runtime import autocast
 from ..data.collate import pad_batch
 from ..formats.load import Loaded
@@ -122,3 +125,21 @@ def _absorb_spaces(tok: Tokenizer, ids: list[int], mask_id: int) -> list[int]:
             out.pop()
         out.append(t)
     return out
+
+
+def check_embeddings_path(path: str | Path) -> Path:
+    """An output file for embeddings: FILE.npy (numpy) or FILE.json."""
+    path = Path(path)
+    if path.suffix not in (".npy", ".json"):
+        raise LMForgeError(f"{path}: embeddings are written as FILE.npy (numpy) or FILE.json")
+    return path
+
+
+def write_embeddings(path: str | Path, texts: list[str], vectors: np.ndarray) -> None:
+    """Write embeddings atomically: a [N, dim] float32 array (.npy) or {"texts", "embeddings"} (.json)."""
+    path = check_embeddings_path(path)
+    if path.suffix == ".npy":
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.save(f, vectors)
+    else:
+        atomic_write(path, json.dumps({"texts": texts, "embeddings": vectors.tolist()}, ensure_ascii=False))
