@@ -91,7 +91,8 @@ def test_version(capsys):
 def test_help_and_argument_errors_do_not_import_torch():
     code = ("import sys\nfrom lmforge.cli import main\n"
             "for argv in (['--help'], ['generate', '--help'], ['generate', 'x', '--top-p', '2'],\n"
-            "             ['embed', '--help']):\n"
+            "             ['embed', '--help'], ['pretrain', '--help'], ['pretrain', '--max-steps', '0'],\n"
+            "             ['finetune', 'instruct', 'x', '--lora-rank', '-1']):\n"
             "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
             "print('torch' in sys.modules)")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

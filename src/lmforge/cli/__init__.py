@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from ..core.config import add_arguments
@@ -19,16 +20,16 @@ from . import verbs
 # verb: (its dataclass as "module:Class", the function in verbs.py, one line of help)
 VERBS = {
     "demo": ("lmforge.cli.args:DemoArgs", "demo", "train a small GPT on Python's docs and sample from it (~5 min)"),
-    "pretrain": ("lmforge.training.pretrain:PretrainConfig", "pretrain",
+    "pretrain": ("lmforge.training.config:PretrainConfig", "pretrain",
                  "pretrain a model on raw text (next-token or masked-token prediction)"),
     "generate": ("lmforge.cli.args:GenerateArgs", "generate", "generate text from a prompt"),
     "evaluate": ("lmforge.cli.args:EvaluateArgs", "evaluate",
                  "measure a model on data: loss/perplexity/bits per byte, exact match, or accuracy (JSON)"),
     "import": ("lmforge.cli.args:ImportArgs", "import_", "convert a Hugging Face checkpoint into a model directory"),
     "export": ("lmforge.cli.args:ExportArgs", "export", "write a model directory as a Hugging Face checkpoint"),
-    "finetune classify": ("lmforge.training.tasks.classify:ClassifyConfig", "finetune_classify",
+    "finetune classify": ("lmforge.training.config:ClassifyConfig", "finetune_classify",
                           "train a classifier on labelled texts"),
-    "finetune instruct": ("lmforge.training.tasks.instruct:InstructConfig", "finetune_instruct",
+    "finetune instruct": ("lmforge.training.config:InstructConfig", "finetune_instruct",
                           "teach a model to follow instructions"),
     "classify": ("lmforge.cli.args:ClassifyArgs", "classify", "label texts with a fine-tuned classifier"),
     "chat": ("lmforge.cli.args:ChatArgs", "chat", "talk to a model in the terminal"),
@@ -154,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ns.func(ns)
     except LMForgeError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: rank 0 says why
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
         print(f"error: {e.strerror or e}: {e.filename}", file=sys.stderr)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from ..api import load
 from ..text.corpus import pydocs
-from ..training.pretrain import PretrainConfig, pretrain
+from ..training.config import PretrainConfig
+from ..training.pretrain import pretrain
 
 PROMPTS = ["The function returns", "Return a new list", "This module provides", "class"]
 
@@ -41,7 +42,7 @@ def demo(minutes: float = 4.0, out: str = "runs/demo", arch: str = "gpt2", seed:
     if final:
         print(f"final val loss {final['val_loss']:.3f} nats, {final['val_bpb']:.3f} bits per byte "
               f"after {state['step']:,} steps / {state['tokens']:,} tokens")
-    print(f"model directory: {out}   loss plot: {Path(out) / 'loss.png'}")
+    print(f"loss plot: {Path(out) / 'loss.png'}")
     print(f"try: lmforge generate {out} --prompt 'Return the' --top-candidates 5 --max-new-tokens 8")
     say(f"demo finished in {(time.time() - t0) / 60:.1f} minutes")
     return {"val_loss": final.get("val_loss"), "val_bpb": final.get("val_bpb"), "out": out}

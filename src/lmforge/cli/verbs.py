@@ -12,6 +12,7 @@ import sys
 
 from ..core.config import from_namespace
 from ..core.errors import LMForgeError
+from ..training.config import ClassifyConfig, InstructConfig, PretrainConfig
 from .args import (
     ChatArgs,
     ClassifyArgs,
@@ -48,29 +49,34 @@ def sampling(a: SamplingArgs) -> dict:
 
 def print_summary(state: dict, keys) -> None:
     """The final metrics of a training run, as one JSON line (rank 0 only under torchrun)."""
-    if not state.get("main", True):
+    if state.get("rank", 0) != 0:
         return
     m = state.get("metrics", {})
     print(json.dumps({k: m[k] for k in keys if k in m}))
 
 
 def pretrain(ns) -> None:
-    from ..training.pretrain import PretrainConfig, pretrain
+    cfg = from_namespace(PretrainConfig, ns)
 
-    print_summary(pretrain(from_namespace(PretrainConfig, ns)), ("step", "tokens", "loss", "val_loss", "val_bpb"))
+    from ..training.pretrain import pretrain
+
+    print_summary(pretrain(cfg), ("step", "tokens", "loss", "val_loss", "val_bpb"))
 
 
 def finetune_classify(ns) -> None:
-    from ..training.tasks.classify import ClassifyConfig, finetune_classify
+    cfg = from_namespace(ClassifyConfig, ns)
 
-    print_summary(finetune_classify(from_namespace(ClassifyConfig, ns)),
-                  ("step", "loss", "val_loss", "val_accuracy", "val_macro_f1"))
+    from ..training.tasks.classify import finetune_classify
+
+    print_summary(finetune_classify(cfg), ("step", "loss", "val_loss", "val_accuracy", "val_macro_f1"))
 
 
 def finetune_instruct(ns) -> None:
-    from ..training.tasks.instruct import InstructConfig, finetune_instruct
+    cfg = from_namespace(InstructConfig, ns)
 
-    print_summary(finetune_instruct(from_namespace(InstructConfig, ns)), ("step", "tokens", "loss", "val_loss"))
+    from ..training.tasks.instruct import finetune_instruct
+
+    print_summary(finetune_instruct(cfg), ("step", "tokens", "loss", "val_loss"))
 
 
 def generate(ns) -> None:

@@ -1,4 +1,5 @@
-"""`TrainConfig`: the loop's settings, shared by pretraining, fine-tuning and alignment."""
+"""The training verbs' settings: `TrainConfig` (the loop, shared by every objective) and one dataclass
+per verb on top of it. Torch-free, so `lmforge pretrain --help` and flag errors answer at once."""
 
 from __future__ import annotations
 
@@ -41,4 +42,86 @@ class TrainConfig:
                        "it keeps the run's budget; with a different one, the rest of the LR schedule is stretched "
                        "or squeezed from where the run stands to end with the new budget")
     overwrite: bool = arg(False, "replace an existing model directory at --out")
+
+
+@dataclass
+class PretrainConfig(TrainConfig):
+    """Pretraining: data, tokenizer and model shape."""
+
+    data: list[str] = arg(["pydocs"], "training text: files, directories (recursive), .jsonl files "
+                          "(one document per line), or 'pydocs' (built-in Python documentation)")
+    val_data: list[str] | None = arg(None, "validation text (default: hold out --val-fraction of --data)")
+    val_fraction: float = arg(0.05, "share of documents held out for validation when --val-data is not given",
+                              ge=0, lt=1)
+    text_field: str = arg("text", "field holding the text in .jsonl files")
+    out: str = arg("runs/pretrain", "model directory to write")
+    tokenizer: str | None = arg(None, "use this tokenizer.json (or a directory with one) instead of training one")
+    vocab_size: int | None = arg(None, "vocabulary size of a newly trained tokenizer (default: from corpus size)", ge=1)
+    objective: str = arg("clm", "clm: predict the next token (decoders); mlm: predict masked tokens, BERT-style "
+                         "(encoders; implies --arch bert)", choices=["clm", "mlm"])
+    arch: str = arg("gpt2", "architecture family: gpt2 (learned positions, LayerNorm, GELU), llama "
+                    "(RoPE, RMSNorm, SwiGLU, grouped-query attention) or bert (bidirectional encoder, for --objective "
+                    "mlm)", choices=["gpt2", "llama", "bert"])
+    mask_rate: float = arg(0.15, "mlm: share of tokens to predict (of those: 80%% masked, 10%% random, 10%% kept)",
+                           gt=0, lt=1)
+    size: str = arg("auto", "model size: auto (best use of the budget), or dN = N layers of width 64*N")
+    n_layer: int | None = arg(None, "number of transformer blocks (overrides --size)", ge=1)
+    n_embd: int | None = arg(None, "model width (overrides --size)", ge=1)
+    n_head: int | None = arg(None, "attention heads (default: width / 64)", ge=1)
+    n_kv_head: int | None = arg(None, "key/value heads, fewer than --n-head for grouped-query attention", ge=1)
+    context_length: int = arg(256, "tokens per training sequence (the model's context window)", ge=1)
+    dropout: float = arg(0.0, "dropout probability", ge=0, lt=1)
+
+
+@dataclass
+class FinetuneConfig(TrainConfig):
+    """Fine-tuning: base model, output, LoRA"""
+
+    base: str = arg(None, "base model: an lmforge model directory or a Hugging Face checkpoint directory",
+                    positional=True)
+    out: str = arg(None, "model directory to write")
+    context_length: int | None = arg(None, "longest sequence in tokens (default: the base model's context)", ge=1)
+    lora_rank: int = arg(0, "LoRA rank; 0 = full fine-tuning of every (unfrozen) weight", ge=0)
+    lora_alpha: float = arg(16.0, "LoRA scaling numerator: updates are scaled by alpha / rank", gt=0)
+    lora_dropout: float = arg(0.0, "dropout on the LoRA input", ge=0, lt=1)
+    lora_targets: list[str] = arg(["attn"], "layers to adapt: attn (= attn.qkv attn.proj), mlp (= mlp.fc mlp.proj), "
+                                  "all, lm_head, or any layer-name suffix")
+    epochs: float | None = arg(None, "passes over the training data (default: 3, when no other budget is given)", gt=0)
+    eval_every: int = arg(50, "evaluate every N steps (and at the end)", ge=1)
+    save_every: int = arg(200, "write a checkpoint every N steps (and at the end, and on Ctrl-C)", ge=0)
+    log_every: int = arg(5, "log a metrics row every N steps", ge=1)
+    warmup_steps: int = arg(20, "steps of linear warmup (it ends sooner, at 10%% of the budget, in short runs)", ge=0)
+    weight_decay: float = arg(0.0, "AdamW weight decay (matrices only)", ge=0)
+
+
+@dataclass
+class ClassifyConfig(FinetuneConfig):
+    """Classification: labelled data and what to train"""
+
+    train: str = arg(None, "training data: .csv, .tsv or .jsonl with a text and a label per row")
+    val: str | None = arg(None, "validation data in the same format (default: hold out --val-fraction of --train)")
+    val_fraction: float = arg(0.1, "share of rows held out for validation when --val is not given", ge=0, lt=1)
+    text_field: str = arg("text", "column / field holding the text")
+    label_field: str = arg("label", "column / field holding the label (any strings)")
+    train_layers: str = arg("all", "what trains: all, head (the new head only), or N (the last N blocks + head)")
+    class_weights: str = arg("auto", "auto: weight classes by inverse frequency (imbalanced data); none",
+                             choices=["auto", "none"])
+    pooling: str = arg("auto", "hidden state fed to the head: last token (decoders), cls or mean; auto picks",
+                       choices=["auto", "last", "cls", "mean"])
+    lr: float | None = arg(None, "peak learning rate (default: 1e-4 full, 1e-3 LoRA or head-only)", gt=0)
+
+
+@dataclass
+class InstructConfig(FinetuneConfig):
+    """Instruction tuning: data and prompt format"""
+
+    data: str = arg(None, "training records, JSONL: {instruction, input, output} or {messages: [...]}")
+    val_data: str | None = arg(None, "validation records (default: hold out --val-fraction of --data)")
+    val_fraction: float = arg(0.1, "share of records held out for validation when --val-data is not given", ge=0, lt=1)
+    template: str = arg("auto", "prompt format: auto (the model's own chat_template, else chatml if the tokenizer "
+                        "has its tokens, else alpaca), alpaca, chatml, or model", choices=["auto", "alpaca", "chatml",
+                                                                                          "model"])
+    pack: bool = arg(False, "pack several examples into each sequence (faster on short examples; packed examples "
+                     "can attend to earlier ones in the same row)")
+    samples: int = arg(3, "validation prompts answered (greedily) and logged at each evaluation", ge=0)
 

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..core.config import arg
 from ..core.errors import LMForgeError
 from ..core.fileio import atomic_write_json
 from ..core.runtime import Dist
@@ -17,30 +15,9 @@ from ..formats.load import builtin_model, load_parts
 from ..formats.modeldir import model_config_json, save_model_dir, save_weights
 from ..models.lora import adapter_state, apply_lora, count_parameters, freeze_for_lora
 from ..text.tokenizer import Tokenizer
-from .config import TrainConfig
+from .config import FinetuneConfig
 from .rundir import check_out, resume_config
 from .schedule import BUDGETS, check_budget
-
-
-@dataclass
-class FinetuneConfig(TrainConfig):
-    """Fine-tuning: base model, output, LoRA"""
-
-    base: str = arg(None, "base model: an lmforge model directory or a Hugging Face checkpoint directory",
-                    positional=True)
-    out: str = arg(None, "model directory to write")
-    context_length: int | None = arg(None, "longest sequence in tokens (default: the base model's context)", ge=1)
-    lora_rank: int = arg(0, "LoRA rank; 0 = full fine-tuning of every (unfrozen) weight", ge=0)
-    lora_alpha: float = arg(16.0, "LoRA scaling numerator: updates are scaled by alpha / rank", gt=0)
-    lora_dropout: float = arg(0.0, "dropout on the LoRA input", ge=0, lt=1)
-    lora_targets: list[str] = arg(["attn"], "layers to adapt: attn (= attn.qkv attn.proj), mlp (= mlp.fc mlp.proj), "
-                                  "all, lm_head, or any layer-name suffix")
-    epochs: float | None = arg(None, "passes over the training data (default: 3, when no other budget is given)", gt=0)
-    eval_every: int = arg(50, "evaluate every N steps (and at the end)", ge=1)
-    save_every: int = arg(200, "write a checkpoint every N steps (and at the end, and on Ctrl-C)", ge=0)
-    log_every: int = arg(5, "log a metrics row every N steps", ge=1)
-    warmup_steps: int = arg(20, "steps of linear warmup (it ends sooner, at 10%% of the budget, in short runs)", ge=0)
-    weight_decay: float = arg(0.0, "AdamW weight decay (matrices only)", ge=0)
 
 
 def default_lr(cfg: FinetuneConfig, head_only: bool = False) -> float:

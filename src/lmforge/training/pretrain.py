@@ -6,12 +6,10 @@ import hashlib
 import math
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..core.config import arg
 from ..core.errors import LMForgeError
 from ..core.runtime import Dist, distributed
 from ..data.tokens import prepare
@@ -21,40 +19,11 @@ from ..models.sizing import arch_config, choose_depth, depth_of, measure_step_se
 from ..models.transformer import Transformer
 from ..text.corpus import Corpus, _cache_dir, load_corpus
 from ..text.tokenizer import Tokenizer, auto_vocab_size
-from .config import TrainConfig
+from .config import PretrainConfig
 from .loop import fit
 from .rundir import Run, check_out, resume_config, start_run_dir
 from .schedule import check_budget
 from .tasks.lm import LMTask, MLMTask
-
-
-@dataclass
-class PretrainConfig(TrainConfig):
-    """Pretraining: data, tokenizer and model shape."""
-
-    data: list[str] = arg(["pydocs"], "training text: files, directories (recursive), .jsonl files "
-                          "(one document per line), or 'pydocs' (built-in Python documentation)")
-    val_data: list[str] | None = arg(None, "validation text (default: hold out --val-fraction of --data)")
-    val_fraction: float = arg(0.05, "share of documents held out for validation when --val-data is not given",
-                              ge=0, lt=1)
-    text_field: str = arg("text", "field holding the text in .jsonl files")
-    out: str = arg("runs/pretrain", "model directory to write")
-    tokenizer: str | None = arg(None, "use this tokenizer.json (or a directory with one) instead of training one")
-    vocab_size: int | None = arg(None, "vocabulary size of a newly trained tokenizer (default: from corpus size)", ge=1)
-    objective: str = arg("clm", "clm: predict the next token (decoders); mlm: predict masked tokens, BERT-style "
-                         "(encoders; implies --arch bert)", choices=["clm", "mlm"])
-    arch: str = arg("gpt2", "architecture family: gpt2 (learned positions, LayerNorm, GELU), llama "
-                    "(RoPE, RMSNorm, SwiGLU, grouped-query attention) or bert (bidirectional encoder, for --objective "
-                    "mlm)", choices=["gpt2", "llama", "bert"])
-    mask_rate: float = arg(0.15, "mlm: share of tokens to predict (of those: 80%% masked, 10%% random, 10%% kept)",
-                           gt=0, lt=1)
-    size: str = arg("auto", "model size: auto (best use of the budget), or dN = N layers of width 64*N")
-    n_layer: int | None = arg(None, "number of transformer blocks (overrides --size)", ge=1)
-    n_embd: int | None = arg(None, "model width (overrides --size)", ge=1)
-    n_head: int | None = arg(None, "attention heads (default: width / 64)", ge=1)
-    n_kv_head: int | None = arg(None, "key/value heads, fewer than --n-head for grouped-query attention", ge=1)
-    context_length: int = arg(256, "tokens per training sequence (the model's context window)", ge=1)
-    dropout: float = arg(0.0, "dropout probability", ge=0, lt=1)
 
 
 def default_lr(n_embd: int, arch: str = "gpt2") -> float:

@@ -7,13 +7,11 @@ LoRA adapters plus the head.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from ...core.config import arg
 from ...core.errors import LMForgeError
 from ...core.runtime import Dist, distributed
 from ...data.collate import pad_batch
@@ -21,26 +19,10 @@ from ...data.records import read_labelled
 from ...data.tokens import EpochOrder
 from ...inference.classify import encode_texts, predict_probs
 from ...models.transformer import Classifier
-from ..finetune import FinetuneConfig, default_lr, make_saver, prepare, report_parameters, setup_lora
+from ..config import ClassifyConfig
+from ..finetune import default_lr, make_saver, prepare, report_parameters, setup_lora
 from ..loop import fit
 from ..rundir import Run, start_run_dir
-
-
-@dataclass
-class ClassifyConfig(FinetuneConfig):
-    """Classification: labelled data and what to train"""
-
-    train: str = arg(None, "training data: .csv, .tsv or .jsonl with a text and a label per row")
-    val: str | None = arg(None, "validation data in the same format (default: hold out --val-fraction of --train)")
-    val_fraction: float = arg(0.1, "share of rows held out for validation when --val is not given", ge=0, lt=1)
-    text_field: str = arg("text", "column / field holding the text")
-    label_field: str = arg("label", "column / field holding the label (any strings)")
-    train_layers: str = arg("all", "what trains: all, head (the new head only), or N (the last N blocks + head)")
-    class_weights: str = arg("auto", "auto: weight classes by inverse frequency (imbalanced data); none",
-                             choices=["auto", "none"])
-    pooling: str = arg("auto", "hidden state fed to the head: last token (decoders), cls or mean; auto picks",
-                       choices=["auto", "last", "cls", "mean"])
-    lr: float | None = arg(None, "peak learning rate (default: 1e-4 full, 1e-3 LoRA or head-only)", gt=0)
 
 
 def classification_metrics(preds: list[int], gold: list[int], labels: list[str]) -> dict:

@@ -8,13 +8,11 @@ learns to stop); prompt tokens get no gradient.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from ...core.config import arg
 from ...core.errors import LMForgeError
 from ...core.runtime import Dist, distributed
 from ...data.collate import IGNORE, collate, pack
@@ -23,24 +21,10 @@ from ...data.tokens import EpochOrder
 from ...inference.generate import generate_text
 from ...text.templates import Template, encode_segments, get_template, user_text
 from ...text.tokenizer import Tokenizer
-from ..finetune import FinetuneConfig, default_lr, make_saver, prepare, report_parameters, setup_lora
+from ..config import InstructConfig
+from ..finetune import default_lr, make_saver, prepare, report_parameters, setup_lora
 from ..loop import fit
 from ..rundir import Run, start_run_dir
-
-
-@dataclass
-class InstructConfig(FinetuneConfig):
-    """Instruction tuning: data and prompt format"""
-
-    data: str = arg(None, "training records, JSONL: {instruction, input, output} or {messages: [...]}")
-    val_data: str | None = arg(None, "validation records (default: hold out --val-fraction of --data)")
-    val_fraction: float = arg(0.1, "share of records held out for validation when --val-data is not given", ge=0, lt=1)
-    template: str = arg("auto", "prompt format: auto (the model's own chat_template, else chatml if the tokenizer "
-                        "has its tokens, else alpaca), alpaca, chatml, or model", choices=["auto", "alpaca", "chatml",
-                                                                                          "model"])
-    pack: bool = arg(False, "pack several examples into each sequence (faster on short examples; packed examples "
-                     "can attend to earlier ones in the same row)")
-    samples: int = arg(3, "validation prompts answered (greedily) and logged at each evaluation", ge=0)
 
 
 def encode_conversations(convs: list[list[dict]], tokenizer: Tokenizer, template: Template,
