@@ -15,13 +15,17 @@ class LM(Loaded):
     """A loaded model: `.model` (a torch Module, `model(ids)` -> logits [B, T, V]),
     `.tokenizer` (`encode`, `decode`) and `.generate(prompt, **sampling)`."""
 
+    def check_generates(self) -> None:
+        """A one-line error unless this model can generate text (a decoder)."""
+        require(self.meta, str(self.path), "text generation needs a decoder (causal language model)",
+                lambda k: k.generates)
+
     def generate(self, prompt: str, *, max_new_tokens: int | None = None, temperature: float = 0.8,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                  stop: list[str] | None = None, stream: Callable[[str], None] | None = None,
                  repetition_penalty: float = 1.0, **kw) -> str:
         """Continue `prompt`; returns only the new text."""
-        require(self.meta, str(self.path), "text generation needs a decoder (causal language model)",
-                lambda k: k.generates)
+        self.check_generates()
         return generate_text(self.model, self.tokenizer, prompt, max_new_tokens=max_new_tokens,
                              temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop,
                              stop_ids=self.stop_ids(), stream=stream, repetition_penalty=repetition_penalty, **kw)

@@ -90,6 +90,7 @@ def generate(ns) -> None:
     prompt = read_text_arg(a.prompt, "prompt")
     stops = [unescape(s) for s in a.stop]
     lm = load(a.model_dir, device=a.device)
+    lm.check_generates()
     ids, note = prepare_prompt(lm.tokenizer, lm.config, prompt, a.max_new_tokens, a.truncate)  # before any output
     if note:
         print(f"warning: {note}", file=sys.stderr)

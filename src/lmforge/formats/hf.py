@@ -16,6 +16,7 @@ import torch
 from ..core.errors import LMForgeError
 from ..models.config import ModelConfig
 from ..models.transformer import Transformer
+from .kinds import Kind
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED = ("gpt2",) + LLAMA_LIKE + ("bert",)
@@ -233,14 +234,14 @@ def hf_prefix(family: str, names: set[str]) -> str:
     return ""
 
 
-def adapt_to_weights(cfg: ModelConfig, family: str, names: set[str]) -> tuple[ModelConfig, str]:
+def adapt_to_weights(cfg: ModelConfig, family: str, names: set[str]) -> tuple[ModelConfig, Kind]:
     """Settle what config.json leaves open: whether a BERT checkpoint carries its masked-LM head.
-    Returns the config and the kind of model ("causal-lm", "masked-lm" or "encoder")."""
+    Returns the config and the kind of model."""
     if family != "bert":
-        return cfg, "causal-lm"
+        return cfg, Kind.CAUSAL_LM
     if "cls.predictions.transform.dense.weight" in names:
-        return dataclasses.replace(cfg, head_transform=True, lm_head_bias=True), "masked-lm"
-    return cfg, "encoder"
+        return dataclasses.replace(cfg, head_transform=True, lm_head_bias=True), Kind.MASKED_LM
+    return cfg, Kind.ENCODER
 
 
 def legacy_names(names: set[str]) -> dict[str, str]:

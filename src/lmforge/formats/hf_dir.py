@@ -22,6 +22,7 @@ from ..core.tensorfile import TensorFile
 from ..models.transformer import Transformer
 from ..text.tokenizer import Tokenizer
 from .hf import SUPPORTED, adapt_to_weights, config_from_hf, config_to_hf, export_family, weights_from_hf, weights_to_hf
+from .kinds import is_adapter, kind_of
 from .modeldir import (
     build_model,
     check_vocab,
@@ -164,9 +165,9 @@ def export_hf(model_dir: str | Path, out: str | Path, shard_size_mb: float = 200
     """Write an lmforge model directory as a Hugging Face checkpoint (sharded if large)."""
     model_dir, out = Path(model_dir), Path(out)
     meta = read_config(model_dir)
-    if meta.get("kind", "causal-lm") != "causal-lm":
-        raise LMForgeError(f"only language models can be exported to Hugging Face format (this is a {meta['kind']})")
-    if "lora" in meta:
+    if not kind_of(meta).generates:
+        raise LMForgeError(f"only language models can be exported to Hugging Face format (this is a {kind_of(meta)})")
+    if is_adapter(meta):
         raise LMForgeError(f"{model_dir} is a LoRA adapter: merge it first (lmforge merge-lora {model_dir} --out DIR)")
     model, tokenizer, meta = load_model_dir(model_dir)
     cfg = model.cfg

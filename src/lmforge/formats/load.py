@@ -112,7 +112,7 @@ def merge_adapter(src: str | Path, out: str | Path, overwrite: bool = False) -> 
     """`lmforge merge-lora`: the adapter folded into its base, as a plain model directory."""
     src = Path(src)
     meta = read_config(src)
-    if "lora" not in meta:
+    if not is_adapter(meta):
         raise LMForgeError(f"{src} has no LoRA adapter to merge")
     model, tokenizer, meta = load_parts(src)
     merge_lora(model)

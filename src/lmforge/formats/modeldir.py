@@ -27,7 +27,7 @@ from ..models.config import ModelConfig
 from ..models.lora import apply_lora
 from ..models.transformer import Classifier, Transformer
 from ..text.tokenizer import Tokenizer
-from .kinds import Kind, kind_of
+from .kinds import Kind, is_adapter, kind_of
 
 FORMAT_VERSION = 1
 
@@ -62,7 +62,7 @@ def make_skeleton(meta: dict, device: str | torch.device = "meta") -> torch.nn.M
             model = Classifier(cfg, len(meta["labels"]), meta.get("pooling", "last"))
         else:
             model = Transformer(cfg)
-        if "lora" in meta:
+        if is_adapter(meta):
             lo = meta["lora"]
             apply_lora(model, lo["layers"], lo["rank"], lo["alpha"], lo.get("dropout", 0.0))
     return model

@@ -36,8 +36,8 @@ def chat(lm: Loaded, system: str | None = None, max_new_tokens: int = 256, tempe
          top_p: float | None = 0.9, top_k: int | None = None, seed: int | None = None,
          repetition_penalty: float = 1.0, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> list[dict]:
     """Read user turns from `stdin` until /exit or end of input; returns the final history."""
-    if lm.meta.get("kind", "causal-lm") != "causal-lm":
-        raise LMForgeError(f"{lm.path} is a {lm.meta['kind']}, not a model that can chat")
+    if not lm.kind.generates:
+        raise LMForgeError(f"{lm.path} is a {lm.kind}, not a model that can chat")
     validate_sampling(temperature, top_k, top_p, repetition_penalty, max_new_tokens)
     if not lm.meta.get("chat_template") and not lm.tokenizer.config.get("chat_template"):
         # A base model only continues text: it runs, but says nothing about why answers ramble.

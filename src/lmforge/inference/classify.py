@@ -6,6 +6,7 @@ import torch
 
 from ..core.errors import LMForgeError
 from ..data.collate import pad_batch
+from ..formats.kinds import Kind
 from ..formats.load import Loaded
 from ..models.transformer import Classifier
 from ..text.tokenizer import Tokenizer
@@ -31,8 +32,8 @@ def predict_probs(model: Classifier, seqs: list[list[int]], pad_id: int, batch_s
 
 def classify_texts(lm: Loaded, texts: list[str]) -> list[dict]:
     """[{"label": best, "probs": {label: p, ...}}] per text, for a classifier model directory."""
-    if lm.meta.get("kind") != "classifier":
-        raise LMForgeError(f"{lm.path} is not a classifier (it is a {lm.meta.get('kind', 'causal-lm')})")
+    if lm.kind is not Kind.CLASSIFIER:
+        raise LMForgeError(f"{lm.path} is not a classifier (it is a {lm.kind})")
     labels = lm.meta["labels"]
     if any(not t.strip() for t in texts):
         raise LMForgeError("empty text: nothing to classify")

@@ -17,17 +17,16 @@ from ..core.errors import LMForgeError
 from ..core.fileio import atomic_path, atomic_write
 from ..core.runtime import autocast
 from ..data.collate import pad_batch
+from ..formats.kinds import Kind
 from ..formats.load import Loaded
 from ..text.tokenizer import Tokenizer, printable
 
-ENCODER_KINDS = ("encoder", "masked-lm")
 MASK_ALIASES = ("[MASK]", "<mask>", "<|mask|>")
 
 
 def require_encoder(lm: Loaded, what: str) -> None:
-    kind = lm.meta.get("kind", "causal-lm")
-    if kind not in ENCODER_KINDS:
-        raise LMForgeError(f"{what} needs an encoder (BERT-style) model; {lm.path} is a {kind} "
+    if not lm.kind.is_encoder:
+        raise LMForgeError(f"{what} needs an encoder (BERT-style) model; {lm.path} is a {lm.kind} "
                            "(a decoder predicts the next token and does not read both ways)")
 
 
@@ -77,7 +76,7 @@ def fill_mask(lm: Loaded, text: str, top_k: int = 5) -> list[list[dict]]:
     "token" is for display (one line: partial characters as <0xNN>, control characters escaped);
     "sequence" is the text with the token filled in."""
     require_encoder(lm, "fill-mask")
-    if lm.meta.get("kind") != "masked-lm":
+    if lm.kind is not Kind.MASKED_LM:
         raise LMForgeError(f"{lm.path} has no masked-LM head (it is a bare encoder, e.g. a sentence-embedding "
                            "model); fill-mask needs one, such as BertForMaskedLM or `pretrain --objective mlm`")
     mask = lm.tokenizer.mask_token

@@ -11,6 +11,7 @@ from ..core.errors import LMForgeError
 from ..core.fileio import atomic_write_json
 from ..core.runtime import Dist
 from ..formats.hf_dir import copy_side_files
+from ..formats.kinds import Kind, kind_of
 from ..formats.load import builtin_model, load_parts
 from ..formats.modeldir import model_config_json, save_model_dir, save_weights
 from ..models.lora import adapter_state, apply_lora, count_parameters, freeze_for_lora
@@ -25,7 +26,7 @@ def default_lr(cfg: FinetuneConfig, head_only: bool = False) -> float:
     return cfg.lr or (1e-3 if cfg.lora_rank or head_only else 1e-4)
 
 
-def prepare(cfg: FinetuneConfig, dist: Dist, kinds: tuple[str, ...] = ("causal-lm",)):
+def prepare(cfg: FinetuneConfig, dist: Dist, kinds: tuple[Kind, ...] = (Kind.CAUSAL_LM,)):
     """Check --out / --resume and the budget, and load the base model in fp32. Returns (cfg,
     model, tokenizer, base path)."""
     if not cfg.base:
@@ -44,8 +45,9 @@ def prepare(cfg: FinetuneConfig, dist: Dist, kinds: tuple[str, ...] = ("causal-l
     if (base / "adapter.safetensors").exists():
         raise LMForgeError(f"{base} is a LoRA adapter: merge it first (lmforge merge-lora {base} --out DIR)")
     model, tokenizer, meta = load_parts(base)
-    if meta.get("kind", "causal-lm") not in kinds:
-        raise LMForgeError(f"{base} is a {meta['kind']}; this fine-tuning needs a {' or '.join(kinds)} base")
+    if kind_of(meta) not in kinds:
+        raise LMForgeError(f"{base} is a {kind_of(meta)}; this fine-tuning needs a {' or '.join(map(str, kinds))} "
+                           "base")
     model = model.float()  # train in fp32 (AdamW state and small updates need the precision)
     cfg.context_length = min(cfg.context_length or model.cfg.context_length, model.cfg.context_length)
     return cfg, model, tokenizer, base

@@ -13,6 +13,7 @@ import torch
 from ..core.errors import LMForgeError
 from ..core.runtime import Dist, distributed
 from ..data.tokens import prepare
+from ..formats.kinds import Kind
 from ..formats.modeldir import check_vocab, read_config, save_model_dir
 from ..models.config import ModelConfig
 from ..models.sizing import arch_config, choose_depth, depth_of, measure_step_seconds, sized_config
@@ -131,7 +132,7 @@ def _pretrain(cfg: PretrainConfig, dist_info: Dist, device: torch.device, on_ste
                   f"{tokens_per_step:,} tokens/step; lr {lr:g}; {device}"
                   + (f" x {dist_info.world} processes" if dist_info.world > 1 else ""))
     dist_info.on_main(start_run_dir, cfg, out)  # only now, with every input checked, touch --out
-    kind = "masked-lm" if cfg.objective == "mlm" else "causal-lm"
+    kind = Kind.MASKED_LM if cfg.objective == "mlm" else Kind.CAUSAL_LM
     run = Run(out, lambda d, w, **extra: save_model_dir(d, model, tokenizer, w, kind=kind, **extra,
                                                         created_by="lmforge pretrain"),
               title=f"{out.name}: {cfg.arch} d{mcfg.n_layer}")

@@ -17,6 +17,7 @@ from ...core.runtime import Dist, distributed
 from ...data.collate import pad_batch
 from ...data.records import read_labelled
 from ...data.tokens import EpochOrder
+from ...formats.kinds import Kind
 from ...inference.classify import encode_texts, predict_probs
 from ...models.transformer import Classifier
 from ..config import ClassifyConfig
@@ -104,7 +105,7 @@ def finetune_classify(cfg: ClassifyConfig, on_step=None) -> dict:
 
 def _finetune_classify(cfg: ClassifyConfig, ddp: tuple[Dist, torch.device], on_step) -> dict:
     dist = ddp[0]
-    cfg, body, tokenizer, base = prepare(cfg, dist, kinds=("causal-lm", "masked-lm", "encoder"))
+    cfg, body, tokenizer, base = prepare(cfg, dist, kinds=(Kind.CAUSAL_LM, Kind.MASKED_LM, Kind.ENCODER))
     if not cfg.train:
         raise LMForgeError("--train is required (a labelled .csv, .tsv or .jsonl file)")
     texts, labels = read_labelled(cfg.train, cfg.text_field, cfg.label_field)
@@ -146,7 +147,7 @@ def _finetune_classify(cfg: ClassifyConfig, ddp: tuple[Dist, torch.device], on_s
              f"pooling {pooling}")
     out = Path(cfg.out)
     dist.on_main(start_run_dir, cfg, out)
-    save = make_saver(model, tokenizer, base, lora, train_also=("head.",), kind="classifier",
+    save = make_saver(model, tokenizer, base, lora, train_also=("head.",), kind=Kind.CLASSIFIER,
                       labels=names, pooling=pooling, text_field=cfg.text_field, label_field=cfg.label_field,
                       created_by="lmforge finetune classify")
     task = ClassifyTask(train, val, names, pad, cfg.seed, weights, cfg.batch_size)
