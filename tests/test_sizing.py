@@ -26,7 +26,8 @@ def test_auto_size_shrinks_the_model_when_the_budget_mostly_repeats_data():
     small, report = choose_depth("gpt2", 4096, 256, 2048, max_tokens=budget, seconds=None, step_seconds=None,
                                  unique_tokens=budget / 35)
     assert small < plain
-    assert "worth" in report[-1]  # the report says what the repeated tokens are worth
+    assert "worth" in report[-2]  # the report says what the repeated tokens are worth
+    assert report[-1].startswith("warning: the budget means 35.0 passes")
 
 
 def test_many_passes_are_warned_about():
@@ -38,3 +39,14 @@ def test_many_passes_are_warned_about():
 def test_a_non_positive_budget_is_a_clear_error():
     with pytest.raises(LMForgeError, match="positive budget"):
         choose_depth("gpt2", 4096, 256, 2048, max_tokens=-5 * 2048, seconds=None, step_seconds=None)
+
+
+def test_pretraining_says_what_it_read_and_warns_about_many_passes(corpus_dir, tmp_path):
+    from helpers import run_cli
+
+    p = run_cli("pretrain", "--data", str(corpus_dir), "--out", str(tmp_path / "run"), "--n-layer", "1",
+                "--n-embd", "32", "--n-head", "2", "--context-length", "16", "--batch-size", "4", "--vocab-size", "300",
+                "--device", "cpu", "--epochs", "6", "--eval-every", "1000", "--save-every", "0")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "data: 120 files: 120 documents" in p.stderr
+    assert "6.0 passes over" in p.stderr and "warning:" in p.stderr

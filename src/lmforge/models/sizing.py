@@ -163,4 +163,7 @@ def choose_depth(arch: str, vocab_size: int, context_length: int, tokens_per_ste
     report.append(f"chose d{depth}: {cfgs[depth].n_layer} layers, width {cfgs[depth].n_embd}, "
                   f"{cfgs[depth].n_head} heads, {n / 1e6:.2f}M parameters -> "
                   f"{max_tokens / n:.0f} tokens per parameter{worth} (compute-optimal is ~{TOKENS_PER_PARAM})")
+    warning = unique_tokens and passes_warning(max_tokens, unique_tokens)
+    if warning:
+        report.append(f"warning: {warning}")
     return depth, report

@@ -16,7 +16,7 @@ from ..data.tokens import prepare
 from ..formats.kinds import Kind
 from ..formats.modeldir import check_vocab, read_config, save_model_dir
 from ..models.config import ModelConfig
-from ..models.sizing import arch_config, choose_depth, depth_of, measure_step_seconds, sized_config
+from ..models.sizing import arch_config, choose_depth, depth_of, measure_step_seconds, passes_warning, sized_config
 from ..models.transformer import Transformer
 from ..text.corpus import Corpus, _cache_dir, load_corpus
 from ..text.tokenizer import Tokenizer, auto_vocab_size
@@ -65,16 +65,14 @@ def build_model_config(cfg: PretrainConfig, vocab: int, out: Path, tokens_per_st
     if explicit:
         depth = None
     elif cfg.size == "auto":
-        max_tokens = cfg.max_tokens
-        for tokens in (cfg.max_steps and cfg.max_steps * tokens_per_step, cfg.epochs and cfg.epochs * train_tokens):
-            if tokens:
-                max_tokens = min(max_tokens or tokens, tokens)
+        max_tokens = planned_tokens(cfg, tokens_per_step, train_tokens)
         seconds = cfg.max_minutes * 60 if cfg.max_minutes else None
         if max_tokens is None and seconds is None:
             raise LMForgeError("--size auto needs a budget: --max-steps, --max-tokens, --max-minutes or --epochs")
         depth, report = dist_info.on_main(  # measured once, on rank 0; the others take its choice
             choose_depth, cfg.arch, vocab, cfg.context_length, tokens_per_step, max_tokens=max_tokens,
-            seconds=seconds, step_seconds=lambda c: measure_step_seconds(c, cfg.batch_size, device))
+            seconds=seconds, step_seconds=lambda c: measure_step_seconds(c, cfg.batch_size, device),
+            unique_tokens=train_tokens)
         for line in report:
             dist_info.say(f"size auto: {line}")
     else:
@@ -86,6 +84,13 @@ def build_model_config(cfg: PretrainConfig, vocab: int, out: Path, tokens_per_st
     if depth:
         cfg.size = f"d{depth}"
     return arch_config(cfg.arch, vocab, cfg.context_length, n_layer, n_embd, n_head, cfg.n_kv_head, cfg.dropout)
+
+
+def planned_tokens(cfg: PretrainConfig, tokens_per_step: int, train_tokens: int) -> int | None:
+    """Training tokens the step, token and epoch budgets allow (the smallest), None for time alone."""
+    budgets = [cfg.max_tokens, cfg.max_steps and cfg.max_steps * tokens_per_step,
+               cfg.epochs and int(cfg.epochs * train_tokens)]
+    return min((b for b in budgets if b), default=None)
 
 
 def pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None = None) -> dict:
@@ -106,11 +111,13 @@ def _pretrain(cfg: PretrainConfig, dist_info: Dist, device: torch.device, on_ste
     if (cfg.objective == "mlm") != (cfg.arch == "bert"):
         raise LMForgeError("--arch bert goes with --objective mlm (a bidirectional encoder), gpt2/llama with clm")
     corpus = load_corpus(cfg.data, cfg.text_field)
+    dist_info.say(f"data: {corpus.describe()}")
     val_corpus = load_corpus(cfg.val_data, cfg.text_field) if cfg.val_data else None
     tokenizer = get_tokenizer(cfg, corpus, out, dist_info)
     with dist_info.main_first():
         data = prepare(corpus, tokenizer, val_corpus, cfg.val_fraction)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * dist_info.world * cfg.context_length
+    sized_by_rule = cfg.size == "auto" and None in (cfg.n_layer, cfg.n_embd) and not cfg.resume  # it warns itself
     mcfg = build_model_config(cfg, padded_vocab(tokenizer.vocab_size), out, tokens_per_step, len(data.train),
                               dist_info, device)
     check_vocab(tokenizer, mcfg, str(out))
@@ -131,6 +138,10 @@ def _pretrain(cfg: PretrainConfig, dist_info: Dist, device: torch.device, on_ste
                   f"{model.num_params() / 1e6:.2f}M parameters; {len(data.train):,} training tokens; "
                   f"{tokens_per_step:,} tokens/step; lr {lr:g}; {device}"
                   + (f" x {dist_info.world} processes" if dist_info.world > 1 else ""))
+    planned = planned_tokens(cfg, tokens_per_step, len(data.train))
+    warning = None if cfg.resume or sized_by_rule or not planned else passes_warning(planned, len(data.train))
+    if warning:
+        dist_info.say(f"warning: {warning}")
     dist_info.on_main(start_run_dir, cfg, out)  # only now, with every input checked, touch --out
     kind = Kind.MASKED_LM if cfg.objective == "mlm" else Kind.CAUSAL_LM
     run = Run(out, lambda d, w, **extra: save_model_dir(d, model, tokenizer, w, kind=kind, **extra,
