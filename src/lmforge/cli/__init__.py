@@ -50,7 +50,8 @@ EXAMPLES = {
     "pretrain": """examples:
   lmforge pretrain --data pydocs --out runs/py --max-minutes 10          # size chosen for the budget
   lmforge pretrain --data notes/ more.jsonl --out runs/notes --arch llama --size d6 --max-steps 2000
-  lmforge pretrain --out runs/py --resume --max-minutes 20               # continue, exactly
+  lmforge pretrain --out runs/py --resume                                # continue with the saved budget
+  lmforge pretrain --out runs/py --resume --max-steps 6000               # or extend it
   torchrun --nproc_per_node 4 -m lmforge pretrain --data corpus/ --out runs/big --max-tokens 1e9""",
     "generate": """examples:
   lmforge generate runs/demo --prompt "Return the" --temperature 0.7 --top-k 40 --seed 1
