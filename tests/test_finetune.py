@@ -287,3 +287,30 @@ def test_classification_metrics_by_hand():
     assert m["per_class"]["a"]["precision"] == 0.5 and m["per_class"]["c"]["recall"] == 0.5
     f1 = [0.6667, 2 / 3, 0.6667]
     assert m["macro_f1"] == pytest.approx(sum(f1) / 3, abs=1e-3)
+
+
+def test_lora_instruct_warns_when_the_frozen_head_cannot_learn_to_stop(ft_base, reverse_data, tmp_path, capsys):
+    from lmforge.data.records import read_instructions
+    from lmforge.formats.load import load_parts
+    from lmforge.text.templates import get_template
+    from lmforge.training.tasks.instruct import encode_conversations, frozen_head_warning
+
+    train, _ = reverse_data
+    model, tok, _ = load_parts(ft_base)
+    template = get_template("chatml", tok)
+    examples, _ = encode_conversations(read_instructions(train)[:16], tok, template, 65)
+    stop = template.stop_tokens(tok)
+    # the base never saw <|im_end|> in pretraining: it ranks it far down where answers end
+    assert "never stop" in (frozen_head_warning(model, examples, stop) or "")
+
+    class Knows(torch.nn.Module):  # a model that does predict the end of turn everywhere: no warning
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, ids):
+            logits = torch.zeros(*ids.shape, model.cfg.vocab_size)
+            logits[..., stop[0]] = 1.0
+            return logits
+
+    assert frozen_head_warning(Knows(), examples, stop[:1]) is None

@@ -19,6 +19,7 @@ from ...data.collate import IGNORE, collate, pack
 from ...data.records import read_instructions
 from ...data.tokens import EpochOrder
 from ...inference.generate import generate_text
+from ...models.lora import expand_targets
 from ...text.templates import Template, encode_segments, get_template, user_text
 from ...text.tokenizer import Tokenizer
 from ..config import InstructConfig
@@ -103,6 +104,28 @@ class InstructTask:
         return out
 
 
+@torch.no_grad()
+def frozen_head_warning(model: torch.nn.Module, examples: list[tuple[list[int], list[int]]],
+                        stop: list[int], probe: int = 16) -> str | None:
+    """LoRA leaves the output layer frozen. If the base ranks the end-of-turn token far down where
+    answers end (a base that never saw the chat markers learned never to predict them), adapters in
+    the blocks cannot lift it: the model learns the answers but never stops. Say so up front."""
+    ranks = []
+    device = next(model.parameters()).device
+    for ids, labels in examples[:probe]:
+        ends = [j for j, t in enumerate(labels) if j > 0 and t in stop]  # token j is predicted at j - 1
+        if not ends:
+            continue
+        logits = model(torch.tensor([ids[:max(ends)]], device=device))[0].float()
+        ranks += [1 + int((logits[j - 1] > logits[j - 1, labels[j]]).sum()) for j in ends]
+    median = sorted(ranks)[len(ranks) // 2] if ranks else 0
+    if median <= 100:
+        return None
+    return (f"the base model ranks the end-of-turn token #{median} (median) where answers end, and LoRA keeps "
+            "its output layer frozen: the model may learn the answers but never stop. Add lm_head to "
+            "--lora-targets, or use --template alpaca (its end-of-text token is one the base knows)")
+
+
 def finetune_instruct(cfg: InstructConfig, on_step=None) -> dict:
     with distributed(cfg.device) as ddp, ddp[0].quiet():
         return _finetune_instruct(cfg, ddp, on_step)
@@ -133,13 +156,17 @@ def _finetune_instruct(cfg: InstructConfig, ddp: tuple[Dist, torch.device], on_s
     if cfg.pack:
         train = pack(train, max_len)
     torch.manual_seed(cfg.seed)
+    stop = template.stop_tokens(tokenizer)
+    if cfg.lora_rank and "lm_head" not in expand_targets(cfg.lora_targets):
+        warning = frozen_head_warning(model, train, stop)
+        if warning:
+            dist.say(f"warning: {warning}")
     lora = setup_lora(model, cfg)
     report_parameters(model, dist)
     dist.say(f"instruction tuning: {len(train)} training {'rows' if cfg.pack else 'examples'}, {len(val)} "
              f"validation, template {template.name}")
     out = Path(cfg.out)
     dist.on_main(start_run_dir, cfg, out)
-    stop = template.stop_tokens(tokenizer)
     save = make_saver(model, tokenizer, base, lora, chat_template=template.to_json(), stop_token_ids=stop,
                       created_by="lmforge finetune instruct")
     task = InstructTask(train, val, val_convs, tokenizer, template, cfg.seed, cfg.batch_size, cfg.samples)
