@@ -43,8 +43,8 @@ def passes_warning(tokens: float, unique: float) -> str | None:
     if passes <= USEFUL_PASSES:
         return None
     return (f"the budget means {passes:.1f} passes over {unique:,.0f} training tokens; beyond about "
-            f"{USEFUL_PASSES} passes repeated data adds little and the model starts to memorise it (watch "
-            "val_loss; more text, or a smaller budget, will do better)")
+            f"{USEFUL_PASSES} passes each repeat adds less (more text would do better; watch val_loss for "
+            "memorisation)")
 
 
 def arch_config(arch: str, vocab_size: int, context_length: int, n_layer: int, n_embd: int,
