@@ -33,26 +33,24 @@ def test_every_numeric_flag_is_bounded():
     assert not unbounded, f"numeric flags without bounds: {unbounded}"
 
 
-def _violation(bounds: dict, is_int: bool) -> str:
-    if "ge" in bounds:
-        value = bounds["ge"] - 1
-    elif "gt" in bounds:
-        value = bounds["gt"] - (1 if is_int else 0)
-    elif "le" in bounds:
-        value = bounds["le"] + 1
-    else:
-        value = bounds["lt"]
-    return str(int(value)) if is_int else str(value)
+def violations():
+    """(verb, field, bad value as typed) for every bound of every numeric flag, and inf for floats."""
+    for verb, f, bounds in bounded_fields():
+        is_int = _base_type(typing.get_type_hints(_dataclass(VERBS[verb][0]))[f.name])[0] is int
+        for kind, b in bounds.items():
+            bad = {"ge": b - (1 if is_int else 0.5), "gt": b, "le": b + 1, "lt": b}[kind]
+            yield verb, f, str(int(bad)) if is_int else str(bad)
+        if not is_int:
+            yield verb, f, "inf"
 
 
-@pytest.mark.parametrize("verb,field,bounds", [pytest.param(v, f, b, id=f"{v}--{f.name}")
-                                               for v, f, b in bounded_fields() if b])
-def test_out_of_range_numbers_give_one_line_errors(verb, field, bounds, capsys, tmp_path):
+@pytest.mark.parametrize("verb,field,value", [pytest.param(v, f, x, id=f"{v}--{f.name}={x}")
+                                              for v, f, x in violations()])
+def test_out_of_range_numbers_give_one_line_errors(verb, field, value, capsys, tmp_path):
     cls = _dataclass(VERBS[verb][0])
-    is_int = _base_type(typing.get_type_hints(cls)[field.name])[0] is int
     positionals = [str(tmp_path / f.name) for f in dataclasses.fields(cls) if f.metadata.get("positional")]
     flag = "--" + field.name.replace("_", "-")
-    fails(capsys, f"{flag} must be", *verb.split(), *positionals, flag, _violation(bounds, is_int))
+    fails(capsys, f"{flag} must be", *verb.split(), *positionals, flag, value)
 
 
 def test_absurd_values_named_in_the_issue(capsys, tiny_run, tmp_path):

@@ -9,24 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..core.config import arg
+from ..inference.params import SamplingParams
 
 DEVICE_HELP = "cpu, cuda, cuda:N, mps, or auto"
 
 
 @dataclass
-class SamplingArgs:
+class SamplingArgs(SamplingParams):
     """Sampling: how each next token is chosen"""
 
-    max_new_tokens: int | None = arg(None, "most new tokens to generate (default: 200, or as many as fit in the "
-                                     "context window)", ge=1)
-    temperature: float = arg(0.8, "randomness: 0 = greedy (always the most likely token), 1 = the model's own "
-                             "distribution, higher = wilder", ge=0)
-    top_k: int | None = arg(None, "sample only among the K most likely tokens", ge=1)
-    top_p: float | None = arg(None, "sample only among the most likely tokens whose probabilities sum to P "
-                              "(0 < P <= 1)", gt=0, le=1)
-    seed: int | None = arg(None, "random seed: the same seed gives the same text")
-    repetition_penalty: float = arg(1.0, "above 1 makes tokens already in the text less likely (1.1-1.3 curbs "
-                                    "loops in small models)", gt=0)
     device: str = arg("auto", DEVICE_HELP)
 
 

@@ -84,9 +84,6 @@ def generate(ns) -> None:
 
     from ..api import load
     from ..inference.generate import Picked, prepare_prompt
-    from ..inference.sampling import validate_sampling
-
-    validate_sampling(a.temperature, a.top_k, a.top_p, a.repetition_penalty, a.max_new_tokens, n=a.num_samples)
     prompt = read_text_arg(a.prompt, "prompt")
     stops = [unescape(s) for s in a.stop]
     lm = load(a.model_dir, device=a.device)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -173,9 +174,10 @@ def check(obj) -> None:
         for v in value if isinstance(value, list) else [value]:
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 continue
-            if v != v or not all(_BOUND_OK[k](v, b) for k, b in bounds.items()):  # v != v: NaN
+            if not math.isfinite(v) or not all(_BOUND_OK[k](v, b) for k, b in bounds.items()):
                 want = " and ".join(f"{_BOUND_TEXT[k]} {b:g}" for k, b in bounds.items())
-                raise LMForgeError(f"{_flag(f.name)} must be {want} (got {v:g})")
+                finite = "" if math.isfinite(v) else "a finite number "
+                raise LMForgeError(f"{_flag(f.name)} must be {finite}{want} (got {v:g})")
 
 
 def recover_positionals(cls, values: dict, order: list[str]) -> None:

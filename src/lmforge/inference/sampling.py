@@ -2,32 +2,21 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
+from ..core.config import check
 from ..core.errors import LMForgeError
+from .params import SamplingParams
 
 
 def validate_sampling(temperature: float = 0.8, top_k: int | None = None, top_p: float | None = None,
                       repetition_penalty: float = 1.0, max_new_tokens: int | None = None, n: int = 1) -> None:
-    """Raise a one-line LMForgeError for sampling settings that mean nothing; None turns top-k, top-p
-    and max_new_tokens (the default length) off. Checked up front, before any text is produced."""
-    def bad(flag: str, rule: str, value) -> LMForgeError:
-        return LMForgeError(f"--{flag} must be {rule}, not {value}")
-
-    if not (math.isfinite(temperature) and temperature >= 0):
-        raise bad("temperature", ">= 0 (0 = greedy)", temperature)
-    if top_k is not None and top_k < 1:
-        raise bad("top-k", "at least 1 (leave it out to keep every token)", top_k)
-    if top_p is not None and not 0 < top_p <= 1:
-        raise bad("top-p", "in (0, 1] (1 keeps every token)", top_p)
-    if not (math.isfinite(repetition_penalty) and repetition_penalty > 0):
-        raise bad("repetition-penalty", "> 0 (1 = no penalty)", repetition_penalty)
-    if max_new_tokens is not None and max_new_tokens < 1:
-        raise bad("max-new-tokens", "at least 1", max_new_tokens)
+    """A one-line LMForgeError for sampling settings outside their declared bounds (`SamplingParams`);
+    None turns top-k, top-p and max_new_tokens (the default length) off. Checked before any output."""
+    check(SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                         repetition_penalty=repetition_penalty))
     if n < 1:
-        raise bad("num-samples", "at least 1", n)
+        raise LMForgeError(f"--num-samples must be >= 1 (got {n})")
 
 
 def filter_probs(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
