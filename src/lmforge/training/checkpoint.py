@@ -16,8 +16,9 @@ from .state import save_state
 
 
 class Checkpointer:
-    """Writes on the main rank; the others wait for it at each save, so no rank runs ahead of a
-    checkpoint that might fail. The best evaluation so far lives in the trainer record
+    """Writes on the main rank; the others wait for its outcome at each save (and fail with it),
+    so no rank runs ahead of a checkpoint that might fail. The best evaluation so far lives in the
+    trainer record
     (record["best"]), so a resumed run goes on comparing against it."""
 
     def __init__(self, run: Run, model: torch.nn.Module, optimizer: torch.optim.Optimizer, dist: Dist,
@@ -30,22 +31,24 @@ class Checkpointer:
 
     def save(self, record: dict) -> None:
         """state/ for the current step; the model directory too, unless it holds the best step."""
-        if self.dist.main:
-            weights = save_state(self.run.out, self.model, self.optimizer, record)
-            if not self._holds_best(record):
-                self.run.save_model(self.run.out, weights, checkpoint={"step": record["step"], "keep": "last"})
-            with contextlib.suppress(Exception):  # a plot is never worth losing a checkpoint over
-                plot_metrics(self.run.out / "metrics.jsonl", self.run.out / "loss.png", self.run.title)
+        self.dist.on_main(self._write, record)  # a failed write stops every rank, not only rank 0
         record["last_saved_step"] = record["step"]
-        self.dist.barrier()
+
+    def _write(self, record: dict) -> None:
+        weights = save_state(self.run.out, self.model, self.optimizer, record)
+        if not self._holds_best(record):
+            self.run.save_model(self.run.out, weights, checkpoint={"step": record["step"], "keep": "last"})
+        with contextlib.suppress(Exception):  # a plot is never worth losing a checkpoint over
+            plot_metrics(self.run.out / "metrics.jsonl", self.run.out / "loss.png", self.run.title)
 
     def evaluated(self, metrics: dict, record: dict) -> None:
-        """After an evaluation (main rank): a new lowest val_loss goes to the model directory now."""
-        if self.keep == "last" or not self.dist.main:
+        """After an evaluation (every rank has its metrics): a new lowest val_loss goes to the model
+        directory now. Every rank updates record["best"] alike; rank 0 writes."""
+        if self.keep == "last":
             return
         loss = metrics.get("val_loss")
         if loss is None:
-            if self.keep == "best" and not self._warned:
+            if self.keep == "best" and not self._warned and self.dist.main:
                 tqdm.write("warning: --keep best, but there is no validation loss: the model directory keeps "
                            "the last step", file=sys.stderr)
                 self._warned = True
@@ -53,7 +56,7 @@ class Checkpointer:
         if "best" in record and loss >= record["best"]["val_loss"]:
             return
         record["best"] = {"step": record["step"], "val_loss": loss}
-        self.run.save_model(self.run.out, None, checkpoint={**record["best"], "keep": "best"})
+        self.dist.on_main(self.run.save_model, self.run.out, None, checkpoint={**record["best"], "keep": "best"})
 
     def model_step(self, record: dict) -> int:
         """The step whose weights the model directory holds."""

@@ -241,8 +241,11 @@ class Trainer:
             self.checkpoints.save(self.record)
 
     def evaluate(self) -> dict:
-        if not self.dist.main:
-            return {}
+        """Validation metrics, computed on rank 0 and shared, so every rank decides alike (and a
+        failure there stops them all instead of leaving them waiting)."""
+        return self.dist.on_main(self._evaluate_here)
+
+    def _evaluate_here(self) -> dict:
         self.model.eval()
         with torch.no_grad(), autocast(self.device):
             metrics = self.task.evaluate(self.model)
