@@ -179,3 +179,9 @@ def test_tokenizer_encode_shows_partial_characters_as_bytes(tiny_run, capsys):
     code, out, _ = run_main(capsys, "tokenizer", "encode", str(tiny_run), "--text", "héllo 🙂\nx")
     assert code == 0
     assert "\ufffd" not in out and "<0xF0>" in out and "\\n" in out  # bytes shown, newline escaped
+
+
+def test_exact_match_needs_a_decoder(tmp_path, capsys):
+    records = tmp_path / "r.jsonl"
+    records.write_text('{"instruction": "Say hi", "output": "hi"}\n')
+    fails(capsys, "exact match of generated answers needs a decoder", "evaluate", "minilm", "--data", str(records))

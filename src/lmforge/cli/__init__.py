@@ -14,7 +14,7 @@ import os
 import sys
 
 from ..core.config import add_arguments
-from ..core.errors import LMForgeError
+from ..core.errors import LMForgeError, PeerFailed
 from . import verbs
 
 # verb: (its dataclass as "module:Class", the function in verbs.py, one line of help)
@@ -156,8 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ns.func(ns)
     except LMForgeError as e:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: rank 0 says why
-            print(f"error: {e}", file=sys.stderr)
+        rank = os.environ.get("RANK", "0")  # under torchrun: rank 0 speaks; others only of their own failures
+        if rank == "0" or not isinstance(e, PeerFailed):
+            print(f"{'' if rank == '0' else f'rank {rank}: '}error: {e}", file=sys.stderr)
         return 2
     except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
         print(f"error: {e.strerror or e}: {e.filename}", file=sys.stderr)

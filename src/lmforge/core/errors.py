@@ -3,3 +3,7 @@
 
 class LMForgeError(Exception):
     """A problem with the user's input: reported as one line on stderr, no traceback."""
+
+
+class PeerFailed(LMForgeError):
+    """Under torchrun, another rank (rank 0) failed; that rank reports the cause."""

@@ -12,7 +12,7 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
-from .errors import LMForgeError
+from .errors import LMForgeError, PeerFailed
 
 T = TypeVar("T")
 
@@ -40,10 +40,6 @@ def autocast(device: torch.device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-class PeerFailed(LMForgeError):
-    """Another rank (rank 0) failed; that rank reports the cause, so this one need not repeat it."""
 
 
 @dataclass

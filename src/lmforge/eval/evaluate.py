@@ -22,7 +22,7 @@ from ..inference.classify import classify_texts
 from ..text.corpus import load_corpus
 from ..text.templates import template_from_json
 from ..training.tasks.classify import classification_metrics
-from ..training.tasks.instruct import InstructTask, encode_conversations, exact_match
+from ..training.tasks.instruct import answer_loss, encode_conversations, exact_match
 from ..training.tasks.lm import evaluate_lm, evaluate_mlm
 
 
@@ -72,13 +72,13 @@ def evaluate_classifier(lm: Loaded, path: str, text_field: str | None = None, la
 
 def evaluate_instructions(lm: Loaded, path: str | Path) -> dict:
     """Exact match of greedy answers and the loss on reference answers, for instruction records."""
+    require(lm.meta, str(lm.path), "exact match of generated answers needs a decoder (causal language model)",
+            lambda k: k.generates)
     template = template_from_json(lm.meta.get("chat_template"), lm.tokenizer)
     template.check(lm.tokenizer)
     convs = read_instructions(path)
-    examples, dropped = encode_conversations(convs, lm.tokenizer, template, lm.model.cfg.context_length + 1)
-    task = InstructTask([], examples, [], lm.tokenizer, template, 0, 8, 0)
-    with torch.no_grad():
-        loss = task.evaluate(lm.model).get("val_loss")
+    examples, _ = encode_conversations(convs, lm.tokenizer, template, lm.model.cfg.context_length + 1)
+    loss = round(answer_loss(lm.model, examples, lm.tokenizer.pad_id), 6) if examples else None
     return {"exact_match": round(exact_match(lm.model, lm.tokenizer, template, convs), 4), "loss": loss,
             "examples": len(convs), "template": template.name}
 

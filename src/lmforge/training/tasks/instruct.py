@@ -66,6 +66,20 @@ def exact_match(model, tokenizer: Tokenizer, template: Template, convs: list[lis
     return hits / max(len(convs), 1)
 
 
+@torch.no_grad()
+def answer_loss(model: torch.nn.Module, examples: list[tuple[list[int], list[int]]], pad_id: int,
+                batch_size: int = 8) -> float:
+    """Mean loss per response token (what instruction tuning trains on) over encoded examples."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        b = collate(examples[i:i + batch_size], pad_id)
+        n = int((b["y"] != IGNORE).sum())
+        total += float(model(b["x"].to(device), b["y"].to(device))) * n
+        count += n
+    return total / max(count, 1)
+
+
 class InstructTask:
     def __init__(self, train, val, val_convs, tokenizer: Tokenizer, template: Template, seed: int,
                  batch_size: int, samples: int) -> None:
@@ -85,14 +99,7 @@ class InstructTask:
     def evaluate(self, model) -> dict:
         out: dict = {}
         if self.val:
-            device = next(model.parameters()).device
-            total, count = 0.0, 0
-            for i in range(0, len(self.val), self.batch_size):
-                b = collate(self.val[i:i + self.batch_size], self.pad)
-                n = int((b["y"] != IGNORE).sum())
-                total += float(model(b["x"].to(device), b["y"].to(device))) * n
-                count += n
-            out["val_loss"] = round(total / max(count, 1), 6)
+            out["val_loss"] = round(answer_loss(model, self.val, self.pad, self.batch_size), 6)
         shown = []
         for conv in self.val_convs[:self.samples]:
             answer = respond(model, self.tokenizer, self.template, conv)
