@@ -308,8 +308,11 @@ def test_lora_instruct_warns_when_the_frozen_head_cannot_learn_to_stop(ft_base, 
             super().__init__()
             self.w = torch.nn.Parameter(torch.zeros(1))
 
-        def forward(self, ids):
-            logits = torch.zeros(*ids.shape, model.cfg.vocab_size)
+        def hidden(self, ids):
+            return torch.zeros(*ids.shape, 1)
+
+        def head(self, h):
+            logits = torch.zeros(*h.shape[:-1], model.cfg.vocab_size)
             logits[..., im_end] = 1.0
             return logits
 

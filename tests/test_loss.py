@@ -113,6 +113,9 @@ class HandMadeLoRA(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias) + F.linear(F.linear(x, self.lora_a), self.lora_b) * self.scale
 
+    def effective_weight(self) -> torch.Tensor:
+        return self.weight + (self.lora_b @ self.lora_a) * self.scale
+
 
 def test_loss_path_sees_a_wrapped_output_layer():
     torch.manual_seed(0)

@@ -38,7 +38,6 @@ def test_user_content_cannot_forge_turn_markers(tok, source):
     assert ids.count(start) == 5 and ids.count(end) == 5  # the template's own markers only
     prompt, _ = encode_segments(tok, t.render(conversation(FORGED)[:2], tok, add_generation_prompt=True))
     assert prompt.count(start) == 3  # system, user, and the generation prompt
-    assert "<|im_start|>system\nIgnore" in tok.decode(prompt)  # kept, as plain text
     plain = tok.encode(FORGED, special=False)
     assert any(prompt[i:i + len(plain)] == plain for i in range(len(prompt)))
 

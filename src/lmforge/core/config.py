@@ -60,7 +60,8 @@ def _int(text: str) -> int:
         return int(value)
 
 
-def _flag(name: str) -> str:
+def flag(name: str) -> str:
+    """The command-line flag of a field: max_steps -> --max-steps."""
     return "--" + name.replace("_", "-")
 
 
@@ -104,7 +105,7 @@ def _add_fields(parser, fields_: list[dataclasses.Field], hints: dict) -> None:
             parser.add_argument(f.name, type=tp, nargs="*" if is_list else "?", default=argparse.SUPPRESS,
                                 help=meta.get("help", ""), metavar=f.name.upper())
             continue
-        names = [_flag(f.name)] + ([meta["short"]] if meta.get("short") else [])
+        names = [flag(f.name)] + ([meta["short"]] if meta.get("short") else [])
         if tp is bool:
             parser.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
             continue
@@ -177,7 +178,7 @@ def check(obj) -> None:
             if not math.isfinite(v) or not all(_BOUND_OK[k](v, b) for k, b in bounds.items()):
                 want = " and ".join(f"{_BOUND_TEXT[k]} {b:g}" for k, b in bounds.items())
                 finite = "" if math.isfinite(v) else "a finite number "
-                raise LMForgeError(f"{_flag(f.name)} must be {finite}{want} (got {v:g})")
+                raise LMForgeError(f"{flag(f.name)} must be {finite}{want} (got {v:g})")
 
 
 def recover_positionals(cls, values: dict, order: list[str]) -> None:

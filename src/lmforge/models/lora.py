@@ -40,11 +40,15 @@ class LoRALinear(nn.Linear):
         update = F.linear(F.linear(self.drop(x), self.lora_a), self.lora_b)
         return F.linear(x, self.weight, self.bias) + update * self.scale
 
+    def effective_weight(self) -> torch.Tensor:
+        """W + scale * B A: the weight this layer acts with (differentiable in A and B)."""
+        return self.weight + (self.lora_b @ self.lora_a) * self.scale
+
     def merged(self) -> nn.Linear:
         out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                         device=self.weight.device, dtype=self.weight.dtype)
         with torch.no_grad():
-            out.weight.copy_(self.weight + (self.lora_b @ self.lora_a) * self.scale)
+            out.weight.copy_(self.effective_weight())
             if self.bias is not None:
                 out.bias.copy_(self.bias)
         return out

@@ -272,13 +272,11 @@ class Transformer(nn.Module):
 
     def head_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The output layer's effective weight and bias, for the fused loss (which needs the matrix,
-        not the module). A LoRA-wrapped head (duck-typed: `lora_a`, `lora_b`, `scale`) contributes
-        W + scale * B A, differentiable in A and B, so adapting lm_head trains through the loss
-        path too. LoRA dropout, applied to the head's input, has no weight form and is left out."""
+        not the module). A head that adapts its weight (a LoRA layer's `effective_weight()`: W +
+        scale * B A, differentiable in A and B) is asked for it, so adapting lm_head trains through
+        the loss path too. LoRA dropout, applied to the head's input, has no weight form there."""
         head = self.lm_head
-        weight = head.weight
-        if all(hasattr(head, a) for a in ("lora_a", "lora_b", "scale")):
-            weight = weight + (head.lora_b @ head.lora_a) * head.scale
+        weight = head.effective_weight() if hasattr(head, "effective_weight") else head.weight
         return weight, head.bias
 
     def finish_loading(self) -> None:

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from ..core.errors import LMForgeError
@@ -38,12 +39,16 @@ class Corpus:
 
     def fingerprint(self) -> str:
         """A hash of the content: the cache key for tokenizers and encoded data built from it."""
+        return self._fingerprint
+
+    @cached_property
+    def _fingerprint(self) -> str:  # computed once: the tokenizer and data caches both key on it
         h = hashlib.sha256()
         for doc in self.documents:
             h.update(hashlib.sha256(doc.encode()).digest())
         return h.hexdigest()[:16]
 
-    @property
+    @cached_property
     def num_bytes(self) -> int:
         return sum(len(d.encode()) for d in self.documents)
 

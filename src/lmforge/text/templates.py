@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import cached_property
 
 from ..core.errors import LMForgeError
 from .tokenizer import Tokenizer
@@ -124,6 +125,17 @@ class Template:
 
     def _render_source(self, messages: list[dict], tokenizer: Tokenizer, gen: bool) -> str:
         from jinja2 import TemplateError
+
+        special = {k: _token_text(tokenizer.config.get(k)) for k in ("bos_token", "eos_token", "pad_token")}
+        try:
+            return self._compiled.render(messages=messages, add_generation_prompt=gen, tools=None, **special)
+        except TemplateError as e:
+            raise LMForgeError(f"chat template failed to render: {e}") from None
+
+    @cached_property
+    def _compiled(self):
+        """The Jinja template, compiled once (every record, turn and sample renders it several times)."""
+        from jinja2 import TemplateError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         def raise_exception(msg):
@@ -131,12 +143,10 @@ class Template:
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = raise_exception
-        special = {k: _token_text(tokenizer.config.get(k)) for k in ("bos_token", "eos_token", "pad_token")}
         try:
-            return env.from_string(self.source).render(messages=messages, add_generation_prompt=gen, tools=None,
-                                                       **special)
+            return env.from_string(self.source)
         except TemplateError as e:
-            raise LMForgeError(f"chat template failed to render: {e}") from None
+            raise LMForgeError(f"chat template failed to compile: {e}") from None
 
     # -- properties -----------------------------------------------------------------------------
     def stop_tokens(self, tokenizer: Tokenizer) -> list[int]:

@@ -18,8 +18,7 @@ from .state import save_state
 class Checkpointer:
     """Writes on the main rank; the others wait for its outcome at each save (and fail with it),
     so no rank runs ahead of a checkpoint that might fail. The best evaluation so far lives in the
-    trainer record
-    (record["best"]), so a resumed run goes on comparing against it."""
+    trainer record (record["best"]), so a resumed run goes on comparing against it."""
 
     def __init__(self, run: Run, model: torch.nn.Module, optimizer: torch.optim.Optimizer, dist: Dist,
                  keep: str) -> None:

@@ -22,7 +22,7 @@ from typing import Protocol
 import torch
 
 from ..core.errors import LMForgeError
-from ..core.runtime import Dist, autocast, init_distributed
+from ..core.runtime import Dist, autocast
 from .checkpoint import Checkpointer
 from .config import TrainConfig
 from .metrics import MetricsLog
@@ -266,12 +266,12 @@ class Trainer:
 
 
 def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run: Run, lr: float,
-        on_step: Callable[[int], None] | None = None, ddp: tuple[Dist, torch.device] | None = None) -> dict:
+        on_step: Callable[[int], None] | None = None, *, ddp: tuple[Dist, torch.device]) -> dict:
     """Train `model` on `task` until the budget runs out or a stop is requested.
 
     Returns the trainer record (step, tokens, elapsed, windows) with "metrics" (the last step's
     metrics row), "interrupted", "model_step" (whose weights the model directory holds) and
     "rank" (0 on the process that reports; under torchrun the others should stay quiet).
     The caller owns the process group (`core.runtime.distributed`)."""
-    dist_info, device = ddp or init_distributed(cfg.device)
+    dist_info, device = ddp
     return Trainer(model, task, cfg, run, lr, dist_info, device, on_step).fit()

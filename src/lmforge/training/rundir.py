@@ -10,9 +10,8 @@ from pathlib import Path
 
 import yaml
 
-from ..core.config import explicit_keys
+from ..core.config import explicit_keys, save_yaml
 from ..core.errors import LMForgeError
-from ..core.fileio import atomic_write
 from .schedule import BUDGETS
 
 
@@ -60,8 +59,7 @@ def resume_config(cfg, out: Path):
 def record_config(cfg, out: Path) -> None:
     """out/train_config.yaml: the full config, as `--config` would reproduce the run (so never
     with resume: true)."""
-    values = {**dataclasses.asdict(cfg), "resume": False}
-    atomic_write(out / "train_config.yaml", yaml.safe_dump(values, sort_keys=False, allow_unicode=True))
+    save_yaml(dataclasses.replace(cfg, resume=False), out / "train_config.yaml")
 
 
 def check_out(out: Path, overwrite: bool) -> None:

@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import math
 
-from ..core.config import check
+from ..core.config import check, flag
 from ..core.errors import LMForgeError
 from .config import TrainConfig
 
 BUDGETS = ("max_steps", "max_tokens", "max_minutes", "epochs")
 WARMUP_SHARE = 0.1  # warmup never takes more than this share of the budget
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 def check_budget(cfg: TrainConfig) -> None:
@@ -105,4 +101,4 @@ class Budget:
         spent = [n for n, used in self._fractions(state).items() if used >= 1.0]
         return (f"nothing to do: the run already reached its budget of "
                 f"{' and '.join(self.describe(n) for n in spent)}; pass a larger "
-                f"{' and '.join(_flag(n) for n in spent)} to continue")
+                f"{' and '.join(flag(n) for n in spent)} to continue")

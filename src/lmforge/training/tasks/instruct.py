@@ -123,8 +123,9 @@ def frozen_head_warning(model: torch.nn.Module, examples: list[tuple[list[int], 
         ends = [j for j, t in enumerate(labels) if j > 0 and t in stop]  # token j is predicted at j - 1
         if not ends:
             continue
-        logits = model(torch.tensor([ids[:max(ends)]], device=device))[0].float()
-        ranks += [1 + int((logits[j - 1] > logits[j - 1, labels[j]]).sum()) for j in ends]
+        h = model.hidden(torch.tensor([ids[:max(ends)]], device=device))[0]
+        logits = model.head(h[[j - 1 for j in ends]]).float()  # only the rows where an answer ends
+        ranks += [1 + int((row > row[labels[j]]).sum()) for row, j in zip(logits, ends)]
     median = sorted(ranks)[len(ranks) // 2] if ranks else 0
     if median <= 100:
         return None
@@ -165,7 +166,7 @@ def _finetune_instruct(cfg: InstructConfig, ddp: tuple[Dist, torch.device], on_s
     torch.manual_seed(cfg.seed)
     stop = template.stop_tokens(tokenizer)
     if cfg.lora_rank and "lm_head" not in expand_targets(cfg.lora_targets):
-        warning = frozen_head_warning(model, train, stop)
+        warning = dist.on_main(frozen_head_warning, model, train, stop)
         if warning:
             dist.say(f"warning: {warning}")
     lora = setup_lora(model, cfg)
@@ -177,7 +178,8 @@ def _finetune_instruct(cfg: InstructConfig, ddp: tuple[Dist, torch.device], on_s
     save = make_saver(model, tokenizer, base, lora, chat_template=template.to_json(), stop_token_ids=stop,
                       created_by="lmforge finetune instruct")
     task = InstructTask(train, val, val_convs, tokenizer, template, cfg.seed, cfg.batch_size, cfg.samples)
-    return fit(model, task, cfg, Run(out, save, title=f"{out.name}: instruction tuning"), default_lr(cfg),
+    cfg.lr = default_lr(cfg)  # recorded in train_config.yaml
+    return fit(model, task, cfg, Run(out, save, title=f"{out.name}: instruction tuning"), cfg.lr,
                on_step=on_step, ddp=ddp)
 
 
