@@ -144,3 +144,21 @@ def test_sampling_settings_are_checked_in_one_place(tiny_run, bad, fragment):
 def test_valid_sampling_edges():
     validate_sampling(temperature=0, top_k=1, top_p=1.0, repetition_penalty=0.5, max_new_tokens=1, n=1)
     validate_sampling(top_k=None, top_p=None, max_new_tokens=None)
+
+
+def test_generate_text_draws_what_generate_ids_draws(tiny_run):
+    """generate_text runs on the batching engine; for a seed it keeps the reference loop's draws."""
+    lm = load(tiny_run, device="cpu")
+    ids = lm.tokenizer.encode("The new", add_special_tokens=True)
+    for kw in (dict(temperature=1.0, seed=7), dict(temperature=0.7, top_k=5, top_p=0.9, seed=3, repetition_penalty=1.2),
+               dict(temperature=0)):
+        tokens = [s.token for s in generate_ids(lm.model, ids, 20, stop_ids=lm.stop_ids(), **kw)]
+        assert lm.generate("The new", max_new_tokens=20, **kw) == lm.tokenizer.decode(tokens)
+
+
+def test_presence_penalty_reaches_generate(tiny_run):
+    lm = load(tiny_run, device="cpu")
+    plain = lm.generate("The", max_new_tokens=20, temperature=0)
+    assert lm.generate("The", max_new_tokens=20, temperature=0, presence_penalty=2.0) != plain
+    with pytest.raises(LMForgeError, match="--frequency-penalty"):
+        lm.generate("The", frequency_penalty=2.5)

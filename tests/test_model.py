@@ -118,3 +118,23 @@ def test_gpt2_init_scales_residual_projections():
     std = model.blocks[0].attn.proj.weight.std().item()
     assert abs(std - 0.02 / 4) < 0.001  # 0.02 / sqrt(2 * 8)
     assert abs(model.blocks[0].attn.qkv.weight.std().item() - 0.02) < 0.002
+
+
+@pytest.mark.parametrize("shape", [dict(pos_embedding="learned"),
+                                   dict(pos_embedding="rope", n_kv_head=2, sliding_window=5, norm="rmsnorm")])
+def test_rows_decode_at_their_own_positions(shape):
+    """One batched decode step with each row at its own length (`KVCache.at`) gives each row the
+    logits a full forward over its own sequence gives."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=50, context_length=32, n_layer=2, n_head=4, n_embd=32, **shape)).eval()
+    seqs = [torch.randint(0, 50, (n,)) for n in (9, 3, 14)]
+    cache = model.new_cache(len(seqs), 32)
+    with torch.no_grad():
+        for b, s in enumerate(seqs):  # prefill each row on its own, all but the last token
+            view = cache.view(b, b + 1)
+            model(s[None, :-1], cache=view)
+        rows = torch.tensor([len(s) - 1 for s in seqs])
+        last = torch.stack([s[-1] for s in seqs])[:, None]
+        batched = model(last, cache=cache.at(rows, int(rows.max()) + 1))[:, -1]
+        for b, s in enumerate(seqs):
+            assert torch.allclose(batched[b], model(s[None])[0, -1], atol=1e-5)

@@ -1,12 +1,14 @@
 """Autoregressive generation: temperature, top-k, top-p, seeds, stop strings, KV cache, streaming.
 
-`generate_ids` is the token loop; `generate_text` adds text concerns on top: the prompt's fit in
-the context window (`prepare_prompt`), stop strings, streaming only complete UTF-8 characters,
-and the ranked candidates at each step.
+`generate_text` runs one request on the batching engine (`engine.Engine`) and adds text concerns
+on top: the prompt's fit in the context window (`prepare_prompt`), stop strings, streaming only
+complete UTF-8 characters, and the ranked candidates at each step. `generate_ids` is the plain
+one-sequence token loop, kept as the simple reference the engine is tested against.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ from ..core.runtime import autocast
 from ..models.config import ModelConfig
 from ..models.transformer import Transformer
 from ..text.tokenizer import Tokenizer
+from .engine import Engine, Event, Request
 from .sampling import filter_probs, penalize_repeats, validate_sampling
 
 DEFAULT_NEW_TOKENS = 200
@@ -134,7 +137,8 @@ def generate_text(model: Transformer, tokenizer: Tokenizer, prompt: str, *, max_
                   seed: int | None = None, stop: list[str] | None = None, stop_ids: set[int] | None = None,
                   repetition_penalty: float = 1.0, stream: Callable[[str], None] | None = None, top_candidates: int = 0,
                   on_candidates: Callable[[int, list[tuple[str, float]], Picked], None] | None = None,
-                  prompt_ids: list[int] | None = None, truncate: str | None = None) -> str:
+                  prompt_ids: list[int] | None = None, truncate: str | None = None,
+                  presence_penalty: float = 0.0, frequency_penalty: float = 0.0) -> str:
     """The completion of `prompt` (without the prompt), streamed piecewise to `stream` if given.
 
     Generation ends at an end-of-text token, at a `stop` string (not included), or after
@@ -144,7 +148,8 @@ def generate_text(model: Transformer, tokenizer: Tokenizer, prompt: str, *, max_
     outside the K shown). `prompt_ids` (e.g. from `prepare_prompt`) replace encoding `prompt`;
     otherwise `truncate` is passed to `prepare_prompt` and a cut is reported on stderr.
     """
-    validate_sampling(temperature, top_k, top_p, repetition_penalty, max_new_tokens)
+    validate_sampling(temperature, top_k, top_p, repetition_penalty, max_new_tokens,
+                      presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
     stops = [s for s in (stop or []) if s]
     ids = prompt_ids
     if ids is None:
@@ -153,20 +158,29 @@ def generate_text(model: Transformer, tokenizer: Tokenizer, prompt: str, *, max_
             print(f"warning: {note}", file=sys.stderr)
     if max_new_tokens is None:  # not asked for: as much as fits, up to 200
         max_new_tokens = max(1, min(DEFAULT_NEW_TOKENS, model.cfg.context_length - len(ids)))
+    ctx = model.cfg.context_length
+    if len(ids) + max_new_tokens > ctx:
+        raise LMForgeError(f"--max-new-tokens {max_new_tokens} plus the prompt's {len(ids)} tokens exceeds the "
+                           f"model's context length of {ctx} tokens")
     end = {tokenizer.eot_id} if stop_ids is None else stop_ids
+    want = top_candidates if on_candidates is not None else 0
+    engine = Engine(model, slots=1, max_len=len(ids) + max_new_tokens)
+    handle = engine.submit(Request(ids, max_new_tokens, temperature, top_k, top_p, seed, repetition_penalty,
+                                   presence_penalty, frequency_penalty, stop=end, logprobs=want))
     new: list[int] = []
     emitted = 0
     text = ""
-    for i, step in enumerate(generate_ids(model, ids, max_new_tokens, temperature=temperature, top_k=top_k,
-                                          top_p=top_p, seed=seed, stop_ids=end,
-                                          repetition_penalty=repetition_penalty)):
-        new.append(step.token)
-        if top_candidates and on_candidates is not None:
-            on_candidates(i + 1, *_candidates(tokenizer, step, top_candidates))
+    for event in handle:
+        if event.finish_reason is not None:
+            break
+        new.append(event.token)
+        if want:
+            on_candidates(len(new), *_candidates(tokenizer, event))
         text = tokenizer.decode(new)
         hit = min((text.find(s) for s in stops if s in text), default=-1)
         if hit >= 0:
             text = text[:hit]
+            handle.cancel()
             break
         if stream is not None and not text.endswith("\ufffd"):  # wait for a complete character
             safe = len(text) - _held_back(text, stops)
@@ -178,10 +192,6 @@ def generate_text(model: Transformer, tokenizer: Tokenizer, prompt: str, *, max_
     return text
 
 
-def _candidates(tokenizer: Tokenizer, step: Step, k: int) -> tuple[list[tuple[str, float]], Picked]:
-    p, idx = step.probs.topk(min(k, step.probs.numel()))
-    ranked = [(tokenizer.piece(int(t)), float(q)) for q, t in zip(p, idx) if q > 0]
-    prob = step.probs[step.token]
-    # ties share the better rank: the sampler had no reason to prefer either
-    rank = 1 + int((step.probs > prob).sum())
-    return ranked, Picked(tokenizer.piece(step.token), rank, float(prob))
+def _candidates(tokenizer: Tokenizer, event: Event) -> tuple[list[tuple[str, float]], Picked]:
+    ranked = [(tokenizer.piece(t), math.exp(lp)) for t, lp in event.top]
+    return ranked, Picked(tokenizer.piece(event.token), event.rank, math.exp(event.logprob))

@@ -10,11 +10,13 @@ from .params import SamplingParams
 
 
 def validate_sampling(temperature: float = 0.8, top_k: int | None = None, top_p: float | None = None,
-                      repetition_penalty: float = 1.0, max_new_tokens: int | None = None, n: int = 1) -> None:
+                      repetition_penalty: float = 1.0, max_new_tokens: int | None = None, n: int = 1,
+                      presence_penalty: float = 0.0, frequency_penalty: float = 0.0) -> None:
     """A one-line LMForgeError for sampling settings outside their declared bounds (`SamplingParams`);
     None turns top-k, top-p and max_new_tokens (the default length) off. Checked before any output."""
     check(SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                         repetition_penalty=repetition_penalty))
+                         repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                         frequency_penalty=frequency_penalty))
     if n < 1:
         raise LMForgeError(f"--num-samples must be >= 1 (got {n})")
 
@@ -47,3 +49,9 @@ def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -
     logits[seen] = torch.where(picked > 0, picked / penalty, picked * penalty)
     return logits
 
+
+
+def penalize_counts(logits: torch.Tensor, counts: torch.Tensor, presence: float, frequency: float) -> torch.Tensor:
+    """OpenAI's presence and frequency penalties: logit -= presence * (count > 0) + frequency * count,
+    where `counts` says how often each token was generated so far (the prompt does not count)."""
+    return logits - presence * (counts > 0).to(logits.dtype) - frequency * counts.to(logits.dtype)

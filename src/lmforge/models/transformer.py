@@ -58,7 +58,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache:
-    """Keys and values of past positions, preallocated for `max_len` positions per layer."""
+    """Keys and values of past positions, preallocated for `max_len` positions per layer.
+
+    Plain use: every row holds the same `pos` positions and new ones are appended. Batched decoding
+    of rows at different lengths (`at`): each row writes its one new entry at its own position and
+    attends to its first rows[b] + 1 entries (the attention mask hides the rest).
+    """
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype) -> None:
         shape = (batch, cfg.n_kv_head, max_len, cfg.head_dim)
@@ -66,8 +71,27 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.max_len = max_len
         self.pos = 0  # number of positions already stored
+        self.rows: torch.Tensor | None = None  # per-row write positions [B] (batched decoding)
+        self.span = 0  # with rows: how many leading entries the attention reads (max(rows) + 1)
+
+    def view(self, start: int, stop: int) -> KVCache:
+        """Rows start:stop, sharing this cache's storage (no copy), with pos 0."""
+        view = KVCache.__new__(KVCache)
+        view.k, view.v = [k[start:stop] for k in self.k], [v[start:stop] for v in self.v]
+        view.max_len, view.pos, view.rows, view.span = self.max_len, 0, None, 0
+        return view
+
+    def at(self, rows: torch.Tensor, span: int) -> KVCache:
+        """Set up one batched decoding step: row b writes position rows[b]; span = max(rows) + 1."""
+        self.rows, self.span = rows, span
+        self._batch = torch.arange(rows.shape[0], device=rows.device)
+        return self
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.rows is not None:
+            self.k[layer][self._batch, :, self.rows] = k[:, :, 0]
+            self.v[layer][self._batch, :, self.rows] = v[:, :, 0]
+            return self.k[layer][:, :, :self.span], self.v[layer][:, :, :self.span]
         end = self.pos + k.shape[2]
         if end > self.max_len:
             raise LMForgeError(f"KV cache full: {end} positions exceed its {self.max_len}")
@@ -225,12 +249,19 @@ class Transformer(nn.Module):
         """Final hidden states [B, T, n_embd] (after the last norm)."""
         cfg = self.cfg
         B, T = idx.shape
+        rows = cache.rows if cache is not None else None  # batched decoding: each row at its own position
         start = cache.pos if cache is not None else 0
-        if start + T > cfg.context_length:
-            raise LMForgeError(f"sequence of {start + T} tokens exceeds the context length {cfg.context_length}")
+        if rows is not None:
+            if T != 1:
+                raise LMForgeError(f"batched decoding takes one new token per row (got {T})")
+            pos = rows[:, None]  # [B, 1]
+        else:
+            if start + T > cfg.context_length:
+                raise LMForgeError(f"sequence of {start + T} tokens exceeds the context length {cfg.context_length}")
+            pos = torch.arange(start, start + T, device=idx.device)  # [T]
         x = self.wte(idx)
         if cfg.pos_embedding == "learned":
-            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
+            x = x + self.wpe(pos)
         if cfg.type_vocab_size:
             types = token_type_ids if token_type_ids is not None else torch.zeros_like(idx)
             x = x + self.wtt(types)
@@ -239,13 +270,28 @@ class Transformer(nn.Module):
         x = self.drop(x)
         rope = None
         if cfg.pos_embedding == "rope":
-            rope = (self.rope_cos[start:start + T].to(x.dtype), self.rope_sin[start:start + T].to(x.dtype))
-        mask = self._mask(T, start, attention_mask, idx.device)
+            if rows is not None:  # [B, 1, 1, hd]: one rotation per row, shared by its heads
+                rope = (self.rope_cos[pos][:, None].to(x.dtype), self.rope_sin[pos][:, None].to(x.dtype))
+            else:
+                rope = (self.rope_cos[start:start + T].to(x.dtype), self.rope_sin[start:start + T].to(x.dtype))
+        if rows is not None:
+            mask = self._row_mask(rows, cache.span)
+        else:
+            mask = self._mask(T, start, attention_mask, idx.device)
         for block in self.blocks:
             x = block(x, rope, mask, cache)
-        if cache is not None:
+        if cache is not None and rows is None:
             cache.pos += T
         return self.norm(x)
+
+    def _row_mask(self, rows: torch.Tensor, span: int) -> torch.Tensor:
+        """[B, 1, 1, span]: row b's query (at position rows[b]) sees keys 0..rows[b] (and, with a
+        sliding window, only the last `window` of them); later entries belong to nothing yet."""
+        k_pos = torch.arange(span, device=rows.device)[None, :]
+        mask = k_pos <= rows[:, None]
+        if self.cfg.sliding_window:
+            mask = mask & (k_pos > rows[:, None] - self.cfg.sliding_window)
+        return mask[:, None, None, :]
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Hidden states -> vocabulary logits."""

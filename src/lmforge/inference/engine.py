@@ -1,0 +1,411 @@
+"""A continuous-batching decode engine: token ids in, token ids out, shared by every caller.
+
+A fixed number of slots share one preallocated KV cache [slots, n_kv_head, max_len, head_dim] per
+layer. Each `step` admits waiting requests (one single-row prefill each, written straight into a
+free slot; n samples copy it to n slots), then runs ONE batched decode forward over the occupied
+slots, each row at its own position, and samples every row with its request's own settings.
+Finished and cancelled samples free their slot at once.
+
+Use it synchronously (`Engine.generate`, or iterate a `Handle`: iteration runs steps in the
+caller's thread) or start its loop in a background thread (`start`/`close`, or `with Engine(...)`)
+and read each handle's events from its thread-safe queue.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+from collections import deque
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from ..core.errors import LMForgeError
+from ..core.runtime import autocast
+from ..models.transformer import Transformer
+from .sampling import filter_probs, penalize_counts, penalize_repeats, validate_sampling
+
+
+@dataclass
+class Request:
+    """One prompt and its own sampling settings. max_tokens None: as many as fit in the context;
+    seed: sample i of n uses seed + i; logprobs K > 0 adds the top-K candidates at each step."""
+
+    prompt: list[int]
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop: Collection[int] = ()
+    logprobs: int = 0
+    n: int = 1
+
+
+@dataclass
+class Event:
+    """A new token of sample `index` (finish_reason None), or that sample's last event.
+
+    token: its id; logprob: log of its probability in the distribution it was drawn from (after
+    temperature/top-k/top-p; for greedy, the model's own); rank: its rank there (1 = most likely;
+    only with logprobs, else 0); top: [(token, logprob)] of the K most likely, best first.
+    Last event: finish_reason "stop" (a stop id, not emitted), "length" (max_tokens), "cancelled"
+    or "error" (with `error`); prompt_tokens and completion_tokens (tokens emitted) are set.
+    """
+
+    index: int = 0
+    token: int = -1
+    logprob: float = 0.0
+    rank: int = 0
+    top: list[tuple[int, float]] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass
+class Sample:
+    tokens: list[int]
+    logprobs: list[float]
+    top: list[list[tuple[int, float]]]
+    finish_reason: str
+
+
+class Handle:
+    """A submitted request: iterate it for its events (all n samples, interleaved), `cancel()` it,
+    or read `events` (a queue.Queue) directly from another thread."""
+
+    def __init__(self, engine: Engine, request: Request) -> None:
+        self.engine, self.request = engine, request
+        self.events: queue.Queue[Event] = queue.Queue()
+        self.cancelled = False
+        self._open = request.n  # samples not finished yet (counted by the consumer)
+
+    def cancel(self) -> None:
+        """Stop generating: the engine frees the slots at its next step."""
+        self.cancelled = True
+
+    def __iter__(self) -> Iterator[Event]:
+        while self._open:
+            try:
+                event = self.events.get_nowait()
+            except queue.Empty:
+                if self.engine.running:
+                    event = self.events.get()
+                else:
+                    if not self.engine.step() and self.events.empty():
+                        raise LMForgeError("the engine has nothing to run for this request") from None
+                    continue
+            if event.finish_reason is not None:
+                self._open -= 1
+            yield event
+
+    def result(self) -> list[Sample]:
+        """Run to the end; one `Sample` per n. An engine failure is raised."""
+        samples = [Sample([], [], [], "") for _ in range(self.request.n)]
+        for e in self:
+            s = samples[e.index]
+            if e.finish_reason is None:
+                s.tokens.append(e.token)
+                s.logprobs.append(e.logprob)
+                s.top.append(e.top)
+            elif e.finish_reason == "error":
+                raise LMForgeError(e.error or "the engine failed")
+            else:
+                s.finish_reason = e.finish_reason
+        return samples
+
+
+class _Seq:
+    """One sample in a slot: where it stands and how it draws its tokens."""
+
+    def __init__(self, handle: Handle, index: int, slot: int, device) -> None:
+        r = handle.request
+        self.handle, self.index, self.slot, self.r = handle, index, slot, r
+        self.length = len(r.prompt)  # entries in the cache
+        self.last = -1  # the token to feed next
+        self.emitted = 0
+        self.gen = torch.Generator().manual_seed(r.seed + index) if r.seed is not None else None
+        self.greedy = r.temperature <= 0
+        self.seen = self.counts = None
+        if r.repetition_penalty != 1.0:  # tokens already in the text (prompt included)
+            self.seen = torch.zeros(handle.engine.vocab, dtype=torch.bool, device=device)
+            self.seen[torch.tensor(r.prompt, device=device)] = True
+        if r.presence_penalty or r.frequency_penalty:  # generated tokens only (OpenAI)
+            self.counts = torch.zeros(handle.engine.vocab, dtype=torch.int32, device=device)
+
+    def penalize(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.seen is not None:
+            logits = penalize_repeats(logits, self.seen, self.r.repetition_penalty)
+        if self.counts is not None:
+            logits = penalize_counts(logits, self.counts, self.r.presence_penalty, self.r.frequency_penalty)
+        return logits
+
+    def record(self, token: int) -> None:
+        if self.seen is not None:
+            self.seen[token] = True
+        if self.counts is not None:
+            self.counts[token] += 1
+
+
+class Engine:
+    """Continuous batching over `slots` sequences of up to `max_len` tokens (default: the context)."""
+
+    def __init__(self, model: Transformer, slots: int = 8, max_len: int | None = None) -> None:
+        cfg = model.cfg
+        if slots < 1:
+            raise LMForgeError(f"the engine needs at least one slot (got {slots})")
+        self.model, self.slots = model.eval(), slots
+        self.vocab, self.max_len = cfg.vocab_size, min(max_len or cfg.context_length, cfg.context_length)
+        self.device = next(model.parameters()).device
+        self.cache = model.new_cache(slots, self.max_len)
+        self._views: dict[tuple[int, int], object] = {}
+        self._free = list(range(slots))  # kept sorted: the lowest slot first keeps the batch short
+        self._active: dict[int, _Seq] = {}  # slot -> sample
+        self._waiting: deque[Handle] = deque()
+        self._lock = threading.RLock()  # one step at a time
+        self._wake = threading.Condition()  # guards the waiting queue; submitters never wait for a step
+        self._thread: threading.Thread | None = None
+        self._closing = False
+
+    # -- submitting -------------------------------------------------------------------------
+
+    def check(self, r: Request) -> None:
+        """A one-line LMForgeError for a request this engine cannot run."""
+        validate_sampling(r.temperature, r.top_k, r.top_p, r.repetition_penalty, r.max_tokens, r.n,
+                          r.presence_penalty, r.frequency_penalty)
+        if not r.prompt:
+            raise LMForgeError("the prompt is empty")
+        if min(r.prompt) < 0 or max(r.prompt) >= self.vocab:
+            raise LMForgeError(f"prompt token ids must lie in 0..{self.vocab - 1}")
+        room = self.max_len - len(r.prompt)
+        if r.max_tokens is not None and r.max_tokens > room or room < 1:
+            raise LMForgeError(f"max_tokens {r.max_tokens or 1} plus the prompt's {len(r.prompt)} tokens exceeds the "
+                               f"context length of {self.max_len} tokens")
+        if r.n > self.slots:
+            raise LMForgeError(f"n={r.n} exceeds the engine's {self.slots} slots")
+        if r.logprobs < 0:
+            raise LMForgeError(f"logprobs must be >= 0 (got {r.logprobs})")
+
+    def submit(self, request: Request) -> Handle:
+        """Queue a request (from any thread); it joins the batch at the next step."""
+        self.check(request)
+        handle = Handle(self, request)
+        with self._wake:
+            self._waiting.append(handle)
+            self._wake.notify()
+        return handle
+
+    def generate(self, requests: list[Request]) -> list[list[Sample]]:
+        """Run requests together to the end; per request, one `Sample` per n."""
+        handles = [self.submit(r) for r in requests]
+        return [h.result() for h in handles]
+
+    def waiting(self) -> int:
+        """How many submitted requests wait for free slots (e.g. to bound a server's queue)."""
+        with self._wake:
+            return len(self._waiting)
+
+    def active(self) -> int:
+        """How many slots hold a running sample now."""
+        return len(self._active)
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None
+
+    def start(self) -> Engine:
+        """Run steps in a background thread until `close()`."""
+        if self._thread is None:
+            self._closing = False
+            self._thread = threading.Thread(target=self._loop, name="lmforge-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop the background thread; unfinished requests end with finish_reason "cancelled"."""
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        with self._lock:
+            for seq in list(self._active.values()):
+                self._finish(seq, "cancelled")
+            for h in self._take_waiting():
+                _end(h, "cancelled")
+
+    def __enter__(self) -> Engine:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._closing and not self._waiting and not self._active:
+                    self._wake.wait()
+                if self._closing:
+                    return
+            try:
+                self.step()
+            except Exception as e:  # fail every request rather than leave readers blocked
+                self._fail_all(f"{type(e).__name__}: {e}".splitlines()[0])
+
+    def _fail_all(self, message: str) -> None:
+        with self._lock:
+            for seq in list(self._active.values()):
+                self._finish(seq, "error", message)
+            for h in self._take_waiting():
+                _end(h, "error", message)
+
+    def _take_waiting(self) -> list[Handle]:
+        with self._wake:
+            taken = list(self._waiting)
+            self._waiting.clear()
+        return taken
+
+    @torch.no_grad()
+    def step(self) -> bool:
+        """Admit what fits, then decode one token for every occupied slot. False when idle."""
+        with self._lock:
+            for seq in [s for s in self._active.values() if s.handle.cancelled]:
+                self._finish(seq, "cancelled")
+            self._admit()
+            if not self._active:
+                return False
+            seqs = sorted(self._active.values(), key=lambda s: s.slot)
+            with autocast(self.device):
+                if len(seqs) == 1:  # one sequence: the plain cache path, exactly as generate_ids runs
+                    s = seqs[0]
+                    view = self._view(s.slot, s.slot + 1)
+                    view.pos = s.length
+                    ids = torch.tensor([[s.last]], device=self.device)
+                    logits = self.model(ids, cache=view, last_only=True)[:, -1]
+                    rows = [0]
+                else:
+                    hi = seqs[-1].slot + 1
+                    tokens, pos = [0] * hi, [0] * hi  # empty slots decode a dummy token at 0
+                    for s in seqs:
+                        tokens[s.slot], pos[s.slot] = s.last, s.length
+                    ids = torch.tensor(tokens, device=self.device)[:, None]
+                    view = self._view(0, hi).at(torch.tensor(pos, device=self.device), max(pos) + 1)
+                    logits = self.model(ids, cache=view, last_only=True)[:, -1]
+                    rows = [s.slot for s in seqs]
+            for s in seqs:
+                s.length += 1
+            self._sample(seqs, logits, rows)
+            return True
+
+    def _view(self, start: int, stop: int):
+        view = self._views.get((start, stop))
+        if view is None:
+            view = self._views[(start, stop)] = self.cache.view(start, stop)
+        return view
+
+    def _next_waiting(self) -> Handle | None:
+        """The first waiting request if its n samples fit in the free slots now (FIFO: a large n
+        is not overtaken forever); cancelled ones end here without running."""
+        with self._wake:
+            while self._waiting and self._waiting[0].cancelled:
+                _end(self._waiting.popleft(), "cancelled")
+            if self._waiting and len(self._free) >= self._waiting[0].request.n:
+                return self._waiting.popleft()
+        return None
+
+    def _admit(self) -> None:
+        while (h := self._next_waiting()) is not None:
+            r = h.request
+            slots = [self._free.pop(0) for _ in range(r.n)]
+            view = self._view(slots[0], slots[0] + 1)
+            view.pos = 0
+            with autocast(self.device):
+                logits = self.model(torch.tensor([r.prompt], device=self.device), cache=view, last_only=True)[:, -1]
+            L = len(r.prompt)
+            for other in slots[1:]:  # n samples share one prefill
+                for k, v in zip(self.cache.k, self.cache.v):
+                    k[other, :, :L] = k[slots[0], :, :L]
+                    v[other, :, :L] = v[slots[0], :, :L]
+            seqs = [_Seq(h, i, slot, self.device) for i, slot in enumerate(slots)]
+            for s in seqs:
+                self._active[s.slot] = s
+            self._sample(seqs, logits, [0] * len(seqs))
+
+    def _sample(self, seqs: list[_Seq], logits: torch.Tensor, rows: list[int]) -> None:
+        """Draw each sample's next token from its row of `logits`, emit it, finish what ended."""
+        logits = logits.float()
+        greedy = [(s, r) for s, r in zip(seqs, rows) if s.greedy]
+        picks: dict[int, tuple[int, float, int, list]] = {}
+        if greedy:  # all greedy rows at once, on the device: one small transfer, no vocab-sized one
+            lg = logits[[r for _, r in greedy]]
+            for i, (s, _r) in enumerate(greedy):
+                if s.seen is not None or s.counts is not None:
+                    lg[i] = s.penalize(lg[i])
+            probs = torch.softmax(lg, dim=-1)
+            tok = probs.argmax(-1)
+            p = probs.gather(1, tok[:, None])[:, 0]
+            k = min(max(s.r.logprobs for s, _ in greedy), self.vocab)
+            if k:
+                top_p, top_i = probs.topk(k, dim=-1)
+                ranks = 1 + (probs > p[:, None]).sum(-1)
+                out = torch.cat([tok[:, None].float(), p[:, None], ranks[:, None].float(), top_p,
+                                 top_i.float()], 1).tolist()
+            else:
+                out = torch.stack([tok.float(), p], 1).tolist()
+            for (s, _), row in zip(greedy, out):
+                t, q = int(row[0]), row[1]
+                top, rank = [], 0
+                if s.r.logprobs:
+                    rank, kk = int(row[2]), min(s.r.logprobs, self.vocab)
+                    top = [(int(i), math.log(v)) for v, i in zip(row[3:3 + kk], row[3 + k:3 + k + kk]) if v > 0]
+                picks[id(s)] = (t, q, rank, top)
+        for s, r in zip(seqs, rows):
+            if s.greedy:
+                continue
+            # on the CPU, one multinomial per step: the same draws as generate_ids for the same seed
+            probs = filter_probs(s.penalize(logits[r]), s.r.temperature, s.r.top_k, s.r.top_p).cpu()
+            t = int(torch.multinomial(probs, 1, generator=s.gen))
+            q = float(probs[t])
+            top, rank = [], 0
+            if s.r.logprobs:
+                top_p, top_i = probs.topk(min(s.r.logprobs, self.vocab))
+                top = [(int(i), math.log(v)) for v, i in zip(top_p.tolist(), top_i.tolist()) if v > 0]
+                rank = 1 + int((probs > probs[t]).sum())
+            picks[id(s)] = (t, q, rank, top)
+        for s in seqs:
+            t, q, rank, top = picks[id(s)]
+            if t in s.r.stop:
+                self._finish(s, "stop")
+                continue
+            # the candidate entry's own value, so the picked token and its row in `top` agree exactly
+            lp = next((v for i, v in top if i == t), None)
+            s.handle.events.put(Event(s.index, t, lp if lp is not None else math.log(q) if q > 0 else -math.inf,
+                                      rank, top))
+            s.emitted += 1
+            s.last = t
+            s.record(t)
+            if s.emitted >= (s.r.max_tokens or self.max_len - len(s.r.prompt)):
+                self._finish(s, "length")
+
+    def _finish(self, seq: _Seq, reason: str, error: str | None = None) -> None:
+        del self._active[seq.slot]
+        self._free.append(seq.slot)
+        self._free.sort()
+        seq.handle.events.put(Event(seq.index, finish_reason=reason, prompt_tokens=len(seq.r.prompt),
+                                    completion_tokens=seq.emitted, error=error))
+
+
+def _end(h: Handle, reason: str, error: str | None = None) -> None:
+    """Final events for a request that never ran."""
+    for i in range(h.request.n):
+        h.events.put(Event(i, finish_reason=reason, prompt_tokens=len(h.request.prompt), error=error))

@@ -1,0 +1,183 @@
+"""The continuous-batching engine against the one-sequence reference loop (`generate_ids`)."""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import pytest
+import torch
+
+from lmforge.core.errors import LMForgeError
+from lmforge.inference.engine import Engine, Request
+from lmforge.inference.generate import generate_ids
+from lmforge.inference.sampling import penalize_counts
+from lmforge.models.config import ModelConfig
+from lmforge.models.transformer import Transformer
+
+SHAPES = {
+    "gpt2": dict(pos_embedding="learned"),
+    "llama": dict(pos_embedding="rope", norm="rmsnorm", mlp="gated", activation="silu", n_kv_head=2, bias=False),
+}
+PROMPTS = [[1, 2, 3], [5] * 9, [7, 8], list(range(20, 37)), [40]]
+
+
+def tiny(kind: str = "llama") -> Transformer:
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=97, context_length=64, n_layer=2, n_head=4, n_embd=32, **SHAPES[kind])
+    return Transformer(cfg).eval()
+
+
+def reference(model, prompt, n, **kw) -> list[int]:
+    return [s.token for s in generate_ids(model, prompt, n, **kw)]
+
+
+@pytest.mark.parametrize("kind", SHAPES)
+def test_batched_greedy_equals_one_at_a_time(kind):
+    model = tiny(kind)
+    want = [reference(model, p, 12, temperature=0) for p in PROMPTS]
+    engine = Engine(model, slots=3)  # fewer slots than requests: some wait for a free one
+    handles = [engine.submit(Request(p, max_tokens=12, temperature=0)) for p in PROMPTS[:2]]
+    for _ in range(3):
+        engine.step()
+    handles += [engine.submit(Request(p, max_tokens=12, temperature=0)) for p in PROMPTS[2:]]  # join mid-flight
+    got = [h.result()[0] for h in handles]
+    assert [s.tokens for s in got] == want
+    assert all(s.finish_reason == "length" for s in got)
+    assert engine._free == [0, 1, 2] and not engine._active
+
+
+@pytest.mark.parametrize("kind", SHAPES)
+def test_seeded_sample_is_the_same_alone_or_batched(kind):
+    model = tiny(kind)
+    settings = dict(temperature=1.0, top_k=20, top_p=0.95, seed=3)
+    alone = Engine(model, slots=1).generate([Request(PROMPTS[1], max_tokens=15, **settings)])[0][0].tokens
+    assert alone == reference(model, PROMPTS[1], 15, **settings)  # the same draws as the reference loop
+    others = [Request(p, max_tokens=10, temperature=0.9, seed=i) for i, p in enumerate(PROMPTS)]
+    batched = Engine(model, slots=4).generate([others[0], Request(PROMPTS[1], max_tokens=15, **settings), *others])
+    assert batched[1][0].tokens == alone
+
+
+def test_n_samples_share_one_prefill():
+    model = tiny()
+    prefills = []
+    hook = model.register_forward_pre_hook(lambda m, args: prefills.append(args[0].shape[1]) if args[0].shape[1] > 1
+                                           else None)
+    try:
+        samples = Engine(model, slots=4).generate([Request(PROMPTS[3], max_tokens=12, temperature=1.0, seed=5, n=2)])[0]
+    finally:
+        hook.remove()
+    assert prefills == [len(PROMPTS[3])]
+    assert len(samples) == 2 and samples[0].tokens != samples[1].tokens
+    for i, s in enumerate(samples):  # sample i draws with seed + i
+        assert s.tokens == reference(model, PROMPTS[3], 12, temperature=1.0, seed=5 + i)
+
+
+def test_cancel_frees_the_slot():
+    model = tiny()
+    engine = Engine(model, slots=1)
+    first = engine.submit(Request(PROMPTS[0], max_tokens=40, temperature=0))
+    second = engine.submit(Request(PROMPTS[2], max_tokens=5, temperature=0))
+    engine.step()
+    engine.step()
+    assert engine._free == [] and second.events.empty()  # waiting for the only slot
+    first.cancel()
+    events = list(first)
+    assert events[-1].finish_reason == "cancelled" and events[-1].completion_tokens == len(events) - 1
+    assert second.result()[0].tokens == reference(model, PROMPTS[2], 5, temperature=0)
+    waiting = engine.submit(Request(PROMPTS[0], max_tokens=5))
+    waiting.cancel()  # before it ever ran
+    assert [e.finish_reason for e in waiting] == ["cancelled"]
+
+
+@pytest.mark.parametrize("settings", [dict(temperature=0), dict(temperature=0.7, top_k=5, seed=1),
+                                      dict(temperature=1.3, top_p=0.9, seed=2, repetition_penalty=1.2)])
+def test_logprobs_are_those_of_the_sampling_distribution(settings):
+    model = tiny()
+    steps = list(generate_ids(model, PROMPTS[1], 10, **settings))
+    events = [e for e in Engine(model, slots=2).submit(Request(PROMPTS[1], max_tokens=10, logprobs=3, **settings))
+              if e.finish_reason is None]
+    assert [e.token for e in events] == [s.token for s in steps]
+    for e, s in zip(events, steps):
+        assert e.logprob == pytest.approx(math.log(float(s.probs[s.token])), abs=1e-5)
+        assert e.rank == 1 + int((s.probs > s.probs[s.token]).sum())
+        p, i = s.probs.topk(3)
+        shown = [(int(t), math.log(float(q))) for q, t in zip(p, i) if q > 0]
+        assert [t for t, _ in e.top] == [t for t, _ in shown]
+        assert [lp for _, lp in e.top] == pytest.approx([lp for _, lp in shown], abs=1e-5)
+
+
+def test_presence_and_frequency_penalties_adjust_logits():
+    logits = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    counts = torch.tensor([0, 1, 3, 0])
+    out = penalize_counts(logits, counts, presence=0.5, frequency=0.25)
+    assert out.tolist() == [1.0, 2.0 - 0.5 - 0.25, 3.0 - 0.5 - 0.75, 4.0]
+    assert penalize_counts(logits, counts, -1.0, 0.0).tolist() == [1.0, 3.0, 4.0, 4.0]
+
+
+def test_penalties_change_greedy_output_as_specified():
+    model = tiny()
+    prompt, n = PROMPTS[1], 20
+
+    def penalized_greedy(presence, frequency):  # the definition, on full forwards
+        ids, counts = list(prompt), torch.zeros(97, dtype=torch.int32)
+        with torch.no_grad():
+            for _ in range(n):
+                logits = penalize_counts(model(torch.tensor([ids]))[0, -1], counts, presence, frequency)
+                ids.append(int(logits.argmax()))
+                counts[ids[-1]] += 1
+        return ids[len(prompt):]
+
+    plain = reference(model, prompt, n, temperature=0)
+    reqs = [Request(prompt, max_tokens=n, temperature=0, presence_penalty=2.0),
+            Request(prompt, max_tokens=n, temperature=0, frequency_penalty=1.5),
+            Request(PROMPTS[0], max_tokens=n, temperature=0)]
+    got = [r[0].tokens for r in Engine(model, slots=3).generate(reqs)]
+    assert got[0] == penalized_greedy(2.0, 0.0) and got[1] == penalized_greedy(0.0, 1.5)
+    assert got[0] != plain and got[1] != plain
+    assert len(set(got[0])) > len(set(plain))
+
+
+def test_stop_ids_and_max_tokens_finish_reasons():
+    model = tiny()
+    plain = reference(model, PROMPTS[0], 10, temperature=0)
+    stop = plain[3]
+    cut = plain[:plain.index(stop)]
+    handle = Engine(model).submit(Request(PROMPTS[0], max_tokens=10, temperature=0, stop={stop, 96}))
+    events = list(handle)
+    assert [e.token for e in events[:-1]] == cut
+    last = events[-1]
+    assert (last.finish_reason, last.prompt_tokens, last.completion_tokens) == ("stop", 3, len(cut))
+    full = Engine(model).generate([Request(PROMPTS[0], max_tokens=10, temperature=0)])[0][0]
+    assert full.finish_reason == "length" and full.tokens == plain
+
+
+@pytest.mark.parametrize("bad, fragment", [
+    (dict(prompt=[]), "prompt is empty"), (dict(max_tokens=60), "exceeds the context length of 64"),
+    (dict(temperature=-1), "--temperature"), (dict(top_p=0), "--top-p"), (dict(presence_penalty=3), "presence"),
+    (dict(frequency_penalty=-2.5), "frequency"), (dict(n=5), "exceeds the engine's 4 slots"),
+    (dict(prompt=[97]), "token ids"), (dict(logprobs=-1), "logprobs")])
+def test_bad_requests_are_refused_in_one_line(bad, fragment):
+    engine = Engine(tiny(), slots=4)
+    with pytest.raises(LMForgeError, match=fragment) as e:
+        engine.submit(Request(**{"prompt": PROMPTS[3], **bad}))
+    assert "\n" not in str(e.value)
+
+
+def test_background_thread_serves_submitters_from_other_threads():
+    model = tiny("gpt2")
+    want = [reference(model, p, 8, temperature=0) for p in PROMPTS]
+    got: dict[int, list[int]] = {}
+
+    def client(i):
+        got[i] = [e.token for e in engine.submit(Request(PROMPTS[i], max_tokens=8, temperature=0))
+                  if e.finish_reason is None]
+
+    with Engine(model, slots=2) as engine:
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(len(PROMPTS))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+    assert [got[i] for i in range(len(PROMPTS))] == want
+    assert not engine.running
