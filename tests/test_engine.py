@@ -181,3 +181,24 @@ def test_background_thread_serves_submitters_from_other_threads():
             t.join(timeout=60)
     assert [got[i] for i in range(len(PROMPTS))] == want
     assert not engine.running
+
+
+def test_failures_end_requests_with_an_error():
+    model = tiny("gpt2")
+    with Engine(model, slots=2) as engine:
+        running = engine.submit(Request(PROMPTS[0], max_tokens=30, temperature=0))
+        next(iter(running))
+        hook = model.register_forward_pre_hook(lambda m, args: 1 / 0 if args[0].shape[1] > 1 else None)
+        try:  # a failed prefill ends only its own request
+            failed = list(engine.submit(Request(PROMPTS[1], max_tokens=3)))
+        finally:
+            hook.remove()
+        assert [e.finish_reason for e in failed] == ["error"] and "ZeroDivisionError" in failed[0].error
+        assert [e.finish_reason for e in running][-1] == "length"
+        hook = model.register_forward_pre_hook(lambda m, args: 1 / 0 if args[0].shape[1] == 1 else None)
+        try:  # a failed decode step ends every running request
+            with pytest.raises(LMForgeError, match="ZeroDivisionError"):
+                engine.submit(Request(PROMPTS[1], max_tokens=3, n=2)).result()
+        finally:
+            hook.remove()
+    assert engine._free == [0, 1]

@@ -329,8 +329,16 @@ class Engine:
             slots = [self._free.pop(0) for _ in range(r.n)]
             view = self._view(slots[0], slots[0] + 1)
             view.pos = 0
-            with autocast(self.device):
-                logits = self.model(torch.tensor([r.prompt], device=self.device), cache=view, last_only=True)[:, -1]
+            try:
+                with autocast(self.device):
+                    logits = self.model(torch.tensor([r.prompt], device=self.device), cache=view,
+                                        last_only=True)[:, -1]
+            except Exception as e:  # not yet in a slot: end it here, or its reader would wait forever
+                self._free = sorted(self._free + slots)
+                _end(h, "error", f"{type(e).__name__}: {e}".splitlines()[0])
+                if not self.running:
+                    raise  # a synchronous caller gets the exception itself
+                continue  # in the background, one failed prefill (e.g. out of memory) spares the others
             L = len(r.prompt)
             for other in slots[1:]:  # n samples share one prefill
                 for k, v in zip(self.cache.k, self.cache.v):
