@@ -24,7 +24,7 @@ import torch
 
 from ..core.errors import LMForgeError
 from ..core.runtime import autocast
-from ..models.transformer import Transformer
+from ..models.transformer import KVCache, Transformer
 from .sampling import filter_probs, penalize_counts, penalize_repeats, validate_sampling
 
 
@@ -165,7 +165,7 @@ class Engine:
         self.vocab, self.max_len = cfg.vocab_size, min(max_len or cfg.context_length, cfg.context_length)
         self.device = next(model.parameters()).device
         self.cache = model.new_cache(slots, self.max_len)
-        self._views: dict[tuple[int, int], object] = {}
+        self._views: dict[tuple[int, int], KVCache] = {}
         self._free = list(range(slots))  # kept sorted: the lowest slot first keeps the batch short
         self._active: dict[int, _Seq] = {}  # slot -> sample
         self._waiting: deque[Handle] = deque()
@@ -307,7 +307,7 @@ class Engine:
             self._sample(seqs, logits, rows)
             return True
 
-    def _view(self, start: int, stop: int):
+    def _view(self, start: int, stop: int) -> KVCache:
         view = self._views.get((start, stop))
         if view is None:
             view = self._views[(start, stop)] = self.cache.view(start, stop)
