@@ -33,6 +33,7 @@ VERBS = {
                           "teach a model to follow instructions"),
     "classify": ("lmforge.cli.args:ClassifyArgs", "classify", "label texts with a fine-tuned classifier"),
     "chat": ("lmforge.cli.args:ChatArgs", "chat", "talk to a model in the terminal"),
+    "serve": ("lmforge.cli.args:ServeArgs", "serve", "serve a model with OpenAI's HTTP API"),
     "merge-lora": ("lmforge.cli.args:MergeLoraArgs", "merge_lora", "fold a LoRA adapter into its base model"),
     "embed": ("lmforge.cli.args:EmbedArgs", "embed", "sentence embeddings and semantic search with an encoder"),
     "fill-mask": ("lmforge.cli.args:FillMaskArgs", "fill_mask", "predict masked words with a BERT-style model"),
@@ -91,6 +92,11 @@ EXAMPLES = {
   lmforge tokenizer train --data corpus/ --out tokenizer.json --vocab-size 8192""",
     "tokenizer encode": """example:
   lmforge tokenizer encode runs/demo --text "def f(x): return x" """,
+    "serve": """examples:
+  lmforge serve runs/demo                       # http://127.0.0.1:8000/v1, for any OpenAI client
+  lmforge serve runs/assistant --port 9000 --api-key "$(openssl rand -hex 16)" --slots 16
+  curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
+       -d '{"prompt": "Return the", "max_tokens": 20, "temperature": 0}'""",
     "demo": """example:
   lmforge demo --minutes 2""",
 }

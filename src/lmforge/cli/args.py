@@ -169,3 +169,23 @@ class FillMaskArgs:
     top_k: int = arg(5, "how many candidates to show per mask", ge=1)
     json: bool = arg(False, "print one JSON object")
     device: str = arg("auto", DEVICE_HELP)
+
+
+@dataclass
+class ServeArgs:
+    """Serve a model over HTTP with OpenAI's API (/v1/completions, /v1/chat/completions,
+    /v1/models, /v1/embeddings for encoders), plus /health, /metrics and /tokenize. Listens on
+    localhost only unless --host says otherwise."""
+
+    model_dir: str = arg(None, "model directory or Hugging Face checkpoint", positional=True)
+    host: str = arg("127.0.0.1", "address to listen on (0.0.0.0 opens it to the network: set --api-key)")
+    port: int = arg(8000, "port to listen on", ge=1, le=65535)
+    api_key: str | None = arg(None, "require 'Authorization: Bearer KEY' (default: $LMFORGE_API_KEY, if set)")
+    cors_origin: list[str] = arg([], "allow browser pages from this origin (repeatable; default: same origin only)")
+    max_body: int = arg(1 << 20, "largest request body in bytes (413 above it)", ge=1)
+    max_queue: int = arg(64, "most requests waiting for a slot (503 above it)", ge=1)
+    slots: int = arg(8, "requests decoded together in one batch", ge=1, le=256)
+    name: str | None = arg(None, "model name clients use (default: the directory's name)")
+    feedback: str | None = arg(None, "the chat page's compare mode appends {prompt, chosen, rejected} votes to this "
+                               "JSONL file (the format `align reward` trains on); without it the mode is hidden")
+    device: str = arg("auto", DEVICE_HELP)

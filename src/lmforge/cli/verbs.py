@@ -25,6 +25,7 @@ from .args import (
     ImportArgs,
     MergeLoraArgs,
     SamplingArgs,
+    ServeArgs,
     TokenizerEncodeArgs,
     TokenizerTrainArgs,
 )
@@ -44,7 +45,8 @@ def unescape(text: str) -> str:
 def sampling(a: SamplingArgs) -> dict:
     """The sampling settings of a verb, as keyword arguments for `LM.generate` / `generate_text`."""
     return {"max_new_tokens": a.max_new_tokens, "temperature": a.temperature, "top_k": a.top_k, "top_p": a.top_p,
-            "repetition_penalty": a.repetition_penalty}
+            "repetition_penalty": a.repetition_penalty, "presence_penalty": a.presence_penalty,
+            "frequency_penalty": a.frequency_penalty}
 
 
 def print_summary(state: dict, keys) -> None:
@@ -262,3 +264,12 @@ def tokenizer_encode(ns) -> None:
     for i, p in zip(ids, pieces):
         print(f"{i:>8}  {printable(p)}")
     print(f"{len(ids)} tokens, {len(text.encode())} bytes", file=sys.stderr)
+
+
+def serve(ns) -> None:
+    a = from_namespace(ServeArgs, ns)
+
+    from ..serve.server import serve
+
+    serve(a.model_dir, a.host, a.port, a.api_key, a.cors_origin, a.max_body, a.max_queue, a.slots, a.device, a.name,
+          a.feedback)

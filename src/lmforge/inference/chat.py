@@ -34,7 +34,8 @@ def fit_history(lm: Loaded, template, history: list[dict], reserve: int) -> list
 
 def chat(lm: Loaded, system: str | None = None, max_new_tokens: int = 256, temperature: float = 0.7,
          top_p: float | None = 0.9, top_k: int | None = None, seed: int | None = None,
-         repetition_penalty: float = 1.0, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> list[dict]:
+         repetition_penalty: float = 1.0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+         stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> list[dict]:
     """Read user turns from `stdin` until /exit or end of input; returns the final history."""
     if not lm.kind.generates:
         raise LMForgeError(f"{lm.path} is a {lm.kind}, not a model that can chat")
@@ -82,7 +83,8 @@ def chat(lm: Loaded, system: str | None = None, max_new_tokens: int = 256, tempe
         stdout.write("assistant> ")
         answer = generate_text(lm.model, lm.tokenizer, "", max_new_tokens=reserve, temperature=temperature,
                                top_k=top_k, top_p=top_p, seed=None if seed is None else seed + turn,
-                               repetition_penalty=repetition_penalty, stop_ids=stop, prompt_ids=ids,
+                               repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                               frequency_penalty=frequency_penalty, stop_ids=stop, prompt_ids=ids,
                                stream=lambda s: (stdout.write(s), stdout.flush()))
         stdout.write("\n")
         stdout.flush()

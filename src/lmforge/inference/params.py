@@ -13,9 +13,6 @@ from ..core.config import arg
 class SamplingParams:
     """Sampling: how each next token is chosen"""
 
-    # presence/frequency penalties are library and server settings only (cli=False): no CLI verb
-    # passes them on yet.
-
     max_new_tokens: int | None = arg(None, "most new tokens to generate (default: 200, or as many as fit in the "
                                      "context window)", ge=1)
     temperature: float = arg(0.8, "randomness: 0 = greedy (always the most likely token), 1 = the model's own "
@@ -27,6 +24,6 @@ class SamplingParams:
     repetition_penalty: float = arg(1.0, "above 1 makes tokens already in the text less likely (1.1-1.3 curbs "
                                     "loops in small models)", gt=0)
     presence_penalty: float = arg(0.0, "subtract this from the logit of every token already generated (OpenAI's "
-                                  "presence penalty, -2..2)", ge=-2, le=2, cli=False)
+                                  "presence penalty, -2..2)", ge=-2, le=2)
     frequency_penalty: float = arg(0.0, "subtract this times its count so far from the logit of every generated "
-                                   "token (OpenAI's frequency penalty, -2..2)", ge=-2, le=2, cli=False)
+                                   "token (OpenAI's frequency penalty, -2..2)", ge=-2, le=2)

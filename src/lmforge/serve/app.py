@@ -1,0 +1,188 @@
+"""`lmforge serve`: an OpenAI-compatible HTTP API over the shared inference engine.
+
+Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions,
+POST /v1/embeddings (encoders), POST /tokenize, GET /metrics (Prometheus text), and for the chat
+page at GET /: GET /v1/lmforge/config and POST /v1/lmforge/feedback (compare-mode votes).
+Bodies are untrusted: size-limited (413), validated field by field (400 naming the field), and
+answered with OpenAI's error shape. An API key, when set, is compared in constant time (401).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+
+from ..formats.load import Loaded
+from .generation import Backend
+from .protocol import APIError, check_fields, parse_messages
+
+OPEN_PATHS = {"/health", "/", "/favicon.ico"}  # the page itself holds nothing; its API calls carry the key
+PAGE = Path(__file__).with_name("static") / "chat.html"
+MAX_FEEDBACK_TEXT = 100_000
+
+
+@dataclass
+class ServeConfig:
+    model_name: str
+    api_key: str | None = None
+    cors_origins: list[str] = field(default_factory=list)
+    max_body: int = 1 << 20
+    max_queue: int = 64
+    feedback: str | None = None  # JSONL file that the page's compare mode appends preferences to
+
+
+def error_response(e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+async def read_json(request: Request, limit: int) -> object:
+    """The body as JSON, refusing more than `limit` bytes (413) whatever Content-Length claims."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"request body over {limit} bytes", code="body_too_large")
+    data = bytearray()
+    async for chunk in request.stream():
+        data += chunk
+        if len(data) > limit:
+            raise APIError(413, f"request body over {limit} bytes", code="body_too_large")
+    try:
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON ({e})") from None
+
+
+def validate_feedback(body: dict) -> dict:
+    """One preference record, in the alignment reader's format."""
+    record: dict = {}
+    if "messages" in body:
+        record["messages"] = parse_messages(body)
+    elif isinstance(body.get("prompt"), str) and body["prompt"]:
+        record["prompt"] = body["prompt"]
+    else:
+        raise APIError(400, "give 'prompt' (a string) or 'messages'", param="prompt")
+    for name in ("chosen", "rejected"):
+        value = body.get(name)
+        if not isinstance(value, str) or len(value) > MAX_FEEDBACK_TEXT:
+            raise APIError(400, f"'{name}' must be a string of at most {MAX_FEEDBACK_TEXT} characters", param=name)
+        record[name] = value
+    if body.get("tie") is not None:
+        if not isinstance(body["tie"], bool):
+            raise APIError(400, "'tie' must be true or false", param="tie")
+        record["tie"] = body["tie"]
+    return record
+
+
+def create_app(lm: Loaded, cfg: ServeConfig, backend: Backend) -> FastAPI:
+    app = FastAPI(title="lmforge", docs_url=None, redoc_url=None, openapi_url=None)
+    started = time.time()
+
+    if cfg.cors_origins:  # same-origin only unless asked: no CORS headers at all by default
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=cfg.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if cfg.api_key and request.url.path not in OPEN_PATHS and request.method != "OPTIONS":
+            given = request.headers.get("authorization", "")
+            token = given[7:] if given.lower().startswith("bearer ") else ""
+            if not hmac.compare_digest(token.encode(), cfg.api_key.encode()):
+                return error_response(APIError(401, "missing or wrong API key (Authorization: Bearer KEY)",
+                                               type="authentication_error", code="invalid_api_key"))
+        try:
+            return await call_next(request)
+        except APIError as e:
+            return error_response(e)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError):
+        return error_response(e)
+
+    async def body_of(request: Request, allowed: set[str]) -> dict:
+        body = check_fields(await read_json(request, cfg.max_body), allowed)
+        model = body.get("model")
+        if model is not None and model != cfg.model_name:
+            raise APIError(400, f"unknown model {model!r} (this server has {cfg.model_name!r})", param="model",
+                           code="model_not_found")
+        return body
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": cfg.model_name, "object": "model", "created": int(started),
+                                            "owned_by": "lmforge"}]}
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        body = await body_of(request, {"model", "prompt", "text"})
+        text = body.get("prompt", body.get("text"))
+        if not isinstance(text, str):
+            raise APIError(400, "'prompt' must be a string", param="prompt")
+        ids = lm.tokenizer.encode(text)
+        return {"tokens": ids, "count": len(ids), "max_model_len": lm.config.context_length}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await body_of(request, backend.completion_fields)
+        return await backend.completion(body, request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await body_of(request, backend.chat_fields)
+        return await backend.chat(body, request)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request):
+        body = await body_of(request, {"model", "input", "encoding_format", "user"})
+        return await backend.embeddings(body)
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(backend.metrics_text(time.time() - started),
+                                 media_type="text/plain; version=0.0.4")
+
+    @app.get("/favicon.ico")
+    async def favicon():
+        return Response(status_code=204)
+
+    @app.get("/")
+    async def page():
+        """The chat page: one static file, no CDN, no build step."""
+        if not PAGE.exists():
+            raise APIError(404, "the chat page is not installed", code="not_found")
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"), headers={"Cache-Control": "no-cache"})
+
+    @app.get("/v1/lmforge/config")
+    async def page_config():
+        """What the page needs to know: the model, its context, whether compare mode can record."""
+        return {"model": cfg.model_name, "context_length": lm.config.context_length,
+                "feedback": cfg.feedback is not None, "kind": str(lm.kind)}
+
+    @app.post("/v1/lmforge/feedback")
+    async def feedback(request: Request):
+        """Compare mode: append {"prompt" or "messages", "chosen", "rejected"} (or a tie) to --feedback."""
+        if cfg.feedback is None:
+            raise APIError(404, "this server records no feedback (start it with --feedback FILE)",
+                           code="not_found")
+        body = check_fields(await read_json(request, cfg.max_body),
+                            {"model", "prompt", "messages", "chosen", "rejected", "tie"})
+        record = validate_feedback(body)
+        line = json.dumps(record, ensure_ascii=False) + "\n"
+        with open(cfg.feedback, "a", encoding="utf-8") as f:  # one write of one line: appends never interleave
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+        return {"ok": True}
+
+    return app

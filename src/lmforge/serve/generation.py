@@ -1,0 +1,267 @@
+"""From an OpenAI request to engine requests and back: prompts, stop strings, logprobs, usage, SSE.
+
+The engine works on token ids in its own thread; each HTTP request turns its events into text
+(`TextStream`: whole characters only, stop strings held back) on the event loop. A client that
+disconnects has its request cancelled, which frees its engine slots at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from ..core.errors import LMForgeError
+from ..formats.load import Loaded
+from ..inference.engine import Engine, Event, Handle
+from ..inference.engine import Request as EngineRequest
+from ..inference.textstream import TextStream
+from ..text.templates import encode_segments, template_from_json
+from .protocol import CHAT_FIELDS, COMPLETION_FIELDS, APIError, Sampling, parse_messages, parse_prompt, parse_sampling
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.requests = self.errors = self.prompt_tokens = self.completion_tokens = 0
+
+
+class Backend:
+    """The generation endpoints of one loaded model over one engine."""
+
+    completion_fields, chat_fields = COMPLETION_FIELDS, CHAT_FIELDS
+
+    def __init__(self, lm: Loaded, engine: Engine | None, model_name: str, max_queue: int) -> None:
+        self.lm, self.engine, self.model_name, self.max_queue = lm, engine, model_name, max_queue
+        self.ctx = lm.config.context_length
+        self.metrics = Metrics()
+        self.template = None
+        if lm.kind.generates:
+            self.template = template_from_json(lm.meta.get("chat_template"), lm.tokenizer)
+        self.stop_ids = sorted(lm.stop_ids())  # completions stop where `lmforge generate` does
+        self.chat_stop_ids = sorted(set(self.stop_ids) | set(self.template.stop_tokens(lm.tokenizer)
+                                                              if self.template else []))  # and at end of turn
+
+    # -- requests ------------------------------------------------------------------------------------
+    def _require_decoder(self) -> None:
+        if not self.lm.kind.generates:
+            raise APIError(400, f"this server holds a {self.lm.kind}, which cannot generate text", param="model")
+
+    async def completion(self, body: dict, request: Request):
+        self._require_decoder()
+        s = parse_sampling(body, chat=False)
+        prompt = parse_prompt(body)
+        if body.get("echo"):
+            raise APIError(400, "unsupported field 'echo'", param="echo", code="unsupported_parameter")
+        ids = self.lm.tokenizer.encode(prompt, add_special_tokens=True)
+        return await self._respond(ids, s, request, chat=False)
+
+    async def chat(self, body: dict, request: Request):
+        self._require_decoder()
+        s = parse_sampling(body, chat=True)
+        messages = parse_messages(body)
+        try:
+            self.template.check(self.lm.tokenizer)
+            segments = self.template.render(messages, self.lm.tokenizer, add_generation_prompt=True)
+        except LMForgeError as e:
+            raise APIError(400, str(e), param="messages") from None
+        ids, _ = encode_segments(self.lm.tokenizer, segments)
+        return await self._respond(ids, s, request, chat=True)
+
+    def _engine_request(self, ids: list[int], s: Sampling, chat: bool) -> EngineRequest:
+        if not ids:
+            raise APIError(400, "the prompt is empty", param="prompt")
+        room = self.ctx - len(ids)
+        if room < 1:
+            raise APIError(400, f"the prompt is {len(ids)} tokens; the model's context is {self.ctx}",
+                           param="messages", code="context_length_exceeded")
+        max_tokens = s.max_tokens if s.max_tokens is not None else min(room, 256)
+        if len(ids) + max_tokens > self.ctx:
+            raise APIError(400, f"the prompt's {len(ids)} tokens plus max_tokens {max_tokens} exceed the model's "
+                           f"context of {self.ctx} tokens", param="max_tokens", code="context_length_exceeded")
+        if self.engine.waiting() >= self.max_queue:
+            raise APIError(503, "the server is busy: too many requests waiting; retry later", type="server_error",
+                           code="queue_full")
+        return EngineRequest(prompt=ids, max_tokens=max_tokens, temperature=s.temperature, top_k=s.top_k,
+                             top_p=s.top_p, seed=s.seed, repetition_penalty=s.repetition_penalty,
+                             presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
+                             stop=self.chat_stop_ids if chat else self.stop_ids,
+                             logprobs=s.top_logprobs if s.logprobs else 0, n=s.n)
+
+    async def _respond(self, ids: list[int], s: Sampling, request: Request, chat: bool):
+        req = self._engine_request(ids, s, chat)
+        self.metrics.requests += 1
+        self.metrics.prompt_tokens += len(ids)
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        if s.stream:
+            return StreamingResponse(self._sse(rid, req, s, chat, len(ids)), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        texts = [""] * s.n
+        logprobs: list[list[dict]] = [[] for _ in range(s.n)]
+        finish: list[str | None] = [None] * s.n
+        completion = 0
+        try:
+            async for i, delta, info, reason in self._choices(req, s):
+                texts[i] += delta
+                if info is not None:
+                    logprobs[i].append(info)
+                    completion += 1
+                if reason is not None:
+                    finish[i] = reason
+        except RuntimeError as e:
+            self.metrics.errors += 1
+            raise APIError(500, f"generation failed: {e}", type="server_error") from None
+        self.metrics.completion_tokens += completion
+        choices = [self._choice(i, texts[i], logprobs[i] if s.logprobs else None, finish[i], chat)
+                   for i in range(s.n)]
+        usage = {"prompt_tokens": len(ids), "completion_tokens": completion, "total_tokens": len(ids) + completion}
+        return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
+                             "created": int(time.time()), "model": self.model_name, "choices": choices,
+                             "usage": usage})
+
+    # -- engine events -> text --------------------------------------------------------------------------
+    async def _events(self, req: EngineRequest) -> AsyncIterator[Event]:
+        """The engine's events for `req`, delivered on the event loop; cancelled when abandoned."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Event] = asyncio.Queue()
+        try:
+            handle = self.engine.submit(req)
+        except LMForgeError as e:
+            raise APIError(400, str(e)) from None
+        # One small thread per request moves events from the engine's thread-safe queue to the loop
+        # (a blocking get in the shared thread pool would let a few slow streams starve the rest).
+        threading.Thread(target=_pump, args=(handle, loop, events), daemon=True).start()
+        try:
+            remaining = req.n
+            while remaining:
+                event = await events.get()
+                if event.finish_reason is not None:
+                    remaining -= 1
+                yield event
+        finally:
+            handle.cancel()  # a no-op when finished; frees the slots of a client that went away
+
+    async def _choices(self, req: EngineRequest, s: Sampling):
+        """(choice index, new text, logprob info or None, finish reason or None) as tokens arrive."""
+        streams = [TextStream(self.lm.tokenizer, s.stop) for _ in range(req.n)]
+        done = [False] * req.n
+        async with contextlib.aclosing(self._events(req)) as events:  # closing it cancels the request
+            async for e in events:
+                i = e.index
+                if done[i]:
+                    continue
+                if e.finish_reason is None:
+                    delta = streams[i].add(e.token)
+                    yield i, delta, self._logprob_info(e), None
+                    if streams[i].stopped:  # a stop string: this choice is over (its text ends before it)
+                        done[i] = True
+                        yield i, "", None, "stop"
+                elif e.finish_reason == "error":
+                    raise RuntimeError(e.error or "the engine failed")
+                else:
+                    done[i] = True
+                    yield i, streams[i].flush(), None, e.finish_reason
+                if all(done):
+                    return
+
+    def _logprob_info(self, e) -> dict:
+        piece = self.lm.tokenizer.decode([e.token])
+        top = [{"token": self.lm.tokenizer.decode([t]), "logprob": _finite(lp)} for t, lp in (e.top or [])]
+        return {"token": piece, "logprob": _finite(e.logprob), "bytes": list(piece.encode()), "top_logprobs": top}
+
+    def _choice(self, i: int, text: str, logprobs: list[dict] | None, finish: str | None, chat: bool) -> dict:
+        if chat:
+            lp = {"content": logprobs} if logprobs is not None else None
+            return {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": lp,
+                    "finish_reason": finish}
+        lp = None
+        if logprobs is not None:
+            lp = {"tokens": [x["token"] for x in logprobs], "token_logprobs": [x["logprob"] for x in logprobs],
+                  "top_logprobs": [{t["token"]: t["logprob"] for t in x["top_logprobs"]} for x in logprobs]}
+        return {"index": i, "text": text, "logprobs": lp, "finish_reason": finish}
+
+    async def _sse(self, rid: str, req: EngineRequest, s: Sampling, chat: bool, prompt_tokens: int):
+        created, obj = int(time.time()), "chat.completion.chunk" if chat else "text_completion"
+        completion = 0
+
+        def chunk(choices: list[dict], usage: dict | None = None) -> str:
+            body = {"id": rid, "object": obj, "created": created, "model": self.model_name, "choices": choices}
+            if usage is not None:
+                body["usage"] = usage
+            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+        try:
+            if chat:
+                yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None} for i in range(req.n)])
+            async for i, delta, info, reason in self._choices(req, s):
+                completion += info is not None
+                if not delta and reason is None and not (s.logprobs and info):
+                    continue
+                lp = [info] if (s.logprobs and info) else None
+                if chat:
+                    c = {"index": i, "delta": {"content": delta} if delta else {},
+                         "logprobs": {"content": lp} if lp else None, "finish_reason": reason}
+                else:
+                    c = self._choice(i, delta, lp, reason, chat=False)
+                yield chunk([c])
+            if s.include_usage:
+                yield chunk([], {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                                 "total_tokens": prompt_tokens + completion})
+            yield "data: [DONE]\n\n"
+        except Exception as e:  # mid-stream: the status line is gone, so the error travels as data
+            self.metrics.errors += 1
+            err = APIError(500, f"generation failed: {e}", type="server_error")
+            yield f"data: {json.dumps(err.body())}\n\n"
+        finally:
+            self.metrics.completion_tokens += completion
+
+    # -- embeddings, metrics ---------------------------------------------------------------------------
+    async def embeddings(self, body: dict):
+        from ..inference.embed import embed_texts
+
+        if not self.lm.kind.is_encoder:
+            raise APIError(400, f"this server holds a {self.lm.kind}; embeddings need an encoder", param="model")
+        texts = body.get("input")
+        texts = [texts] if isinstance(texts, str) else texts
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t for t in texts) \
+                or len(texts) > 256:
+            raise APIError(400, "'input' must be a non-empty string or a list of up to 256 of them", param="input")
+        if body.get("encoding_format", "float") != "float":
+            raise APIError(400, "only encoding_format 'float' is supported", param="encoding_format")
+        try:
+            vectors = await asyncio.to_thread(embed_texts, self.lm, texts)
+        except LMForgeError as e:
+            raise APIError(400, str(e), param="input") from None
+        n = sum(len(self.lm.tokenizer.encode(t)) for t in texts)
+        return {"object": "list", "model": self.model_name, "usage": {"prompt_tokens": n, "total_tokens": n},
+                "data": [{"object": "embedding", "index": i, "embedding": v.tolist()} for i, v in enumerate(vectors)]}
+
+    def metrics_text(self, uptime: float) -> str:
+        m, e = self.metrics, self.engine
+        waiting, active = (e.waiting(), e.active()) if e is not None else (0, 0)
+        rows = [("lmforge_requests_total", "counter", m.requests), ("lmforge_errors_total", "counter", m.errors),
+                ("lmforge_prompt_tokens_total", "counter", m.prompt_tokens),
+                ("lmforge_completion_tokens_total", "counter", m.completion_tokens),
+                ("lmforge_queue_depth", "gauge", waiting), ("lmforge_active_slots", "gauge", active),
+                ("lmforge_completion_tokens_per_second", "gauge", round(m.completion_tokens / max(uptime, 1e-9), 3))]
+        return "".join(f"# TYPE {name} {kind}\n{name} {value}\n" for name, kind, value in rows)
+
+
+def _pump(handle: Handle, loop: asyncio.AbstractEventLoop, out: asyncio.Queue) -> None:
+    remaining = handle.request.n
+    while remaining:
+        event = handle.events.get()
+        remaining -= event.finish_reason is not None
+        loop.call_soon_threadsafe(out.put_nowait, event)
+
+
+def _finite(x: float) -> float:
+    return x if math.isfinite(x) else -9999.0  # JSON has no -inf; OpenAI clients expect a number

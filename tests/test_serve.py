@@ -1,0 +1,175 @@
+"""`lmforge serve`: a real server in a subprocess on a free port, driven over HTTP by real clients."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+import torch
+
+from lmforge import load
+
+KEY = "test-key-123"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, model_dir, *args: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", str(model_dir), "--port",
+                                      str(self.port), "--device", "cpu", *args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     env=dict(os.environ, OMP_NUM_THREADS="1"))
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.proc.stderr.read()[-2000:]}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise RuntimeError("server did not start")
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_run):
+    s = Server(tiny_run, "--api-key", KEY, "--slots", "4", "--max-body", "4096", "--name", "tiny")
+    yield s
+    s.close()
+
+
+def post(server, path: str, body, key: str | None = KEY, **kw) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.post(server.url + path, json=body, headers=headers, timeout=60, **kw)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+
+
+def greedy(tiny_run, prompt: str, n: int) -> str:
+    return load(tiny_run, device="cpu").generate(prompt, temperature=0, max_new_tokens=n)
+
+
+def test_openai_client_gets_what_generate_gives(client, tiny_run):
+    want = greedy(tiny_run, "The new", 8)
+    r = client.completions.create(model="tiny", prompt="The new", max_tokens=8, temperature=0)
+    assert r.choices[0].text == want and r.usage.completion_tokens <= 8 and r.usage.prompt_tokens > 0
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="tiny", prompt="The new", max_tokens=8, temperature=0, stream=True) if c.choices)
+    assert streamed == want
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+
+
+def test_chat_completions_stream_and_usage(client):
+    msgs = [{"role": "user", "content": "The path"}]  # the tiny model's context is 32 tokens
+    r = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=4, temperature=0)
+    assert r.choices[0].message.role == "assistant" and r.usage.total_tokens > 0
+    chunks = list(client.chat.completions.create(model="tiny", messages=msgs, max_tokens=4, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == r.choices[0].message.content and chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+
+
+def test_concurrent_clients_get_their_own_answers(client, tiny_run):
+    prompts = [f"The {w}" for w in ("new", "valid", "first", "small", "empty", "last", "given", "current")]
+    want = [greedy(tiny_run, p, 6) for p in prompts]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda p: client.completions.create(model="tiny", prompt=p, max_tokens=6,
+                                                                temperature=0).choices[0].text, prompts))
+    assert got == want
+
+
+def test_n_and_logprobs(client, tiny_run):
+    r = client.completions.create(model="tiny", prompt="The new", max_tokens=5, temperature=1.0, n=2, seed=3)
+    assert len(r.choices) == 2 and {c.index for c in r.choices} == {0, 1}
+    r = client.completions.create(model="tiny", prompt="The new", max_tokens=4, temperature=0, logprobs=3)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) and all(len(t) <= 3 for t in lp.top_logprobs)
+    lm = load(tiny_run, device="cpu")  # the server's logprobs are the model's own (greedy: no filtering)
+    ids = lm.tokenizer.encode("The new", add_special_tokens=True)
+    new = lm.tokenizer.encode("".join(lp.tokens))
+    with torch.no_grad():
+        logp = torch.log_softmax(lm.model(torch.tensor([ids + new]))[0].float(), -1)
+    ours = [float(logp[len(ids) - 1 + i, t]) for i, t in enumerate(new)]
+    assert ours == pytest.approx(lp.token_logprobs, abs=1e-3)
+    assert max(lp.top_logprobs[0].values()) == pytest.approx(lp.token_logprobs[0], abs=1e-5)  # greedy = top-1
+
+
+@pytest.mark.parametrize("body, status, fragment", [
+    ({"prompt": "a", "max_tokens": 4, "foo": 1}, 400, "unsupported field 'foo'"),
+    ({"prompt": "a", "max_tokens": 10_000}, 400, "context"),
+    ({"prompt": "a", "model": "gpt-4"}, 400, "unknown model"),
+    ({"prompt": "a", "temperature": -1}, 400, "temperature"),
+    ({"prompt": "a", "top_p": 1.5}, 400, "top_p"),
+    ({"prompt": "a", "n": 0}, 400, "'n'"),
+    ({"prompt": "a", "stop": 3}, 400, "stop"),
+    ({"prompt": 5}, 400, "prompt"),
+    ({"prompt": "a" * 5000}, 413, "body"),
+])
+def test_bad_requests_get_openai_shaped_errors(server, body, status, fragment):
+    r = post(server, "/v1/completions", body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert fragment in err["message"] and set(err) == {"message", "type", "param", "code"}
+
+
+def test_api_key(server):
+    assert post(server, "/v1/completions", {"prompt": "a", "max_tokens": 1}, key=None).status_code == 401
+    assert post(server, "/v1/completions", {"prompt": "a", "max_tokens": 1}, key="wrong").status_code == 401
+    assert post(server, "/v1/completions", {"prompt": "a", "max_tokens": 1}).status_code == 200
+    assert httpx.get(server.url + "/health").status_code == 200  # open
+
+
+def test_a_client_that_goes_away_frees_its_slot(server):
+    def active() -> float:
+        text = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+        return float(next(line.split()[1] for line in text.splitlines() if line.startswith("lmforge_active_slots")))
+
+    with httpx.stream("POST", server.url + "/v1/completions", timeout=60, headers={"Authorization": f"Bearer {KEY}"},
+                      json={"prompt": "The", "max_tokens": 28, "temperature": 1.0, "stream": True}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                break  # one chunk, then hang up
+    deadline = time.time() + 20
+    while active() > 0 and time.time() < deadline:
+        time.sleep(0.1)
+    assert active() == 0
+
+
+def test_tokenize_and_metrics(server):
+    r = post(server, "/tokenize", {"prompt": "The new"})
+    assert r.status_code == 200 and r.json()["count"] == len(r.json()["tokens"]) > 0
+    text = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+    assert "lmforge_requests_total" in text and "lmforge_queue_depth" in text
+
+
+def test_stream_errors_and_done_marker(server):
+    with httpx.stream("POST", server.url + "/v1/completions", timeout=60, headers={"Authorization": f"Bearer {KEY}"},
+                      json={"prompt": "The", "max_tokens": 3, "temperature": 0, "stream": True}) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]" and all(json.loads(x[6:]) for x in lines[:-1])
