@@ -23,6 +23,7 @@ from ..models.transformer import Transformer
 from ..text.tokenizer import Tokenizer
 from .engine import Engine, Event, Request
 from .sampling import filter_probs, penalize_repeats, validate_sampling
+from .textstream import TextStream
 
 DEFAULT_NEW_TOKENS = 200
 TRUNCATE = ("left",)
@@ -72,17 +73,6 @@ def generate_ids(model: Transformer, prompt: list[int], max_new_tokens: int, *, 
         next_input = torch.tensor([[token]], device=device)
         if not use_cache:
             ids = torch.cat([ids, next_input], dim=1)
-
-
-def _held_back(text: str, stops: list[str]) -> int:
-    """How many trailing characters might still turn out to start a stop string."""
-    longest = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:n]):
-                longest = max(longest, n)
-                break
-    return longest
 
 
 class Picked(NamedTuple):
@@ -167,29 +157,22 @@ def generate_text(model: Transformer, tokenizer: Tokenizer, prompt: str, *, max_
     engine = Engine(model, slots=1, max_len=len(ids) + max_new_tokens)
     handle = engine.submit(Request(ids, max_new_tokens, temperature, top_k, top_p, seed, repetition_penalty,
                                    presence_penalty, frequency_penalty, stop=end, logprobs=want))
-    new: list[int] = []
-    emitted = 0
-    text = ""
+    out = TextStream(tokenizer, stops)
     for event in handle:
         if event.finish_reason is not None:
             break
-        new.append(event.token)
         if want:
-            on_candidates(len(new), *_candidates(tokenizer, event))
-        text = tokenizer.decode(new)
-        hit = min((text.find(s) for s in stops if s in text), default=-1)
-        if hit >= 0:
-            text = text[:hit]
+            on_candidates(len(out.ids) + 1, *_candidates(tokenizer, event))
+        piece = out.add(event.token)
+        if stream is not None and piece:
+            stream(piece)
+        if out.stopped:
             handle.cancel()
             break
-        if stream is not None and not text.endswith("\ufffd"):  # wait for a complete character
-            safe = len(text) - _held_back(text, stops)
-            if safe > emitted:
-                stream(text[emitted:safe])
-                emitted = safe
-    if stream is not None and len(text) > emitted:
-        stream(text[emitted:])
-    return text
+    rest = out.flush()
+    if stream is not None and rest:
+        stream(rest)
+    return out.text
 
 
 def _candidates(tokenizer: Tokenizer, event: Event) -> tuple[list[tuple[str, float]], Picked]:
