@@ -173,3 +173,20 @@ def test_stream_errors_and_done_marker(server):
                       json={"prompt": "The", "max_tokens": 3, "temperature": 0, "stream": True}) as r:
         lines = [line for line in r.iter_lines() if line]
     assert lines[-1] == "data: [DONE]" and all(json.loads(x[6:]) for x in lines[:-1])
+
+
+def test_a_full_queue_is_a_503(tiny_run):
+    import asyncio
+
+    from lmforge.formats.load import load_model
+    from lmforge.serve.generation import Backend
+    from lmforge.serve.protocol import APIError
+
+    class Busy:  # an engine whose queue is full: the request is refused before it is queued
+        def waiting(self) -> int:
+            return 4
+
+    backend = Backend(load_model(tiny_run, device="cpu"), Busy(), "tiny", max_queue=4)
+    with pytest.raises(APIError) as e:
+        asyncio.run(backend.completion({"prompt": "The", "max_tokens": 2}, None))
+    assert e.value.status == 503 and e.value.body()["error"]["code"] == "queue_full"
