@@ -1,0 +1,189 @@
+"""Serving throughput: 16 concurrent streaming clients vs the same 16 requests one at a time.
+
+Builds a small random model directory in a temporary folder (GPT-2 layout, 4 layers, width 256,
+4 heads, context 256, a BPE tokenizer trained here on generated text; no downloads), starts
+`lmforge serve` on it as a subprocess on a free port with --slots 16, and sends 16 streaming
+POST /v1/completions requests (max_tokens 64, temperature 0.8, one seed each,
+`stream_options: {"include_usage": true}`):
+
+- concurrent: 16 client threads at once (the engine batches them);
+- sequential: the same 16 requests one after the other.
+
+Reported: aggregate completion tokens/s (sum of usage.completion_tokens / wall time), the ratio
+concurrent/sequential, and time to first token (first SSE chunk with text) p50/p95 for both.
+Rounds alternate sequential and concurrent on the same server; the median over rounds is
+reported, and the per-round ratios are printed.
+
+    python benchmarks/serve_throughput.py [--clients 16] [--max-tokens 64] [--rounds 2]
+        [--n-layer 4] [--n-embd 256] [--temperature 0.8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+from lmforge.formats.modeldir import save_model_dir
+from lmforge.models.config import ModelConfig
+from lmforge.models.transformer import Transformer
+from lmforge.text.tokenizer import Tokenizer
+
+WORDS = ("the model reads a token and writes the next one while the server batches many requests "
+         "into one matrix product so that each weight is read once for all of them and the cache "
+         "keeps keys and values of earlier positions").split()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_model_dir(directory: Path, n_layer: int, n_embd: int) -> None:
+    rng = random.Random(0)
+    words = WORDS + ["".join(rng.choice("etaoinshrdlucmfwyp") for _ in range(rng.randint(2, 9))) for _ in range(300)]
+    docs = [" ".join(rng.choice(words) for _ in range(rng.randint(20, 80))) for _ in range(2000)]
+    tokenizer = Tokenizer.train(docs, vocab_size=512, show_progress=False)
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, context_length=256, n_layer=n_layer,
+                      n_head=max(1, n_embd // 64), n_embd=n_embd)
+    save_model_dir(directory, Transformer(cfg).eval(), tokenizer)
+
+
+class Server:
+    def __init__(self, model_dir: Path, *args: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", str(model_dir), "--port",
+                                      str(self.port), "--device", "cpu", *args],
+                                     stdout=self.log, stderr=subprocess.STDOUT, text=True)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                self.log.seek(0)
+                raise RuntimeError(f"server exited: {self.log.read()[-2000:]}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        self.close()
+        raise RuntimeError("server did not start within 120 s")
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+def stream_one(client: httpx.Client, url: str, body: dict) -> tuple[float, int]:
+    """(seconds to the first text chunk, completion tokens from the usage chunk)."""
+    t0 = time.perf_counter()
+    ttft, tokens = None, None
+    with client.stream("POST", url + "/v1/completions", json=body, timeout=300) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if ttft is None and any(c.get("text") for c in chunk.get("choices") or []):
+                ttft = time.perf_counter() - t0
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    if tokens is None:
+        raise RuntimeError("the stream ended without a usage chunk")
+    return (ttft if ttft is not None else time.perf_counter() - t0), tokens
+
+
+def run(url: str, bodies: list[dict], concurrent: bool) -> tuple[float, list[float]]:
+    """(aggregate completion tokens/s, per-request TTFT)."""
+    results: list[tuple[float, int] | None] = [None] * len(bodies)
+    errors: list[BaseException] = []
+    with httpx.Client(limits=httpx.Limits(max_connections=len(bodies))) as client:
+        def work(i: int) -> None:
+            try:
+                results[i] = stream_one(client, url, bodies[i])
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        t = time.perf_counter()
+        if concurrent:
+            threads = [threading.Thread(target=work, args=(i,)) for i in range(len(bodies))]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join()
+        else:
+            for i in range(len(bodies)):
+                work(i)
+        wall = time.perf_counter() - t
+    if errors:
+        raise RuntimeError(f"{len(errors)} request(s) failed: {errors[0]!r}")
+    return sum(n for _, n in results) / wall, [t for t, _ in results]
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--n-layer", type=int, default=4)
+    ap.add_argument("--n-embd", type=int, default=256)
+    ap.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    args = ap.parse_args()
+    prompts = ["the server batches", "each weight is read once", "keys and values of", "the model reads a"]
+    bodies = [{"prompt": prompts[i % len(prompts)], "max_tokens": args.max_tokens, "temperature": args.temperature,
+               "seed": 1000 + i, "stream": True, "stream_options": {"include_usage": True}}
+              for i in range(args.clients)]
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(tmp) / "tiny"
+        make_model_dir(model_dir, args.n_layer, args.n_embd)
+        server = Server(model_dir, "--slots", str(args.clients), "--max-queue", str(4 * args.clients))
+        try:
+            run(server.url, bodies[:2], concurrent=True)  # warm-up
+            res: dict[str, list[tuple[float, list[float]]]] = {"sequential": [], "concurrent": []}
+            for _ in range(args.rounds):
+                for mode in res:
+                    res[mode].append(run(server.url, bodies, concurrent=mode == "concurrent"))
+        finally:
+            server.close()
+    rate = {m: statistics.median(r for r, _ in runs) for m, runs in res.items()}
+    ttfts = {m: [t for _, ts in runs for t in ts] for m, runs in res.items()}
+    ratios = [c[0] / s[0] for s, c in zip(res["sequential"], res["concurrent"])]
+    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}; model: {args.n_layer} layers, "
+          f"width {args.n_embd}, random weights")
+    print(f"{args.clients} streaming requests, max_tokens {args.max_tokens}, temperature {args.temperature}, "
+          f"--slots {args.clients}")
+    for m in res:
+        runs = ", ".join(f"{r:.0f}" for r, _ in res[m])
+        print(f"{m:>11}: {rate[m]:7.1f} completion tok/s (median; runs: {runs}); "
+              f"TTFT p50 {pct(ttfts[m], 0.5) * 1e3:.0f} ms, p95 {pct(ttfts[m], 0.95) * 1e3:.0f} ms")
+    print(f"      ratio: {statistics.median(ratios):.2f}x concurrent/sequential "
+          f"(per round: {', '.join(f'{r:.2f}' for r in ratios)}; target >= 4x)")
+
+
+if __name__ == "__main__":
+    main()
