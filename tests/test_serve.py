@@ -190,3 +190,10 @@ def test_a_full_queue_is_a_503(tiny_run):
     with pytest.raises(APIError) as e:
         asyncio.run(backend.completion({"prompt": "The", "max_tokens": 2}, None))
     assert e.value.status == 503 and e.value.body()["error"]["code"] == "queue_full"
+
+
+def test_only_json_bodies(server):
+    # a page on another origin could send text/plain without a CORS preflight: refused
+    r = httpx.post(server.url + "/v1/completions", content='{"prompt": "a", "max_tokens": 1}',
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "text/plain"})
+    assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type"

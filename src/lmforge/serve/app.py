@@ -43,7 +43,11 @@ def error_response(e: APIError) -> JSONResponse:
 
 
 async def read_json(request: Request, limit: int) -> object:
-    """The body as JSON, refusing more than `limit` bytes (413) whatever Content-Length claims."""
+    """The body as JSON, refusing more than `limit` bytes (413) whatever Content-Length claims.
+    Only `application/json`: a page on another origin can send a form or text/plain POST without
+    asking the browser's permission (no CORS preflight), but not JSON."""
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+        raise APIError(415, "send the body as JSON (Content-Type: application/json)", code="unsupported_media_type")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise APIError(413, f"request body over {limit} bytes", code="body_too_large")
