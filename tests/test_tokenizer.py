@@ -131,3 +131,11 @@ def test_tokenizer_can_be_copied(tok):
 
     twin = copy.deepcopy(tok)
     assert twin.encode(f"a{EOT}", special=False) == tok.encode(f"a{EOT}", special=False)
+
+
+def test_raw_bytes_of_partial_characters(tmp_path):
+    from lmforge.text.tokenizer import Tokenizer as Tok
+
+    tok = Tok.train(["héllo 🙂 wörld"] * 20, 300, show_progress=False)
+    ids = tok.encode("héllo 🙂")
+    assert b"".join(tok.raw_bytes(i) for i in ids) == "héllo 🙂".encode()

@@ -172,9 +172,11 @@ class Backend:
                     return
 
     def _logprob_info(self, e) -> dict:
-        piece = self.lm.tokenizer.decode([e.token])
-        top = [{"token": self.lm.tokenizer.decode([t]), "logprob": _finite(lp)} for t, lp in (e.top or [])]
-        return {"token": piece, "logprob": _finite(e.logprob), "bytes": list(piece.encode()), "top_logprobs": top}
+        tok = self.lm.tokenizer
+        top = [{"token": tok.decode([t]), "logprob": _finite(lp), "bytes": list(tok.raw_bytes(t))}
+               for t, lp in (e.top or [])]
+        return {"token": tok.decode([e.token]), "logprob": _finite(e.logprob), "bytes": list(tok.raw_bytes(e.token)),
+                "top_logprobs": top}
 
     def _choice(self, i: int, text: str, logprobs: list[dict] | None, finish: str | None, chat: bool) -> dict:
         if chat:

@@ -192,6 +192,13 @@ class Tokenizer:
             return raw
         return text
 
+    def raw_bytes(self, i: int) -> bytes:
+        """The bytes token `i` stands for (a byte-level token may hold part of a character)."""
+        raw, inverse = self.id_to_token(i), self._byte_decoder
+        if raw is not None and i not in self.special_ids and inverse is not None and all(c in inverse for c in raw):
+            return bytes(inverse[c] for c in raw)
+        return self.decode([i]).encode()
+
     @cached_property
     def _byte_decoder(self) -> dict[str, int] | None:
         """Character -> byte for byte-level BPE (GPT-2's map), None for other tokenizers."""
