@@ -24,10 +24,7 @@ import argparse
 import json
 import os
 import random
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -39,17 +36,12 @@ import torch
 from lmforge.formats.modeldir import save_model_dir
 from lmforge.models.config import ModelConfig
 from lmforge.models.transformer import Transformer
+from lmforge.serve.process import ServerProcess
 from lmforge.text.tokenizer import Tokenizer
 
 WORDS = ("the model reads a token and writes the next one while the server batches many requests "
          "into one matrix product so that each weight is read once for all of them and the cache "
          "keeps keys and values of earlier positions").split()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_model_dir(directory: Path, n_layer: int, n_embd: int) -> None:
@@ -61,37 +53,6 @@ def make_model_dir(directory: Path, n_layer: int, n_embd: int) -> None:
     cfg = ModelConfig(vocab_size=tokenizer.vocab_size, context_length=256, n_layer=n_layer,
                       n_head=max(1, n_embd // 64), n_embd=n_embd)
     save_model_dir(directory, Transformer(cfg).eval(), tokenizer)
-
-
-class Server:
-    def __init__(self, model_dir: Path, *args: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tempfile.TemporaryFile(mode="w+")
-        self.proc = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", str(model_dir), "--port",
-                                      str(self.port), "--device", "cpu", *args],
-                                     stdout=self.log, stderr=subprocess.STDOUT, text=True)
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                self.log.seek(0)
-                raise RuntimeError(f"server exited: {self.log.read()[-2000:]}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        self.close()
-        raise RuntimeError("server did not start within 120 s")
-
-    def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
 
 
 def stream_one(client: httpx.Client, url: str, body: dict) -> tuple[float, int]:
@@ -161,7 +122,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "tiny"
         make_model_dir(model_dir, args.n_layer, args.n_embd)
-        server = Server(model_dir, "--slots", str(args.clients), "--max-queue", str(4 * args.clients))
+        server = ServerProcess(model_dir, "--device", "cpu", "--slots", str(args.clients), "--max-queue",
+                               str(4 * args.clients))
         try:
             run(server.url, bodies[:2], concurrent=True)  # warm-up
             res: dict[str, list[tuple[float, list[float]]]] = {"sequential": [], "concurrent": []}

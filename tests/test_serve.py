@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
 
 import httpx
@@ -15,41 +11,13 @@ import pytest
 import torch
 
 from lmforge import load
+from lmforge.serve.process import ServerProcess
 
 KEY = "test-key-123"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, model_dir, *args: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", str(model_dir), "--port",
-                                      str(self.port), "--device", "cpu", *args],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     env=dict(os.environ, OMP_NUM_THREADS="1"))
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.proc.stderr.read()[-2000:]}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        raise RuntimeError("server did not start")
-
-    def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+def Server(model_dir, *args: str) -> ServerProcess:  # noqa: N802 (the chat page test imports it by this name)
+    return ServerProcess(model_dir, "--device", "cpu", *args, env={"OMP_NUM_THREADS": "1"})
 
 
 @pytest.fixture(scope="module")
