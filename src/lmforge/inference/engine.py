@@ -377,11 +377,22 @@ class Engine:
                     rank, kk = int(row[2]), min(s.r.logprobs, self.vocab)
                     top = [(int(i), math.log(v)) for v, i in zip(row[3:3 + kk], row[3 + k:3 + k + kk]) if v > 0]
                 picks[id(s)] = (t, q, rank, top)
+        # Plain temperature sampling (no top-k/top-p/penalties): one softmax for all such rows, one
+        # transfer; the draw stays per row, with each request's own generator.
+        plain = [(s, r) for s, r in zip(seqs, rows) if not s.greedy and s.seen is None and s.counts is None
+                 and s.r.top_k is None and (s.r.top_p is None or s.r.top_p >= 1)]
+        batched = {}
+        if len(plain) > 1:
+            temps = torch.tensor([s.r.temperature for s, _ in plain], device=logits.device)[:, None]
+            all_probs = torch.softmax(logits[[r for _, r in plain]] / temps, dim=-1).cpu()
+            batched = {id(s): all_probs[i] for i, (s, _) in enumerate(plain)}
         for s, r in zip(seqs, rows):
             if s.greedy:
                 continue
             # on the CPU, one multinomial per step: the same draws as generate_ids for the same seed
-            probs = filter_probs(s.penalize(logits[r]), s.r.temperature, s.r.top_k, s.r.top_p).cpu()
+            probs = batched.get(id(s))
+            if probs is None:
+                probs = filter_probs(s.penalize(logits[r]), s.r.temperature, s.r.top_k, s.r.top_p).cpu()
             t = int(torch.multinomial(probs, 1, generator=s.gen))
             q = float(probs[t])
             top, rank = [], 0
