@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import math
+import queue
 import threading
 import time
 import uuid
@@ -141,10 +142,9 @@ class Backend:
         try:
             remaining = req.n
             while remaining:
-                event = await events.get()
-                if event.finish_reason is not None:
-                    remaining -= 1
-                yield event
+                for event in await events.get():  # the pump hands over what is ready in one batch
+                    remaining -= event.finish_reason is not None
+                    yield event
         finally:
             handle.cancel()  # a no-op when finished; frees the slots of a client that went away
 
@@ -258,11 +258,18 @@ class Backend:
 
 
 def _pump(handle: Handle, loop: asyncio.AbstractEventLoop, out: asyncio.Queue) -> None:
+    """Move the engine's events to the loop, everything that is ready at once: one wake-up of the
+    loop per batch rather than per token, which matters when many streams share it."""
     remaining = handle.request.n
     while remaining:
-        event = handle.events.get()
-        remaining -= event.finish_reason is not None
-        loop.call_soon_threadsafe(out.put_nowait, event)
+        batch = [handle.events.get()]
+        while True:
+            try:
+                batch.append(handle.events.get_nowait())
+            except queue.Empty:
+                break
+        remaining -= sum(e.finish_reason is not None for e in batch)
+        loop.call_soon_threadsafe(out.put_nowait, batch)
 
 
 def _finite(x: float) -> float:
