@@ -101,10 +101,7 @@ def create_app(lm: Loaded, cfg: ServeConfig, backend: Backend) -> FastAPI:
             if not hmac.compare_digest(token.encode(), cfg.api_key.encode()):
                 return error_response(APIError(401, "missing or wrong API key (Authorization: Bearer KEY)",
                                                type="authentication_error", code="invalid_api_key"))
-        try:
-            return await call_next(request)
-        except APIError as e:
-            return error_response(e)
+        return await call_next(request)  # APIErrors raised in routes meet the handler below
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):

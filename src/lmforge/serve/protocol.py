@@ -69,7 +69,7 @@ def _number(body: dict, name: str, lo: float, hi: float, default, integer: bool 
     return value
 
 
-def _flag(body: dict, name: str) -> bool:
+def _bool(body: dict, name: str) -> bool:
     value = body.get(name, False)
     if value is None:
         return False
@@ -102,7 +102,7 @@ def parse_sampling(body: dict, chat: bool) -> Sampling:
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > MAX_STOPS:
         raise bad("stop", f"'stop' must be a non-empty string or a list of up to {MAX_STOPS} of them")
     if chat:
-        logprobs = _flag(body, "logprobs")
+        logprobs = _bool(body, "logprobs")
         top = _number(body, "top_logprobs", 0, MAX_TOP_LOGPROBS, None, integer=True)
         if top is not None and not logprobs:
             raise bad("top_logprobs", "'top_logprobs' needs 'logprobs': true")
@@ -114,7 +114,7 @@ def parse_sampling(body: dict, chat: bool) -> Sampling:
     options = body.get("stream_options")
     if options is not None and (not isinstance(options, dict) or set(options) - {"include_usage"}):
         raise bad("stream_options", "'stream_options' may only hold 'include_usage'")
-    stream = _flag(body, "stream")
+    stream = _bool(body, "stream")
     if options and not stream:
         raise bad("stream_options", "'stream_options' needs 'stream': true")
     s = Sampling(
@@ -131,7 +131,7 @@ def parse_sampling(body: dict, chat: bool) -> Sampling:
         logprobs=wants_logprobs,
         top_logprobs=candidates,
         stream=stream,
-        include_usage=bool(options and _flag(options, "include_usage")),
+        include_usage=bool(options and _bool(options, "include_usage")),
     )
     if s.top_p == 0:
         raise bad("top_p", "'top_p' must be greater than 0")

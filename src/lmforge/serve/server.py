@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -30,13 +31,5 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: st
     app = create_app(lm, cfg, Backend(lm, engine, name, max_queue))
     print(f"serving {name} ({lm.kind}) on http://{host}:{port}  (OpenAI API under /v1; "
           f"{'API key required' if api_key else 'no API key'})", file=sys.stderr, flush=True)
-    with engine if engine is not None else _nothing():
+    with engine if engine is not None else contextlib.nullcontext():
         uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=2)
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
