@@ -153,8 +153,12 @@ def distributed(device_name: str = "auto") -> Iterator[tuple[Dist, torch.device]
     """`init_distributed` for the length of a block; the process group it joined is destroyed
     when the block ends, on success or error (so a training verb leaves no group behind)."""
     joined = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
+    finished = False
     try:
         yield init_distributed(device_name)
+        finished = True
     finally:
         if joined and dist.is_initialized():
+            if finished:  # leave together: a rank that tears down its connections while another is still
+                dist.barrier()  # receiving its last message (e.g. a broadcast) makes that rank abort
             dist.destroy_process_group()
