@@ -17,7 +17,7 @@ from ..core.config import add_arguments
 from ..core.errors import LMForgeError, PeerFailed
 from . import verbs
 
-# verb: (its dataclass as "module:Class", the function in verbs.py, one line of help)
+# verb: (its dataclass as "module:Class", its function: a name in verbs.py or "module:function", one line of help)
 VERBS = {
     "demo": ("lmforge.cli.args:DemoArgs", "demo", "train a small GPT on Python's docs and sample from it (~5 min)"),
     "pretrain": ("lmforge.training.config:PretrainConfig", "pretrain",
@@ -107,6 +107,13 @@ def _dataclass(spec: str):
     return getattr(importlib.import_module(module), name)
 
 
+def _function(spec: str):
+    """A verb's function, imported only when that verb runs."""
+    if ":" in spec:
+        return _dataclass(spec)
+    return getattr(verbs, spec)
+
+
 def _add_verb(sub, name: str, with_flags: bool) -> None:
     spec, func, help_text = VERBS[name]
     cls = _dataclass(spec) if with_flags else None
@@ -114,7 +121,7 @@ def _add_verb(sub, name: str, with_flags: bool) -> None:
                        epilog=EXAMPLES.get(name), formatter_class=argparse.RawDescriptionHelpFormatter)
     if cls is not None:
         add_arguments(p, cls)
-    p.set_defaults(func=getattr(verbs, func))
+    p.set_defaults(func=func)
 
 
 def chosen_verb(argv: list[str]) -> str | None:
@@ -160,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        ns.func(ns)
+        _function(ns.func)(ns)
     except LMForgeError as e:
         rank = os.environ.get("RANK", "0")  # under torchrun: rank 0 speaks; others only of their own failures
         if rank == "0" or not isinstance(e, PeerFailed):

@@ -1,0 +1,1 @@
+"""Retrieval: chunking, the hybrid index, and answers that cite their sources."""
