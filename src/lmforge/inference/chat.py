@@ -14,12 +14,25 @@ from .sampling import validate_sampling
 HELP = "commands: /reset (forget the conversation), /exit (quit)"
 
 
+def chat_setup(lm: Loaded):
+    """The model's chat template (or its training template) and the ids that end an assistant turn."""
+    template = template_from_json(lm.meta.get("chat_template"), lm.tokenizer)
+    template.check(lm.tokenizer)
+    return template, set(template.stop_tokens(lm.tokenizer)) | lm.stop_ids()
+
+
+def chat_ids(lm: Loaded, template, messages: list[dict]) -> list[int]:
+    """Prompt ids for `messages`, ending where the assistant's answer begins."""
+    ids, _ = encode_segments(lm.tokenizer, template.render(messages, lm.tokenizer, add_generation_prompt=True))
+    return ids
+
+
 def fit_history(lm: Loaded, template, history: list[dict], reserve: int) -> list[int]:
     """Prompt ids for the conversation, dropping the oldest exchanges until `reserve` new tokens
     fit in the context window (a system message is always kept)."""
     ctx = lm.model.cfg.context_length
     while True:
-        ids, _ = encode_segments(lm.tokenizer, template.render(history, lm.tokenizer, add_generation_prompt=True))
+        ids = chat_ids(lm, template, history)
         if len(ids) + reserve <= ctx:
             return ids
         turns = [i for i, m in enumerate(history) if m["role"] != "system"]
@@ -44,9 +57,7 @@ def chat(lm: Loaded, system: str | None = None, max_new_tokens: int = 256, tempe
         # A base model only continues text: it runs, but says nothing about why answers ramble.
         print(f"warning: {lm.path} was not tuned for chat (it has no chat template), so its answers may not "
               "follow the conversation; fine-tune it with `lmforge finetune instruct` first", file=sys.stderr)
-    template = template_from_json(lm.meta.get("chat_template"), lm.tokenizer)
-    template.check(lm.tokenizer)
-    stop = set(template.stop_tokens(lm.tokenizer)) | lm.stop_ids()
+    template, stop = chat_setup(lm)
     reserve = min(max_new_tokens, lm.model.cfg.context_length // 2)
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)

@@ -22,10 +22,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..core.errors import LMForgeError
 from ..formats.load import Loaded
+from ..inference.chat import chat_ids
 from ..inference.engine import Engine, Event, Handle
 from ..inference.engine import Request as EngineRequest
 from ..inference.textstream import TextStream
-from ..text.templates import encode_segments, template_from_json
+from ..text.templates import template_from_json
 from .protocol import CHAT_FIELDS, COMPLETION_FIELDS, APIError, Sampling, parse_messages, parse_prompt, parse_sampling
 
 
@@ -70,10 +71,9 @@ class Backend:
         messages = parse_messages(body)
         try:
             self.template.check(self.lm.tokenizer)
-            segments = self.template.render(messages, self.lm.tokenizer, add_generation_prompt=True)
+            ids = chat_ids(self.lm, self.template, messages)
         except LMForgeError as e:
             raise APIError(400, str(e), param="messages") from None
-        ids, _ = encode_segments(self.lm.tokenizer, segments)
         return await self._respond(ids, s, request, chat=True)
 
     def _engine_request(self, ids: list[int], s: Sampling, chat: bool) -> EngineRequest:
