@@ -65,7 +65,7 @@ def main() -> None:
     hf = GPT2LMHeadModel(hf_cfg).eval()
     cfg = config_from_hf(hf_cfg.to_dict())
     tensors = dict(weights_from_hf(cfg, "gpt2", DictSource(hf.state_dict())))
-    ours = build_model(cfg, tensors, "transformers' random weights").eval()
+    ours = build_model(cfg, tensors, "transformers' random weights").eval().decode_layout()  # as load_model does
     n_params = ours.num_params()
     assert n_params == hf.num_parameters(), (n_params, hf.num_parameters())
     engine = Engine(ours, slots=1, max_len=PROMPT + N)

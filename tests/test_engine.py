@@ -202,3 +202,18 @@ def test_failures_end_requests_with_an_error():
         finally:
             hook.remove()
     assert engine._free == [0, 1]
+
+
+def test_cancelling_one_of_n_samples_frees_its_slot_and_spares_the_others():
+    model = tiny()
+    engine = Engine(model, slots=2)
+    h = engine.submit(Request(PROMPTS[3], max_tokens=12, temperature=1.0, seed=5, n=2))
+    engine.step()
+    h.cancel(0)
+    engine.step()
+    assert engine.active() == 1 and engine._free == [0]  # sample 0's slot is back at once
+    events = list(h)
+    ends = {e.index: e for e in events if e.finish_reason}
+    assert ends[0].finish_reason == "cancelled" and ends[1].finish_reason == "length"
+    assert [e.token for e in events if e.index == 1 and not e.finish_reason] == \
+        reference(model, PROMPTS[3], 12, temperature=1.0, seed=6)

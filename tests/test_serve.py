@@ -29,7 +29,7 @@ def server(tiny_run):
 
 def post(server, path: str, body, key: str | None = KEY, **kw) -> httpx.Response:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    return httpx.post(server.url + path, json=body, headers=headers, timeout=60, **kw)
+    return httpx.post(server.url + path, json=body, headers=headers, **{"timeout": 60, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -113,20 +113,49 @@ def test_api_key(server):
     assert httpx.get(server.url + "/health").status_code == 200  # open
 
 
-def test_a_client_that_goes_away_frees_its_slot(server):
-    def active() -> float:
-        text = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
-        return float(next(line.split()[1] for line in text.splitlines() if line.startswith("lmforge_active_slots")))
+def metric(server, name: str) -> float:
+    text = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+    return float(next(line.split()[1] for line in text.splitlines() if line.startswith(name + " ")))
 
-    with httpx.stream("POST", server.url + "/v1/completions", timeout=60, headers={"Authorization": f"Bearer {KEY}"},
-                      json={"prompt": "The", "max_tokens": 28, "temperature": 1.0, "stream": True}) as r:
-        for line in r.iter_lines():
-            if line.startswith("data: {"):
-                break  # one chunk, then hang up
-    deadline = time.time() + 20
-    while active() > 0 and time.time() < deadline:
+
+@pytest.fixture(scope="module")
+def slow_server(tiny_run, tmp_path_factory):
+    """A random model with a 4096-token context: a long greedy answer takes seconds to generate."""
+    from lmforge.formats.modeldir import save_model_dir
+    from lmforge.models.config import ModelConfig
+    from lmforge.models.transformer import Transformer
+    from lmforge.text.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_file(tiny_run / "tokenizer.json")
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, context_length=4096, n_layer=2, n_head=2, n_embd=64)
+    out = tmp_path_factory.mktemp("runs") / "long"
+    save_model_dir(out, Transformer(cfg).eval(), tokenizer)
+    s = Server(out, "--api-key", KEY, "--slots", "2")
+    yield s
+    s.close()
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_goes_away_frees_its_slot(slow_server, stream):
+    body = {"prompt": "The", "max_tokens": 4000, "temperature": 0, "stream": stream}
+    cancelled = metric(slow_server, "lmforge_cancelled_total")
+    tokens = metric(slow_server, "lmforge_completion_tokens_total")
+    start = time.time()
+    if stream:
+        with httpx.stream("POST", slow_server.url + "/v1/completions", timeout=60, json=body,
+                          headers={"Authorization": f"Bearer {KEY}"}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    break  # one chunk, then hang up
+    else:
+        with pytest.raises(httpx.ReadTimeout):  # give up waiting for the whole answer
+            post(slow_server, "/v1/completions", body, timeout=1.0)
+    while metric(slow_server, "lmforge_active_slots") > 0 and time.time() - start < 30:
         time.sleep(0.1)
-    assert active() == 0
+    assert metric(slow_server, "lmforge_active_slots") == 0
+    assert metric(slow_server, "lmforge_cancelled_total") == cancelled + 1
+    assert metric(slow_server, "lmforge_completion_tokens_total") - tokens < 4000  # stopped early, not run out
 
 
 def test_tokenize_and_metrics(server):

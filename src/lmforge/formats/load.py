@@ -92,9 +92,11 @@ def load_parts(path: str | Path, dtype: str = "auto") -> tuple[torch.nn.Module, 
 
 
 def load_model(path: str | Path, device: str = "auto", dtype: str = "auto") -> Loaded:
-    """`load_parts`, moved to `device`, as one object."""
+    """`load_parts`, moved to `device`, as one object, laid out for inference (`decode_layout`)."""
     model, tokenizer, meta = load_parts(path, dtype)
     model.to(resolve_device(device))
+    if hasattr(model, "decode_layout"):
+        model.decode_layout()
     return Loaded(model, tokenizer, meta, Path(path).expanduser())
 
 

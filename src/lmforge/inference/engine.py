@@ -85,11 +85,16 @@ class Handle:
         self.engine, self.request = engine, request
         self.events: queue.Queue[Event] = queue.Queue()
         self.cancelled = False
+        self.dropped: set[int] = set()  # samples cancelled one by one
         self._open = request.n  # samples not finished yet (counted by the consumer)
 
-    def cancel(self) -> None:
-        """Stop generating: the engine frees the slots at its next step."""
-        self.cancelled = True
+    def cancel(self, index: int | None = None) -> None:
+        """Stop generating (sample `index` of n, or all of them): the engine frees the slots at its
+        next step, and the sample(s) end with finish_reason "cancelled"."""
+        if index is None:
+            self.cancelled = True
+        else:
+            self.dropped.add(index)
 
     def __iter__(self) -> Iterator[Event]:
         while self._open:
@@ -279,7 +284,7 @@ class Engine:
     def step(self) -> bool:
         """Admit what fits, then decode one token for every occupied slot. False when idle."""
         with self._lock:
-            for seq in [s for s in self._active.values() if s.handle.cancelled]:
+            for seq in [s for s in self._active.values() if s.handle.cancelled or s.index in s.handle.dropped]:
                 self._finish(seq, "cancelled")
             self._admit()
             if not self._active:

@@ -83,6 +83,25 @@ def validate_feedback(body: dict) -> dict:
     return record
 
 
+class KeyGuard:
+    """401 unless `Authorization: Bearer KEY` matches (compared in constant time); /health and the
+    page stay open. Plain ASGI, not BaseHTTPMiddleware: that one relays every streamed chunk through
+    a memory stream and hides a client's disconnect from the route."""
+
+    def __init__(self, app, key: str) -> None:
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS and scope["method"] != "OPTIONS":
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            token = given[7:] if given[:7].lower() == b"bearer " else b""
+            if not hmac.compare_digest(token, self.key):
+                response = error_response(APIError(401, "missing or wrong API key (Authorization: Bearer KEY)",
+                                                   type="authentication_error", code="invalid_api_key"))
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 def create_app(lm: Loaded, cfg: ServeConfig, backend: Backend) -> FastAPI:
     app = FastAPI(title="lmforge", docs_url=None, redoc_url=None, openapi_url=None)
     started = time.time()
@@ -93,15 +112,8 @@ def create_app(lm: Loaded, cfg: ServeConfig, backend: Backend) -> FastAPI:
         app.add_middleware(CORSMiddleware, allow_origins=cfg.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if cfg.api_key and request.url.path not in OPEN_PATHS and request.method != "OPTIONS":
-            given = request.headers.get("authorization", "")
-            token = given[7:] if given.lower().startswith("bearer ") else ""
-            if not hmac.compare_digest(token.encode(), cfg.api_key.encode()):
-                return error_response(APIError(401, "missing or wrong API key (Authorization: Bearer KEY)",
-                                               type="authentication_error", code="invalid_api_key"))
-        return await call_next(request)  # APIErrors raised in routes meet the handler below
+    if cfg.api_key:
+        app.add_middleware(KeyGuard, key=cfg.api_key)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):

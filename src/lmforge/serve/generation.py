@@ -16,9 +16,10 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..core.errors import LMForgeError
 from ..formats.load import Loaded
@@ -30,9 +31,21 @@ from ..text.templates import template_from_json
 from .protocol import CHAT_FIELDS, COMPLETION_FIELDS, APIError, Sampling, parse_messages, parse_prompt, parse_sampling
 
 
+@dataclass
+class Piece:
+    """What one choice gained from a batch of engine events: text (whole characters, stop strings
+    held back), logprob entries, tokens generated, and its finish reason when it ended."""
+
+    index: int
+    text: str = ""
+    logprobs: list[dict] = field(default_factory=list)
+    tokens: int = 0
+    finish: str | None = None
+
+
 class Metrics:
     def __init__(self) -> None:
-        self.requests = self.errors = self.prompt_tokens = self.completion_tokens = 0
+        self.requests = self.errors = self.cancelled = self.prompt_tokens = self.completion_tokens = 0
 
 
 class Backend:
@@ -108,18 +121,33 @@ class Backend:
         logprobs: list[list[dict]] = [[] for _ in range(s.n)]
         finish: list[str | None] = [None] * s.n
         completion = 0
+
+        async def collect() -> None:
+            nonlocal completion
+            async with contextlib.aclosing(self._choices(req, s)) as batches:
+                async for batch in batches:
+                    for p in batch:
+                        texts[p.index] += p.text
+                        logprobs[p.index] += p.logprobs
+                        completion += p.tokens
+                        finish[p.index] = p.finish or finish[p.index]
+
+        task = asyncio.ensure_future(collect())
+        while not task.done():  # a client that hangs up has its request cancelled (the slots freed)
+            await asyncio.wait({task}, timeout=0.25)
+            if not task.done() and await request.is_disconnected():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                self.metrics.completion_tokens += completion
+                return Response(status_code=499)  # nginx's "client closed request": nobody reads it
         try:
-            async for i, delta, info, reason in self._choices(req, s):
-                texts[i] += delta
-                if info is not None:
-                    logprobs[i].append(info)
-                    completion += 1
-                if reason is not None:
-                    finish[i] = reason
+            task.result()
         except RuntimeError as e:
             self.metrics.errors += 1
             raise APIError(500, f"generation failed: {e}", type="server_error") from None
-        self.metrics.completion_tokens += completion
+        finally:
+            self.metrics.completion_tokens += completion
         choices = [self._choice(i, texts[i], logprobs[i] if s.logprobs else None, finish[i], chat)
                    for i in range(s.n)]
         usage = {"prompt_tokens": len(ids), "completion_tokens": completion, "total_tokens": len(ids) + completion}
@@ -128,48 +156,49 @@ class Backend:
                              "usage": usage})
 
     # -- engine events -> text --------------------------------------------------------------------------
-    async def _events(self, req: EngineRequest) -> AsyncIterator[Event]:
-        """The engine's events for `req`, delivered on the event loop; cancelled when abandoned."""
+    async def _choices(self, req: EngineRequest, s: Sampling) -> AsyncIterator[list[Piece]]:
+        """The request's output as it arrives: per batch of ready engine events, one `Piece` per
+        choice that moved. Closing this generator cancels the request (frees its slots)."""
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[Event] = asyncio.Queue()
+        ready: asyncio.Queue[list[Event]] = asyncio.Queue()
         try:
             handle = self.engine.submit(req)
         except LMForgeError as e:
             raise APIError(400, str(e)) from None
         # One small thread per request moves events from the engine's thread-safe queue to the loop
         # (a blocking get in the shared thread pool would let a few slow streams starve the rest).
-        threading.Thread(target=_pump, args=(handle, loop, events), daemon=True).start()
-        try:
-            remaining = req.n
-            while remaining:
-                for event in await events.get():  # the pump hands over what is ready in one batch
-                    remaining -= event.finish_reason is not None
-                    yield event
-        finally:
-            handle.cancel()  # a no-op when finished; frees the slots of a client that went away
-
-    async def _choices(self, req: EngineRequest, s: Sampling):
-        """(choice index, new text, logprob info or None, finish reason or None) as tokens arrive."""
+        threading.Thread(target=_pump, args=(handle, loop, ready), daemon=True).start()
         streams = [TextStream(self.lm.tokenizer, s.stop) for _ in range(req.n)]
         done = [False] * req.n
-        async with contextlib.aclosing(self._events(req)) as events:  # closing it cancels the request
-            async for e in events:
-                i = e.index
-                if done[i]:
-                    continue
-                if e.finish_reason is None:
-                    delta = streams[i].add(e.token)
-                    yield i, delta, self._logprob_info(e), None
+        try:
+            while not all(done):
+                pieces: dict[int, Piece] = {}  # choice -> what it gained in this batch
+                for e in await ready.get():
+                    i = e.index
+                    if done[i]:
+                        continue
+                    p = pieces.setdefault(i, Piece(i))
+                    if e.finish_reason == "error":
+                        raise RuntimeError(e.error or "the engine failed")
+                    if e.finish_reason is not None:
+                        done[i] = True
+                        p.text += streams[i].flush()
+                        p.finish = e.finish_reason
+                        continue
+                    p.text += streams[i].add(e.token)
+                    p.tokens += 1
+                    if s.logprobs:
+                        p.logprobs.append(self._logprob_info(e))
                     if streams[i].stopped:  # a stop string: this choice is over (its text ends before it)
                         done[i] = True
-                        yield i, "", None, "stop"
-                elif e.finish_reason == "error":
-                    raise RuntimeError(e.error or "the engine failed")
-                else:
-                    done[i] = True
-                    yield i, streams[i].flush(), None, e.finish_reason
-                if all(done):
-                    return
+                        p.finish = "stop"
+                        handle.cancel(i)  # its slot goes back at once; the other choices go on
+                if pieces:
+                    yield list(pieces.values())
+        finally:
+            if not all(done):  # the client went away (or an error): free its slots now
+                self.metrics.cancelled += 1
+                handle.cancel()
 
     def _logprob_info(self, e) -> dict:
         tok = self.lm.tokenizer
@@ -203,17 +232,19 @@ class Backend:
             if chat:
                 yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                               "finish_reason": None} for i in range(req.n)])
-            async for i, delta, info, reason in self._choices(req, s):
-                completion += info is not None
-                if not delta and reason is None and not (s.logprobs and info):
-                    continue
-                lp = [info] if (s.logprobs and info) else None
-                if chat:
-                    c = {"index": i, "delta": {"content": delta} if delta else {},
-                         "logprobs": {"content": lp} if lp else None, "finish_reason": reason}
-                else:
-                    c = self._choice(i, delta, lp, reason, chat=False)
-                yield chunk([c])
+            async with contextlib.aclosing(self._choices(req, s)) as batches:
+                async for batch in batches:  # what is ready goes out together: one chunk per choice
+                    for p in batch:
+                        completion += p.tokens
+                        if not p.text and p.finish is None and not p.logprobs:
+                            continue
+                        lp = p.logprobs if s.logprobs else None
+                        if chat:
+                            c = {"index": p.index, "delta": {"content": p.text} if p.text else {},
+                                 "logprobs": {"content": lp} if lp else None, "finish_reason": p.finish}
+                        else:
+                            c = self._choice(p.index, p.text, lp, p.finish, chat=False)
+                        yield chunk([c])
             if s.include_usage:
                 yield chunk([], {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                                  "total_tokens": prompt_tokens + completion})
@@ -250,6 +281,7 @@ class Backend:
         m, e = self.metrics, self.engine
         waiting, active = (e.waiting(), e.active()) if e is not None else (0, 0)
         rows = [("lmforge_requests_total", "counter", m.requests), ("lmforge_errors_total", "counter", m.errors),
+                ("lmforge_cancelled_total", "counter", m.cancelled),
                 ("lmforge_prompt_tokens_total", "counter", m.prompt_tokens),
                 ("lmforge_completion_tokens_total", "counter", m.completion_tokens),
                 ("lmforge_queue_depth", "gauge", waiting), ("lmforge_active_slots", "gauge", active),
