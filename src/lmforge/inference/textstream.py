@@ -19,29 +19,46 @@ def held_back(text: str, stops: list[str]) -> int:
 
 class TextStream:
     """Feed token ids with `add`; each call returns the text that is now safe to show. `stopped` is
-    set once a stop string appears (the text ends before it); `flush` returns what was held back."""
+    set once a stop string appears (the text ends before it); `flush` returns what was held back.
+
+    Decoding is incremental, so a long answer costs O(length), not O(length²): each step decodes a
+    short window of ids twice, with and without the new token, and keeps the difference (which
+    also keeps whatever a tokenizer's decoder does at the start of a text, e.g. strip a space).
+    """
 
     def __init__(self, tokenizer: Tokenizer, stops: list[str] | None = None) -> None:
         self.tokenizer, self.stops = tokenizer, [s for s in (stops or []) if s]
+        self.longest_stop = max((len(s) for s in self.stops), default=0)
         self.ids: list[int] = []
         self.text, self.emitted, self.stopped = "", 0, False
+        self._start = self._read = 0  # the window: ids[_start:_read] are decoded into the text already
 
     def add(self, token: int) -> str:
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
-        hit = min((text.find(s) for s in self.stops if s in text), default=-1)
-        if hit >= 0:
-            self.text, self.stopped = text[:hit], True
-            return self.flush()
-        self.text = text
-        if text.endswith("\ufffd"):  # wait for the rest of the character
+        before = self.tokenizer.decode(self.ids[self._start:self._read])
+        after = self.tokenizer.decode(self.ids[self._start:])
+        if after.endswith("\ufffd") or len(after) <= len(before):  # wait for the rest of the character
             return ""
-        safe = len(text) - held_back(text, self.stops)
+        self._start, self._read = self._read, len(self.ids)
+        grown = len(self.text)
+        self.text += after[len(before):]
+        # a stop string can only appear where it overlaps the new text
+        since = max(0, grown - self.longest_stop + 1)
+        hit = min((i for s in self.stops if (i := self.text.find(s, since)) >= 0), default=-1)
+        if hit >= 0:
+            self.text, self.stopped = self.text[:hit], True
+            return self.flush()
+        safe = len(self.text) - held_back(self.text, self.stops)
         if safe <= self.emitted:
             return ""
-        out, self.emitted = text[self.emitted:safe], safe
+        out, self.emitted = self.text[self.emitted:safe], safe
         return out
 
     def flush(self) -> str:
+        """The rest: text held back for stop strings, and a last character still incomplete."""
+        if self._read < len(self.ids) and not self.stopped:
+            before = self.tokenizer.decode(self.ids[self._start:self._read])
+            self.text += self.tokenizer.decode(self.ids[self._start:])[len(before):]
+            self._start = self._read = len(self.ids)
         out, self.emitted = self.text[self.emitted:], len(self.text)
         return out
