@@ -217,3 +217,31 @@ def test_cancelling_one_of_n_samples_frees_its_slot_and_spares_the_others():
     assert ends[0].finish_reason == "cancelled" and ends[1].finish_reason == "length"
     assert [e.token for e in events if e.index == 1 and not e.finish_reason] == \
         reference(model, PROMPTS[3], 12, temperature=1.0, seed=6)
+
+
+@pytest.mark.parametrize("kind", SHAPES)
+def test_chunked_prefill_keeps_others_decoding_and_gives_the_same_tokens(kind):
+    model = tiny(kind)
+    long, short = list(range(1, 41)), PROMPTS[0]
+    want = [reference(model, p, n, temperature=0) for p, n in ((long, 8), (short, 20))]
+    engine = Engine(model, slots=3, prefill_chunk=6)
+    first = engine.submit(Request(short, max_tokens=20, temperature=0))
+    engine.step()  # the short prompt is in and decoding
+    second = engine.submit(Request(long, max_tokens=8, temperature=0, n=2))  # 40 tokens: 7 steps of 6
+    before, steps = first.events.qsize(), 0
+    while engine._prefilling is not None or not second.events.qsize():
+        engine.step()
+        steps += 1
+    assert steps == 7 and first.events.qsize() == before + 7  # the short one got a token at every step meanwhile
+    assert [s.tokens for s in second.result()] == [want[0], want[0]] and first.result()[0].tokens == want[1]
+
+
+def test_a_request_cancelled_during_its_prefill_frees_its_slots():
+    engine = Engine(tiny(), slots=2, prefill_chunk=4)
+    h = engine.submit(Request(list(range(1, 30)), max_tokens=5, n=2))
+    engine.step()
+    assert engine._prefilling is not None and engine._free == []
+    h.cancel()
+    engine.step()
+    assert engine._prefilling is None and engine._free == [0, 1]
+    assert [e.finish_reason for e in h] == ["cancelled", "cancelled"]

@@ -4,7 +4,9 @@ A fixed number of slots share one preallocated KV cache [slots, n_kv_head, max_l
 layer. Each `step` admits waiting requests (one single-row prefill each, written straight into a
 free slot; n samples copy it to n slots), then runs ONE batched decode forward over the occupied
 slots, each row at its own position, and samples every row with its request's own settings.
-Finished and cancelled samples free their slot at once.
+Finished and cancelled samples free their slot at once. Prefill is chunked: a step feeds at most
+`prefill_chunk` prompt tokens, so a long prompt joins over several steps instead of stalling every
+stream in flight for the whole of its prefill.
 
 Use it synchronously (`Engine.generate`, or iterate a `Handle`: iteration runs steps in the
 caller's thread) or start its loop in a background thread (`start`/`close`, or `with Engine(...)`)
@@ -159,13 +161,26 @@ class _Seq:
             self.counts[token] += 1
 
 
+@dataclass
+class _Prefill:
+    """A request whose prompt is being fed into its first slot, `fed` tokens so far."""
+
+    handle: Handle
+    slots: list[int]
+    fed: int = 0
+
+
 class Engine:
     """Continuous batching over `slots` sequences of up to `max_len` tokens (default: the context)."""
 
-    def __init__(self, model: Transformer, slots: int = 8, max_len: int | None = None) -> None:
+    def __init__(self, model: Transformer, slots: int = 8, max_len: int | None = None,
+                 prefill_chunk: int = 512) -> None:
         cfg = model.cfg
-        if slots < 1:
-            raise LMForgeError(f"the engine needs at least one slot (got {slots})")
+        if slots < 1 or prefill_chunk < 1:
+            raise LMForgeError(f"the engine needs at least one slot and a prefill chunk of at least one token "
+                               f"(got {slots}, {prefill_chunk})")
+        self.prefill_chunk = prefill_chunk
+        self._prefilling: _Prefill | None = None  # a prompt partly fed into its slot
         self.model, self.slots = model.eval(), slots
         self.vocab, self.max_len = cfg.vocab_size, min(max_len or cfg.context_length, cfg.context_length)
         self.device = next(model.parameters()).device
@@ -246,6 +261,7 @@ class Engine:
         with self._lock:
             for seq in list(self._active.values()):
                 self._finish(seq, "cancelled")
+            self._drop_prefill("cancelled")
             for h in self._take_waiting():
                 _end(h, "cancelled")
 
@@ -258,7 +274,7 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._wake:
-                while not self._closing and not self._waiting and not self._active:
+                while not self._closing and not self._waiting and not self._active and not self._prefilling:
                     self._wake.wait()
                 if self._closing:
                     return
@@ -271,6 +287,7 @@ class Engine:
         with self._lock:
             for seq in list(self._active.values()):
                 self._finish(seq, "error", message)
+            self._drop_prefill("error", message)
             for h in self._take_waiting():
                 _end(h, "error", message)
 
@@ -286,9 +303,9 @@ class Engine:
         with self._lock:
             for seq in [s for s in self._active.values() if s.handle.cancelled or s.index in s.handle.dropped]:
                 self._finish(seq, "cancelled")
-            self._admit()
+            fed = self._admit()
             if not self._active:
-                return False
+                return fed
             seqs = sorted(self._active.values(), key=lambda s: s.slot)
             with autocast(self.device):
                 if len(seqs) == 1:  # one sequence: the plain cache path, exactly as generate_ids runs
@@ -328,31 +345,58 @@ class Engine:
                 return self._waiting.popleft()
         return None
 
-    def _admit(self) -> None:
-        while (h := self._next_waiting()) is not None:
-            r = h.request
-            slots = [self._free.pop(0) for _ in range(r.n)]
-            view = self._view(slots[0], slots[0] + 1)
-            view.pos = 0
+    def _admit(self) -> bool:
+        """Feed up to `prefill_chunk` prompt tokens: finish the prompt in progress, then start the
+        waiting ones in order. A prompt fully fed takes its n slots and draws its first tokens.
+        True if any prompt token was fed."""
+        budget = self.prefill_chunk
+        while budget > 0:
+            if self._prefilling is None:
+                h = self._next_waiting()
+                if h is None:
+                    break
+                self._prefilling = _Prefill(h, [self._free.pop(0) for _ in range(h.request.n)])
+            p = self._prefilling
+            if p.handle.cancelled:
+                self._drop_prefill("cancelled")
+                continue
+            prompt = p.handle.request.prompt
+            take = min(budget, len(prompt) - p.fed)
+            view = self._view(p.slots[0], p.slots[0] + 1)
+            view.pos = p.fed
             try:
                 with autocast(self.device):
-                    logits = self.model(torch.tensor([r.prompt], device=self.device), cache=view,
+                    logits = self.model(torch.tensor([prompt[p.fed:p.fed + take]], device=self.device), cache=view,
                                         last_only=True)[:, -1]
             except Exception as e:  # not yet in a slot: end it here, or its reader would wait forever
-                self._free = sorted(self._free + slots)
-                _end(h, "error", f"{type(e).__name__}: {e}".splitlines()[0])
+                self._drop_prefill("error", f"{type(e).__name__}: {e}".splitlines()[0])
                 if not self.running:
                     raise  # a synchronous caller gets the exception itself
                 continue  # in the background, one failed prefill (e.g. out of memory) spares the others
-            L = len(r.prompt)
-            for other in slots[1:]:  # n samples share one prefill
-                for k, v in zip(self.cache.k, self.cache.v):
-                    k[other, :, :L] = k[slots[0], :, :L]
-                    v[other, :, :L] = v[slots[0], :, :L]
-            seqs = [_Seq(h, i, slot, self.device) for i, slot in enumerate(slots)]
-            for s in seqs:
-                self._active[s.slot] = s
-            self._sample(seqs, logits, [0] * len(seqs))
+            p.fed += take
+            budget -= take
+            if p.fed == len(prompt):
+                self._prefilling = None
+                self._place(p, logits)
+        return budget < self.prefill_chunk
+
+    def _place(self, p: _Prefill, logits: torch.Tensor) -> None:
+        """A fully fed prompt: copy its cache to its other n - 1 slots, start its samples."""
+        L = len(p.handle.request.prompt)
+        for other in p.slots[1:]:  # n samples share one prefill
+            for k, v in zip(self.cache.k, self.cache.v):
+                k[other, :, :L] = k[p.slots[0], :, :L]
+                v[other, :, :L] = v[p.slots[0], :, :L]
+        seqs = [_Seq(p.handle, i, slot, self.device) for i, slot in enumerate(p.slots)]
+        for s in seqs:
+            self._active[s.slot] = s
+        self._sample(seqs, logits, [0] * len(seqs))
+
+    def _drop_prefill(self, reason: str, error: str | None = None) -> None:
+        p, self._prefilling = self._prefilling, None
+        if p is not None:
+            self._free = sorted(self._free + p.slots)
+            _end(p.handle, reason, error)
 
     def _sample(self, seqs: list[_Seq], logits: torch.Tensor, rows: list[int]) -> None:
         """Draw each sample's next token from its row of `logits`, emit it, finish what ended."""
