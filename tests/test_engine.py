@@ -245,3 +245,18 @@ def test_a_request_cancelled_during_its_prefill_frees_its_slots():
     engine.step()
     assert engine._prefilling is None and engine._free == [0, 1]
     assert [e.finish_reason for e in h] == ["cancelled", "cancelled"]
+
+
+def test_on_step_gets_each_steps_events_in_one_call():
+    model = tiny()
+    engine = Engine(model, slots=3)
+    calls: list[list] = []
+    engine.on_step = calls.append
+    handles = [engine.submit(Request(p, max_tokens=4, temperature=0)) for p in PROMPTS[:3]]
+    while engine.step():
+        pass
+    assert all(h.events.empty() for h in handles)  # everything went to on_step
+    assert len(calls[1]) == 3 and {h for h, _ in calls[1]} == set(handles)  # one token for each, together
+    for h, p in zip(handles, PROMPTS):
+        assert [e.token for g, e in sum(calls, []) if g is h and e.finish_reason is None] == \
+            reference(model, p, 4, temperature=0)

@@ -19,7 +19,7 @@ import math
 import queue
 import threading
 from collections import deque
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -81,11 +81,13 @@ class Sample:
 
 class Handle:
     """A submitted request: iterate it for its events (all n samples, interleaved), `cancel()` it,
-    or read `events` (a queue.Queue) directly from another thread."""
+    or read `events` (a queue.Queue) directly from another thread. (With `Engine.on_step` set,
+    events go to that instead; `sink` is the caller's, to route them.)"""
 
     def __init__(self, engine: Engine, request: Request) -> None:
         self.engine, self.request = engine, request
         self.events: queue.Queue[Event] = queue.Queue()
+        self.sink = None
         self.cancelled = False
         self.dropped: set[int] = set()  # samples cancelled one by one
         self._open = request.n  # samples not finished yet (counted by the consumer)
@@ -193,6 +195,10 @@ class Engine:
         self._wake = threading.Condition()  # guards the waiting queue; submitters never wait for a step
         self._thread: threading.Thread | None = None
         self._closing = False
+        # Optional: receives each step's events at once, [(handle, event)], in the engine's thread
+        # (a server relays them to its event loop with one wake-up per step, not one per stream).
+        self.on_step: Callable[[list[tuple[Handle, Event]]], None] | None = None
+        self._batch: list[tuple[Handle, Event]] | None = None
 
     # -- submitting -------------------------------------------------------------------------
 
@@ -263,7 +269,7 @@ class Engine:
                 self._finish(seq, "cancelled")
             self._drop_prefill("cancelled")
             for h in self._take_waiting():
-                _end(h, "cancelled")
+                self._end(h, "cancelled")
 
     def __enter__(self) -> Engine:
         return self.start()
@@ -289,7 +295,7 @@ class Engine:
                 self._finish(seq, "error", message)
             self._drop_prefill("error", message)
             for h in self._take_waiting():
-                _end(h, "error", message)
+                self._end(h, "error", message)
 
     def _take_waiting(self) -> list[Handle]:
         with self._wake:
@@ -297,37 +303,56 @@ class Engine:
             self._waiting.clear()
         return taken
 
-    @torch.no_grad()
     def step(self) -> bool:
         """Admit what fits, then decode one token for every occupied slot. False when idle."""
         with self._lock:
-            for seq in [s for s in self._active.values() if s.handle.cancelled or s.index in s.handle.dropped]:
-                self._finish(seq, "cancelled")
-            fed = self._admit()
-            if not self._active:
-                return fed
-            seqs = sorted(self._active.values(), key=lambda s: s.slot)
-            with autocast(self.device):
-                if len(seqs) == 1:  # one sequence: the plain cache path, exactly as generate_ids runs
-                    s = seqs[0]
-                    view = self._view(s.slot, s.slot + 1)
-                    view.pos = s.length
-                    ids = torch.tensor([[s.last]], device=self.device)
-                    logits = self.model(ids, cache=view, last_only=True)[:, -1]
-                    rows = [0]
-                else:
-                    hi = seqs[-1].slot + 1
-                    tokens, pos = [0] * hi, [0] * hi  # empty slots decode a dummy token at 0
-                    for s in seqs:
-                        tokens[s.slot], pos[s.slot] = s.last, s.length
-                    ids = torch.tensor(tokens, device=self.device)[:, None]
-                    view = self._view(0, hi).at(torch.tensor(pos, device=self.device), max(pos) + 1)
-                    logits = self.model(ids, cache=view, last_only=True)[:, -1]
-                    rows = [s.slot for s in seqs]
-            for s in seqs:
-                s.length += 1
-            self._sample(seqs, logits, rows)
-            return True
+            if self.on_step is None:
+                return self._step()
+            self._batch = []
+            try:
+                return self._step()
+            finally:
+                batch, self._batch = self._batch, None
+                if batch:
+                    self.on_step(batch)
+
+    def _emit(self, handle: Handle, event: Event) -> None:
+        if self._batch is not None:
+            self._batch.append((handle, event))
+        elif self.on_step is not None:
+            self.on_step([(handle, event)])
+        else:
+            handle.events.put(event)
+
+    @torch.no_grad()
+    def _step(self) -> bool:
+        for seq in [s for s in self._active.values() if s.handle.cancelled or s.index in s.handle.dropped]:
+            self._finish(seq, "cancelled")
+        fed = self._admit()
+        if not self._active:
+            return fed
+        seqs = sorted(self._active.values(), key=lambda s: s.slot)
+        with autocast(self.device):
+            if len(seqs) == 1:  # one sequence: the plain cache path, exactly as generate_ids runs
+                s = seqs[0]
+                view = self._view(s.slot, s.slot + 1)
+                view.pos = s.length
+                ids = torch.tensor([[s.last]], device=self.device)
+                logits = self.model(ids, cache=view, last_only=True)[:, -1]
+                rows = [0]
+            else:
+                hi = seqs[-1].slot + 1
+                tokens, pos = [0] * hi, [0] * hi  # empty slots decode a dummy token at 0
+                for s in seqs:
+                    tokens[s.slot], pos[s.slot] = s.last, s.length
+                ids = torch.tensor(tokens, device=self.device)[:, None]
+                view = self._view(0, hi).at(torch.tensor(pos, device=self.device), max(pos) + 1)
+                logits = self.model(ids, cache=view, last_only=True)[:, -1]
+                rows = [s.slot for s in seqs]
+        for s in seqs:
+            s.length += 1
+        self._sample(seqs, logits, rows)
+        return True
 
     def _view(self, start: int, stop: int) -> KVCache:
         view = self._views.get((start, stop))
@@ -340,7 +365,7 @@ class Engine:
         is not overtaken forever); cancelled ones end here without running."""
         with self._wake:
             while self._waiting and self._waiting[0].cancelled:
-                _end(self._waiting.popleft(), "cancelled")
+                self._end(self._waiting.popleft(), "cancelled")
             if self._waiting and len(self._free) >= self._waiting[0].request.n:
                 return self._waiting.popleft()
         return None
@@ -396,7 +421,7 @@ class Engine:
         p, self._prefilling = self._prefilling, None
         if p is not None:
             self._free = sorted(self._free + p.slots)
-            _end(p.handle, reason, error)
+            self._end(p.handle, reason, error)
 
     def _sample(self, seqs: list[_Seq], logits: torch.Tensor, rows: list[int]) -> None:
         """Draw each sample's next token from its row of `logits`, emit it, finish what ended."""
@@ -457,8 +482,8 @@ class Engine:
                 continue
             # the candidate entry's own value, so the picked token and its row in `top` agree exactly
             lp = next((v for i, v in top if i == t), None)
-            s.handle.events.put(Event(s.index, t, lp if lp is not None else math.log(q) if q > 0 else -math.inf,
-                                      rank, top))
+            self._emit(s.handle, Event(s.index, t, lp if lp is not None else math.log(q) if q > 0 else -math.inf,
+                                       rank, top))
             s.emitted += 1
             s.last = t
             s.record(t)
@@ -469,11 +494,10 @@ class Engine:
         del self._active[seq.slot]
         self._free.append(seq.slot)
         self._free.sort()
-        seq.handle.events.put(Event(seq.index, finish_reason=reason, prompt_tokens=len(seq.r.prompt),
-                                    completion_tokens=seq.emitted, error=error))
+        self._emit(seq.handle, Event(seq.index, finish_reason=reason, prompt_tokens=len(seq.r.prompt),
+                                     completion_tokens=seq.emitted, error=error))
 
-
-def _end(h: Handle, reason: str, error: str | None = None) -> None:
-    """Final events for a request that never ran."""
-    for i in range(h.request.n):
-        h.events.put(Event(i, finish_reason=reason, prompt_tokens=len(h.request.prompt), error=error))
+    def _end(self, h: Handle, reason: str, error: str | None = None) -> None:
+        """Final events for a request that never ran."""
+        for i in range(h.request.n):
+            self._emit(h, Event(i, finish_reason=reason, prompt_tokens=len(h.request.prompt), error=error))

@@ -11,8 +11,6 @@ import asyncio
 import contextlib
 import json
 import math
-import queue
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -55,6 +53,9 @@ class Backend:
 
     def __init__(self, lm: Loaded, engine: Engine | None, model_name: str, max_queue: int) -> None:
         self.lm, self.engine, self.model_name, self.max_queue = lm, engine, model_name, max_queue
+        self.loop: asyncio.AbstractEventLoop | None = None
+        if engine is not None:  # each engine step's events reach the event loop in one hand-over
+            engine.on_step = self._relay
         self.ctx = lm.config.context_length
         self.metrics = Metrics()
         self.template = None
@@ -159,15 +160,13 @@ class Backend:
     async def _choices(self, req: EngineRequest, s: Sampling) -> AsyncIterator[list[Piece]]:
         """The request's output as it arrives: per batch of ready engine events, one `Piece` per
         choice that moved. Closing this generator cancels the request (frees its slots)."""
-        loop = asyncio.get_running_loop()
-        ready: asyncio.Queue[list[Event]] = asyncio.Queue()
+        self.loop = asyncio.get_running_loop()
         try:
             handle = self.engine.submit(req)
         except LMForgeError as e:
             raise APIError(400, str(e)) from None
-        # One small thread per request moves events from the engine's thread-safe queue to the loop
-        # (a blocking get in the shared thread pool would let a few slow streams starve the rest).
-        threading.Thread(target=_pump, args=(handle, loop, ready), daemon=True).start()
+        ready: asyncio.Queue[list[Event]] = asyncio.Queue()
+        handle.sink = ready  # before any await: `_deliver` runs on this loop, so it cannot come first
         streams = [TextStream(self.lm.tokenizer, s.stop) for _ in range(req.n)]
         done = [False] * req.n
         try:
@@ -256,6 +255,11 @@ class Backend:
         finally:
             self.metrics.completion_tokens += completion
 
+    def _relay(self, batch: list[tuple[Handle, Event]]) -> None:
+        """In the engine's thread, after each step: hand its events to the event loop at once."""
+        with contextlib.suppress(RuntimeError):  # the loop is gone (shutting down): nobody is reading
+            self.loop.call_soon_threadsafe(_deliver, batch)
+
     # -- embeddings, metrics ---------------------------------------------------------------------------
     async def embeddings(self, body: dict):
         from ..inference.embed import embed_texts
@@ -289,19 +293,14 @@ class Backend:
         return "".join(f"# TYPE {name} {kind}\n{name} {value}\n" for name, kind, value in rows)
 
 
-def _pump(handle: Handle, loop: asyncio.AbstractEventLoop, out: asyncio.Queue) -> None:
-    """Move the engine's events to the loop, everything that is ready at once: one wake-up of the
-    loop per batch rather than per token, which matters when many streams share it."""
-    remaining = handle.request.n
-    while remaining:
-        batch = [handle.events.get()]
-        while True:
-            try:
-                batch.append(handle.events.get_nowait())
-            except queue.Empty:
-                break
-        remaining -= sum(e.finish_reason is not None for e in batch)
-        loop.call_soon_threadsafe(out.put_nowait, batch)
+def _deliver(batch: list[tuple[Handle, Event]]) -> None:
+    """On the event loop: each request's events of one engine step, as one list, to its queue."""
+    mine: dict[Handle, list[Event]] = {}
+    for handle, event in batch:
+        mine.setdefault(handle, []).append(event)
+    for handle, events in mine.items():
+        if handle.sink is not None:
+            handle.sink.put_nowait(events)
 
 
 def _finite(x: float) -> float:
