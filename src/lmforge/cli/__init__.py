@@ -44,6 +44,8 @@ VERBS = {
     "rag ask": ("lmforge.cli.rag:RagAskArgs", "lmforge.cli.rag:rag_ask", "answer a question from an index, citing "
                 "sources"),
     "rag eval": ("lmforge.cli.rag:RagEvalArgs", "lmforge.cli.rag:rag_eval", "measure retrieval: recall@k and MRR"),
+    "agent": ("lmforge.cli.rag:AgentArgs", "lmforge.cli.rag:agent", "solve a task with tools (calculator, search, "
+              "read) in a ReAct loop"),
 }
 GROUPS = {  # verbs with sub-verbs: (one line of help, description)
     "finetune": ("fine-tune a model: classify (labelled texts) or instruct (instructions)",
@@ -120,6 +122,10 @@ EXAMPLES = {
     "rag eval": """example:
   lmforge rag eval runs/notes-index --qa qa.jsonl -k 5 --mode all
   # qa.jsonl: {"question": "how do I reset my password?", "path": "faq.md"}""",
+    "agent": """examples:
+  lmforge agent --model runs/calc-agent --tools calculator "What is 4821 * 377?"
+  lmforge agent --api http://127.0.0.1:8000/v1 --tools search:runs/pydocs-index,read:docs/ --confirm \\
+                --log run.jsonl "Which function serializes an object to JSON?" """,
 }
 
 

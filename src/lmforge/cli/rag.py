@@ -157,3 +157,53 @@ def rag_eval(ns) -> None:
 def _print_piece(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()
+
+
+@dataclass
+class AgentArgs(GeneratorArgs):
+    """Solve a task with tools in a ReAct loop (Thought / Action / Action Input / Observation ...
+    Final Answer). Only the tools named in --tools exist; tool results go back to the model fenced
+    as data. There is no shell tool."""
+
+    task: str = arg(None, "what to do", positional=True)
+    tools: str = arg("calculator", "allowed tools, comma-separated: calculator, search:INDEX, read:DIR")
+    max_steps: int = arg(8, "most model steps before giving up", ge=1)
+    confirm: bool = arg(False, "ask before each tool call (answer y to run it)")
+    log: str | None = arg(None, "write the transcript to this .jsonl file")
+
+
+def agent(ns) -> None:
+    a = from_namespace(AgentArgs, ns)
+    from ..agents.react import run_agent
+    from ..agents.tools import make_tools
+    from ..core.fileio import atomic_write
+
+    tools = make_tools(a.tools, a.device)
+    generator = a.generator()
+    transcript: list[dict] = []
+
+    def show(entry: dict) -> None:
+        transcript.append(entry)
+        if entry["event"] == "model":
+            print(f"--- step {entry['step']}\n{entry['text'].strip()}", file=sys.stderr)
+        elif "observation" in entry:
+            print(f"Observation: {entry['observation'][:2000]}", file=sys.stderr)
+
+    try:
+        result = run_agent(generator, a.task, tools, a.max_steps, a.max_tokens, a.temperature, a.seed,
+                           _ask_human if a.confirm else None, show)
+    finally:
+        if a.log:
+            atomic_write(a.log, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in transcript))
+    if result.answer is not None:
+        print(result.answer)
+        return
+    gathered = [e["observation"] for e in transcript if e["event"] == "tool"]
+    print(f"no Final Answer after {result.steps} steps; what the tools returned:")
+    for i, obs in enumerate(gathered, 1):
+        print(f"  {i}. {' '.join(obs.split())[:300]}")
+
+
+def _ask_human(tool: str, value: str) -> bool:
+    print(f"run {tool}({value[:200]!r})? [y/N] ", end="", file=sys.stderr, flush=True)
+    return sys.stdin.readline().strip().lower() in ("y", "yes")

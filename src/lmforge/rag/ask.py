@@ -3,6 +3,7 @@ cite them as [n], and list what it cited."""
 
 from __future__ import annotations
 
+import random
 import re
 from collections.abc import Callable
 
@@ -50,7 +51,8 @@ def ask(index: Index, generator: Generator, question: str, k: int = 4, mode: str
         why = "the index is empty" if not hits else f"best similarity {best:.3f} is below --min-score {min_score:g}"
         return {"answer": f"{DONT_KNOW}: the sources do not cover this ({why}).", "citations": [],
                 "retrieved": retrieved, "refused": True}
-    answer = generator.chat(ask_messages(question, hits, new_marker()), max_tokens=max_tokens,
+    marker = new_marker(random.Random(seed) if seed is not None else None)  # --seed: the same prompt each run
+    answer = generator.chat(ask_messages(question, hits, marker), max_tokens=max_tokens,
                             temperature=temperature, seed=seed, on_text=on_text)
     cited = [{"n": n, "path": hits[n - 1].chunk.path, "start_line": hits[n - 1].chunk.start_line,
               "end_line": hits[n - 1].chunk.end_line, "score": round(hits[n - 1].score, 6)}

@@ -8,6 +8,7 @@ chat turn, because the special-token spellings of turn markers are broken up.
 
 from __future__ import annotations
 
+import random
 import re
 import secrets
 
@@ -15,8 +16,9 @@ MAX_FENCED = 8000  # characters of one fenced text: untrusted text is bounded be
 TURN_MARKERS = re.compile(r"<\|[A-Za-z0-9_/ ]{0,40}\|>|</?s>|\[/?INST\]|<</?SYS>>")
 
 
-def new_marker() -> str:
-    return secrets.token_hex(8)
+def new_marker(rng: random.Random | None = None) -> str:
+    """A fresh unguessable marker; from `rng` (seeded by --seed) when a run must repeat exactly."""
+    return f"{rng.getrandbits(64):016x}" if rng is not None else secrets.token_hex(8)
 
 
 def neutralise(text: str, marker: str) -> str:
