@@ -171,3 +171,14 @@ def test_search_and_eval_cli(small_index, capsys):
                  "--mode", "all", "--device", "cpu"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["hybrid"]["recall@1"] == 1.0 and out["hybrid"]["mrr"] == 1.0 and out["bm25"]["recall@1"] == 0.5
+
+
+def test_large_indexes_use_hnsw_with_the_same_answers(small_index, encoder, tmp_path, monkeypatch):
+    import lmforge.rag.index as index_module
+
+    monkeypatch.setattr(index_module, "EXACT_MAX", 4)  # as if the corpus were large
+    build_index([str(small_index / "docs")], tmp_path / "hnsw", encoder)
+    hnsw, flat = Index(tmp_path / "hnsw", encoder), Index(small_index / "index", encoder)
+    assert hnsw.manifest["vector_index"] == "hnsw" and flat.manifest["vector_index"] == "flat"
+    for q, _ in QUERIES:
+        assert [h.chunk.path for h in hnsw.search(q, 3, "dense")] == [h.chunk.path for h in flat.search(q, 3, "dense")]

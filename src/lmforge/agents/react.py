@@ -33,6 +33,12 @@ def system_prompt(tools: dict[str, Tool], marker: str) -> str:
             "Final Answer: the answer\n\n" + fence_rule(marker))
 
 
+def observation_message(observation: str, marker: str) -> dict:
+    """The user turn that carries a tool's result back to the model, fenced as data."""
+    return {"role": "user", "content": "Observation:\n" + fence(observation, marker, "OBSERVATION") + "\n" +
+            fence_rule(marker)}
+
+
 def parse_step(text: str) -> tuple[str, str | None, str | None]:
     """("final", answer, None), ("action", tool, input), or ("invalid", None, None)."""
     action = ACTION.search(text)
@@ -84,9 +90,7 @@ def run_agent(generator: Generator, task: str, tools: dict[str, Tool], max_steps
             return AgentResult(name, step, transcript)
         observation = _act(kind, name, value, tools, confirm, record, step)
         marker = new_marker(rng)  # each observation gets a marker of its own
-        messages += [{"role": "assistant", "content": text.rstrip()},
-                     {"role": "user", "content": "Observation:\n" + fence(observation, marker, "OBSERVATION") +
-                      "\n" + fence_rule(marker)}]
+        messages += [{"role": "assistant", "content": text.rstrip()}, observation_message(observation, marker)]
     record({"event": "stopped", "step": max_steps, "reason": f"no Final Answer after {max_steps} steps"})
     return AgentResult(None, max_steps, transcript)
 
