@@ -41,7 +41,8 @@ def tool_record(rng: random.Random) -> dict:
     result = calculate(expr)
     return {"messages": [
         {"role": "system", "content": system_prompt(tools, m1)}, {"role": "user", "content": q},
-        {"role": "assistant", "content": f"Thought: I will use the calculator.\nAction: calculator\nAction Input: {expr}"},
+        {"role": "assistant",
+         "content": f"Thought: I will use the calculator.\nAction: calculator\nAction Input: {expr}"},
         observation_message(result, m2),
         {"role": "assistant", "content": f"Thought: I have the result.\nFinal Answer: {result}"}]}
 
