@@ -222,3 +222,11 @@ def test_rag_ask_unreachable_api(notes_index):
                    "--timeout", "5", "--device", "cpu")
     assert_clean_error(proc, "cannot reach")
     assert time.monotonic() - start < 60
+
+
+def test_agent_without_final_answer_says_what_it_gathered(obedient):
+    url, _ = obedient
+    proc = run_cli("agent", "--api", url, "--tools", "calculator", "--max-steps", "1", "Look it up")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("no Final Answer after 1 steps") and "refused: there is no tool 'search'" in \
+        proc.stderr
