@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from ..core.errors import LMForgeError
 from ..inference.client import Generator
-from ..rag.fence import fence, fence_rule, new_marker
+from ..rag.fence import FENCE_RULE, fence, new_marker
 from .tools import MAX_INPUT, Tool, ToolError
 
 ACTION = re.compile(r"^\s*Action\s*:\s*(.*?)\s*$", re.M)
@@ -24,19 +24,16 @@ ACTION_INPUT = re.compile(r"^\s*Action\s+Input\s*:\s*(.*)", re.M | re.S)
 FINAL = re.compile(r"^\s*Final\s+Answer\s*:\s*(.*)", re.M | re.S)
 
 
-def system_prompt(tools: dict[str, Tool], marker: str) -> str:
+def system_prompt(tools: dict[str, Tool]) -> str:
     listing = "\n".join(f"- {t.name}: {t.description}" for t in tools.values())
-    return (f"You solve the user's task step by step with these tools, and no others:\n{listing}\n\n"
-            "Use this format:\nThought: what to do next\nAction: one tool name from the list\n"
-            "Action Input: the input for the tool\n"
-            "Then stop: the result comes back as an Observation. When you know the answer, write:\n"
-            "Final Answer: the answer\n\n" + fence_rule(marker))
+    return (f"Tools (only these exist):\n{listing}\n\nFormat:\nThought: what to do next\nAction: a tool name\n"
+            "Action Input: its input\n(then stop: the result comes back as an Observation)\n"
+            "Final Answer: the answer, once you know it\n\n" + FENCE_RULE)
 
 
 def observation_message(observation: str, marker: str) -> dict:
     """The user turn that carries a tool's result back to the model, fenced as data."""
-    return {"role": "user", "content": "Observation:\n" + fence(observation, marker, "OBSERVATION") + "\n" +
-            fence_rule(marker)}
+    return {"role": "user", "content": "Observation:\n" + fence(observation, marker, "OBSERVATION")}
 
 
 def parse_step(text: str) -> tuple[str, str | None, str | None]:
@@ -77,8 +74,7 @@ def run_agent(generator: Generator, task: str, tools: dict[str, Tool], max_steps
             on_event(entry)
 
     rng = random.Random(seed) if seed is not None else None  # --seed: the same markers, so runs repeat
-    marker = new_marker(rng)
-    messages = [{"role": "system", "content": system_prompt(tools, marker)}, {"role": "user", "content": task}]
+    messages = [{"role": "system", "content": system_prompt(tools)}, {"role": "user", "content": task}]
     record({"event": "task", "text": task, "tools": sorted(tools)})
     for step in range(1, max_steps + 1):
         text = generator.chat(messages, max_tokens=max_tokens, temperature=temperature, seed=seed,

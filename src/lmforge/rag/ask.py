@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from ..core.errors import LMForgeError
 from ..inference.client import Generator
-from .fence import fence, fence_rule, new_marker
+from .fence import FENCE_RULE, fence, new_marker
 from .index import Hit, Index
 
 CITATION = re.compile(r"\[(\d+(?:\s*,\s*\d+)*)\]")
@@ -18,7 +18,7 @@ DONT_KNOW = "I don't know"
 
 def ask_messages(question: str, hits: list[Hit], marker: str) -> list[dict]:
     system = ("Answer the question using only the numbered sources. Cite each source you use as [n], e.g. [1]. "
-              f"If the sources do not contain the answer, say \"{DONT_KNOW}.\" " + fence_rule(marker))
+              f"If the sources do not contain the answer, say \"{DONT_KNOW}.\" " + FENCE_RULE)
     sources = "\n\n".join(fence(f"{h.chunk.where} ({h.chunk.heading})\n{h.chunk.text}" if h.chunk.heading
                                 else f"{h.chunk.where}\n{h.chunk.text}", marker, f"SOURCE {n}")
                           for n, h in enumerate(hits, 1))
