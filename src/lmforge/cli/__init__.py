@@ -39,12 +39,21 @@ VERBS = {
     "fill-mask": ("lmforge.cli.args:FillMaskArgs", "fill_mask", "predict masked words with a BERT-style model"),
     "tokenizer train": ("lmforge.cli.args:TokenizerTrainArgs", "tokenizer_train", "train a BPE tokenizer on text"),
     "tokenizer encode": ("lmforge.cli.args:TokenizerEncodeArgs", "tokenizer_encode", "show the tokens of a text"),
+    "rag index": ("lmforge.cli.rag:RagIndexArgs", "lmforge.cli.rag:rag_index", "index documents for retrieval"),
+    "rag search": ("lmforge.cli.rag:RagSearchArgs", "lmforge.cli.rag:rag_search", "search an index"),
+    "rag ask": ("lmforge.cli.rag:RagAskArgs", "lmforge.cli.rag:rag_ask", "answer a question from an index, citing "
+                "sources"),
+    "rag eval": ("lmforge.cli.rag:RagEvalArgs", "lmforge.cli.rag:rag_eval", "measure retrieval: recall@k and MRR"),
+    "agent": ("lmforge.cli.rag:AgentArgs", "lmforge.cli.rag:agent", "solve a task with tools (calculator, search, "
+              "read) in a ReAct loop"),
 }
 GROUPS = {  # verbs with sub-verbs: (one line of help, description)
     "finetune": ("fine-tune a model: classify (labelled texts) or instruct (instructions)",
                  "Fine-tune a pretrained (or imported) model, fully or with LoRA."),
     "tokenizer": ("train a tokenizer, or see how one splits text",
                   "Byte-level BPE tokenizers (Hugging Face tokenizer.json format)."),
+    "rag": ("ask your documents: index, search, ask with cited sources, evaluate retrieval",
+            "Retrieval-augmented generation: answers that cite the chunks they come from."),
 }
 
 EXAMPLES = {
@@ -99,6 +108,24 @@ EXAMPLES = {
        -d '{"prompt": "Return the", "max_tokens": 20, "temperature": 0}'""",
     "demo": """example:
   lmforge demo --minutes 2""",
+    "rag index": """examples:
+  lmforge rag index pydocs --out runs/pydocs-index                 # the bundled MiniLM encoder
+  lmforge rag index notes/ manual.md faq.jsonl --out runs/notes-index --chunk-tokens 160
+  lmforge rag index notes/ manual.md faq.jsonl --out runs/notes-index   # again: only changed files""",
+    "rag search": """examples:
+  lmforge rag search runs/pydocs-index "serialize an object to a JSON string" -k 3
+  lmforge rag search runs/pydocs-index "json.dumps" --mode bm25 --json""",
+    "rag ask": """examples:
+  lmforge rag ask runs/pydocs-index "How do I read a CSV file?" --model runs/assistant
+  lmforge rag ask runs/pydocs-index "How do I read a CSV file?" --api http://127.0.0.1:8000/v1 --json
+  lmforge rag ask runs/notes-index "When is the deadline?" --model runs/assistant --min-score 0.4""",
+    "rag eval": """example:
+  lmforge rag eval runs/notes-index --qa qa.jsonl -k 5 --mode all
+  # qa.jsonl: {"question": "how do I reset my password?", "path": "faq.md"}""",
+    "agent": """examples:
+  lmforge agent --model runs/calc-agent --tools calculator "What is 4821 * 377?"
+  lmforge agent --api http://127.0.0.1:8000/v1 --tools search:runs/pydocs-index,read:docs/ --confirm \\
+                --log run.jsonl "Which function serializes an object to JSON?" """,
 }
 
 

@@ -59,7 +59,7 @@ class Corpus:
         return f"{' + '.join(where)}: {len(self.documents):,} documents, {self.num_bytes / 1e6:.2f} MB"
 
 
-def _read_text(path: Path) -> str | None:
+def read_text(path: Path) -> str | None:
     """A file's text, or None (with a warning) when it is binary."""
     raw = path.read_bytes()
     if b"\x00" in raw[:8192]:
@@ -72,9 +72,10 @@ def _read_text(path: Path) -> str | None:
     return text
 
 
-def _read_jsonl(path: Path, text_field: str) -> list[str]:
+def read_jsonl(path: Path, text_field: str) -> list[tuple[int, str]]:
+    """(line number, text) of each record of a JSONL file."""
     docs = []
-    text = _read_text(path)
+    text = read_text(path)
     for lineno, line in enumerate((text or "").splitlines(), 1):
         if not line.strip():
             continue
@@ -86,11 +87,11 @@ def _read_jsonl(path: Path, text_field: str) -> list[str]:
             raise LMForgeError(f"{path}:{lineno}: record has no {text_field!r} field")
         if not isinstance(record[text_field], str):
             raise LMForgeError(f"{path}:{lineno}: field {text_field!r} is not a string")
-        docs.append(record[text_field])
+        docs.append((lineno, record[text_field]))
     return docs
 
 
-def _walk(directory: Path) -> list[Path]:
+def text_files(directory: Path) -> list[Path]:
     """Text files under a directory, recursively, in sorted order; hidden entries skipped."""
     found = []
     for root, dirs, files in os.walk(directory):
@@ -100,6 +101,17 @@ def _walk(directory: Path) -> list[Path]:
             if not name.startswith(".") and p.suffix.lower() in TEXT_SUFFIXES | JSONL_SUFFIXES:
                 found.append(p)
     return found
+
+
+def source_files(spec: str) -> list[Path]:
+    """The files a command-line data argument names: a file, or the text files under a directory."""
+    path = Path(spec)
+    if not path.exists():
+        raise LMForgeError(f"no such file or directory: {spec}")
+    files = text_files(path) if path.is_dir() else [path]
+    if path.is_dir() and not files:
+        warn(f"no text files found under {spec}")
+    return files
 
 
 def load_corpus(paths: list[str], text_field: str = "text") -> Corpus:
@@ -115,18 +127,13 @@ def load_corpus(paths: list[str], text_field: str = "text") -> Corpus:
         if spec == BUILTIN:
             docs.extend(pydocs())
             continue
-        path = Path(spec)
-        if not path.exists():
-            raise LMForgeError(f"no such file or directory: {spec}")
-        files = _walk(path) if path.is_dir() else [path]
-        if path.is_dir() and not files:
-            warn(f"no text files found under {spec}")
+        files = source_files(spec)
         n_files += len(files)
         for f in files:
             if f.suffix.lower() in JSONL_SUFFIXES:
-                docs.extend(_read_jsonl(f, text_field))
+                docs.extend(text for _, text in read_jsonl(f, text_field))
             else:
-                text = _read_text(f)
+                text = read_text(f)
                 if text is not None:
                     docs.append(text)
     docs = [d for d in docs if d.strip()]
