@@ -30,6 +30,7 @@ from lmforge.training.align_config import DPOConfig, RewardConfig, RLHFConfig
 from lmforge.training.tasks import dpo as dpo_module
 from lmforge.training.tasks.dpo import dpo_loss, train_dpo
 from lmforge.training.tasks.instruct import InstructConfig, finetune_instruct
+from lmforge.training.tasks.ppo import gae, whiten
 from lmforge.training.tasks.reward import bradley_terry_loss, train_reward
 from lmforge.training.tasks.rlhf import clipped_objective, group_advantages, k3_kl, train_rlhf
 
@@ -228,6 +229,29 @@ def test_grpo_formulas():
     want = [-min(math.exp(n - o) * x, min(max(math.exp(n - o), 0.8), 1.2) * x)
             for n, o, x in zip(new.tolist(), old.tolist(), a.tolist())]
     assert torch.allclose(loss, torch.tensor(want), atol=1e-6) and clipped.tolist() == [1.0, 0.0, 0.0, 1.0]
+
+
+def test_gae_matches_the_recursion():
+    """A_t = delta_t + gamma lam A_{t+1}, delta_t = r_t + gamma V_{t+1} - V_t (V after the last token = 0),
+    over each row's completion only (prompt positions before it, padding after it)."""
+    gamma, lam = 0.9, 0.95
+    r = torch.tensor([[0.0, 0.1, -0.2, 1.0, 0.0], [0.0, 0.0, 0.3, 0.5, 0.0]])
+    v = torch.tensor([[9.0, 0.5, 0.4, 0.2, 9.0], [9.0, 9.0, 0.1, -0.3, 9.0]])
+    mask = torch.tensor([[False, True, True, True, False], [False, False, True, True, False]])
+    adv, returns = gae(r, v, mask, gamma, lam)
+    for row in range(2):
+        ts = [t for t in range(5) if mask[row, t]]
+        want, running = {}, 0.0
+        for i in reversed(range(len(ts))):
+            t = ts[i]
+            next_v = float(v[row, ts[i + 1]]) if i + 1 < len(ts) else 0.0
+            running = float(r[row, t]) + gamma * next_v - float(v[row, t]) + gamma * lam * running
+            want[t] = running
+        for t in range(5):
+            assert float(adv[row, t]) == pytest.approx(want.get(t, 0.0), abs=1e-6)
+            assert float(returns[row, t]) == pytest.approx(want[t] + float(v[row, t]) if t in want else 0.0, abs=1e-6)
+    w = whiten(adv, mask)
+    assert float(w[mask].mean()) == pytest.approx(0, abs=1e-6) and float(w[mask].std()) == pytest.approx(1, abs=1e-4)
 
 
 def rlhf_cfg(sft, rm, data, out, **kw) -> RLHFConfig:
