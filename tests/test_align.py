@@ -154,6 +154,17 @@ def test_reward_model_learns_the_rule(reward_model, data, capsys):
     fails(capsys, "text generation needs a decoder", "generate", str(out), "--prompt", "The")
 
 
+def test_lora_reward_model(sft, data, tmp_path):
+    out = tmp_path / "rm_lora"
+    state = train_reward(RewardConfig(base=str(sft), data=str(data / "prefs.jsonl"), val=str(data / "prefs_val.jsonl"),
+                                      out=str(out), max_steps=20, lr=3e-3, lora_rank=4, eval_every=20, device="cpu"))
+    assert state["metrics"]["val_accuracy"] >= 0.9 and (out / "adapter.safetensors").exists()
+    rm = load(out, device="cpu")  # the adapter over its base, with the trained scalar head
+    assert str(rm.kind) == "reward"
+    assert rm.score("Describe the new list.", "The new list holds the value!", align_data.SYSTEM) > \
+        rm.score("Describe the new list.", "The new list holds the value.", align_data.SYSTEM)
+
+
 def test_score_refuses_what_is_not_a_reward_model(sft, capsys):
     fails(capsys, "not a reward model", "score", str(sft), "-p", "x", "-r", "y")
 
