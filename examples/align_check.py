@@ -15,7 +15,7 @@ from lmforge.text.templates import template_from_json
 from lmforge.training.tasks.instruct import respond
 
 
-def follows_rule(model_dir: str, prompts: str, max_new_tokens: int = 20) -> dict:
+def follows_rule(model_dir: str, prompts: str, max_new_tokens: int = 40) -> dict:
     lm = load(model_dir, device="cpu")
     template = template_from_json(lm.meta.get("chat_template"), lm.tokenizer)
     convs = read_prompts(prompts)
