@@ -165,6 +165,19 @@ def test_lora_reward_model(sft, data, tmp_path):
         rm.score("Describe the new list.", "The new list holds the value.", align_data.SYSTEM)
 
 
+def test_reward_model_resumes_exactly(sft, data, tmp_path):
+    def cfg(out, **kw):
+        return RewardConfig(base=str(sft), data=str(data / "prefs.jsonl"), out=str(out), max_steps=6, save_every=2,
+                            eval_every=3, lr=1e-3, center_rewards=0.01, device="cpu", **kw)
+
+    train_reward(cfg(tmp_path / "full"))
+    state = train_reward(cfg(tmp_path / "part"), on_step=lambda s: s == 3 and signal.raise_signal(signal.SIGINT))
+    assert state["interrupted"] and state["step"] == 3
+    assert train_reward(cfg(tmp_path / "part", resume=True))["step"] == 6
+    a, b = (load_file(str(tmp_path / run / "model.safetensors")) for run in ("full", "part"))
+    assert "head.weight" in a and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
 def test_score_refuses_what_is_not_a_reward_model(sft, capsys):
     fails(capsys, "not a reward model", "score", str(sft), "-p", "x", "-r", "y")
 
