@@ -30,6 +30,14 @@ class LM(Loaded):
                              temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop,
                              stop_ids=self.stop_ids(), stream=stream, repetition_penalty=repetition_penalty, **kw)
 
+    def score(self, prompt: str, response: str, system: str | None = None) -> float:
+        """A reward model's score of `response` as the answer to `prompt` (after an optional
+        system message): higher = preferred."""
+        from .inference.reward import score_answers
+
+        conv = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        return score_answers(self, [conv], [response])[0]
+
     def __repr__(self) -> str:
         c = self.config
         return (f"LM({self.path}: {c.n_layer} layers, width {c.n_embd}, "

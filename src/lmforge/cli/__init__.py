@@ -46,6 +46,15 @@ VERBS = {
     "rag eval": ("lmforge.cli.rag:RagEvalArgs", "lmforge.cli.rag:rag_eval", "measure retrieval: recall@k and MRR"),
     "agent": ("lmforge.cli.rag:AgentArgs", "lmforge.cli.rag:agent", "solve a task with tools (calculator, search, "
               "read) in a ReAct loop"),
+    "align reward": ("lmforge.training.align_config:RewardConfig", "lmforge.cli.align:reward",
+                     "train a reward model on preferences (which answer people liked better)"),
+    "align dpo": ("lmforge.training.align_config:DPOConfig", "lmforge.cli.align:dpo",
+                  "align a model directly on preferences (DPO, IPO, hinge)"),
+    "align rlhf": ("lmforge.training.align_config:RLHFConfig", "lmforge.cli.align:rlhf",
+                   "reinforcement learning from a reward model or a reward function (GRPO)"),
+    "rank": ("lmforge.cli.align:RankArgs", "lmforge.cli.align:rank",
+             "rank sampled answers at the terminal, writing preference data"),
+    "score": ("lmforge.cli.align:ScoreArgs", "lmforge.cli.align:score", "score an answer with a reward model"),
 }
 GROUPS = {  # verbs with sub-verbs: (one line of help, description)
     "finetune": ("fine-tune a model: classify (labelled texts) or instruct (instructions)",
@@ -54,6 +63,8 @@ GROUPS = {  # verbs with sub-verbs: (one line of help, description)
                   "Byte-level BPE tokenizers (Hugging Face tokenizer.json format)."),
     "rag": ("ask your documents: index, search, ask with cited sources, evaluate retrieval",
             "Retrieval-augmented generation: answers that cite the chunks they come from."),
+    "align": ("align a model with preferences: reward (a reward model), dpo, or rlhf",
+              "Alignment: a reward model from preferences, DPO from preferences directly, or RLHF (GRPO/PPO)."),
 }
 
 EXAMPLES = {
@@ -126,6 +137,27 @@ EXAMPLES = {
   lmforge agent --model runs/calc-agent --tools calculator "What is 4821 * 377?"
   lmforge agent --api http://127.0.0.1:8000/v1 --tools search:runs/pydocs-index,read:docs/ --confirm \\
                 --log run.jsonl "Which function serializes an object to JSON?" """,
+    "align reward": """examples:
+  python examples/make_align_data.py data/align
+  lmforge align reward runs/sft --data data/align/prefs.jsonl --val data/align/prefs_val.jsonl --out runs/rm
+  lmforge score runs/rm --prompt "Describe the new list." --response "The new list holds the value!" """,
+    "align dpo": """examples:
+  lmforge align dpo runs/sft --data data/align/prefs.jsonl --out runs/dpo --beta 0.1 --loss sigmoid
+  lmforge align dpo runs/smol-chat --data prefs.jsonl --out runs/smol-dpo --lora-rank 16 --template model""",
+    "align rlhf": """examples:
+  lmforge align rlhf runs/sft --reward runs/rm --prompts data/align/prompts.jsonl --out runs/grpo --max-steps 40
+  cd examples && lmforge align rlhf ../runs/sft --reward-fn make_align_data:exclaims \\
+      --prompts ../data/align/prompts.jsonl --out ../runs/grpo-fn --group-size 8 --kl-coef 0.04""",
+    "rank": """example:
+  lmforge rank runs/sft --prompts data/align/prompts.jsonl --out my_prefs.jsonl -k 3
+  [1/200] Describe the new list.
+    1) The new list holds the value.
+    2) The new list reads the file!
+    3) The new list sorts the key.
+  ranking (best first, e.g. `2 1 3`; `2 = 1 3` ties 2 and 1; s = skip; q = quit): 2 1 = 3""",
+    "score": """examples:
+  lmforge score runs/rm --prompt "Describe the new list." --response "The new list holds the value!"
+  lmforge score runs/rm -p "Describe the new list." -r "The new list holds the value." --json""",
 }
 
 

@@ -15,6 +15,7 @@ class Kind(str, Enum):
     MASKED_LM = "masked-lm"  # a BERT-style encoder with its masked-token head (fill-mask, embed)
     ENCODER = "encoder"  # a bare encoder, e.g. a sentence-embedding model (embed)
     CLASSIFIER = "classifier"  # a body plus a class head (classify)
+    REWARD = "reward"  # a body plus a scalar head on the last token: a reward model (score, align rlhf)
 
     @property
     def generates(self) -> bool:
@@ -23,6 +24,11 @@ class Kind(str, Enum):
     @property
     def is_encoder(self) -> bool:
         return self in (Kind.MASKED_LM, Kind.ENCODER)
+
+    @property
+    def pooled_head(self) -> bool:
+        """A body whose language-model head is replaced by a head on one pooled hidden state."""
+        return self in (Kind.CLASSIFIER, Kind.REWARD)
 
     @property
     def has_lm_head(self) -> bool:

@@ -82,7 +82,7 @@ def load_parts(path: str | Path, dtype: str = "auto") -> tuple[torch.nn.Module, 
     base_path = resolve_base(path, meta)
     base, _, _ = load_parts(base_path, dtype)
     tensors = weights_for_saving(base)
-    if kind_of(meta) is Kind.CLASSIFIER:  # the body of a classifier is the base language model
+    if kind_of(meta).pooled_head:  # the body of a classifier is the base language model
         tensors = {f"backbone.{k}": v for k, v in tensors.items()
                    if not k.startswith(("lm_head.", "head_dense.", "head_norm."))}
     tensors.update(load_weights(path / "adapter.safetensors"))

@@ -58,8 +58,8 @@ def make_skeleton(meta: dict, device: str | torch.device = "meta") -> torch.nn.M
     cfg = ModelConfig.from_dict(meta["model"])
     kind = kind_of(meta)
     with torch.device(device):
-        if kind is Kind.CLASSIFIER:
-            model = Classifier(cfg, len(meta["labels"]), meta.get("pooling", "last"))
+        if kind.pooled_head:  # a reward model is a one-output classifier on the last token
+            model = Classifier(cfg, len(meta["labels"]) if kind is Kind.CLASSIFIER else 1, meta.get("pooling", "last"))
         else:
             model = Transformer(cfg)
         if is_adapter(meta):

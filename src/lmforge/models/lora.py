@@ -8,8 +8,10 @@ folds B A into W for a plain model with no extra inference cost.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
+from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
@@ -35,13 +37,18 @@ class LoRALinear(nn.Linear):
             nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
         self.scale = alpha / rank
         self.drop = nn.Dropout(dropout)
+        self.enabled = True  # False: the base layer alone (see `adapters_off`)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return F.linear(x, self.weight, self.bias)
         update = F.linear(F.linear(self.drop(x), self.lora_a), self.lora_b)
         return F.linear(x, self.weight, self.bias) + update * self.scale
 
     def effective_weight(self) -> torch.Tensor:
         """W + scale * B A: the weight this layer acts with (differentiable in A and B)."""
+        if not self.enabled:
+            return self.weight
         return self.weight + (self.lora_b @ self.lora_a) * self.scale
 
     def merged(self) -> nn.Linear:
@@ -52,6 +59,20 @@ class LoRALinear(nn.Linear):
             if self.bias is not None:
                 out.bias.copy_(self.bias)
         return out
+
+
+@contextlib.contextmanager
+def adapters_off(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model alone, every adapter switched off: the frozen reference of DPO and RLHF
+    without a second copy of the weights in memory."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for m in layers:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.enabled = True
 
 
 def expand_targets(targets: list[str]) -> list[str]:

@@ -53,6 +53,13 @@ def prepare(cfg: FinetuneConfig, dist: Dist, kinds: tuple[Kind, ...] = (Kind.CAU
     return cfg, model, tokenizer, base
 
 
+def hold_out(items: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(training, validation): a seeded random `fraction` held out (none from fewer than 10 items)."""
+    n_val = int(len(items) * fraction) if len(items) >= 10 else 0
+    perm = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [items[i] for i in perm[n_val:]], [items[i] for i in perm[:n_val]]
+
+
 def setup_lora(model: torch.nn.Module, cfg: FinetuneConfig, train_also: tuple[str, ...] = ()) -> dict | None:
     """Wrap the target layers with adapters and freeze the rest; returns the adapter description."""
     if not cfg.lora_rank:

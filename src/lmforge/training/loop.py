@@ -231,6 +231,7 @@ class Trainer:
         evaluate = step % cfg.eval_every == 0 or done
         if step % cfg.log_every == 0 or evaluate or final:
             row = self.log.row(self.record, lr, self.grad_norm)
+            row.update(self.task_metrics())
             if evaluate:
                 row.update(self.evaluate())
                 self.checkpoints.evaluated(row, self.record)
@@ -239,6 +240,19 @@ class Trainer:
         self.log.progress(self.progress)
         if cfg.save_every and step % cfg.save_every == 0 and not final:
             self.checkpoints.save(self.record)
+
+    def task_metrics(self) -> dict:
+        """A task's own training metrics since the last row (DPO's rewards/*, RLHF's reward and KL):
+        its `take_metrics()` gives {name: (sum, count)}, the same names on every rank, summed over
+        the ranks here. Tasks without it log the loss alone."""
+        take = getattr(self.task, "take_metrics", None)
+        if take is None:
+            return {}
+        sums = take()
+        names = sorted(sums)
+        t = self.dist.all_reduce_sum(torch.tensor([v for n in names for v in sums[n]], dtype=torch.float64,
+                                                  device=self.device)).tolist()
+        return {n: round(t[2 * i] / t[2 * i + 1], 6) for i, n in enumerate(names) if t[2 * i + 1] > 0}
 
     def evaluate(self) -> dict:
         """Validation metrics, computed on rank 0 and shared, so every rank decides alike (and a

@@ -74,3 +74,21 @@ class MetricsLog:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+class TaskMetrics:
+    """A task's own running training metrics (a mixin): `note` adds values (names with / are written
+    a__b), the loop's `take_metrics` reads {name: (sum, count)} for `metric_names` and starts afresh."""
+
+    metric_names: tuple[str, ...] = ()
+
+    def note(self, **values) -> None:
+        sums = self.__dict__.setdefault("_sums", {})
+        for name, v in values.items():
+            s = sums.setdefault(name.replace("__", "/"), [0.0, 0.0])
+            s[0] += float(v.detach().float().sum())
+            s[1] += v.numel()
+
+    def take_metrics(self) -> dict[str, tuple[float, float]]:
+        sums = self.__dict__.pop("_sums", {})
+        return {n: tuple(sums.get(n, (0.0, 0.0))) for n in self.metric_names}
