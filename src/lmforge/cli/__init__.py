@@ -39,6 +39,8 @@ VERBS = {
     "fill-mask": ("lmforge.cli.args:FillMaskArgs", "fill_mask", "predict masked words with a BERT-style model"),
     "tokenizer train": ("lmforge.cli.args:TokenizerTrainArgs", "tokenizer_train", "train a BPE tokenizer on text"),
     "tokenizer encode": ("lmforge.cli.args:TokenizerEncodeArgs", "tokenizer_encode", "show the tokens of a text"),
+    "eval": ("lmforge.cli.evals:EvalArgs", "lmforge.cli.evals:eval_",
+             "score a model on tasks: multiple choice, generation, perplexity (lm-evaluation-harness rules)"),
 }
 GROUPS = {  # verbs with sub-verbs: (one line of help, description)
     "finetune": ("fine-tune a model: classify (labelled texts) or instruct (instructions)",
@@ -99,6 +101,11 @@ EXAMPLES = {
        -d '{"prompt": "Return the", "max_tokens": 20, "temperature": 0}'""",
     "demo": """example:
   lmforge demo --minutes 2""",
+    "eval": """examples:
+  lmforge eval runs/demo                                          # the built-in tasks (arithmetic, pydocs, spam)
+  lmforge eval runs/demo --task spam pydocs --shots 5 --json
+  lmforge eval runs/demo --task qa.jsonl --limit 100             # {"context", "choices", "answer"} per line
+  lmforge eval --api http://127.0.0.1:8000/v1 --task arithmetic  # a server, on generation tasks""",
 }
 
 
