@@ -41,12 +41,20 @@ VERBS = {
     "tokenizer encode": ("lmforge.cli.args:TokenizerEncodeArgs", "tokenizer_encode", "show the tokens of a text"),
     "eval": ("lmforge.cli.evals:EvalArgs", "lmforge.cli.evals:eval_",
              "score a model on tasks: multiple choice, generation, perplexity (lm-evaluation-harness rules)"),
+    "scaling sweep": ("lmforge.cli.evals:ScalingSweepArgs", "lmforge.cli.evals:scaling_sweep",
+                      "run an IsoFLOP grid of pretraining runs (resumable)"),
+    "scaling fit": ("lmforge.cli.evals:ScalingFitArgs", "lmforge.cli.evals:scaling_fit",
+                    "fit the scaling law to a sweep (approaches 2 and 3), with a plot"),
+    "scaling predict": ("lmforge.cli.evals:ScalingPredictArgs", "lmforge.cli.evals:scaling_predict",
+                        "predict a loss, or the compute-optimal size for a budget, from a fit"),
 }
 GROUPS = {  # verbs with sub-verbs: (one line of help, description)
     "finetune": ("fine-tune a model: classify (labelled texts) or instruct (instructions)",
                  "Fine-tune a pretrained (or imported) model, fully or with LoRA."),
     "tokenizer": ("train a tokenizer, or see how one splits text",
                   "Byte-level BPE tokenizers (Hugging Face tokenizer.json format)."),
+    "scaling": ("scaling laws: sweep (IsoFLOP runs), fit (Chinchilla approaches 2 and 3), predict",
+                "Measure how loss falls with parameters and data, fit the law, and size a model for a budget."),
 }
 
 EXAMPLES = {
@@ -106,6 +114,16 @@ EXAMPLES = {
   lmforge eval runs/demo --task spam pydocs --shots 5 --json
   lmforge eval runs/demo --task qa.jsonl --limit 100             # {"context", "choices", "answer"} per line
   lmforge eval --api http://127.0.0.1:8000/v1 --task arithmetic  # a server, on generation tasks""",
+    "scaling sweep": """examples:
+  lmforge scaling sweep --data pydocs --sizes d1,d2,d3,d4 --flops 2e11,5e11,1.2e12 --out runs/sweep
+  lmforge scaling sweep --data corpus/ --sizes d2,d4,d6 --flops 1e14,3e14,1e15 --out runs/big --jobs 4""",
+    "scaling fit": """examples:
+  lmforge scaling fit runs/sweep                            # runs/sweep/fit.json and fit.png
+  lmforge scaling fit runs/sweep --max-flops 5e11 --out held.json   # fit the small budgets only""",
+    "scaling predict": """examples:
+  lmforge scaling predict runs/sweep/fit.json --n 3e6 --d 1e8
+  lmforge scaling predict runs/sweep/fit.json --flops 1e15       # the compute-optimal N and D
+  lmforge pretrain --size auto --scaling-fit runs/sweep/fit.json --max-tokens 5e7 --out runs/sized""",
 }
 
 

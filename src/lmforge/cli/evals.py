@@ -97,3 +97,115 @@ def format_table(out: dict) -> str:
         lines.append(f"{'aggregate':<16} {'':<10} {agg['examples']:>5}  {'score':<14} {agg['score']:>7.4f}  "
                      f"{'' if se is None else f'{se:.4f}'}")
     return "\n".join(lines)
+
+
+def _numbers(text: str, what: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise LMForgeError(f"{what} must be comma-separated numbers (e.g. 1e12,3e12), got {text!r}") from None
+    if not values or min(values) <= 0:
+        raise LMForgeError(f"{what} must be positive numbers")
+    return values
+
+
+@dataclass
+class ScalingSweepArgs:
+    """Run an IsoFLOP grid of pretraining runs: for every compute budget (--flops) and every size
+    (--sizes), a run that trains on the tokens the budget allows. N counts every weight but the input
+    embedding lookup; D = C / (the model's exact training FLOPs per token). Resumable: run it again
+    to skip finished runs and resume a killed one; then `lmforge scaling fit SWEEP`."""
+
+    data: list[str] = arg(["pydocs"], "training text: files, directories, .jsonl, or pydocs")
+    sizes: str = arg("d1,d2,d3,d4", "model sizes, comma-separated (dN = N layers of width 64*N)")
+    flops: str = arg("2e11,6e11,2e12", "compute budgets in training FLOPs, comma-separated")
+    out: str = arg(None, "sweep directory (plan, runs, results)")
+    jobs: int = arg(1, "runs at once (each gets cores / jobs threads, or OMP_NUM_THREADS)", ge=1)
+    arch: str = arg("gpt2", "architecture", choices=["gpt2", "llama"])
+    context_length: int = arg(128, "tokens per training sequence", ge=8)
+    batch_size: int = arg(8, "sequences per step", ge=1)
+    vocab_size: int | None = arg(None, "tokenizer size (default: from the corpus size)", ge=256)
+    eval_batches: int = arg(16, "validation batches for each run's final loss", ge=1)
+    seed: int = arg(1337, "seed of every run")
+    device: str = arg("auto", DEVICE_HELP)
+
+
+def scaling_sweep(ns) -> None:
+    a = from_namespace(ScalingSweepArgs, ns)
+    from ..eval.sweep import SweepSettings, sweep
+    from ..models.sizing import depth_of
+
+    if not a.out:
+        raise LMForgeError("--out is required (the sweep directory)")
+    depths = sorted({depth_of(s.strip()) for s in a.sizes.split(",") if s.strip()})
+    budgets = sorted(set(_numbers(a.flops, "--flops")))
+    settings = SweepSettings(a.data, a.arch, a.context_length, a.batch_size, a.vocab_size, a.eval_batches, a.seed)
+    results = sweep(settings, depths, budgets, a.out, a.jobs, a.device)
+    failed = [r["name"] for r in results if "error" in r]
+    print(json.dumps({"runs": len(results), "failed": failed, "out": a.out}))
+
+
+@dataclass
+class ScalingFitArgs:
+    """Fit L(N, D) = E + A/N^alpha + B/D^beta to a sweep's runs (Chinchilla's approach 3: Huber loss
+    of log residuals, L-BFGS from a grid of starts, bootstrap intervals), the IsoFLOP parabolas
+    (approach 2), and the compute-optimal rule N_opt(C) = G (C/6)^(beta/(alpha+beta)). Writes the
+    fit as JSON and a plot; runs that failed are listed and left out."""
+
+    sweep: str = arg(None, "sweep directory (from `lmforge scaling sweep`)", positional=True)
+    out: str | None = arg(None, "fit JSON to write (default: SWEEP/fit.json); the plot goes next to it (.png)")
+    max_flops: float | None = arg(None, "fit only the runs of budgets up to this (e.g. to predict bigger ones)", gt=0)
+    bootstrap: int = arg(100, "bootstrap resamples for the confidence intervals (0 = none)", ge=0)
+    plot: bool = arg(True, "write the plot")
+
+
+def scaling_fit(ns) -> None:
+    a = from_namespace(ScalingFitArgs, ns)
+    from pathlib import Path
+
+    from ..core.fileio import atomic_write_json
+    from ..eval.scaling import comparison, fit_sweep, read_sweep
+
+    runs, failed = read_sweep(a.sweep)
+    for r in failed:
+        print(f"skipped {r['name']}: {r.get('error', 'no validation loss')}", file=sys.stderr)
+    if a.max_flops:
+        runs = [r for r in runs if r.get("planned_flops", r["flops"]) <= a.max_flops]
+    fit = fit_sweep(runs, a.bootstrap)
+    fit["skipped"] = [r["name"] for r in failed]
+    out = Path(a.out or Path(a.sweep) / "fit.json")
+    atomic_write_json(out, fit)
+    print("\n".join(comparison(fit)), file=sys.stderr)
+    if a.plot:
+        from ..eval.scaling_plot import plot_fit
+
+        plot_fit(fit, out.with_suffix(".png"))
+    print(json.dumps({"fit": str(out), "plot": str(out.with_suffix(".png")) if a.plot else None,
+                      **{k: round(fit["approach3"][k], 6) for k in ("E", "A", "B", "alpha", "beta")},
+                      "n_opt_exponent": round(fit["compute_optimal"]["n_opt_exponent"], 6), "points": fit["points"],
+                      "skipped": fit["skipped"]}))
+
+
+@dataclass
+class ScalingPredictArgs:
+    """Use a fitted scaling law: the predicted loss of a model of N parameters trained on D tokens,
+    and, for a compute budget C, the compute-optimal N and D (C = 6 N D)."""
+
+    fit: str = arg(None, "fit JSON (from `lmforge scaling fit`)", positional=True)
+    n: float | None = arg(None, "parameters N (every weight but the input embedding)", gt=0)
+    d: float | None = arg(None, "training tokens D", gt=0)
+    flops: float | None = arg(None, "compute budget C in training FLOPs", gt=0)
+
+
+def scaling_predict(ns) -> None:
+    a = from_namespace(ScalingPredictArgs, ns)
+    from pathlib import Path
+
+    from ..eval.scaling import predict
+
+    try:
+        fit = json.loads(Path(a.fit).read_text())
+        fit["approach3"]["alpha"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise LMForgeError(f"{a.fit} is not a fit from `lmforge scaling fit`") from None
+    print(json.dumps(predict(fit, a.n, a.d, a.flops)))
