@@ -41,6 +41,8 @@ VERBS = {
     "tokenizer encode": ("lmforge.cli.args:TokenizerEncodeArgs", "tokenizer_encode", "show the tokens of a text"),
     "eval": ("lmforge.cli.evals:EvalArgs", "lmforge.cli.evals:eval_",
              "score a model on tasks: multiple choice, generation, perplexity (lm-evaluation-harness rules)"),
+    "judge": ("lmforge.cli.evals:JudgeArgs", "lmforge.cli.evals:judge",
+              "grade answers with an LLM judge: 1-10 ratings, or pairwise A/B with position swapping"),
     "scaling sweep": ("lmforge.cli.evals:ScalingSweepArgs", "lmforge.cli.evals:scaling_sweep",
                       "run an IsoFLOP grid of pretraining runs (resumable)"),
     "scaling fit": ("lmforge.cli.evals:ScalingFitArgs", "lmforge.cli.evals:scaling_fit",
@@ -114,6 +116,10 @@ EXAMPLES = {
   lmforge eval runs/demo --task spam pydocs --shots 5 --json
   lmforge eval runs/demo --task qa.jsonl --limit 100             # {"context", "choices", "answer"} per line
   lmforge eval --api http://127.0.0.1:8000/v1 --task arithmetic  # a server, on generation tasks""",
+    "judge": """examples:
+  lmforge judge --api http://127.0.0.1:8000/v1 --answers answers.jsonl          # {question, answer} per line
+  lmforge judge --api http://127.0.0.1:8000/v1 --answers pairs.jsonl --pairwise --rubric rubric.txt
+  -> {"pairs": 50, "wins_a": 21, "wins_b": 12, "ties": 17, "win_rate_a": 0.59, ...}""",
     "scaling sweep": """examples:
   lmforge scaling sweep --data pydocs --sizes d1,d2,d3,d4 --flops 2e11,5e11,1.2e12 --out runs/sweep
   lmforge scaling sweep --data corpus/ --sizes d2,d4,d6 --flops 1e14,3e14,1e15 --out runs/big --jobs 4""",

@@ -117,7 +117,8 @@ class ScalingSweepArgs:
     to skip finished runs and resume a killed one; then `lmforge scaling fit SWEEP`."""
 
     data: list[str] = arg(["pydocs"], "training text: files, directories, .jsonl, or pydocs")
-    sizes: str = arg("d1,d2,d3,d4", "model sizes, comma-separated (dN = N layers of width 64*N)")
+    sizes: str = arg("d1,d2,d3,d4", "model sizes, comma-separated: dN (N layers of width 64*N) or LxW (L layers of "
+                     "width W, e.g. 1x32)")
     flops: str = arg("2e11,6e11,2e12", "compute budgets in training FLOPs, comma-separated")
     out: str = arg(None, "sweep directory (plan, runs, results)")
     jobs: int = arg(1, "runs at once (each gets cores / jobs threads, or OMP_NUM_THREADS)", ge=1)
@@ -132,15 +133,16 @@ class ScalingSweepArgs:
 
 def scaling_sweep(ns) -> None:
     a = from_namespace(ScalingSweepArgs, ns)
-    from ..eval.sweep import SweepSettings, sweep
-    from ..models.sizing import depth_of
+    from ..eval.sweep import SweepSettings, parse_size, sweep
 
     if not a.out:
         raise LMForgeError("--out is required (the sweep directory)")
-    depths = sorted({depth_of(s.strip()) for s in a.sizes.split(",") if s.strip()})
+    sizes = [s.strip() for s in a.sizes.split(",") if s.strip()]
+    for s in sizes:
+        parse_size(s)  # refuse a bad size before any work
     budgets = sorted(set(_numbers(a.flops, "--flops")))
     settings = SweepSettings(a.data, a.arch, a.context_length, a.batch_size, a.vocab_size, a.eval_batches, a.seed)
-    results = sweep(settings, depths, budgets, a.out, a.jobs, a.device)
+    results = sweep(settings, sizes, budgets, a.out, a.jobs, a.device)
     failed = [r["name"] for r in results if "error" in r]
     print(json.dumps({"runs": len(results), "failed": failed, "out": a.out}))
 
@@ -209,3 +211,48 @@ def scaling_predict(ns) -> None:
     except (OSError, ValueError, KeyError, TypeError):
         raise LMForgeError(f"{a.fit} is not a fit from `lmforge scaling fit`") from None
     print(json.dumps(predict(fit, a.n, a.d, a.flops)))
+
+
+@dataclass
+class JudgeArgs:
+    """Grade answers with an LLM judge (any OpenAI-compatible chat server, or a local model): a 1-10
+    rating with a reason per answer, or with --pairwise A/B verdicts asked in both orders (a win
+    counts only when both orders agree, which cancels position bias). Writes one JSON line per record
+    and prints a summary (mean score, or wins/ties/win rate, with standard errors)."""
+
+    answers: str = arg(None, "JSONL: {question, answer[, reference]} per line, or {question, answer_a, answer_b} "
+                       "with --pairwise")
+    api: str | None = arg(None, "the judge: an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1")
+    model: str | None = arg(None, "the judge: a local model directory (instead of --api)")
+    api_model: str | None = arg(None, "model name to ask the server for (default: its first)")
+    api_key: str | None = arg(None, "bearer token for the server")
+    rubric: str | None = arg(None, "a text file with the grading criteria (default: helpfulness, correctness, "
+                             "relevance, clarity)")
+    pairwise: bool = arg(False, "compare two answers per question instead of rating one")
+    out: str | None = arg(None, "JSONL of every judgement (default: ANSWERS with .judged.jsonl)")
+    max_tokens: int = arg(256, "longest judgement in tokens", ge=1)
+    timeout: float = arg(120.0, "seconds to wait for the judge", gt=0)
+    device: str = arg("auto", DEVICE_HELP)
+
+
+def judge(ns) -> None:
+    a = from_namespace(JudgeArgs, ns)
+    from pathlib import Path
+
+    from ..core.fileio import atomic_write
+    from ..eval.judge import DEFAULT_RUBRIC, judge_pairwise, judge_single, read_answers, summary
+    from ..inference.client import open_generator
+
+    if not a.answers:
+        raise LMForgeError("--answers is required")
+    rubric = DEFAULT_RUBRIC
+    if a.rubric:
+        rubric = Path(a.rubric).read_text(encoding="utf-8", errors="replace").strip()[:4000]
+        if not rubric:
+            raise LMForgeError(f"--rubric {a.rubric} is empty")
+    rows = read_answers(a.answers, a.pairwise)
+    judge_model = open_generator(a.model, a.api, a.api_model, a.api_key, a.device, a.timeout)
+    results = (judge_pairwise if a.pairwise else judge_single)(judge_model, rows, rubric, a.max_tokens)
+    out = a.out or str(Path(a.answers).with_suffix("")) + ".judged.jsonl"
+    atomic_write(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results))
+    print(json.dumps({**summary(results, a.pairwise), "judge": judge_model.name, "out": out}))

@@ -1,10 +1,10 @@
 """`lmforge scaling sweep`: an IsoFLOP grid of pretraining runs, resumable, for `scaling fit`.
 
-For each compute budget C and each size dN, the run trains on the tokens the budget allows:
-D = C / (FLOPs per token of that shape), the model's exact training FLOPs per token (6 per weight
-plus attention's work; `models.config.flops_per_token`). N, the parameter count, is the weights
-that cost compute per token: every weight but the input embedding lookup (the output layer
-counts; `models.sizing.trained_params`), so C = 6 N D + the attention term.
+For each compute budget C and each size (dN, or LxW: L layers of width W), the run trains on the
+tokens the budget allows: D = C / (FLOPs per token of that shape), the model's exact training FLOPs
+per token (6 per weight plus attention's work; `models.config.flops_per_token`). N, the parameter
+count, is the weights that cost compute per token: every weight but the input embedding lookup (the
+output layer counts; `models.sizing.trained_params`), so C = 6 N D + the attention term.
 
 Every run is `lmforge pretrain` in a child process, sharing one tokenizer (SWEEP/tokenizer.json)
 and one train/validation split. SWEEP/sweep.json holds the plan; SWEEP/runs/NAME/ each run;
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -44,15 +45,29 @@ class SweepSettings:
     seed: int = 1337
 
 
-def run_name(flops: float, depth: int) -> str:
-    return f"C{flops:.3g}_d{depth}".replace("+", "")
+def parse_size(text: str) -> tuple[str, int, int]:
+    """"dN" (N layers of width 64*N) or "LxW" (L layers of width W) -> (label, n_layer, n_embd)."""
+    from ..models.sizing import depth_of
+
+    m = re.fullmatch(r"(\d+)x(\d+)", text.strip())
+    if m:
+        n_layer, n_embd = int(m.group(1)), int(m.group(2))
+        if not (1 <= n_layer <= 64 and 8 <= n_embd <= 8192 and n_embd % 8 == 0):
+            raise LMForgeError(f"size {text!r}: LxW needs 1-64 layers and a width of 8-8192, a multiple of 8")
+        return f"{n_layer}x{n_embd}", n_layer, n_embd
+    depth = depth_of(text.strip())
+    return f"d{depth}", depth, 64 * depth
 
 
-def plan(settings: SweepSettings, depths: list[int], budgets: list[float], out: Path) -> list[dict]:
+def run_name(flops: float, label: str) -> str:
+    return f"C{flops:.3g}_{label}".replace("+", "")
+
+
+def plan(settings: SweepSettings, sizes: list[str], budgets: list[float], out: Path) -> list[dict]:
     """The grid: one entry per (budget, size) with N, the planned D and C. Trains (or reuses) the
     sweep's tokenizer, whose size fixes the output layer and so the FLOPs per token."""
     from ..models.config import flops_per_token
-    from ..models.sizing import sized_config, trained_params
+    from ..models.sizing import arch_config, trained_params
     from ..text.corpus import load_corpus
     from ..text.tokenizer import Tokenizer, auto_vocab_size
     from ..training.pretrain import padded_vocab
@@ -74,13 +89,14 @@ def plan(settings: SweepSettings, depths: list[int], budgets: list[float], out: 
     tokens_per_step = settings.batch_size * settings.context_length
     runs = []
     for c in budgets:
-        for d in depths:
-            cfg = sized_config(settings.arch, d, vocab, settings.context_length)
+        for label, n_layer, n_embd in map(parse_size, sizes):
+            cfg = arch_config(settings.arch, vocab, settings.context_length, n_layer, n_embd)
             tokens = c / flops_per_token(cfg)
             if tokens < 4 * tokens_per_step:
-                raise LMForgeError(f"budget {c:g} gives d{d} only {tokens:,.0f} tokens (under 4 steps of "
+                raise LMForgeError(f"budget {c:g} gives {label} only {tokens:,.0f} tokens (under 4 steps of "
                                    f"{tokens_per_step}); raise --flops or drop the size")
-            runs.append({"name": run_name(c, d), "size": f"d{d}", "flops": c, "params": trained_params(cfg),
+            runs.append({"name": run_name(c, label), "size": label, "n_layer": n_layer, "n_embd": n_embd, "flops": c,
+                         "params": trained_params(cfg),
                          "tokens": int(tokens), "flops_per_token": flops_per_token(cfg)})
     known = {r["name"]: r for r in (json.loads(saved.read_text())["runs"] if saved.exists() else [])}
     known.update({r["name"]: r for r in runs})
@@ -94,7 +110,8 @@ def _command(settings: SweepSettings, run: dict, out: Path, device: str) -> list
     if (rundir / "state").exists() and (rundir / "train_config.yaml").exists():
         return base + ["--resume", "--device", device]  # a killed run: continue exactly where it stopped
     return base + ["--overwrite", "--data", *settings.data, "--tokenizer", str(out / "tokenizer.json"),
-                   "--arch", settings.arch, "--size", run["size"], "--context-length", str(settings.context_length),
+                   "--arch", settings.arch, "--n-layer", str(run["n_layer"]), "--n-embd", str(run["n_embd"]),
+                   "--context-length", str(settings.context_length),
                    "--batch-size", str(settings.batch_size), "--max-tokens", str(run["tokens"]),
                    "--eval-every", str(10**9), "--eval-batches", str(settings.eval_batches), "--keep", "last",
                    "--save-every", str(SAVE_EVERY), "--log-every", "10", "--seed", str(settings.seed),
@@ -136,11 +153,11 @@ def run_one(settings: SweepSettings, run: dict, out: Path, device: str, threads:
     return result
 
 
-def sweep(settings: SweepSettings, depths: list[int], budgets: list[float], out: str | Path, jobs: int = 1,
+def sweep(settings: SweepSettings, sizes: list[str], budgets: list[float], out: str | Path, jobs: int = 1,
           device: str = "auto") -> list[dict]:
     """Run every grid point not finished yet, `jobs` at a time; the results of the whole grid."""
     out = Path(out)
-    runs = plan(settings, depths, budgets, out)
+    runs = plan(settings, sizes, budgets, out)
     done, todo = [], []
     for run in runs:
         res = out / "results" / f"{run['name']}.json"
