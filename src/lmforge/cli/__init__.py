@@ -119,7 +119,7 @@ EXAMPLES = {
     "judge": """examples:
   lmforge judge --api http://127.0.0.1:8000/v1 --answers answers.jsonl          # {question, answer} per line
   lmforge judge --api http://127.0.0.1:8000/v1 --answers pairs.jsonl --pairwise --rubric rubric.txt
-  -> {"pairs": 50, "wins_a": 21, "wins_b": 12, "ties": 17, "win_rate_a": 0.59, ...}""",
+  # prints {"pairs", "wins_a", "wins_b", "ties", "inconsistent", "win_rate_a", ...}; verdicts in pairs.judged.jsonl""",
     "scaling sweep": """examples:
   lmforge scaling sweep --data pydocs --sizes d1,d2,d3,d4 --flops 2e11,5e11,1.2e12 --out runs/sweep
   lmforge scaling sweep --data corpus/ --sizes d2,d4,d6 --flops 1e14,3e14,1e15 --out runs/big --jobs 4""",
