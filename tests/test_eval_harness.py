@@ -34,6 +34,7 @@ def test_acc_and_acc_norm_by_hand(monkeypatch):
     task = Task("t", "choice", [{"context": "Q", "choices": ["a", "bbbb"], "answer": 1},
                                 {"context": "R", "choices": ["cc", "d"], "answer": 0}])
     monkeypatch.setattr(harness, "loglikelihoods", lambda lm, pairs, bs: [-2.0, -4.0, -3.0, -2.0])
+    monkeypatch.setattr(harness, "require", lambda *a: None)  # no model at all: the scores are given
     metrics, samples = run_task(task, lm=object())
     # doc 1: acc -> 0 (wrong), norm: -2/1 vs -4/4 -> 1 (right); doc 2: acc -> 1 (wrong), norm: -3/2 vs -2/1 -> 0 (right)
     assert metrics["acc"] == 0.0 and metrics["acc_norm"] == 1.0

@@ -22,6 +22,7 @@ import torch
 
 from ..core.errors import LMForgeError
 from ..core.runtime import autocast
+from ..formats.kinds import require
 from ..formats.load import Loaded
 from .tasks import HARNESS_SEED, Task
 
@@ -149,6 +150,9 @@ def run_task(task: Task, lm: Loaded | None = None, generator=None, shots: int = 
         return {**head, **evaluate_text(lm, [task.path], batch_size=batch_size)}, []
     if not task.docs:
         raise LMForgeError(f"task {task.name} has no documents")
+    if lm is not None:
+        require(lm.meta, str(lm.path), f"task {task.name} ({task.kind}) needs a causal language model",
+                lambda k: k.generates)
     contexts = task.contexts(shots, seed, limit)
     docs = task.docs[:limit]
     if task.kind == "choice":
