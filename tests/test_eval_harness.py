@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
 from helpers import fails
 
 from lmforge.cli import main
+from lmforge.core.errors import LMForgeError
 from lmforge.eval import harness
 from lmforge.eval.builtin import arithmetic_docs, pydocs_docs
 from lmforge.eval.evaluate import evaluate_text
@@ -34,8 +36,8 @@ def test_acc_and_acc_norm_by_hand(monkeypatch):
     task = Task("t", "choice", [{"context": "Q", "choices": ["a", "bbbb"], "answer": 1},
                                 {"context": "R", "choices": ["cc", "d"], "answer": 0}])
     monkeypatch.setattr(harness, "loglikelihoods", lambda lm, pairs, bs: [-2.0, -4.0, -3.0, -2.0])
-    monkeypatch.setattr(harness, "require", lambda *a: None)  # no model at all: the scores are given
-    metrics, samples = run_task(task, lm=object())
+    no_model = SimpleNamespace(meta={"kind": "causal-lm"}, path="m")  # the scores are given: no model runs
+    metrics, samples = run_task(task, lm=no_model)
     # doc 1: acc -> 0 (wrong), norm: -2/1 vs -4/4 -> 1 (right); doc 2: acc -> 1 (wrong), norm: -3/2 vs -2/1 -> 0 (right)
     assert metrics["acc"] == 0.0 and metrics["acc_norm"] == 1.0
     assert [s["pick"] for s in samples] == [0, 1] and [s["pick_norm"] for s in samples] == [1, 0]
@@ -176,4 +178,6 @@ def test_bad_tasks_are_one_line_errors(tiny_run, tmp_path, capsys):
           "--shots", "5")
     fails(capsys, "not a built-in task", "eval", str(tiny_run), "--task", "nope")
     fails(capsys, "missing required argument(s): MODEL_DIR", "eval", "--task", "spam")
+    with pytest.raises(LMForgeError, match="needs a causal language model"):
+        run_task(load_task("spam")[0], SimpleNamespace(meta={"kind": "classifier"}, path="m"))
     fails(capsys, "not both", "eval", str(tiny_run), "--api", "http://127.0.0.1:9/v1")
