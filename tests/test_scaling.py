@@ -15,7 +15,7 @@ import pytest
 from helpers import fails
 
 from lmforge.cli import main
-from lmforge.eval.scaling import compute_optimal, fit_sweep, law_loss, predict
+from lmforge.eval.scaling import comparison, compute_optimal, fit_sweep, law_loss, predict
 from lmforge.models.sizing import choose_depth, fitted_tokens_per_param
 
 TRUE = {"E": 1.8, "A": 300.0, "B": 800.0, "alpha": 0.34, "beta": 0.28}
@@ -46,6 +46,9 @@ def test_fit_recovers_a_known_law():
     assert abs(fit["compute_optimal"]["n_opt_exponent"] - a_true) < 0.03
     # approach 2 finds each budget's minimum from parabolas alone, and the same exponent roughly
     assert abs(fit["approach2"]["n_opt_exponent"] - a_true) < 0.08
+    assert not any(line.startswith("warning") for line in comparison(fit))
+    data_only = [{**r, "val_loss": 2 + 50 / r["tokens"] ** 0.3} for r in synthetic_runs()]  # N does not matter
+    assert comparison(fit_sweep(data_only, 0))[-1].startswith("warning: the sweep does not bracket the optimum")
     exact = fit_sweep(synthetic_runs(noise=0.0), bootstrap_samples=0)["approach3"]
     assert all(abs(exact[k] / TRUE[k] - 1) < 1e-3 for k in TRUE)  # without noise: the law itself
 

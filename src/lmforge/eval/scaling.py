@@ -203,6 +203,11 @@ def comparison(fit: dict) -> list[str]:
     for m in a2["minima"]:
         where = m.get("note") or f"N_opt {m['n_opt']:,.0f}" + ("" if m["inside"] else " (outside the sizes run)")
         lines.append(f"  C = {m['flops']:.3g}: {where}")
+    bracketed = any(m.get("inside") for m in a2["minima"])
+    if p["E"] < 1e-3 or max(p["alpha"], p["beta"]) > 2 or not bracketed:
+        lines.append("warning: the sweep does not bracket the optimum (no IsoFLOP minimum inside the sizes run, or an "
+                     "exponent or E at an extreme): the law is not reliable for sizing; add smaller sizes or bigger "
+                     "budgets")
     return lines
 
 
