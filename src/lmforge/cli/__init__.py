@@ -55,6 +55,16 @@ VERBS = {
     "rank": ("lmforge.cli.align:RankArgs", "lmforge.cli.align:rank",
              "rank sampled answers at the terminal, writing preference data"),
     "score": ("lmforge.cli.align:ScoreArgs", "lmforge.cli.align:score", "score an answer with a reward model"),
+    "eval": ("lmforge.cli.evals:EvalArgs", "lmforge.cli.evals:eval_",
+             "score a model on tasks: multiple choice, generation, perplexity (lm-evaluation-harness rules)"),
+    "judge": ("lmforge.cli.evals:JudgeArgs", "lmforge.cli.evals:judge",
+              "grade answers with an LLM judge: 1-10 ratings, or pairwise A/B with position swapping"),
+    "scaling sweep": ("lmforge.cli.evals:ScalingSweepArgs", "lmforge.cli.evals:scaling_sweep",
+                      "run an IsoFLOP grid of pretraining runs (resumable)"),
+    "scaling fit": ("lmforge.cli.evals:ScalingFitArgs", "lmforge.cli.evals:scaling_fit",
+                    "fit the scaling law to a sweep (approaches 2 and 3), with a plot"),
+    "scaling predict": ("lmforge.cli.evals:ScalingPredictArgs", "lmforge.cli.evals:scaling_predict",
+                        "predict a loss, or the compute-optimal size for a budget, from a fit"),
 }
 GROUPS = {  # verbs with sub-verbs: (one line of help, description)
     "finetune": ("fine-tune a model: classify (labelled texts) or instruct (instructions)",
@@ -65,6 +75,8 @@ GROUPS = {  # verbs with sub-verbs: (one line of help, description)
             "Retrieval-augmented generation: answers that cite the chunks they come from."),
     "align": ("align a model with preferences: reward (a reward model), dpo, or rlhf",
               "Alignment: a reward model from preferences, DPO from preferences directly, or RLHF (GRPO/PPO)."),
+    "scaling": ("scaling laws: sweep (IsoFLOP runs), fit (Chinchilla approaches 2 and 3), predict",
+                "Measure how loss falls with parameters and data, fit the law, and size a model for a budget."),
 }
 
 EXAMPLES = {
@@ -158,6 +170,25 @@ EXAMPLES = {
     "score": """examples:
   lmforge score runs/rm --prompt "Describe the new list." --response "The new list holds the value!"
   lmforge score runs/rm -p "Describe the new list." -r "The new list holds the value." --json""",
+    "eval": """examples:
+  lmforge eval runs/demo                                          # the built-in tasks (arithmetic, pydocs, spam)
+  lmforge eval runs/demo --task spam pydocs --shots 5 --json
+  lmforge eval runs/demo --task qa.jsonl --limit 100             # {"context", "choices", "answer"} per line
+  lmforge eval --api http://127.0.0.1:8000/v1 --task arithmetic  # a server, on generation tasks""",
+    "judge": """examples:
+  lmforge judge --api http://127.0.0.1:8000/v1 --answers answers.jsonl          # {question, answer} per line
+  lmforge judge --api http://127.0.0.1:8000/v1 --answers pairs.jsonl --pairwise --rubric rubric.txt
+  # prints {"pairs", "wins_a", "wins_b", "ties", "inconsistent", "win_rate_a", ...}; verdicts in pairs.judged.jsonl""",
+    "scaling sweep": """examples:
+  lmforge scaling sweep --data pydocs --sizes d1,d2,d3,d4 --flops 2e11,5e11,1.2e12 --out runs/sweep
+  lmforge scaling sweep --data corpus/ --sizes d2,d4,d6 --flops 1e14,3e14,1e15 --out runs/big --jobs 4""",
+    "scaling fit": """examples:
+  lmforge scaling fit runs/sweep                            # runs/sweep/fit.json and fit.png
+  lmforge scaling fit runs/sweep --max-flops 5e11 --out held.json   # fit the small budgets only""",
+    "scaling predict": """examples:
+  lmforge scaling predict runs/sweep/fit.json --n 3e6 --d 1e8
+  lmforge scaling predict runs/sweep/fit.json --flops 1e15       # the compute-optimal N and D
+  lmforge pretrain --size auto --scaling-fit runs/sweep/fit.json --max-tokens 5e7 --out runs/sized""",
 }
 
 

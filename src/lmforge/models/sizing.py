@@ -106,17 +106,33 @@ def measure_step_seconds(cfg: ModelConfig, batch_size: int, device: torch.device
     return min(times[1:])
 
 
+def fitted_tokens_per_param(path: str) -> Callable[[float], float]:
+    """The compute-optimal tokens per parameter at budget C by a fit from `lmforge scaling fit`:
+    N_opt = G (C/6)^a, D_opt = C / (6 N_opt), so D_opt / N_opt = (C/6)^(1-2a) / G^2."""
+    import json
+
+    try:
+        rule = json.loads(open(path).read())["compute_optimal"]
+        g, a = float(rule["G"]), float(rule["n_opt_exponent"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise LMForgeError(f"--scaling-fit {path} is not a fit from `lmforge scaling fit`") from None
+    return lambda c: (c / 6) ** (1 - 2 * a) / g ** 2
+
+
 def choose_depth(arch: str, vocab_size: int, context_length: int, tokens_per_step: int, *,
                  max_tokens: float | None, seconds: float | None,
                  step_seconds: Callable[[ModelConfig], float],
-                 unique_tokens: float | None = None) -> tuple[int, list[str]]:
+                 unique_tokens: float | None = None,
+                 tokens_per_param: Callable[[float], float] | None = None) -> tuple[int, list[str]]:
     """The depth whose effective tokens per parameter, under the budget, is closest to the optimum
     (`unique_tokens`: the size of the training data, to discount repeated passes).
 
     With a token budget the answer follows directly. With a time budget, throughput is measured
     on a probe model; the probe moves to the chosen size until the choice stops changing, since
-    small models use the machine less efficiently than big ones.
+    small models use the machine less efficiently than big ones. `tokens_per_param(C)`: the
+    optimal ratio at compute C (a fitted scaling law), instead of the fixed ~20.
     """
+    ratio = tokens_per_param or (lambda c: TOKENS_PER_PARAM)
     if (max_tokens is not None and max_tokens <= 0) or (seconds is not None and seconds <= 0):
         raise LMForgeError("--size auto needs a positive budget")
     cfgs = {d: sized_config(arch, d, vocab_size, context_length) for d in range(1, MAX_DEPTH + 1)}
@@ -125,7 +141,8 @@ def choose_depth(arch: str, vocab_size: int, context_length: int, tokens_per_ste
     def pick(tokens_of: Callable[[int], float]) -> int:
         def distance(d: int) -> float:
             useful = effective_tokens(tokens_of(d), unique_tokens)
-            return abs(math.log(useful / (TOKENS_PER_PARAM * trained_params(cfgs[d]))))
+            n = trained_params(cfgs[d])
+            return abs(math.log(useful / (ratio(6 * n * useful) * n)))
 
         return min(cfgs, key=distance)
 
@@ -162,7 +179,8 @@ def choose_depth(arch: str, vocab_size: int, context_length: int, tokens_per_ste
     worth = f", worth {useful / n:.0f} new ones" if useful < max_tokens else ""
     report.append(f"chose d{depth}: {cfgs[depth].n_layer} layers, width {cfgs[depth].n_embd}, "
                   f"{cfgs[depth].n_head} heads, {n / 1e6:.2f}M parameters -> "
-                  f"{max_tokens / n:.0f} tokens per parameter{worth} (compute-optimal is ~{TOKENS_PER_PARAM})")
+                  f"{max_tokens / n:.0f} tokens per parameter{worth} (compute-optimal is ~{ratio(6 * n * useful):.0f}"
+                  f"{' by the scaling fit' if tokens_per_param else ''})")
     warning = unique_tokens and passes_warning(max_tokens, unique_tokens)
     if warning:
         report.append(f"warning: {warning}")

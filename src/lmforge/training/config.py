@@ -65,6 +65,8 @@ class PretrainConfig(TrainConfig):
     mask_rate: float = arg(0.15, "mlm: share of tokens to predict (of those: 80%% masked, 10%% random, 10%% kept)",
                            gt=0, lt=1)
     size: str = arg("auto", "model size: auto (best use of the budget), or dN = N layers of width 64*N")
+    scaling_fit: str | None = arg(None, "with --size auto: size by this fit's compute-optimal rule (from `lmforge "
+                                  "scaling fit`) instead of ~20 tokens per parameter")
     n_layer: int | None = arg(None, "number of transformer blocks (overrides --size)", ge=1)
     n_embd: int | None = arg(None, "model width (overrides --size)", ge=1)
     n_head: int | None = arg(None, "attention heads (default: width / 64)", ge=1)

@@ -16,7 +16,15 @@ from ..data.tokens import prepare
 from ..formats.kinds import Kind
 from ..formats.modeldir import check_vocab, read_config, save_model_dir
 from ..models.config import ModelConfig
-from ..models.sizing import arch_config, choose_depth, depth_of, measure_step_seconds, passes_warning, sized_config
+from ..models.sizing import (
+    arch_config,
+    choose_depth,
+    depth_of,
+    fitted_tokens_per_param,
+    measure_step_seconds,
+    passes_warning,
+    sized_config,
+)
 from ..models.transformer import Transformer
 from ..text.corpus import Corpus, _cache_dir, load_corpus
 from ..text.tokenizer import Tokenizer, auto_vocab_size
@@ -72,7 +80,8 @@ def build_model_config(cfg: PretrainConfig, vocab: int, out: Path, tokens_per_st
         depth, report = dist_info.on_main(  # measured once, on rank 0; the others take its choice
             choose_depth, cfg.arch, vocab, cfg.context_length, tokens_per_step, max_tokens=max_tokens,
             seconds=seconds, step_seconds=lambda c: measure_step_seconds(c, cfg.batch_size, device),
-            unique_tokens=train_tokens)
+            unique_tokens=train_tokens,
+            tokens_per_param=fitted_tokens_per_param(cfg.scaling_fit) if cfg.scaling_fit else None)
         for line in report:
             dist_info.say(f"size auto: {line}")
     else:
