@@ -168,22 +168,30 @@ def merge_lora(ns) -> None:
 def import_(ns) -> None:
     a = from_namespace(ImportArgs, ns)
 
+    from ..formats.gguf import import_gguf, is_gguf
     from ..formats.hf_dir import import_hf
     from ..formats.load import builtin_model
 
     if not a.out:
         raise LMForgeError("--out is required")
-    out = import_hf(builtin_model(a.hf_dir) or a.hf_dir, a.out, a.dtype, a.overwrite)
+    if is_gguf(a.hf_dir):
+        out = import_gguf(a.hf_dir, a.out, a.overwrite)
+    else:
+        out = import_hf(builtin_model(a.hf_dir) or a.hf_dir, a.out, a.dtype, a.overwrite)
     print(f"imported {a.hf_dir} -> {out}", file=sys.stderr)
 
 
 def export(ns) -> None:
     a = from_namespace(ExportArgs, ns)
 
+    from ..formats.gguf import export_gguf
     from ..formats.hf_dir import export_hf
 
     if not a.out:
         raise LMForgeError("--out is required")
+    if a.format == "gguf":
+        export_gguf(a.model_dir, a.out, a.outtype, a.overwrite)
+        return
     export_hf(a.model_dir, a.out, a.shard_size_mb, a.overwrite, a.dtype)
 
 

@@ -18,6 +18,7 @@ from ..core.fileio import staged_dir
 from ..core.runtime import resolve_device
 from ..models.lora import merge_lora
 from ..text.tokenizer import Tokenizer
+from .gguf import is_gguf, load_gguf
 from .hf_dir import copy_side_files, is_hf_dir, load_hf
 from .kinds import Kind, is_adapter, kind_of
 from .modeldir import (
@@ -71,9 +72,12 @@ def builtin_model(name: str) -> Path | None:
 
 
 def load_parts(path: str | Path, dtype: str = "auto") -> tuple[torch.nn.Module, Tokenizer, dict]:
-    """(model, tokenizer, meta) from a Hugging Face directory, a model directory, or an adapter
-    directory. `dtype` (auto, float32, bfloat16, float16) applies to Hugging Face checkpoints."""
+    """(model, tokenizer, meta) from a Hugging Face directory, a model directory, an adapter
+    directory or a GGUF file. `dtype` (auto, float32, bfloat16, float16) applies to Hugging Face
+    checkpoints."""
     path = builtin_model(str(path)) or Path(path).expanduser()
+    if is_gguf(path):
+        return load_gguf(path)
     if is_hf_dir(path):
         return load_hf(path, dtype)
     meta = read_config(path)
