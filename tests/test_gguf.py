@@ -24,7 +24,8 @@ from lmforge.text.tokenizer import Tokenizer
 
 LLAMA = dict(norm="rmsnorm", mlp="gated", activation="silu", pos_embedding="rope", bias=False)
 ARCHS = {
-    "gpt2": {},
+    "gpt2": {"activation": "gelu"},  # lmforge's own GPT-2 (exact GELU; llama.cpp's is the tanh form)
+    "gpt2-tanh": {},  # Hugging Face's GPT-2
     "llama": dict(LLAMA, n_kv_head=2, tie_embeddings=False),  # grouped-query attention, separate output layer
     "qwen2": dict(LLAMA, n_kv_head=2, qkv_bias=True, rope_theta=1e6),
     "qwen3": dict(LLAMA, n_kv_head=2, qk_norm=True, head_dim=32),  # head_dim independent of the width
@@ -65,7 +66,7 @@ def test_round_trip_logits(arch, tok, tmp_path, capsys):
             assert back.model.cfg.to_dict() == {**ref.model.cfg.to_dict(), "extra": {}}
             err = (back.model(ids) - want).abs().max().item()
             assert err <= tol, (outtype, err)
-    assert f"GGUF ({arch}, q8_0)" in capsys.readouterr().err
+    assert f"GGUF ({arch.split('-')[0]}, q8_0)" in capsys.readouterr().err
 
 
 def test_import_writes_a_model_directory(tok, tmp_path):
@@ -132,7 +133,7 @@ def test_refusals(tok, tmp_path, capsys):
     (adapter / "config.json").write_text(json.dumps({**meta, "lora": {"rank": 4}}))
     fails(capsys, "merge it first", "export", str(adapter), "--format", "gguf", "--out", str(out))
     odd = make_dir(tmp_path / "odd", tok, activation="relu")
-    fails(capsys, "gpt2 architecture needs the tanh GELU", "export", str(odd), "--format", "gguf", "--out", str(out))
+    fails(capsys, "gpt2 architecture needs GELU", "export", str(odd), "--format", "gguf", "--out", str(out))
     spm = make_dir(tmp_path / "spm", Tokenizer(sentencepiece_style()))
     fails(capsys, "byte fallback", "export", str(spm), "--format", "gguf", "--out", str(out))
     assert not out.exists() and not list(tmp_path.glob(".x.gguf*"))  # nothing half-written

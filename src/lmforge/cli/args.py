@@ -12,6 +12,7 @@ from ..core.config import arg
 from ..inference.params import SamplingParams
 
 DEVICE_HELP = "cpu, cuda, cuda:N, mps, or auto"
+QUANTIZE_HELP = "int8: int8 weights (per output channel) for the linear layers, a quarter of fp32's memory"
 
 
 @dataclass
@@ -35,6 +36,7 @@ class GenerateArgs(SamplingArgs):
                               "and the rank of the one picked", ge=0)
     num_samples: int = arg(1, "how many completions to generate (seeds seed, seed+1, ...)", short="-n", ge=1)
     echo: bool = arg(True, "print the prompt before the completion")
+    quantize: str | None = arg(None, QUANTIZE_HELP, choices=["int8"])
 
 
 @dataclass
@@ -48,6 +50,7 @@ class ChatArgs(SamplingArgs):
     max_new_tokens: int | None = arg(256, "longest answer in tokens", ge=1)
     temperature: float = arg(0.7, "randomness (0 = greedy)", ge=0)
     top_p: float | None = arg(0.9, "nucleus sampling threshold (0 < P <= 1)", gt=0, le=1)
+    quantize: str | None = arg(None, QUANTIZE_HELP, choices=["int8"])
 
 
 @dataclass
@@ -192,4 +195,5 @@ class ServeArgs:
     name: str | None = arg(None, "model name clients use (default: the directory's name)")
     feedback: str | None = arg(None, "the chat page's compare mode appends {prompt, chosen, rejected} votes to this "
                                "JSONL file (the format `align reward` trains on); without it the mode is hidden")
+    quantize: str | None = arg(None, QUANTIZE_HELP, choices=["int8"])
     device: str = arg("auto", DEVICE_HELP)

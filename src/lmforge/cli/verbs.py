@@ -88,7 +88,7 @@ def generate(ns) -> None:
     from ..inference.generate import Picked, prepare_prompt
     prompt = read_text_arg(a.prompt, "prompt")
     stops = [unescape(s) for s in a.stop]
-    lm = load(a.model_dir, device=a.device)
+    lm = load(a.model_dir, device=a.device, quantize=a.quantize)
     lm.check_generates()
     ids, note = prepare_prompt(lm.tokenizer, lm.config, prompt, a.max_new_tokens, a.truncate)  # before any output
     if note:
@@ -122,7 +122,7 @@ def chat(ns) -> None:
     from ..api import load
     from ..inference.chat import chat
 
-    lm = load(a.model_dir, device=a.device)
+    lm = load(a.model_dir, device=a.device, quantize=a.quantize)
     chat(lm, a.system, seed=a.seed, **sampling(a))
 
 
@@ -280,4 +280,4 @@ def serve(ns) -> None:
     from ..serve.server import serve
 
     serve(a.model_dir, a.host, a.port, a.api_key, a.cors_origin, a.max_body, a.max_queue, a.slots, a.device, a.name,
-          a.feedback)
+          a.feedback, a.quantize)

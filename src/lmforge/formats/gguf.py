@@ -39,6 +39,7 @@ from .kinds import Kind, is_adapter, kind_of
 from .modeldir import build_model, load_model_dir, model_config_json, read_config, save_weights, weights_for_saving
 
 OUTTYPES = ("f32", "f16", "q8_0")
+ACTIVATION_KEY = "lmforge.activation"  # an lmforge GPT-2 with exact GELU (llama.cpp ignores the key)
 ARCHES = ("gpt2", "llama", "qwen2", "qwen3")
 QWEN_SPLIT = SPLIT_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")  # Qwen2: numbers one digit at a time
 PRE_PATTERNS = {"llama-bpe": SPLIT_PATTERN, "qwen2": QWEN_SPLIT}  # "gpt-2": ByteLevel's own regex
@@ -75,7 +76,7 @@ def gguf_arch(cfg: ModelConfig) -> str:
     if cfg.pos_embedding == "learned":
         arch = "gpt2"
         need = [(cfg.norm == "layernorm", "LayerNorm"), (cfg.mlp == "plain", "a plain MLP"),
-                (cfg.activation == "gelu_tanh", "the tanh GELU"), (not cfg.qk_norm, "no q/k norm"),
+                (cfg.activation in ("gelu_tanh", "gelu"), "GELU"), (not cfg.qk_norm, "no q/k norm"),
                 (cfg.bias and cfg.qkv_bias and cfg.proj_bias and cfg.mlp_bias, "biases in every layer"),
                 (cfg.n_kv_head == cfg.n_head, "one key/value head per query head")]
     elif cfg.pos_embedding == "rope":
@@ -298,6 +299,10 @@ def _write_metadata(w, cfg: ModelConfig, arch: str, name: str, outtype: str) -> 
     w.add_vocab_size(cfg.vocab_size)
     if arch == "gpt2":
         w.add_layer_norm_eps(cfg.norm_eps)
+        if cfg.activation == "gelu":  # llama.cpp computes GELU's tanh form; lmforge reads this key back
+            w.add_string(ACTIVATION_KEY, "gelu")
+            print("note: llama.cpp's gpt2 computes GELU in its tanh form (from an f16 table), this model the exact "
+                  "one: llama.cpp's logits differ by about 1e-4 of their size", file=sys.stderr)
     else:
         w.add_head_count_kv(cfg.n_kv_head)
         w.add_key_length(cfg.head_dim)
@@ -425,7 +430,8 @@ def config_from_gguf(f: dict, tensors: dict) -> tuple[ModelConfig, str]:
                   intermediate_size=int(key("feed_forward_length")), tie_embeddings="output.weight" not in tensors)
     if arch == "gpt2":
         return ModelConfig(**common, norm="layernorm", norm_eps=_f32(key("attention.layer_norm_epsilon")),
-                           mlp="plain", activation="gelu_tanh", pos_embedding="learned", bias=True), arch
+                           mlp="plain", activation="gelu" if f.get(ACTIVATION_KEY) == "gelu" else "gelu_tanh",
+                           pos_embedding="learned", bias=True), arch
     scaling = None
     if f.get(f"{arch}.rope.scaling.type", "none") not in ("none", "linear"):
         raise LMForgeError(f"unsupported rope scaling {f[f'{arch}.rope.scaling.type']!r} (lmforge reads linear)")

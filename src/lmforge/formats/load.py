@@ -17,6 +17,7 @@ from ..core.errors import LMForgeError
 from ..core.fileio import staged_dir
 from ..core.runtime import resolve_device
 from ..models.lora import merge_lora
+from ..models.quant import quantize_model
 from ..text.tokenizer import Tokenizer
 from .gguf import is_gguf, load_gguf
 from .hf_dir import copy_side_files, is_hf_dir, load_hf
@@ -95,10 +96,13 @@ def load_parts(path: str | Path, dtype: str = "auto") -> tuple[torch.nn.Module, 
     return model.eval(), tokenizer, meta
 
 
-def load_model(path: str | Path, device: str = "auto", dtype: str = "auto") -> Loaded:
-    """`load_parts`, moved to `device`, as one object."""
+def load_model(path: str | Path, device: str = "auto", dtype: str = "auto", quantize: str | None = None) -> Loaded:
+    """`load_parts`, moved to `device`, as one object; `quantize="int8"` then swaps its linear layers
+    for int8 ones (`models.quant`)."""
     model, tokenizer, meta = load_parts(path, dtype)
     model.to(resolve_device(device))
+    if quantize:
+        quantize_model(model, quantize)
     return Loaded(model, tokenizer, meta, Path(path).expanduser())
 
 
