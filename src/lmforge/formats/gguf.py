@@ -274,7 +274,7 @@ def _tokenizer_from_gguf(f: dict) -> tuple[Tokenizer, list[int]]:
 
 # --- writing -----------------------------------------------------------------------------------------
 
-def _encode(name: str, t: torch.Tensor, outtype: str):
+def _encode(t: torch.Tensor, outtype: str):
     """(array, GGML type) for one tensor: vectors stay f32 (as llama.cpp's converter keeps them);
     matrices become f16 or q8_0 (q8_0 only where rows split into its blocks of 32, else f16)."""
     import gguf
@@ -338,8 +338,6 @@ def _write_tokenizer(w, tok: dict) -> None:
 
 def export_gguf(model_dir: str | Path, out: str | Path, outtype: str = "f16", overwrite: bool = False) -> Path:
     """Write an lmforge model directory as one GGUF file that llama.cpp runs unchanged."""
-    import gguf
-
     model_dir, out = Path(model_dir), Path(out)
     if outtype not in OUTTYPES:
         raise LMForgeError(f"unknown --outtype {outtype!r} (choose {', '.join(OUTTYPES)})")
@@ -353,23 +351,32 @@ def export_gguf(model_dir: str | Path, out: str | Path, outtype: str = "f16", ov
     if not kind_of(meta).generates:
         raise LMForgeError(f"GGUF export needs a decoder (causal language model); {model_dir} is a {kind_of(meta)}")
     model, tokenizer, meta = load_model_dir(model_dir)
+    arch = write_gguf(model, tokenizer, meta, out, outtype, model_dir.resolve().name)
+    print(f"exported {model_dir} as a GGUF ({arch}, {outtype}) to {out}", file=sys.stderr)
+    return out
+
+
+def write_gguf(model: torch.nn.Module, tokenizer: Tokenizer, meta: dict, out: str | Path, outtype: str = "f16",
+               name: str = "lmforge") -> str:
+    """Write a model in memory as one GGUF file (atomically); returns the llama.cpp architecture."""
+    import gguf
+
     cfg = model.cfg
     arch = gguf_arch(cfg)
     tok = tokenizer_metadata(tokenizer, meta, cfg.vocab_size)
     tensors = tensors_to_gguf(cfg, arch, model.state_dict())
     with atomic_path(out) as tmp:
         w = gguf.GGUFWriter(str(tmp), arch)
-        _write_metadata(w, cfg, arch, model_dir.resolve().name, outtype)
+        _write_metadata(w, cfg, arch, name, outtype)
         _write_tokenizer(w, tok)
-        for name, t in tensors.items():
-            data, qtype = _encode(name, t, outtype)
-            w.add_tensor(name, data, raw_dtype=qtype)
+        for tensor_name, t in tensors.items():
+            data, qtype = _encode(t, outtype)
+            w.add_tensor(tensor_name, data, raw_dtype=qtype)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-    print(f"exported {model_dir} as a GGUF ({arch}, {outtype}) to {out}", file=sys.stderr)
-    return out
+    return arch
 
 
 # --- reading -----------------------------------------------------------------------------------------
