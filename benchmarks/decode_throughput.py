@@ -18,7 +18,7 @@ Sides, timed back to back in each round (the median over rounds is reported):
 Also printed: the fraction of the memory-bandwidth roofline, i.e. bytes of weight matrices read per
 token x tokens/s / measured copy bandwidth.
 
-    python benchmarks/decode_throughput.py [--new-tokens 128] [--rounds 3] [--threads 2]
+    python benchmarks/decode_throughput.py [--new-tokens 128] [--rounds 3] [--threads 2] [--llama-threads N]
 """
 
 from __future__ import annotations
@@ -94,6 +94,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--llama-threads", type=int, default=None, help="llama.cpp's n_threads (default: --threads)")
     args = ap.parse_args()
     hf_logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
@@ -130,7 +131,7 @@ def main() -> None:
     sides = {"transformers": run_hf, "lmforge fp32": on(engine), "lmforge int8": on(engine8)}
     tmp = tempfile.TemporaryDirectory()
     if importlib.util.find_spec("llama_cpp") is not None:
-        sides.update(llama_cpp_sides(ours, Path(tmp.name), prompt[0].tolist(), N, args.threads))
+        sides.update(llama_cpp_sides(ours, Path(tmp.name), prompt[0].tolist(), N, args.llama_threads or args.threads))
     outs = {name: fn() for name, fn in sides.items()}  # warm-up, and the correctness check
     ref = outs["transformers"]
     for name, got in outs.items():
@@ -148,7 +149,8 @@ def main() -> None:
     bw = copy_bandwidth()
     med = {name: statistics.median(r) for name, r in rates.items()}
 
-    print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}")
+    print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+          f"llama.cpp threads {args.llama_threads or args.threads}")
     print(f"model: GPT-2 124M shapes, {n_params / 1e6:.1f}M params, prompt {PROMPT}, {N} new tokens, greedy")
     print(f"copy bandwidth: {bw / 1e9:.1f} GB/s (256 MB tensor copy, read + write)")
     for name in sides:

@@ -18,7 +18,8 @@ def test_int8_linear_matches_its_dequantised_weight():
     lin = nn.Linear(96, 200)
     q, scale = quantize_rows(lin.weight)
     assert q.dtype == torch.int8 and q.abs().max() == 127
-    assert (q.float() * scale[:, None] - lin.weight).abs().max() <= scale.max() / 2 + 1e-7  # rounding only
+    assert torch.equal(scale, scale.bfloat16().float())  # the kernel's bf16 scales lose nothing
+    assert ((q.float() * scale[:, None] - lin.weight).abs().max(1).values <= scale * 0.51).all()  # rounding only
     layer = Int8Linear(lin)
     x = torch.randn(3, 5, 96)
     want = nn.functional.linear(x, layer.effective_weight(), lin.bias)
@@ -41,6 +42,8 @@ def test_quality_on_a_trained_model(tiny_run):
     nll = [nn.functional.cross_entropy(z.flatten(0, 1), x[:, 1:].flatten()) for z in (a, b)]
     ppl_ratio = (nll[1] - nll[0]).exp().item()
     agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+    print(f"int8 vs fp32 on {x[:, 1:].numel()} held-out positions: perplexity x{ppl_ratio:.5f}, top-1 agreement "
+          f"{agree:.2%}")
     assert abs(ppl_ratio - 1) <= 0.01, ppl_ratio
     assert agree >= 0.95, agree
     # the loss path (evaluate) reads the dequantised output matrix

@@ -7,10 +7,13 @@ decoding is bound by the bytes of weights read per token.
 The matmul: PyTorch's `_weight_int8pack_mm` (int8 weights, per-row scales) where it is fast. On
 CPU (torch 2.13, x86) it has a vectorised kernel for bf16 activations only (its fp32 path is a
 slow reference loop), so activations enter it in bf16 and the result returns in the model's dtype.
-Elsewhere, or where it is missing, the weight is dequantised per call (correct, not fast).
+On other devices (not measured here), or where the kernel is missing, the weight is dequantised
+per call: correct, and a quarter of the memory, but not faster.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn as nn
@@ -25,16 +28,25 @@ MODES = ("int8",)
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 q, fp32 scale) with w ~= q * scale[:, None], per output row, symmetric."""
     w = w.detach().float()
-    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+    # Scales rounded to bf16 values, since the int8 kernel takes them in bf16: q * scale is then
+    # exactly the weight that kernel multiplies by.
+    scale = (w.abs().amax(dim=1).clamp(min=1e-12) / 127).to(torch.bfloat16).float()
     q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
     return q, scale
 
 
-def _int8pack_dtype(device: torch.device) -> torch.dtype | None:
-    """The activation dtype `_weight_int8pack_mm` is fast with on this device, or None."""
-    if not hasattr(torch, "_weight_int8pack_mm"):
+@functools.cache
+def _int8pack_dtype(device_type: str) -> torch.dtype | None:
+    """bf16 where `_weight_int8pack_mm` runs (checked once with a tiny call), else None. Only the
+    CPU kernel is used: it is the one measured here (see BENCHMARKS.md)."""
+    if device_type != "cpu" or not hasattr(torch, "_weight_int8pack_mm"):
         return None
-    return torch.bfloat16 if device.type in ("cpu", "cuda") else None
+    try:
+        x, q = torch.ones(1, 64, dtype=torch.bfloat16), torch.ones(8, 64, dtype=torch.int8)
+        ok = torch._weight_int8pack_mm(x, q, torch.ones(8, dtype=torch.bfloat16)).eq(64).all().item()
+    except (RuntimeError, NotImplementedError):
+        return None
+    return torch.bfloat16 if ok else None
 
 
 class Int8Linear(nn.Module):
@@ -47,15 +59,15 @@ class Int8Linear(nn.Module):
         self.register_buffer("qweight", q)
         self.register_buffer("scale", scale)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-        self._act = _int8pack_dtype(q.device)
-        self._scale_act = scale.to(self._act) if self._act is not None else None
+        self._scale_act: torch.Tensor | None = None  # the scales in the kernel's dtype, made on first use
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._act is None:
+        act = _int8pack_dtype(x.device.type)
+        if act is None:
             return F.linear(x, self.effective_weight().to(x.dtype), self.bias)
-        if self._scale_act.device != x.device:  # moved with .to(): keep the cached copy beside the weights
-            self._scale_act = self.scale.to(x.device, self._act)
-        flat = x.reshape(-1, self.in_features).to(self._act)
+        if self._scale_act is None or self._scale_act.device != x.device:
+            self._scale_act = self.scale.to(x.device, act)
+        flat = x.reshape(-1, self.in_features).to(act)
         y = torch._weight_int8pack_mm(flat, self.qweight, self._scale_act).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
