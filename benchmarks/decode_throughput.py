@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
+import os
 import platform
 import statistics
 import tempfile
@@ -45,7 +46,8 @@ from lmforge.text.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 V, CTX, LAYERS, WIDTH, HEADS, PROMPT = 50257, 1024, 12, 768, 12, 16
 BYTES_PER_WEIGHT = {"transformers": 4, "lmforge fp32": 4, "lmforge int8": 1, "llama.cpp f32": 4,
-                    "llama.cpp f16": 2, "llama.cpp q8_0": 34 / 32}  # q8_0: 32 int8 + one f16 scale per block
+                    "llama.cpp f16": 2, "llama.cpp q8_0": 34 / 32,  # q8_0: 32 int8 + one f16 scale per block
+                    "llama.cpp q8_0 1 thread": 34 / 32, "lmforge fp32 1 thread": 4, "lmforge int8 1 thread": 1}
 
 
 def copy_bandwidth(mb: int = 256, reps: int = 5) -> float:
@@ -62,7 +64,8 @@ def copy_bandwidth(mb: int = 256, reps: int = 5) -> float:
 
 
 def llama_cpp_sides(model, tmp: Path, prompt: list[int], n: int, threads: int) -> dict:
-    """One timed function per GGUF type, running llama.cpp on a file lmforge writes."""
+    """One timed function per GGUF type, running llama.cpp on a file lmforge writes (and q8_0 on one
+    thread too: on a shared VM, llama.cpp's spinning thread pool can lose more than it gains)."""
     import llama_cpp
 
     # The GGUF needs a tokenizer: a tiny byte-level BPE one (token ids are fed directly; the
@@ -71,11 +74,13 @@ def llama_cpp_sides(model, tmp: Path, prompt: list[int], n: int, threads: int) -
     assert tok.vocab_size >= len(SPECIAL_TOKENS)
     meta = model_config_json(model, tok)
     sides = {}
-    for outtype in ("f32", "f16", "q8_0"):
+    runs = [("f32", threads), ("f16", threads), ("q8_0", threads)] + ([("q8_0", 1)] if threads > 1 else [])
+    for outtype, k in runs:
         path = tmp / f"gpt2-124m.{outtype}.gguf"
-        write_gguf(model, tok, meta, path, outtype)
-        llm = llama_cpp.Llama(str(path), n_ctx=max(256, len(prompt) + n), n_threads=threads,
-                              n_threads_batch=threads, verbose=False)
+        if not path.exists():
+            write_gguf(model, tok, meta, path, outtype)
+        llm = llama_cpp.Llama(str(path), n_ctx=max(256, len(prompt) + n), n_threads=k, n_threads_batch=k,
+                              verbose=False)
 
         def run(llm=llm) -> list[int]:
             out = []
@@ -85,7 +90,7 @@ def llama_cpp_sides(model, tmp: Path, prompt: list[int], n: int, threads: int) -
                     return out
             return out
 
-        sides[f"llama.cpp {outtype}"] = run
+        sides[f"llama.cpp {outtype}" + (" 1 thread" if k != threads else "")] = run
     return sides
 
 
@@ -97,6 +102,7 @@ def main() -> None:
     ap.add_argument("--llama-threads", type=int, default=None, help="llama.cpp's n_threads (default: --threads)")
     args = ap.parse_args()
     hf_logging.set_verbosity_error()
+    load_before = os.getloadavg()[0]  # other work on a shared VM
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     N = args.new_tokens
@@ -122,13 +128,19 @@ def main() -> None:
             out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), **gen_kw)
         return out[0, PROMPT:].tolist()
 
-    def on(engine):
+    def on(engine, threads: int = args.threads):
         def run() -> list[int]:
-            [[sample]] = engine.generate([Request(prompt[0].tolist(), max_tokens=N, temperature=0)])
+            torch.set_num_threads(threads)
+            try:
+                [[sample]] = engine.generate([Request(prompt[0].tolist(), max_tokens=N, temperature=0)])
+            finally:
+                torch.set_num_threads(args.threads)
             return sample.tokens
         return run
 
     sides = {"transformers": run_hf, "lmforge fp32": on(engine), "lmforge int8": on(engine8)}
+    if args.threads > 1:  # also on one thread: a shared VM's other work stalls thread pools (see BENCHMARKS.md)
+        sides.update({"lmforge fp32 1 thread": on(engine, 1), "lmforge int8 1 thread": on(engine8, 1)})
     tmp = tempfile.TemporaryDirectory()
     if importlib.util.find_spec("llama_cpp") is not None:
         sides.update(llama_cpp_sides(ours, Path(tmp.name), prompt[0].tolist(), N, args.llama_threads or args.threads))
@@ -150,13 +162,14 @@ def main() -> None:
     med = {name: statistics.median(r) for name, r in rates.items()}
 
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
-          f"llama.cpp threads {args.llama_threads or args.threads}")
+          f"llama.cpp threads {args.llama_threads or args.threads}; load average before/after: "
+          f"{load_before:.1f} / {os.getloadavg()[0]:.1f}")
     print(f"model: GPT-2 124M shapes, {n_params / 1e6:.1f}M params, prompt {PROMPT}, {N} new tokens, greedy")
     print(f"copy bandwidth: {bw / 1e9:.1f} GB/s (256 MB tensor copy, read + write)")
     for name in sides:
         runs = ", ".join(f"{r:.1f}" for r in rates[name])
         per_token = matrix_params * BYTES_PER_WEIGHT[name]
-        print(f"{name:>15}: {med[name]:6.1f} tok/s (median; runs: {runs});  roofline: "
+        print(f"{name:>24}: {med[name]:6.1f} tok/s (median; runs: {runs});  roofline: "
               f"{per_token / 1e6:.0f} MB/token = {per_token * med[name] / 1e9:.1f} GB/s = "
               f"{per_token * med[name] / bw:.0%} of copy bandwidth")
 
@@ -170,6 +183,8 @@ def main() -> None:
     ratio("lmforge int8", "lmforge fp32")
     ratio("lmforge fp32", "llama.cpp f32")
     ratio("lmforge int8", "llama.cpp q8_0")
+    ratio("lmforge int8 1 thread", "lmforge fp32 1 thread")
+    ratio("lmforge int8 1 thread", "llama.cpp q8_0 1 thread")
     if "llama.cpp q8_0" not in rates:
         print("llama.cpp: skipped (llama-cpp-python is not installed: pip install 'lmforge[llamacpp]')")
 
