@@ -10,7 +10,7 @@ STAMP := $(VENV)/.lmforge-installed
 # pytest workers: 2 on a 2-core CI box; each worker's torch uses one thread (see tests/conftest.py).
 TEST_WORKERS ?= 2
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test test-gguf lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,7 +24,13 @@ demo: $(STAMP)
 	$(BIN)/lmforge demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "not llamacpp" tests
+
+# GGUF files checked by llama.cpp itself. llama-cpp-python builds from source on first install
+# (~7 min on 2 cores); pip caches the wheel, so later runs start at once.
+test-gguf: $(STAMP)
+	$(BIN)/python -c "import llama_cpp" 2>/dev/null || $(BIN)/python -m pip install --quiet -e ".[llamacpp]"
+	$(BIN)/python -m pytest -q -m llamacpp tests/test_gguf_llamacpp.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks examples

@@ -1,39 +1,53 @@
-"""Decode throughput at batch 1: lmforge vs transformers' GPT2LMHeadModel.generate, same weights.
+"""Decode throughput at batch 1: lmforge (fp32 and int8) vs transformers vs llama.cpp, same weights.
 
 GPT-2 124M shapes (12 layers, width 768, 12 heads, vocabulary 50257 unpadded on both sides,
-context 1024), random weights, fp32, greedy decoding of --new-tokens tokens from a 16-token random
-prompt. The transformers model is built from a GPT2Config with random init and its weights are
-loaded into lmforge through `lmforge.formats.hf` (the same path `lmforge import` takes), so both
-sides compute the same function; the script checks that both emit the same greedy tokens.
+context 1024), random weights, greedy decoding of --new-tokens tokens from a 16-token random
+prompt (the time includes the prompt's prefill on every side). The transformers model is built from
+a GPT2Config with random init and its weights are loaded into lmforge through `lmforge.formats.hf`
+(the same path `lmforge import` takes), so both compute the same function; the script checks
+that both emit the same greedy tokens.
 
-lmforge runs its batching engine (`Engine(model, slots=1)`, the path `generate_text` and
-`lmforge serve` use) synchronously. Each round times both sides back to back; the median over
-rounds is reported. Also printed: the fraction of the memory-bandwidth roofline, i.e. bytes of
-weights read per token (fp32 params x 4) x tokens/s / measured copy bandwidth.
+Sides, timed back to back in each round (the median over rounds is reported):
+  transformers    GPT2LMHeadModel.generate (KV cache), fp32
+  lmforge fp32    the batching engine with one slot (`Engine(model, slots=1)`, the path
+                  `generate_text` and `lmforge serve` use)
+  lmforge int8    the same after `quantize_model` (what `--quantize int8` does)
+  llama.cpp       llama-cpp-python on GGUF files lmforge writes from the same weights (f32, f16,
+                  q8_0), n_threads = --threads, its default f16 KV cache; skipped if not installed
 
-The llama.cpp row (llama-cpp-python on an f32 GGUF of the same weights) is skipped: lmforge cannot
-write GGUF yet.
+Also printed: the fraction of the memory-bandwidth roofline, i.e. bytes of weight matrices read per
+token x tokens/s / measured copy bandwidth.
 
-    python benchmarks/decode_throughput.py [--new-tokens 128] [--rounds 3] [--threads 2]
+    python benchmarks/decode_throughput.py [--new-tokens 128] [--rounds 3] [--threads 2] [--llama-threads N]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
+import os
 import platform
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 
+from lmforge.formats.gguf import write_gguf
 from lmforge.formats.hf import DictSource, config_from_hf, weights_from_hf
-from lmforge.formats.modeldir import build_model
+from lmforge.formats.modeldir import build_model, model_config_json
 from lmforge.inference.engine import Engine, Request
+from lmforge.models.quant import quantize_model
+from lmforge.text.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 V, CTX, LAYERS, WIDTH, HEADS, PROMPT = 50257, 1024, 12, 768, 12, 16
+BYTES_PER_WEIGHT = {"transformers": 4, "lmforge fp32": 4, "lmforge int8": 1, "llama.cpp f32": 4,
+                    "llama.cpp f16": 2, "llama.cpp q8_0": 34 / 32,  # q8_0: 32 int8 + one f16 scale per block
+                    "llama.cpp q8_0 1 thread": 34 / 32, "lmforge fp32 1 thread": 4, "lmforge int8 1 thread": 1}
 
 
 def copy_bandwidth(mb: int = 256, reps: int = 5) -> float:
@@ -49,13 +63,46 @@ def copy_bandwidth(mb: int = 256, reps: int = 5) -> float:
     return 2 * n * 4 / best
 
 
+def llama_cpp_sides(model, tmp: Path, prompt: list[int], n: int, threads: int) -> dict:
+    """One timed function per GGUF type, running llama.cpp on a file lmforge writes (and q8_0 on one
+    thread too: on a shared VM, llama.cpp's spinning thread pool can lose more than it gains)."""
+    import llama_cpp
+
+    # The GGUF needs a tokenizer: a tiny byte-level BPE one (token ids are fed directly; the
+    # rest of the 50257 rows are listed as unused padding tokens).
+    tok = Tokenizer.train(["the quick brown fox jumps over the lazy dog"] * 4, 300, show_progress=False)
+    assert tok.vocab_size >= len(SPECIAL_TOKENS)
+    meta = model_config_json(model, tok)
+    sides = {}
+    runs = [("f32", threads), ("f16", threads), ("q8_0", threads)] + ([("q8_0", 1)] if threads > 1 else [])
+    for outtype, k in runs:
+        path = tmp / f"gpt2-124m.{outtype}.gguf"
+        if not path.exists():
+            write_gguf(model, tok, meta, path, outtype)
+        llm = llama_cpp.Llama(str(path), n_ctx=max(256, len(prompt) + n), n_threads=k, n_threads_batch=k,
+                              verbose=False)
+
+        def run(llm=llm) -> list[int]:
+            out = []
+            for t in llm.generate(prompt, top_k=1, temp=0.0, reset=True):
+                out.append(t)
+                if len(out) == n:
+                    return out
+            return out
+
+        sides[f"llama.cpp {outtype}" + (" 1 thread" if k != threads else "")] = run
+    return sides
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--llama-threads", type=int, default=None, help="llama.cpp's n_threads (default: --threads)")
     args = ap.parse_args()
     hf_logging.set_verbosity_error()
+    load_before = os.getloadavg()[0]  # other work on a shared VM
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     N = args.new_tokens
@@ -68,7 +115,9 @@ def main() -> None:
     ours = build_model(cfg, tensors, "transformers' random weights").eval().decode_layout()  # as load_model does
     n_params = ours.num_params()
     assert n_params == hf.num_parameters(), (n_params, hf.num_parameters())
+    matrix_params = n_params - ours.wpe.weight.numel()  # per token: every matrix, one position row
     engine = Engine(ours, slots=1, max_len=PROMPT + N)
+    engine8 = Engine(quantize_model(copy.deepcopy(ours)), slots=1, max_len=PROMPT + N)
     prompt = torch.randint(0, V - 1, (1, PROMPT))
     gen_kw = dict(max_new_tokens=N, min_new_tokens=N, do_sample=False, eos_token_id=None, pad_token_id=0,
                   use_cache=True)
@@ -79,16 +128,28 @@ def main() -> None:
             out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), **gen_kw)
         return out[0, PROMPT:].tolist()
 
-    def run_ours() -> list[int]:
-        [[sample]] = engine.generate([Request(prompt[0].tolist(), max_tokens=N, temperature=0)])
-        return sample.tokens
+    def on(engine, threads: int = args.threads):
+        def run() -> list[int]:
+            torch.set_num_threads(threads)
+            try:
+                [[sample]] = engine.generate([Request(prompt[0].tolist(), max_tokens=N, temperature=0)])
+            finally:
+                torch.set_num_threads(args.threads)
+            return sample.tokens
+        return run
 
-    sides = {"transformers": run_hf, "lmforge": run_ours}
+    sides = {"transformers": run_hf, "lmforge fp32": on(engine), "lmforge int8": on(engine8)}
+    if args.threads > 1:  # also on one thread: a shared VM's other work stalls thread pools (see BENCHMARKS.md)
+        sides.update({"lmforge fp32 1 thread": on(engine, 1), "lmforge int8 1 thread": on(engine8, 1)})
+    tmp = tempfile.TemporaryDirectory()
+    if importlib.util.find_spec("llama_cpp") is not None:
+        sides.update(llama_cpp_sides(ours, Path(tmp.name), prompt[0].tolist(), N, args.llama_threads or args.threads))
     outs = {name: fn() for name, fn in sides.items()}  # warm-up, and the correctness check
-    same = outs["transformers"] == outs["lmforge"]
-    agree = next((i for i, (a, b) in enumerate(zip(outs["transformers"], outs["lmforge"])) if a != b), N)
-    print(f"greedy tokens: {'identical' if same else f'DIFFER from token {agree}'} "
-          f"({len(outs['lmforge'])} vs {len(outs['transformers'])} tokens)")
+    ref = outs["transformers"]
+    for name, got in outs.items():
+        agree = next((i for i, (a, b) in enumerate(zip(ref, got)) if a != b), min(len(ref), len(got)))
+        print(f"greedy tokens, {name} vs transformers: "
+              f"{'identical' if got == ref else f'agree for the first {agree} of {len(got)}'}")
 
     rates: dict[str, list[float]] = {name: [] for name in sides}
     for _ in range(args.rounds):
@@ -96,26 +157,36 @@ def main() -> None:
             t = time.perf_counter()
             got = fn()
             rates[name].append(len(got) / (time.perf_counter() - t))
+    tmp.cleanup()
     bw = copy_bandwidth()
     med = {name: statistics.median(r) for name, r in rates.items()}
-    ratios = [o / h for o, h in zip(rates["lmforge"], rates["transformers"])]
 
-    print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}")
-    print(f"model: GPT-2 124M shapes, {n_params / 1e6:.1f}M params fp32, prompt {PROMPT}, {N} new tokens, greedy")
-    for name in sides:
-        runs = ", ".join(f"{r:.1f}" for r in rates[name])
-        print(f"{name:>13}: {med[name]:6.1f} tok/s (median; runs: {runs})")
-    print(f"        ratio: {statistics.median(ratios):.2f}x lmforge/transformers "
-          f"(per round: {', '.join(f'{r:.2f}' for r in ratios)})")
-    if importlib.util.find_spec("llama_cpp") is None:
-        print("    llama.cpp: skipped (llama-cpp-python is not installed, and lmforge cannot write GGUF yet)")
-    else:
-        print("    llama.cpp: skipped (lmforge cannot write GGUF yet, so there is no GGUF of the same weights)")
-    per_token = n_params * 4
+    print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+          f"llama.cpp threads {args.llama_threads or args.threads}; load average before/after: "
+          f"{load_before:.1f} / {os.getloadavg()[0]:.1f}")
+    print(f"model: GPT-2 124M shapes, {n_params / 1e6:.1f}M params, prompt {PROMPT}, {N} new tokens, greedy")
     print(f"copy bandwidth: {bw / 1e9:.1f} GB/s (256 MB tensor copy, read + write)")
     for name in sides:
-        print(f"roofline {name:>12}: {per_token / 1e6:.0f} MB weights/token x {med[name]:.1f} tok/s = "
-              f"{per_token * med[name] / 1e9:.1f} GB/s = {per_token * med[name] / bw:.0%} of copy bandwidth")
+        runs = ", ".join(f"{r:.1f}" for r in rates[name])
+        per_token = matrix_params * BYTES_PER_WEIGHT[name]
+        print(f"{name:>24}: {med[name]:6.1f} tok/s (median; runs: {runs});  roofline: "
+              f"{per_token / 1e6:.0f} MB/token = {per_token * med[name] / 1e9:.1f} GB/s = "
+              f"{per_token * med[name] / bw:.0%} of copy bandwidth")
+
+    def ratio(a: str, b: str) -> None:
+        if a in rates and b in rates:
+            per_round = [x / y for x, y in zip(rates[a], rates[b])]
+            print(f"ratio {a} / {b}: {statistics.median(per_round):.2f}x "
+                  f"(per round: {', '.join(f'{r:.2f}' for r in per_round)})")
+
+    ratio("lmforge fp32", "transformers")
+    ratio("lmforge int8", "lmforge fp32")
+    ratio("lmforge fp32", "llama.cpp f32")
+    ratio("lmforge int8", "llama.cpp q8_0")
+    ratio("lmforge int8 1 thread", "lmforge fp32 1 thread")
+    ratio("lmforge int8 1 thread", "llama.cpp q8_0 1 thread")
+    if "llama.cpp q8_0" not in rates:
+        print("llama.cpp: skipped (llama-cpp-python is not installed: pip install 'lmforge[llamacpp]')")
 
 
 if __name__ == "__main__":

@@ -44,9 +44,9 @@ class LM(Loaded):
                 f"{self.model.num_params() / 1e6:.1f}M params, context {c.context_length})")
 
 
-def load(path: str | Path, device: str = "auto", dtype: str = "auto") -> LM:
-    """Load an lmforge model directory, an adapter directory, or a Hugging Face checkpoint
-    directory directly. `dtype` (auto, float32, bfloat16, float16) applies to Hugging Face
-    checkpoints; auto keeps the stored precision."""
-    loaded = load_model(path, device, dtype)
+def load(path: str | Path, device: str = "auto", dtype: str = "auto", quantize: str | None = None) -> LM:
+    """Load an lmforge model directory, an adapter directory, a Hugging Face checkpoint directory
+    or a GGUF file directly. `dtype` (auto, float32, bfloat16, float16) applies to Hugging Face
+    checkpoints; auto keeps the stored precision. `quantize="int8"`: int8 weights for inference."""
+    loaded = load_model(path, device, dtype, quantize)
     return LM(loaded.model, loaded.tokenizer, loaded.meta, loaded.path)

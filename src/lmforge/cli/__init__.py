@@ -25,8 +25,10 @@ VERBS = {
     "generate": ("lmforge.cli.args:GenerateArgs", "generate", "generate text from a prompt"),
     "evaluate": ("lmforge.cli.args:EvaluateArgs", "evaluate",
                  "measure a model on data: loss/perplexity/bits per byte, exact match, or accuracy (JSON)"),
-    "import": ("lmforge.cli.args:ImportArgs", "import_", "convert a Hugging Face checkpoint into a model directory"),
-    "export": ("lmforge.cli.args:ExportArgs", "export", "write a model directory as a Hugging Face checkpoint"),
+    "import": ("lmforge.cli.args:ImportArgs", "import_",
+               "convert a Hugging Face checkpoint or GGUF file into a model directory"),
+    "export": ("lmforge.cli.args:ExportArgs", "export",
+               "write a model directory as a Hugging Face checkpoint or a GGUF file"),
     "finetune classify": ("lmforge.training.config:ClassifyConfig", "finetune_classify",
                           "train a classifier on labelled texts"),
     "finetune instruct": ("lmforge.training.config:InstructConfig", "finetune_instruct",
@@ -92,10 +94,13 @@ EXAMPLES = {
   lmforge generate runs/demo -p "The module" --top-candidates 5 --max-new-tokens 5""",
     "import": """examples:
   lmforge import ~/models/SmolLM2-135M --out runs/smol
-  lmforge generate runs/smol --prompt "The capital of France is" --temperature 0""",
-    "export": """example:
+  lmforge generate runs/smol --prompt "The capital of France is" --temperature 0
+  lmforge import model.gguf --out runs/from-gguf                          # a GGUF file (F32/F16/BF16/Q8_0)""",
+    "export": """examples:
   lmforge export runs/py --format hf --out hf/py
-  # then, in Python: AutoModelForCausalLM.from_pretrained("hf/py"), AutoTokenizer.from_pretrained("hf/py")""",
+  # then, in Python: AutoModelForCausalLM.from_pretrained("hf/py"), AutoTokenizer.from_pretrained("hf/py")
+  lmforge export runs/py --format gguf --outtype q8_0 --out py.gguf      # for llama.cpp, Ollama, LM Studio
+  llama-cli -m py.gguf -p "def main" -n 64                                # llama.cpp's own CLI""",
     "classify": """examples:
   lmforge classify runs/spam --text "WIN a FREE cruise, click now" "see you at lunch"
   lmforge classify runs/spam --file inbox.txt --json""",

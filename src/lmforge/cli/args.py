@@ -12,6 +12,7 @@ from ..core.config import arg
 from ..inference.params import SamplingParams
 
 DEVICE_HELP = "cpu, cuda, cuda:N, mps, or auto"
+QUANTIZE_HELP = "int8: int8 weights (per output channel) for the linear layers, a quarter of fp32's memory"
 
 
 @dataclass
@@ -35,6 +36,7 @@ class GenerateArgs(SamplingArgs):
                               "and the rank of the one picked", ge=0)
     num_samples: int = arg(1, "how many completions to generate (seeds seed, seed+1, ...)", short="-n", ge=1)
     echo: bool = arg(True, "print the prompt before the completion")
+    quantize: str | None = arg(None, QUANTIZE_HELP, choices=["int8"])
 
 
 @dataclass
@@ -48,6 +50,7 @@ class ChatArgs(SamplingArgs):
     max_new_tokens: int | None = arg(256, "longest answer in tokens", ge=1)
     temperature: float = arg(0.7, "randomness (0 = greedy)", ge=0)
     top_p: float | None = arg(0.9, "nucleus sampling threshold (0 < P <= 1)", gt=0, le=1)
+    quantize: str | None = arg(None, QUANTIZE_HELP, choices=["int8"])
 
 
 @dataclass
@@ -98,9 +101,10 @@ class TokenizerEncodeArgs:
 class ImportArgs:
     """Convert a Hugging Face checkpoint (config.json + safetensors + tokenizer.json) into an lmforge
     model directory. Supported families: GPT-2, Llama (incl. Llama 3 rope scaling), Mistral, Qwen2,
-    Qwen3, BERT, and Llama-style models such as SmolLM."""
+    Qwen3, BERT, and Llama-style models such as SmolLM. A .gguf file (llama.cpp, Ollama) of the
+    gpt2, llama, qwen2 or qwen3 architecture in F32, F16, BF16 or Q8_0 is read too (dequantised)."""
 
-    hf_dir: str = arg(None, "Hugging Face model directory", positional=True)
+    hf_dir: str = arg(None, "Hugging Face model directory, or a .gguf file", positional=True)
     out: str = arg(None, "lmforge model directory to write")
     dtype: str = arg("auto", "weight precision: auto (as stored), float32, bfloat16 or float16",
                      choices=["auto", "float32", "bfloat16", "float16"])
@@ -110,11 +114,14 @@ class ImportArgs:
 @dataclass
 class ExportArgs:
     """Write a model directory as a Hugging Face checkpoint that `transformers` loads with
-    AutoModelForCausalLM/AutoTokenizer.from_pretrained."""
+    AutoModelForCausalLM/AutoTokenizer.from_pretrained, or (--format gguf) as one GGUF file that
+    llama.cpp, Ollama and LM Studio run."""
 
     model_dir: str = arg(None, "lmforge model directory", positional=True)
-    format: str = arg("hf", "output format", choices=["hf"])
-    out: str = arg(None, "directory to write")
+    format: str = arg("hf", "output format: hf (a directory) or gguf (one file)", choices=["hf", "gguf"])
+    out: str = arg(None, "directory (hf) or file (gguf, e.g. model.gguf) to write")
+    outtype: str = arg("f16", "with --format gguf: weight type f32, f16 or q8_0 (8-bit blocks; vectors stay f32)",
+                       choices=["f32", "f16", "q8_0"])
     shard_size_mb: float = arg(2000.0, "split the weights into files of at most this many MB", gt=0)
     dtype: str = arg("auto", "weight precision: auto (as stored), float32, bfloat16 or float16",
                      choices=["auto", "float32", "bfloat16", "float16"])
@@ -188,4 +195,5 @@ class ServeArgs:
     name: str | None = arg(None, "model name clients use (default: the directory's name)")
     feedback: str | None = arg(None, "the chat page's compare mode appends {prompt, chosen, rejected} votes to this "
                                "JSONL file (the format `align reward` trains on); without it the mode is hidden")
+    quantize: str | None = arg(None, QUANTIZE_HELP, choices=["int8"])
     device: str = arg("auto", DEVICE_HELP)

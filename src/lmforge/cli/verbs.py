@@ -88,7 +88,7 @@ def generate(ns) -> None:
     from ..inference.generate import Picked, prepare_prompt
     prompt = read_text_arg(a.prompt, "prompt")
     stops = [unescape(s) for s in a.stop]
-    lm = load(a.model_dir, device=a.device)
+    lm = load(a.model_dir, device=a.device, quantize=a.quantize)
     lm.check_generates()
     ids, note = prepare_prompt(lm.tokenizer, lm.config, prompt, a.max_new_tokens, a.truncate)  # before any output
     if note:
@@ -122,7 +122,7 @@ def chat(ns) -> None:
     from ..api import load
     from ..inference.chat import chat
 
-    lm = load(a.model_dir, device=a.device)
+    lm = load(a.model_dir, device=a.device, quantize=a.quantize)
     chat(lm, a.system, seed=a.seed, **sampling(a))
 
 
@@ -168,22 +168,30 @@ def merge_lora(ns) -> None:
 def import_(ns) -> None:
     a = from_namespace(ImportArgs, ns)
 
+    from ..formats.gguf import import_gguf, is_gguf
     from ..formats.hf_dir import import_hf
     from ..formats.load import builtin_model
 
     if not a.out:
         raise LMForgeError("--out is required")
-    out = import_hf(builtin_model(a.hf_dir) or a.hf_dir, a.out, a.dtype, a.overwrite)
+    if is_gguf(a.hf_dir):
+        out = import_gguf(a.hf_dir, a.out, a.overwrite)
+    else:
+        out = import_hf(builtin_model(a.hf_dir) or a.hf_dir, a.out, a.dtype, a.overwrite)
     print(f"imported {a.hf_dir} -> {out}", file=sys.stderr)
 
 
 def export(ns) -> None:
     a = from_namespace(ExportArgs, ns)
 
+    from ..formats.gguf import export_gguf
     from ..formats.hf_dir import export_hf
 
     if not a.out:
         raise LMForgeError("--out is required")
+    if a.format == "gguf":
+        export_gguf(a.model_dir, a.out, a.outtype, a.overwrite)
+        return
     export_hf(a.model_dir, a.out, a.shard_size_mb, a.overwrite, a.dtype)
 
 
@@ -272,4 +280,4 @@ def serve(ns) -> None:
     from ..serve.server import serve
 
     serve(a.model_dir, a.host, a.port, a.api_key, a.cors_origin, a.max_body, a.max_queue, a.slots, a.device, a.name,
-          a.feedback)
+          a.feedback, a.quantize)

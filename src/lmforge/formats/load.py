@@ -17,7 +17,9 @@ from ..core.errors import LMForgeError
 from ..core.fileio import staged_dir
 from ..core.runtime import resolve_device
 from ..models.lora import merge_lora
+from ..models.quant import quantize_model
 from ..text.tokenizer import Tokenizer
+from .gguf import is_gguf, load_gguf
 from .hf_dir import copy_side_files, is_hf_dir, load_hf
 from .kinds import Kind, is_adapter, kind_of
 from .modeldir import (
@@ -71,9 +73,12 @@ def builtin_model(name: str) -> Path | None:
 
 
 def load_parts(path: str | Path, dtype: str = "auto") -> tuple[torch.nn.Module, Tokenizer, dict]:
-    """(model, tokenizer, meta) from a Hugging Face directory, a model directory, or an adapter
-    directory. `dtype` (auto, float32, bfloat16, float16) applies to Hugging Face checkpoints."""
+    """(model, tokenizer, meta) from a Hugging Face directory, a model directory, an adapter
+    directory or a GGUF file. `dtype` (auto, float32, bfloat16, float16) applies to Hugging Face
+    checkpoints."""
     path = builtin_model(str(path)) or Path(path).expanduser()
+    if is_gguf(path):
+        return load_gguf(path)
     if is_hf_dir(path):
         return load_hf(path, dtype)
     meta = read_config(path)
@@ -91,10 +96,14 @@ def load_parts(path: str | Path, dtype: str = "auto") -> tuple[torch.nn.Module, 
     return model.eval(), tokenizer, meta
 
 
-def load_model(path: str | Path, device: str = "auto", dtype: str = "auto") -> Loaded:
-    """`load_parts`, moved to `device`, as one object, laid out for inference (`decode_layout`)."""
+def load_model(path: str | Path, device: str = "auto", dtype: str = "auto", quantize: str | None = None) -> Loaded:
+    """`load_parts`, moved to `device`, as one object, for inference: `quantize="int8"` swaps its
+    linear layers for int8 ones (`models.quant`); the rest is laid out for decoding
+    (`Transformer.decode_layout`)."""
     model, tokenizer, meta = load_parts(path, dtype)
     model.to(resolve_device(device))
+    if quantize:
+        quantize_model(model, quantize)
     if hasattr(model, "decode_layout"):
         model.decode_layout()
     return Loaded(model, tokenizer, meta, Path(path).expanduser())

@@ -16,12 +16,14 @@ from .generation import Backend
 
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           cors_origins: list[str] | None = None, max_body: int = 1 << 20, max_queue: int = 64, slots: int = 8,
-          device: str = "auto", model_name: str | None = None, feedback: str | None = None) -> None:
-    """Serve until Ctrl-C. The key may also come from LMFORGE_API_KEY."""
+          device: str = "auto", model_name: str | None = None, feedback: str | None = None,
+          quantize: str | None = None) -> None:
+    """Serve until Ctrl-C. The key may also come from LMFORGE_API_KEY; `quantize="int8"` serves int8
+    weights."""
     import uvicorn
 
     api_key = api_key or os.environ.get("LMFORGE_API_KEY") or None
-    lm = load_model(model_dir, device=device)
+    lm = load_model(model_dir, device=device, quantize=quantize)
     name = model_name or Path(model_dir).name
     cfg = ServeConfig(model_name=name, api_key=api_key, cors_origins=list(cors_origins or []), max_body=max_body,
                       max_queue=max_queue, feedback=feedback)

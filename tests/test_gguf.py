@@ -1,0 +1,169 @@
+"""GGUF export and import without llama.cpp: round trips, tokenizer rebuilding, bad input.
+(llama.cpp itself checks the files in test_gguf_llamacpp.py, `make test-gguf`.)"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from helpers import fails, make_docs
+from hf_fixtures import SAMPLE_TEXTS, gpt2_style, llama3_style, qwen_style, sentencepiece_style
+
+from lmforge.cli import main
+from lmforge.formats.gguf import load_gguf
+from lmforge.formats.load import load_model
+from lmforge.formats.modeldir import save_model_dir
+from lmforge.models.config import ModelConfig
+from lmforge.models.transformer import Transformer
+from lmforge.text.tokenizer import Tokenizer
+
+LLAMA = dict(norm="rmsnorm", mlp="gated", activation="silu", pos_embedding="rope", bias=False)
+ARCHS = {
+    "gpt2": {"activation": "gelu"},  # lmforge's own GPT-2 (exact GELU; llama.cpp's is the tanh form)
+    "gpt2-tanh": {},  # Hugging Face's GPT-2
+    "llama": dict(LLAMA, n_kv_head=2, tie_embeddings=False),  # grouped-query attention, separate output layer
+    "qwen2": dict(LLAMA, n_kv_head=2, qkv_bias=True, rope_theta=1e6),
+    "qwen3": dict(LLAMA, n_kv_head=2, qk_norm=True, head_dim=32),  # head_dim independent of the width
+}
+
+
+def make_dir(path: Path, tokenizer: Tokenizer | None = None, seed: int = 0, **kw) -> Path:
+    """A random tiny model directory (vocabulary padded past the tokenizer, as real models do)."""
+    tokenizer = tokenizer or Tokenizer.train(make_docs(40), 300, show_progress=False)
+    torch.manual_seed(seed)
+    cfg = ModelConfig(**{**dict(vocab_size=tokenizer.vocab_size + 8, context_length=64, n_layer=2, n_head=4,
+                                n_embd=64), **kw})
+    model = Transformer(cfg).eval()
+    with torch.no_grad():  # norms away from 1 and biases away from 0, so a misplaced tensor shows
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    save_model_dir(path, model, tokenizer)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return Tokenizer.train(make_docs(60), 320, show_progress=False)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_round_trip_logits(arch, tok, tmp_path, capsys):
+    src = make_dir(tmp_path / "m", tok, **ARCHS[arch])
+    ref = load_model(src, device="cpu")
+    ids = torch.tensor([tok.encode("def f(x):\n    return x + 1  # <|endoftext|> naïve")])
+    with torch.no_grad():
+        want = ref.model(ids)
+        for outtype, tol in (("f32", 0.0), ("f16", 2e-3), ("q8_0", 3e-2)):
+            out = str(tmp_path / f"{outtype}.gguf")
+            main(["export", str(src), "--format", "gguf", "--outtype", outtype, "--out", out])
+            back = load_model(tmp_path / f"{outtype}.gguf", device="cpu")  # lmforge.load("model.gguf")
+            assert back.model.cfg.to_dict() == {**ref.model.cfg.to_dict(), "extra": {}}
+            err = (back.model(ids) - want).abs().max().item()
+            assert err <= tol, (outtype, err)
+    assert f"GGUF ({arch.split('-')[0]}, q8_0)" in capsys.readouterr().err
+
+
+def test_import_writes_a_model_directory(tok, tmp_path):
+    src = make_dir(tmp_path / "m", tok, **ARCHS["llama"])
+    main(["export", str(src), "--format", "gguf", "--outtype", "f32", "--out", str(tmp_path / "m.gguf")])
+    main(["import", str(tmp_path / "m.gguf"), "--out", str(tmp_path / "back")])
+    a, b = load_model(src, device="cpu"), load_model(tmp_path / "back", device="cpu")
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["created_by"] == "lmforge import (gguf llama)"
+    for name, t in a.model.state_dict().items():
+        assert torch.equal(t, b.model.state_dict()[name]), name
+    for text in SAMPLE_TEXTS:
+        assert b.tokenizer.encode(text) == a.tokenizer.encode(text)
+        assert b.tokenizer.decode(b.tokenizer.encode(text)) == text
+    assert b.tokenizer.eot_id == a.tokenizer.eot_id and b.stop_ids() == a.stop_ids()
+
+
+@pytest.mark.parametrize("style", [gpt2_style, llama3_style, qwen_style])
+def test_tokenizers_rebuilt_exactly(style, tmp_path):
+    """Hugging Face-style tokenizers (GPT-2's split; Llama 3's with a leading BOS; Qwen2's) come back
+    from GGUF's token list and merges as the same tokenizer."""
+    tok = Tokenizer(style())
+    src = make_dir(tmp_path / "m", tok, **(ARCHS["gpt2"] if style is gpt2_style else ARCHS["llama"]))
+    main(["export", str(src), "--format", "gguf", "--out", str(tmp_path / "m.gguf")])
+    _, back, _ = load_gguf(tmp_path / "m.gguf")
+    for text in SAMPLE_TEXTS:
+        for special in (True, False):
+            assert back.encode(text, special) == tok.encode(text, special), (text, special)
+        assert back.encode(text, add_special_tokens=True) == tok.encode(text, add_special_tokens=True)
+    fields = {k: v.contents() for k, v in gguf.GGUFReader(tmp_path / "m.gguf").fields.items()}
+    pre = {gpt2_style: "gpt-2", llama3_style: "llama-bpe", qwen_style: "qwen2"}[style]
+    assert fields["tokenizer.ggml.pre"] == pre
+    assert fields["tokenizer.ggml.add_bos_token"] == (style is llama3_style)
+    assert fields["tokenizer.ggml.tokens"][-1].startswith("[PAD")  # padded to the embedding rows
+
+
+def test_chat_template_travels(tok, tmp_path):
+    src = make_dir(tmp_path / "m", tok)
+    meta = json.loads((src / "config.json").read_text())
+    meta.update(chat_template={"name": "chatml"}, stop_token_ids=[tok.token_id("<|im_end|>")])
+    (src / "config.json").write_text(json.dumps(meta))
+    main(["export", str(src), "--format", "gguf", "--out", str(tmp_path / "m.gguf")])
+    back = load_model(tmp_path / "m.gguf", device="cpu")
+    from lmforge.text.templates import get_template
+
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    ours = get_template("chatml", tok).render(msgs, tok)
+    theirs = get_template("auto", back.tokenizer).render(msgs, back.tokenizer)
+    assert "".join(t for t, _, _ in ours) == "".join(t for t, _, _ in theirs)
+    assert tok.token_id("<|im_end|>") in back.stop_ids()
+
+
+# --- bad input -------------------------------------------------------------------------------------
+
+def test_refusals(tok, tmp_path, capsys):
+    src = make_dir(tmp_path / "m", tok)
+    out = tmp_path / "x.gguf"
+    enc = make_dir(tmp_path / "enc", tok, causal=False, norm_position="post", embedding_norm=True)
+    meta = json.loads((enc / "config.json").read_text())
+    (enc / "config.json").write_text(json.dumps({**meta, "kind": "encoder"}))
+    fails(capsys, "needs a decoder", "export", str(enc), "--format", "gguf", "--out", str(out))
+    adapter = tmp_path / "adapter"
+    shutil.copytree(src, adapter)
+    meta = json.loads((adapter / "config.json").read_text())
+    (adapter / "config.json").write_text(json.dumps({**meta, "lora": {"rank": 4}}))
+    fails(capsys, "merge it first", "export", str(adapter), "--format", "gguf", "--out", str(out))
+    odd = make_dir(tmp_path / "odd", tok, activation="relu")
+    fails(capsys, "gpt2 architecture needs GELU", "export", str(odd), "--format", "gguf", "--out", str(out))
+    spm = make_dir(tmp_path / "spm", Tokenizer(sentencepiece_style()))
+    fails(capsys, "byte fallback", "export", str(spm), "--format", "gguf", "--out", str(out))
+    assert not out.exists() and not list(tmp_path.glob(".x.gguf*"))  # nothing half-written
+    main(["export", str(src), "--format", "gguf", "--out", str(out)])
+    fails(capsys, "exists", "export", str(src), "--format", "gguf", "--out", str(out))
+
+
+def test_bad_files(tok, tmp_path, capsys):
+    src = make_dir(tmp_path / "m", tok)
+    good = tmp_path / "m.gguf"
+    main(["export", str(src), "--format", "gguf", "--out", str(good)])
+    data = good.read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[:len(data) * 2 // 3])
+    fails(capsys, "not a valid GGUF file", "import", str(cut), "--out", str(tmp_path / "o1"))
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"GGUF" + bytes(range(256)) * 4)
+    fails(capsys, "not a valid GGUF file", "import", str(junk), "--out", str(tmp_path / "o2"))
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+    def write(path: Path, arch: str, qtype) -> Path:
+        w = gguf.GGUFWriter(str(path), arch)
+        w.add_tensor("token_embd.weight", gguf.quants.quantize(np.ones((8, 64), np.float32), qtype), raw_dtype=qtype)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        return path
+
+    fails(capsys, "unsupported GGUF architecture 'falcon'", "import",
+          str(write(tmp_path / "f.gguf", "falcon", gguf.GGMLQuantizationType.F32)), "--out", str(tmp_path / "o3"))
+    q4 = write(tmp_path / "q4.gguf", "llama", gguf.GGMLQuantizationType.Q4_0)
+    fails(capsys, "quantisation type Q4_0", "import", str(q4), "--out", str(tmp_path / "o4"))
