@@ -1,7 +1,7 @@
 """Teach a small model to use the calculator tool, then measure what the tool adds.
 
     python examples/react_calculator.py data DIR              # DIR/calc_train.jsonl (chat records)
-    lmforge finetune instruct BASE --data DIR/calc_train.jsonl --out runs/calc-agent --max-steps 400
+    lmforge finetune instruct BASE --data DIR/calc_train.jsonl --out runs/calc-agent --pack --lr 3e-3 --max-minutes 6
     python examples/react_calculator.py eval runs/calc-agent   # accuracy with and without the tool (JSON)
 
 The records are ReAct transcripts exactly as `lmforge agent` writes them (the same system prompt,
