@@ -20,6 +20,10 @@ class TrainConfig:
                         "or constant", choices=["cosine", "wsd", "constant"])
     warmup_steps: int = arg(50, "steps of linear warmup (it ends sooner, at 10%% of the budget, in short runs)", ge=0)
     decay_fraction: float = arg(0.2, "wsd: fraction of the run spent decaying at the end", ge=0, le=1)
+    optimizer: str = arg("adamw", "adamw, or muon: Muon (orthogonalised momentum) for the matrices inside the blocks, "
+                         "AdamW at --lr for embeddings, output layer, norms and biases", choices=["adamw", "muon"])
+    muon_lr: float = arg(0.02, "muon: peak learning rate of the hidden matrices (follows --schedule)", gt=0)
+    muon_momentum: float = arg(0.95, "muon: momentum (Nesterov)", ge=0, lt=1)
     weight_decay: float = arg(0.1, "AdamW weight decay (matrices only; not biases or norms)", ge=0)
     beta1: float = arg(0.9, "AdamW beta1", ge=0, lt=1)
     beta2: float = arg(0.95, "AdamW beta2", ge=0, lt=1)

@@ -204,7 +204,7 @@ class Trainer:
         if self.cfg.grad_clip > 0:
             self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip).item()
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # a group with its own peak (Muon's) keeps its ratio
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         rec["step"] += 1
