@@ -76,7 +76,8 @@ def test_hidden_matrices_go_to_muon_the_rest_to_adamw():
     name = {id(p): n for n, p in model.named_parameters()}
     in_muon = {name[id(p)] for g in muon.param_groups for p in g["params"]}
     in_adamw = {name[id(p)] for g in adamw.param_groups for p in g["params"]}
-    assert in_muon == {f"blocks.{i}.{m}.weight" for i in range(2) for m in ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")}
+    hidden = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
+    assert in_muon == {f"blocks.{i}.{m}.weight" for i in range(2) for m in hidden}
     assert {"wte.weight", "wpe.weight", "lm_head.weight", "norm.weight", "blocks.0.attn.qkv.bias"} <= in_adamw
     assert not in_muon & in_adamw and len(in_muon | in_adamw) == len(list(model.parameters()))
     assert muon.param_groups[0]["lr_scale"] == pytest.approx(20)
