@@ -75,6 +75,11 @@ class PretrainConfig(TrainConfig):
     n_kv_head: int | None = arg(None, "key/value heads, fewer than --n-head for grouped-query attention", ge=1)
     context_length: int = arg(256, "tokens per training sequence (the model's context window)", ge=1)
     dropout: float = arg(0.0, "dropout probability", ge=0, lt=1)
+    qk_norm: bool = arg(False, "RMSNorm on each attention head's queries and keys (steadier at high learning rates)")
+    relu2: bool = arg(False, "a plain MLP with squared-ReLU activation instead of the family's (GELU or SwiGLU)")
+    untied_head: bool = arg(False, "an output layer of its own (not the embedding's transpose); it and each block's "
+                            "output projections start at zero")
+    logit_softcap: float | None = arg(None, "cap the logits smoothly at +-N: N * tanh(logits / N) (e.g. 15)", gt=0)
 
 
 @dataclass

@@ -83,7 +83,22 @@ def build_model_config(cfg: PretrainConfig, vocab: int, out: Path, tokens_per_st
     n_head = cfg.n_head or (base.n_head if base and base.n_embd == n_embd else None)
     if depth:
         cfg.size = f"d{depth}"
-    return arch_config(cfg.arch, vocab, cfg.context_length, n_layer, n_embd, n_head, cfg.n_kv_head, cfg.dropout)
+    return arch_config(cfg.arch, vocab, cfg.context_length, n_layer, n_embd, n_head, cfg.n_kv_head, cfg.dropout,
+                       model_options(cfg))
+
+
+def model_options(cfg: PretrainConfig) -> dict:
+    """The ModelConfig fields set by the architecture flags (the family's own values elsewhere)."""
+    options: dict = {}
+    if cfg.qk_norm:
+        options["qk_norm"] = True
+    if cfg.relu2:
+        options.update(mlp="plain", activation="relu2")
+    if cfg.untied_head:
+        options.update(tie_embeddings=False, zero_init=True)
+    if cfg.logit_softcap:
+        options["logit_softcap"] = cfg.logit_softcap
+    return options
 
 
 def planned_tokens(cfg: PretrainConfig, tokens_per_step: int, train_tokens: int) -> int | None:
