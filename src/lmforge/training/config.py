@@ -42,6 +42,9 @@ class TrainConfig:
     seed: int = arg(1337, "random seed (weights init, data order, dropout, sampling)")
     device: str = arg("auto", "cpu, cuda, cuda:N, mps, or auto")
     compile: bool = arg(False, "compile the model with torch.compile (faster steps, slower start)")
+    fsdp: bool = arg(False, "under torchrun: shard weights, gradients and optimizer state across the processes "
+                     "(FSDP2, per block), for models too big for one GPU; checkpoints are sharded and resume on "
+                     "any number of processes")
     resume: bool = arg(False, "continue the run in --out from its last checkpoint, exactly. Without a budget flag "
                        "it keeps the run's budget; with a different one, the rest of the LR schedule is stretched "
                        "or squeezed from where the run stands to end with the new budget")

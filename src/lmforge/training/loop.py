@@ -2,7 +2,7 @@
 
 What differs between objectives lives in a `Task` (how to make a batch, the loss, the
 evaluation); the `Trainer` owns optimisation, schedules, budgets, logging, checkpoints, resume,
-signals and DDP. Under `torchrun` each rank computes its slice of the same global batch, and the
+signals and DDP or FSDP. Under `torchrun` each rank computes its slice of the same global batch, and the
 gradient is that of the weighted mean loss over the whole global batch (per target token, say),
 so N processes follow the trajectory of one with N times the batch, and accumulating micro-batches
 equals one big batch, however unevenly the targets fall between them.
@@ -29,6 +29,7 @@ from .metrics import MetricsLog
 from .optim import make_optimizer
 from .rundir import Run, record_config
 from .schedule import Budget, Schedule
+from .sharded import check_fsdp, no_sync, shard
 from .state import load_state
 
 
@@ -94,6 +95,9 @@ class Trainer:
                  device: torch.device, on_step: Callable[[int], None] | None = None) -> None:
         self.model, self.task, self.cfg, self.run, self.peak = model.to(device), task, cfg, run, lr
         self.dist, self.device, self.on_step = dist, device, on_step
+        if cfg.fsdp:  # before the optimizer, which must hold the sharded parameters
+            check_fsdp(dist)
+            shard(self.model, device)
         self.optimizer = make_optimizer(self.model, cfg, lr, device)
         self.budget = Budget(cfg, task.windows_per_epoch)
         self.schedule = Schedule(cfg, lr)
@@ -156,7 +160,7 @@ class Trainer:
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.cfg.compile:
             model = torch.compile(model)
-        if self.dist.world > 1:
+        if self.dist.world > 1 and not self.cfg.fsdp:  # FSDP's sharding was done in __init__
             from torch.nn.parallel import DistributedDataParallel as DDP  # imports torch._dynamo: slow
 
             model = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -176,8 +180,12 @@ class Trainer:
         for micro in range(cfg.grad_accum):
             first = self.record["windows"] + (micro * d.world + d.rank) * cfg.batch_size
             batch = _move(self.task.batch(first, cfg.batch_size), self.device)
-            sync = micro == cfg.grad_accum - 1 or d.world == 1  # DDP all-reduces on the last backward only
-            with contextlib.nullcontext() if sync else self.train_model.no_sync():
+            sync = micro == cfg.grad_accum - 1 or d.world == 1  # DDP / FSDP reduce on the last backward only
+            if sync:
+                accumulate = contextlib.nullcontext()
+            else:
+                accumulate = no_sync(self.model) if cfg.fsdp else self.train_model.no_sync()
+            with accumulate:
                 with autocast(self.device):
                     mean, w, n = self.task.loss(self.train_model, batch)
                 (mean.float() * w).backward()
@@ -202,7 +210,8 @@ class Trainer:
                 "try a lower --lr or more --warmup-steps")
         self.grad_norm = None
         if self.cfg.grad_clip > 0:
-            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip).item()
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+            self.grad_norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # FSDP: DTensor
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)  # a group with its own peak (Muon's) keeps its ratio
         self.optimizer.step()
@@ -242,7 +251,10 @@ class Trainer:
 
     def evaluate(self) -> dict:
         """Validation metrics, computed on rank 0 and shared, so every rank decides alike (and a
-        failure there stops them all instead of leaving them waiting)."""
+        failure there stops them all instead of leaving them waiting). A sharded model needs every
+        rank for its forward passes: each computes the same metrics."""
+        if self.cfg.fsdp:
+            return self._evaluate_here()
         return self.dist.on_main(self._evaluate_here)
 
     def _evaluate_here(self) -> dict:

@@ -24,6 +24,7 @@ from .config import PretrainConfig
 from .loop import fit
 from .rundir import Run, check_out, resume_config, start_run_dir
 from .schedule import check_budget
+from .sharded import check_fsdp
 from .tasks.lm import LMTask, MLMTask
 
 
@@ -116,6 +117,8 @@ def pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None = None) 
 
 def _pretrain(cfg: PretrainConfig, dist_info: Dist, device: torch.device, on_step) -> dict:
     out = Path(cfg.out)
+    if cfg.fsdp:
+        check_fsdp(dist_info)
     if cfg.resume:
         cfg = resume_config(cfg, out)
     else:
