@@ -17,9 +17,11 @@ def _chunks(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ta
     derivative of the cap, 1 - tanh^2, else None). Logits are in `acc`.
 
     A few rows at a time keep each chunk's logits in cache (~16 MB of fp32 per chunk), so neither
-    the forward nor a backward ever holds [tokens, vocab].
+    the forward nor a backward ever holds [tokens, vocab]. A GPU wants fewer, larger kernels: there
+    a chunk is ~512 MB of fp32 logits (2,668 rows at GPT-2's vocabulary).
     """
-    rows = min(1024, max(128, (1 << 22) // weight.shape[0]))
+    vocab = weight.shape[0]
+    rows = max(1024, (1 << 27) // vocab) if h.device.type == "cuda" else min(1024, max(128, (1 << 22) // vocab))
     for s in range(0, h.shape[0], rows):
         hc, tc = h[s:s + rows], targets[s:s + rows]
         raw = F.linear(hc, weight, bias)

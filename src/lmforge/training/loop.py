@@ -22,11 +22,13 @@ from typing import Protocol
 import torch
 
 from ..core.errors import LMForgeError
-from ..core.runtime import Dist, autocast
+from ..core.runtime import Dist, autocast, peak_flops
+from ..models.config import flops_per_token
 from .checkpoint import Checkpointer
 from .config import TrainConfig
 from .metrics import MetricsLog
 from .optim import make_optimizer
+from .prefetch import Prefetcher
 from .rundir import Run, record_config
 from .schedule import Budget, Schedule
 from .sharded import check_fsdp, no_sync, shard
@@ -37,6 +39,9 @@ class Task(Protocol):
     """What the loop needs to know about an objective."""
 
     windows_per_epoch: int
+    # Optional `prefetch = False`: the loop then builds each batch when it needs it. Batches are
+    # otherwise built ahead in a background thread, so `batch` must be a pure function of its
+    # arguments that leaves the model alone (a task whose batches run the model opts out).
 
     def batch(self, first: int, count: int) -> dict[str, torch.Tensor]:
         """Training examples first .. first+count-1 of the endless, seeded example stream."""
@@ -81,10 +86,6 @@ class NonFiniteLoss(LMForgeError):
     pass
 
 
-def _move(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
 class Trainer:
     """One run of the loop. A step: this rank's micro-batches forward and backward, one
     all-reduce of (loss, weight, tokens), the gradient scaled to the global weighted mean, clip,
@@ -104,7 +105,10 @@ class Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.global_windows = cfg.batch_size * cfg.grad_accum * dist.world
         self.record: dict = {"step": 0, "tokens": 0, "elapsed": 0.0, "windows": 0, "last_saved_step": 0}
-        self.log = MetricsLog(run.out / "metrics.jsonl", dist.main, task.windows_per_epoch)
+        cfg_model = getattr(self.model, "cfg", None)
+        self.log = MetricsLog(run.out / "metrics.jsonl", dist.main, task.windows_per_epoch, dist.world,
+                              flops_per_token(cfg_model) if cfg_model is not None else None, peak_flops(device))
+        self.batches = Prefetcher(task.batch, device, getattr(task, "prefetch", True))
         self.checkpoints = Checkpointer(run, self.model, self.optimizer, dist, cfg.keep)
         self.train_model: torch.nn.Module = self.model
         self.grad_norm: float | None = None
@@ -132,6 +136,7 @@ class Trainer:
                     self.after_step(lr, done=done, final=done or stopping)
         finally:
             self.log.close()
+            self.batches.close()
         return self.finish(interrupted=stopping and not done)
 
     def start(self) -> None:
@@ -179,7 +184,8 @@ class Trainer:
         weight, tokens = 0.0, 0
         for micro in range(cfg.grad_accum):
             first = self.record["windows"] + (micro * d.world + d.rank) * cfg.batch_size
-            batch = _move(self.task.batch(first, cfg.batch_size), self.device)
+            # built ahead: this rank's next batch (the next micro-batch's, or the next step's first)
+            batch = self.batches.get(first, cfg.batch_size, then=first + d.world * cfg.batch_size)
             sync = micro == cfg.grad_accum - 1 or d.world == 1  # DDP / FSDP reduce on the last backward only
             if sync:
                 accumulate = contextlib.nullcontext()
