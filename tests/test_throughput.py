@@ -90,3 +90,20 @@ def test_gpu_mfu_script_runs_on_cpu_at_a_tiny_shape():
     cfg_flops = flops_per_token(arch_config("gpt2", 256, 32, 2, 64, 2))
     assert result["flops_per_token"] == cfg_flops
     assert result["mfu"] == pytest.approx(cfg_flops * result["tokens_per_sec"] / 1e12, abs=1e-4)
+
+
+def test_time_to_quality_benchmark_runs_at_a_tiny_budget(corpus_dir, tmp_path):
+    """Both arms train at each budget on the same shape, and the summary finds the target."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "time_to_quality.py"), "--data", str(corpus_dir),
+                           "--budgets", "0.01", "--ablate-minutes", "0", "--new", '{"optimizer": "muon"}',
+                           "--vocab-size", "300", "--n-layer", "1", "--n-embd", "32", "--eval-batches", "1",
+                           "--out", str(tmp_path / "ttq")],
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    runs = json.loads((tmp_path / "ttq" / "results.json").read_text())["runs"]
+    assert [r["name"] for r in runs] == ["old-0.01min", "new-0.01min"]
+    assert runs[1]["arm"]["optimizer"] == "muon" and runs[0]["arm"]["optimizer"] == "adamw"
+    assert runs[0]["shape"] == runs[1]["shape"] == {"n_layer": 1, "n_embd": 32, "n_head": 1}
+    assert summary["target_bpb"] == runs[0]["val_bpb"]
+    assert (summary["reach_budget_min"] == 0.01) == (runs[1]["val_bpb"] <= runs[0]["val_bpb"])
