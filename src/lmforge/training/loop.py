@@ -39,9 +39,9 @@ class Task(Protocol):
     """What the loop needs to know about an objective."""
 
     windows_per_epoch: int
-    # Optional `prefetch = False`: the loop then builds each batch when it needs it. Batches are
-    # otherwise built ahead in a background thread, so `batch` must be a pure function of its
-    # arguments that leaves the model alone (a task whose batches run the model opts out).
+    # Optional `prefetch = True`: the loop builds the next batch in a background thread while a
+    # step computes. Only for a task whose `batch` is a pure function of its arguments that leaves
+    # the model alone (not one whose batches run the model, such as RL rollouts).
 
     def batch(self, first: int, count: int) -> dict[str, torch.Tensor]:
         """Training examples first .. first+count-1 of the endless, seeded example stream."""
@@ -98,6 +98,8 @@ class Trainer:
         self.dist, self.device, self.on_step = dist, device, on_step
         if cfg.fsdp:  # before the optimizer, which must hold the sharded parameters
             check_fsdp(dist)
+            if not all(p.requires_grad for p in self.model.parameters()):
+                raise LMForgeError("--fsdp trains every weight: it does not combine with LoRA or frozen layers")
             shard(self.model, device)
         self.optimizer = make_optimizer(self.model, cfg, lr, device)
         self.budget = Budget(cfg, task.windows_per_epoch)
@@ -108,7 +110,7 @@ class Trainer:
         cfg_model = getattr(self.model, "cfg", None)
         self.log = MetricsLog(run.out / "metrics.jsonl", dist.main, task.windows_per_epoch, dist.world,
                               flops_per_token(cfg_model) if cfg_model is not None else None, peak_flops(device))
-        self.batches = Prefetcher(task.batch, device, getattr(task, "prefetch", True))
+        self.batches = Prefetcher(task.batch, device, getattr(task, "prefetch", False))
         self.checkpoints = Checkpointer(run, self.model, self.optimizer, dist, cfg.keep)
         self.train_model: torch.nn.Module = self.model
         self.grad_norm: float | None = None
