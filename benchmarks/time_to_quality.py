@@ -12,7 +12,13 @@ than --margin. Then the comparison at every budget, and the time the new default
 the old defaults' figure at the longest budget (the smallest budget whose final figure does, and
 the earliest evaluation inside any new run that does).
 
+On a machine shared with other work, wall-clock runs get unequal shares of the CPU; the ablation
+can instead give every run the same number of steps (--ablate-steps N, at the shape --n-layer /
+--n-embd; with no --budgets it stops there): the options cost about the same per step, so equal
+steps are a fair stand-in for equal time there, and immune to the noise.
+
     python benchmarks/time_to_quality.py [--budgets 1 2 4] [--ablate-minutes 1] [--out runs/ttq]
+    python benchmarks/time_to_quality.py --budgets --ablate-steps 1000 --n-layer 1 --n-embd 64
 """
 
 from __future__ import annotations
@@ -33,20 +39,24 @@ OPTIONS = {"qk_norm": {"qk_norm": True}, "relu2": {"relu2": True}, "untied_head"
 MUON_LRS = (0.01, 0.02, 0.04)
 
 
-def run(args, name: str, minutes: float, arm: dict, shape: dict) -> dict:
+def run(args, name: str, minutes: float | None, arm: dict, shape: dict, steps: int | None = None) -> dict:
+    """One pretraining run of `minutes` of training (or `steps` steps); its final val bpb and record."""
     out = Path(args.out) / name
-    cfg = PretrainConfig(data=args.data, out=str(out), overwrite=True, max_minutes=minutes, device="cpu",
+    budget = {"max_steps": steps} if steps else {"max_minutes": minutes}
+    cfg = PretrainConfig(data=args.data, out=str(out), overwrite=True, **budget, device="cpu",
                          eval_every=args.eval_every, eval_batches=args.eval_batches, save_every=0, seed=args.seed,
                          vocab_size=args.vocab_size, **shape, **arm)
     record = pretrain(cfg)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     model = json.loads((out / "config.json").read_text())["model"]
     evals = [(r["elapsed_s"], r["val_bpb"]) for r in rows if "val_bpb" in r]
-    result = {"name": name, "minutes": minutes, "arm": arm, "val_bpb": evals[-1][1], "evals": evals,
+    result = {"name": name, "minutes": minutes, "max_steps": steps, "arm": arm, "val_bpb": evals[-1][1],
+              "evals": evals,
               "steps": record["step"], "tokens": record["tokens"], "elapsed_s": round(record["elapsed"], 1),
               "tokens_per_sec": round(record["tokens"] / max(record["elapsed"], 1e-9), 1),
               "shape": {"n_layer": model["n_layer"], "n_embd": model["n_embd"], "n_head": model["n_head"]}}
-    print(f"  {name:<28} {minutes:>4g} min  val_bpb {result['val_bpb']:.4f}  {result['steps']:>5} steps  "
+    given = f"{steps} steps" if steps else f"{minutes:g} min"
+    print(f"  {name:<28} {given:>9}  val_bpb {result['val_bpb']:.4f}  {result['steps']:>5} steps  "
           f"{result['tokens_per_sec']:>8,.0f} tok/s  ({model['n_layer']}x{model['n_embd']})", flush=True)
     if not args.keep_runs:
         shutil.rmtree(out, ignore_errors=True)
@@ -55,16 +65,19 @@ def run(args, name: str, minutes: float, arm: dict, shape: dict) -> dict:
 
 def ablate(args, shape: dict, baseline: dict, results: list) -> dict:
     """The new defaults: the better optimizer, then each option that helps on top of it."""
-    minutes = args.ablate_minutes
+    minutes, steps = args.ablate_minutes, args.ablate_steps
+    if steps:  # a step-matched baseline
+        baseline = run(args, "ablate-adamw", None, OLD, shape, steps)
+        results.append(baseline)
     best, best_bpb = dict(OLD), baseline["val_bpb"]
     for lr in MUON_LRS:
-        r = run(args, f"ablate-muon-lr{lr:g}", minutes, {**OLD, "optimizer": "muon", "muon_lr": lr}, shape)
+        r = run(args, f"ablate-muon-lr{lr:g}", minutes, {**OLD, "optimizer": "muon", "muon_lr": lr}, shape, steps)
         results.append(r)
         if r["val_bpb"] < best_bpb - args.margin:
             best, best_bpb = r["arm"], r["val_bpb"]
     chosen = dict(best)
     for name, option in OPTIONS.items():
-        r = run(args, f"ablate-{name}", minutes, {**best, **option}, shape)
+        r = run(args, f"ablate-{name}", minutes, {**best, **option}, shape, steps)
         results.append(r)
         r["gain"] = round(best_bpb - r["val_bpb"], 4)
         if r["gain"] > args.margin:
@@ -76,9 +89,11 @@ def ablate(args, shape: dict, baseline: dict, results: list) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", nargs="+", default=["pydocs"])
-    ap.add_argument("--budgets", type=float, nargs="+", default=[1, 2, 4], help="wall-clock minutes of training")
+    ap.add_argument("--budgets", type=float, nargs="*", default=[1, 2, 4], help="wall-clock minutes of training")
     ap.add_argument("--ablate-minutes", type=float, default=1.0, help="budget of each ablation run (0: skip, "
                     "and compare against --new)")
+    ap.add_argument("--ablate-steps", type=int, default=None, help="give each ablation run this many steps "
+                    "instead of --ablate-minutes (needs --n-layer and --n-embd)")
     ap.add_argument("--new", default=None, help="JSON of the new defaults' settings, when not ablating")
     ap.add_argument("--margin", type=float, default=0.005, help="val bpb an option must gain to be kept")
     ap.add_argument("--vocab-size", type=int, default=None)
@@ -96,6 +111,14 @@ def main() -> None:
     results: list[dict] = []
     budgets = sorted(args.budgets)
     new = json.loads(args.new) if args.new else None
+    if args.ablate_steps:
+        if not fixed:
+            ap.error("--ablate-steps needs --n-layer and --n-embd")
+        new = ablate(args, fixed, {}, results)
+        if not budgets:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / "ablation.json").write_text(json.dumps({"new_defaults": new, "runs": results}, indent=1))
+            return
     rows = []
     for minutes in budgets:
         old = run(args, f"old-{minutes:g}min", minutes, OLD, fixed or {})
