@@ -78,6 +78,11 @@ class PretrainConfig(TrainConfig):
     n_kv_head: int | None = arg(None, "key/value heads, fewer than --n-head for grouped-query attention", ge=1)
     context_length: int = arg(256, "tokens per training sequence (the model's context window)", ge=1)
     dropout: float = arg(0.0, "dropout probability", ge=0, lt=1)
+    optimizer: str = arg("muon", "muon: Muon (orthogonalised momentum) for the matrices inside the blocks, AdamW at "
+                         "--lr for embeddings, output layer, norms and biases (reaches a given validation loss "
+                         "about twice as fast here: BENCHMARKS.md); or adamw for every weight",
+                         choices=["adamw", "muon"])
+    muon_lr: float = arg(0.01, "muon: peak learning rate of the hidden matrices (follows --schedule)", gt=0)
     qk_norm: bool = arg(False, "RMSNorm on each attention head's queries and keys (steadier at high learning rates)")
     relu2: bool = arg(False, "a plain MLP with squared-ReLU activation instead of the family's (GELU or SwiGLU)")
     untied_head: bool = arg(False, "an output layer of its own (not the embedding's transpose); it and each block's "

@@ -154,7 +154,8 @@ def _pretrain(cfg: PretrainConfig, dist_info: Dist, device: torch.device, on_ste
     dist_info.say(f"model: {cfg.arch} {mcfg.n_layer} layers x {mcfg.n_embd} wide, {mcfg.n_head} heads "
                   f"({mcfg.n_kv_head} k/v), context {mcfg.context_length}, vocab {mcfg.vocab_size}: "
                   f"{model.num_params() / 1e6:.2f}M parameters; {len(data.train):,} training tokens; "
-                  f"{tokens_per_step:,} tokens/step; lr {lr:g}; {device}"
+                  f"{tokens_per_step:,} tokens/step; lr {lr:g}"
+                  + (f" (Muon {cfg.muon_lr:g})" if cfg.optimizer == "muon" else "") + f"; {device}"
                   + (f" x {dist_info.world} processes" if dist_info.world > 1 else ""))
     planned = planned_tokens(cfg, tokens_per_step, len(data.train))
     warning = None if cfg.resume or sized_by_rule or not planned else passes_warning(planned, len(data.train))
