@@ -33,7 +33,7 @@ SCRIPT = """
 def config(corpus_dir, out, **kw) -> dict:
     return {**dict(data=[str(corpus_dir)], out=str(out), n_layer=2, n_embd=32, n_head=2, context_length=16,
                    batch_size=4, max_steps=8, save_every=4, eval_every=4, eval_batches=2, log_every=1,
-                   vocab_size=300, lr=3e-3, device="cpu", seed=5), **kw}
+                   vocab_size=300, lr=3e-3, device="cpu", seed=5, optimizer="adamw"), **kw}
 
 
 def launch(tmp_path, cfg: dict, stop: int = 0) -> str:
