@@ -87,7 +87,9 @@ EXAMPLES = {
   lmforge pretrain --data notes/ more.jsonl --out runs/notes --arch llama --size d6 --max-steps 2000
   lmforge pretrain --out runs/py --resume                                # continue with the saved budget
   lmforge pretrain --out runs/py --resume --max-steps 6000               # or extend it
-  torchrun --nproc_per_node 4 -m lmforge pretrain --data corpus/ --out runs/big --max-tokens 1e9""",
+  torchrun --nproc_per_node 4 -m lmforge pretrain --data corpus/ --out runs/big --max-tokens 1e9
+  lmforge pretrain --data pydocs --out runs/adamw --max-minutes 10 --optimizer adamw --qk-norm  # not Muon; QK-norm
+  torchrun --nproc_per_node 8 -m lmforge pretrain --data corpus/ --out runs/huge --size d32 --fsdp""",
     "generate": """examples:
   lmforge generate runs/demo --prompt "Return the" --temperature 0.7 --top-k 40 --seed 1
   lmforge generate runs/demo -p "class" --temperature 0                  # greedy

@@ -42,6 +42,25 @@ def autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
+# Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, FLOP/s, by a piece of the
+# device name (first match wins: the more specific names first).
+BF16_PEAKS = [("H200", 989e12), ("GH200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12),
+              ("H800", 989e12), ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12),
+              ("L40", 181e12), ("A6000", 155e12), ("A10G", 70e12), ("A10", 125e12), ("L4", 121e12),
+              ("4090", 165e12), ("3090", 71e12)]
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The device's dense bf16 peak in FLOP/s (CUDA GPUs in the table; LMFORGE_PEAK_TFLOPS overrides),
+    None where unknown: MFU is then not reported."""
+    if os.environ.get("LMFORGE_PEAK_TFLOPS"):
+        return float(os.environ["LMFORGE_PEAK_TFLOPS"]) * 1e12
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in BF16_PEAKS if key in name), None)
+
+
 @dataclass
 class Dist:
     """This process's place in the torchrun group (rank 0 of 1 when not under torchrun)."""

@@ -21,8 +21,8 @@ from .kinds import Kind
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED = ("gpt2",) + LLAMA_LIKE + ("bert",)
 _ACT_FROM_HF = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
-                "gelu": "gelu", "relu": "relu", "silu": "silu", "swish": "silu"}
-_ACT_TO_HF = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu"}
+                "gelu": "gelu", "relu": "relu", "relu2": "relu2", "silu": "silu", "swish": "silu"}
+_ACT_TO_HF = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "relu2": "relu2", "silu": "silu"}
 
 
 def _require(c: dict, *keys: str) -> None:
@@ -107,8 +107,14 @@ def export_family(cfg: ModelConfig) -> str:
     fam = cfg.extra.get("hf_family")
     if fam in SUPPORTED:
         return fam
+    if cfg.logit_softcap:
+        raise LMForgeError("logit soft-capping (logit_softcap) has no equivalent in the Hugging Face families "
+                           "lmforge exports (gpt2, llama, mistral, qwen2, qwen3)")
     if cfg.pos_embedding == "learned" and cfg.norm == "layernorm" and cfg.mlp == "plain" and cfg.causal \
             and cfg.n_kv_head == cfg.n_head and cfg.bias and not cfg.lm_head_bias:
+        if cfg.qk_norm:
+            raise LMForgeError("QK-norm has no equivalent in Hugging Face's GPT-2 (a llama-family model with "
+                               "QK-norm exports as Qwen3)")
         return "gpt2"
     if cfg.pos_embedding == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "gated" and cfg.causal:
         if cfg.qk_norm:

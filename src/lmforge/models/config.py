@@ -18,6 +18,7 @@ ACTIVATIONS = {
     "gelu": F.gelu,
     "silu": F.silu,
     "relu": F.relu,
+    "relu2": lambda x: F.relu(x).square(),  # squared ReLU (So et al. 2021, Primer; modded-nanogpt, nanochat)
 }
 
 
@@ -44,6 +45,8 @@ class ModelConfig:
     mlp_bias: bool | None = None  # None: same as `bias`
     qk_norm: bool = False  # RMSNorm on each head's queries and keys (Qwen3)
     tie_embeddings: bool = True
+    zero_init: bool = False  # start each block's output projections (and an untied output layer) at zero
+    logit_softcap: float | None = None  # logits -> c * tanh(logits / c) (Gemma 2, nanochat)
     causal: bool = True  # False: bidirectional encoder
     sliding_window: int | None = None  # attend only to the last N positions (Mistral)
     dropout: float = 0.0
@@ -78,6 +81,7 @@ class ModelConfig:
             (self.activation in ACTIVATIONS, f"unknown activation {self.activation!r}"),
             (self.pos_embedding in ("learned", "rope", "none"), f"unknown pos_embedding {self.pos_embedding!r}"),
             (self.norm_position in ("pre", "post"), f"unknown norm_position {self.norm_position!r}"),
+            (self.logit_softcap is None or self.logit_softcap > 0, "logit_softcap must be positive"),
             (min(self.vocab_size, self.context_length, self.n_layer, self.n_embd) > 0,
              "vocab_size, context_length, n_layer and n_embd must be positive"),
         ]

@@ -48,11 +48,17 @@ def passes_warning(tokens: float, unique: float) -> str | None:
 
 
 def arch_config(arch: str, vocab_size: int, context_length: int, n_layer: int, n_embd: int,
-                n_head: int | None = None, n_kv_head: int | None = None, dropout: float = 0.0) -> ModelConfig:
-    """GPT-2, Llama or BERT layout at a given shape."""
+                n_head: int | None = None, n_kv_head: int | None = None, dropout: float = 0.0,
+                options: dict | None = None) -> ModelConfig:
+    """GPT-2, Llama or BERT layout at a given shape; `options` are further ModelConfig fields
+    (qk_norm, zero_init, logit_softcap, ...) that override the family's."""
     n_head = n_head or max(1, n_embd // 64)
     common = dict(vocab_size=vocab_size, context_length=context_length, n_layer=n_layer, n_embd=n_embd,
                   n_head=n_head, dropout=dropout)
+    if options:
+        base = arch_config(arch, vocab_size, context_length, n_layer, n_embd, n_head, n_kv_head, dropout)
+        fields = {**base.to_dict(), "intermediate_size": None, **options}
+        return ModelConfig(**fields)
     if arch == "gpt2":
         return ModelConfig(**common, n_kv_head=n_kv_head, norm="layernorm", mlp="plain", activation="gelu",
                            pos_embedding="learned", bias=True, tie_embeddings=True)

@@ -203,9 +203,13 @@ class Transformer(nn.Module):
             self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
         # GPT-2: scale the residual-path projections so the residual stream's variance stays put.
+        # zero_init (modded-nanogpt, nanochat): start them at zero, so each block begins as the
+        # identity, and an untied output layer too, so the first predictions are uniform.
         for name, p in self.named_parameters():
             if name.endswith(("attn.proj.weight", "mlp.proj.weight")):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+                nn.init.normal_(p, mean=0.0, std=0.0 if cfg.zero_init else 0.02 / math.sqrt(2 * cfg.n_layer))
+        if cfg.zero_init and not cfg.tie_embeddings:
+            nn.init.zeros_(self.lm_head.weight)
 
     @staticmethod
     def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -297,7 +301,9 @@ class Transformer(nn.Module):
         """Hidden states -> vocabulary logits."""
         if self.cfg.head_transform:
             h = self.head_norm(ACTIVATIONS[self.cfg.activation](self.head_dense(h)))
-        return self.lm_head(h)
+        logits = self.lm_head(h)
+        cap = self.cfg.logit_softcap
+        return cap * torch.tanh(logits / cap) if cap else logits
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 attention_mask: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
@@ -313,7 +319,8 @@ class Transformer(nn.Module):
         if self.cfg.head_transform:
             h = self.head_norm(ACTIVATIONS[self.cfg.activation](self.head_dense(h)))
         weight, bias = self.head_weight_and_bias()
-        loss = linear_cross_entropy(h.flatten(0, 1), weight, bias, targets.flatten(), reduction=reduction)
+        loss = linear_cross_entropy(h.flatten(0, 1), weight, bias, targets.flatten(), reduction=reduction,
+                                    softcap=self.cfg.logit_softcap)
         return loss.view(targets.shape) if reduction == "none" else loss
 
     def head_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -20,6 +20,10 @@ class TrainConfig:
                         "or constant", choices=["cosine", "wsd", "constant"])
     warmup_steps: int = arg(50, "steps of linear warmup (it ends sooner, at 10%% of the budget, in short runs)", ge=0)
     decay_fraction: float = arg(0.2, "wsd: fraction of the run spent decaying at the end", ge=0, le=1)
+    optimizer: str = arg("adamw", "adamw, or muon: Muon (orthogonalised momentum) for the matrices inside the blocks, "
+                         "AdamW at --lr for embeddings, output layer, norms and biases", choices=["adamw", "muon"])
+    muon_lr: float = arg(0.02, "muon: peak learning rate of the hidden matrices (follows --schedule)", gt=0)
+    muon_momentum: float = arg(0.95, "muon: momentum (Nesterov)", ge=0, lt=1)
     weight_decay: float = arg(0.1, "AdamW weight decay (matrices only; not biases or norms)", ge=0)
     beta1: float = arg(0.9, "AdamW beta1", ge=0, lt=1)
     beta2: float = arg(0.95, "AdamW beta2", ge=0, lt=1)
@@ -38,6 +42,9 @@ class TrainConfig:
     seed: int = arg(1337, "random seed (weights init, data order, dropout, sampling)")
     device: str = arg("auto", "cpu, cuda, cuda:N, mps, or auto")
     compile: bool = arg(False, "compile the model with torch.compile (faster steps, slower start)")
+    fsdp: bool = arg(False, "under torchrun: shard weights, gradients and optimizer state across the processes "
+                     "(FSDP2, per block), for models too big for one GPU; checkpoints are sharded and resume on "
+                     "any number of processes")
     resume: bool = arg(False, "continue the run in --out from its last checkpoint, exactly. Without a budget flag "
                        "it keeps the run's budget; with a different one, the rest of the LR schedule is stretched "
                        "or squeezed from where the run stands to end with the new budget")
@@ -73,6 +80,16 @@ class PretrainConfig(TrainConfig):
     n_kv_head: int | None = arg(None, "key/value heads, fewer than --n-head for grouped-query attention", ge=1)
     context_length: int = arg(256, "tokens per training sequence (the model's context window)", ge=1)
     dropout: float = arg(0.0, "dropout probability", ge=0, lt=1)
+    optimizer: str = arg("muon", "muon: Muon (orthogonalised momentum) for the matrices inside the blocks, AdamW at "
+                         "--lr for embeddings, output layer, norms and biases (reaches a given validation loss "
+                         "about twice as fast here: BENCHMARKS.md); or adamw for every weight",
+                         choices=["adamw", "muon"])
+    muon_lr: float = arg(0.01, "muon: peak learning rate of the hidden matrices (follows --schedule)", gt=0)
+    qk_norm: bool = arg(False, "RMSNorm on each attention head's queries and keys (steadier at high learning rates)")
+    relu2: bool = arg(False, "a plain MLP with squared-ReLU activation instead of the family's (GELU or SwiGLU)")
+    untied_head: bool = arg(False, "an output layer of its own (not the embedding's transpose); it and each block's "
+                            "output projections start at zero")
+    logit_softcap: float | None = arg(None, "cap the logits smoothly at +-N: N * tanh(logits / N) (e.g. 15)", gt=0)
 
 
 @dataclass

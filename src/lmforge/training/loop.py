@@ -2,7 +2,7 @@
 
 What differs between objectives lives in a `Task` (how to make a batch, the loss, the
 evaluation); the `Trainer` owns optimisation, schedules, budgets, logging, checkpoints, resume,
-signals and DDP. Under `torchrun` each rank computes its slice of the same global batch, and the
+signals and DDP or FSDP. Under `torchrun` each rank computes its slice of the same global batch, and the
 gradient is that of the weighted mean loss over the whole global batch (per target token, say),
 so N processes follow the trajectory of one with N times the batch, and accumulating micro-batches
 equals one big batch, however unevenly the targets fall between them.
@@ -22,13 +22,16 @@ from typing import Protocol
 import torch
 
 from ..core.errors import LMForgeError
-from ..core.runtime import Dist, autocast
+from ..core.runtime import Dist, autocast, peak_flops
+from ..models.config import flops_per_token
 from .checkpoint import Checkpointer
 from .config import TrainConfig
 from .metrics import MetricsLog
 from .optim import make_optimizer
+from .prefetch import Prefetcher
 from .rundir import Run, record_config
 from .schedule import Budget, Schedule
+from .sharded import check_fsdp, no_sync, shard
 from .state import load_state
 
 
@@ -36,6 +39,9 @@ class Task(Protocol):
     """What the loop needs to know about an objective."""
 
     windows_per_epoch: int
+    # Optional `prefetch = True`: the loop builds the next batch in a background thread while a
+    # step computes. Only for a task whose `batch` is a pure function of its arguments that leaves
+    # the model alone (not one whose batches run the model, such as RL rollouts).
 
     def batch(self, first: int, count: int) -> dict[str, torch.Tensor]:
         """Training examples first .. first+count-1 of the endless, seeded example stream."""
@@ -80,10 +86,6 @@ class NonFiniteLoss(LMForgeError):
     pass
 
 
-def _move(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
 class Trainer:
     """One run of the loop. A step: this rank's micro-batches forward and backward, one
     all-reduce of (loss, weight, tokens), the gradient scaled to the global weighted mean, clip,
@@ -94,13 +96,21 @@ class Trainer:
                  device: torch.device, on_step: Callable[[int], None] | None = None) -> None:
         self.model, self.task, self.cfg, self.run, self.peak = model.to(device), task, cfg, run, lr
         self.dist, self.device, self.on_step = dist, device, on_step
+        if cfg.fsdp:  # before the optimizer, which must hold the sharded parameters
+            check_fsdp(dist)
+            if not all(p.requires_grad for p in self.model.parameters()):
+                raise LMForgeError("--fsdp trains every weight: it does not combine with LoRA or frozen layers")
+            shard(self.model, device)
         self.optimizer = make_optimizer(self.model, cfg, lr, device)
         self.budget = Budget(cfg, task.windows_per_epoch)
         self.schedule = Schedule(cfg, lr)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.global_windows = cfg.batch_size * cfg.grad_accum * dist.world
         self.record: dict = {"step": 0, "tokens": 0, "elapsed": 0.0, "windows": 0, "last_saved_step": 0}
-        self.log = MetricsLog(run.out / "metrics.jsonl", dist.main, task.windows_per_epoch)
+        cfg_model = getattr(self.model, "cfg", None)
+        self.log = MetricsLog(run.out / "metrics.jsonl", dist.main, task.windows_per_epoch, dist.world,
+                              flops_per_token(cfg_model) if cfg_model is not None else None, peak_flops(device))
+        self.batches = Prefetcher(task.batch, device, getattr(task, "prefetch", False))
         self.checkpoints = Checkpointer(run, self.model, self.optimizer, dist, cfg.keep)
         self.train_model: torch.nn.Module = self.model
         self.grad_norm: float | None = None
@@ -128,6 +138,7 @@ class Trainer:
                     self.after_step(lr, done=done, final=done or stopping)
         finally:
             self.log.close()
+            self.batches.close()
         return self.finish(interrupted=stopping and not done)
 
     def start(self) -> None:
@@ -156,7 +167,7 @@ class Trainer:
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.cfg.compile:
             model = torch.compile(model)
-        if self.dist.world > 1:
+        if self.dist.world > 1 and not self.cfg.fsdp:  # FSDP's sharding was done in __init__
             from torch.nn.parallel import DistributedDataParallel as DDP  # imports torch._dynamo: slow
 
             model = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -175,9 +186,14 @@ class Trainer:
         weight, tokens = 0.0, 0
         for micro in range(cfg.grad_accum):
             first = self.record["windows"] + (micro * d.world + d.rank) * cfg.batch_size
-            batch = _move(self.task.batch(first, cfg.batch_size), self.device)
-            sync = micro == cfg.grad_accum - 1 or d.world == 1  # DDP all-reduces on the last backward only
-            with contextlib.nullcontext() if sync else self.train_model.no_sync():
+            # built ahead: this rank's next batch (the next micro-batch's, or the next step's first)
+            batch = self.batches.get(first, cfg.batch_size, then=first + d.world * cfg.batch_size)
+            sync = micro == cfg.grad_accum - 1 or d.world == 1  # DDP / FSDP reduce on the last backward only
+            if sync:
+                accumulate = contextlib.nullcontext()
+            else:
+                accumulate = no_sync(self.model) if cfg.fsdp else self.train_model.no_sync()
+            with accumulate:
                 with autocast(self.device):
                     mean, w, n = self.task.loss(self.train_model, batch)
                 (mean.float() * w).backward()
@@ -202,9 +218,10 @@ class Trainer:
                 "try a lower --lr or more --warmup-steps")
         self.grad_norm = None
         if self.cfg.grad_clip > 0:
-            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip).item()
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+            self.grad_norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # FSDP: DTensor
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # a group with its own peak (Muon's) keeps its ratio
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         rec["step"] += 1
@@ -256,7 +273,10 @@ class Trainer:
 
     def evaluate(self) -> dict:
         """Validation metrics, computed on rank 0 and shared, so every rank decides alike (and a
-        failure there stops them all instead of leaving them waiting)."""
+        failure there stops them all instead of leaving them waiting). A sharded model needs every
+        rank for its forward passes: each computes the same metrics."""
+        if self.cfg.fsdp:
+            return self._evaluate_here()
         return self.dist.on_main(self._evaluate_here)
 
     def _evaluate_here(self) -> dict:

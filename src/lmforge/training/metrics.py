@@ -15,10 +15,16 @@ from .plot import read_metrics
 
 class MetricsLog:
     """Rows of metrics.jsonl (one per --log-every steps, evaluations and the final step) and the
-    progress bar. Every rank keeps the running numbers; only the main one writes and draws."""
+    progress bar. Every rank keeps the running numbers; only the main one writes and draws.
 
-    def __init__(self, path: Path, main: bool, windows_per_epoch: int) -> None:
+    tokens_per_sec counts every process's tokens; tokens_per_sec_per_process is its share; and
+    where the device's peak is known (CUDA), mfu is the model FLOPs utilisation of each process:
+    training FLOPs per token x its tokens/s / its GPU's dense bf16 peak."""
+
+    def __init__(self, path: Path, main: bool, windows_per_epoch: int, world: int = 1,
+                 flops_per_token: float | None = None, peak_flops: float | None = None) -> None:
         self.path, self.main, self.per_epoch = path, main, max(windows_per_epoch, 1)
+        self.world, self.flops_per_token, self.peak = world, flops_per_token, peak_flops
         self.bar: tqdm | None = None
         self._reset()
 
@@ -48,9 +54,12 @@ class MetricsLog:
 
     def row(self, state: dict, lr: float, grad_norm: float | None) -> dict:
         """The row for the current step: losses averaged over the steps since the last row."""
+        rate = self.tokens / max(time.perf_counter() - self.since, 1e-9)
         row = {"step": state["step"], "tokens": state["tokens"], "loss": round(self.loss / max(self.steps, 1), 6),
-               "lr": lr, "tokens_per_sec": round(self.tokens / max(time.perf_counter() - self.since, 1e-9), 1),
+               "lr": lr, "tokens_per_sec": round(rate, 1), "tokens_per_sec_per_process": round(rate / self.world, 1),
                "elapsed_s": round(state["elapsed"], 2), "epoch": round(state["windows"] / self.per_epoch, 4)}
+        if self.flops_per_token and self.peak:
+            row["mfu"] = round(self.flops_per_token * rate / self.world / self.peak, 4)
         if grad_norm is not None:
             row["grad_norm"] = round(grad_norm, 4)
         return row
@@ -60,6 +69,8 @@ class MetricsLog:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
             post = {"step": row["step"], "loss": f"{row['loss']:.3f}", "tok/s": f"{row['tokens_per_sec']:,.0f}"}
+            if "mfu" in row:
+                post["mfu"] = f"{100 * row['mfu']:.0f}%"
             if "val_loss" in row:
                 post["val"] = f"{row['val_loss']:.3f}"
             if self.bar is not None:

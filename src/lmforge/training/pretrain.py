@@ -32,6 +32,7 @@ from .config import PretrainConfig
 from .loop import fit
 from .rundir import Run, check_out, resume_config, start_run_dir
 from .schedule import check_budget
+from .sharded import check_fsdp
 from .tasks.lm import LMTask, MLMTask
 
 
@@ -92,7 +93,22 @@ def build_model_config(cfg: PretrainConfig, vocab: int, out: Path, tokens_per_st
     n_head = cfg.n_head or (base.n_head if base and base.n_embd == n_embd else None)
     if depth:
         cfg.size = f"d{depth}"
-    return arch_config(cfg.arch, vocab, cfg.context_length, n_layer, n_embd, n_head, cfg.n_kv_head, cfg.dropout)
+    return arch_config(cfg.arch, vocab, cfg.context_length, n_layer, n_embd, n_head, cfg.n_kv_head, cfg.dropout,
+                       model_options(cfg))
+
+
+def model_options(cfg: PretrainConfig) -> dict:
+    """The ModelConfig fields set by the architecture flags (the family's own values elsewhere)."""
+    options: dict = {}
+    if cfg.qk_norm:
+        options["qk_norm"] = True
+    if cfg.relu2:
+        options.update(mlp="plain", activation="relu2")
+    if cfg.untied_head:
+        options.update(tie_embeddings=False, zero_init=True)
+    if cfg.logit_softcap:
+        options["logit_softcap"] = cfg.logit_softcap
+    return options
 
 
 def planned_tokens(cfg: PretrainConfig, tokens_per_step: int, train_tokens: int) -> int | None:
@@ -110,6 +126,8 @@ def pretrain(cfg: PretrainConfig, on_step: Callable[[int], None] | None = None) 
 
 def _pretrain(cfg: PretrainConfig, dist_info: Dist, device: torch.device, on_step) -> dict:
     out = Path(cfg.out)
+    if cfg.fsdp:
+        check_fsdp(dist_info)
     if cfg.resume:
         cfg = resume_config(cfg, out)
     else:
@@ -145,7 +163,8 @@ def _pretrain(cfg: PretrainConfig, dist_info: Dist, device: torch.device, on_ste
     dist_info.say(f"model: {cfg.arch} {mcfg.n_layer} layers x {mcfg.n_embd} wide, {mcfg.n_head} heads "
                   f"({mcfg.n_kv_head} k/v), context {mcfg.context_length}, vocab {mcfg.vocab_size}: "
                   f"{model.num_params() / 1e6:.2f}M parameters; {len(data.train):,} training tokens; "
-                  f"{tokens_per_step:,} tokens/step; lr {lr:g}; {device}"
+                  f"{tokens_per_step:,} tokens/step; lr {lr:g}"
+                  + (f" (Muon {cfg.muon_lr:g})" if cfg.optimizer == "muon" else "") + f"; {device}"
                   + (f" x {dist_info.world} processes" if dist_info.world > 1 else ""))
     planned = planned_tokens(cfg, tokens_per_step, len(data.train))
     warning = None if cfg.resume or sized_by_rule or not planned else passes_warning(planned, len(data.train))

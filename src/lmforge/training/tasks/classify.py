@@ -49,6 +49,8 @@ def classification_metrics(preds: list[int], gold: list[int], labels: list[str])
 
 
 class ClassifyTask:
+    prefetch = True  # batches are pure functions of their position: the loop may build them ahead
+
     def __init__(self, train, val, labels, pad_id, seed, class_weights, batch_size):
         self.train, self.val, self.labels, self.pad, self.batch_size = train, val, labels, pad_id, batch_size
         self.order = EpochOrder(len(train), seed)

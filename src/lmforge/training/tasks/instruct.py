@@ -81,6 +81,8 @@ def answer_loss(model: torch.nn.Module, examples: list[tuple[list[int], list[int
 
 
 class InstructTask:
+    prefetch = True  # batches are pure functions of their position: the loop may build them ahead
+
     def __init__(self, train, val, val_convs, tokenizer: Tokenizer, template: Template, seed: int,
                  batch_size: int, samples: int) -> None:
         self.train, self.val, self.val_convs = train, val, val_convs

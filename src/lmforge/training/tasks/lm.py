@@ -71,6 +71,8 @@ def evaluate_mlm(model: torch.nn.Module, data: np.ndarray, context_length: int, 
 class LMTask:
     """Next-token prediction on a token stream."""
 
+    prefetch = True  # batches are pure functions of their position: the loop may build them ahead
+
     def __init__(self, data: TokenData, context_length: int, seed: int, token_bytes: list[int],
                  eval_windows: int, batch_size: int) -> None:
         self.stream = BatchStream(data.train, context_length, seed)
