@@ -17,7 +17,9 @@ from pathlib import Path
 
 # The generators live in the package (the built-in evaluation tasks use them); re-exported for the tests.
 from lmforge.data.synthetic import (  # noqa: F401
-    NOUNS,  # noqa: F401
+    ADJS,
+    NOUNS,
+    VERBS,
     make_docs,
     make_sentences,
     reverse_records,
