@@ -2,10 +2,14 @@
 
     python examples/react_calculator.py data DIR       # DIR/calc_pretrain.jsonl (text), DIR/calc_train.jsonl (chats)
     lmforge pretrain --data DIR/calc_pretrain.jsonl --vocab-size 512 --arch llama --n-layer 4 --n-embd 128 \\
-        --n-head 4 --context-length 512 --lr 3e-3 --max-minutes 6 --out runs/calc-base
+        --n-head 4 --context-length 512 --lr 3e-3 --max-minutes 15 --eval-every 200 --out runs/calc-base
     lmforge finetune instruct runs/calc-base --data DIR/calc_train.jsonl --out runs/calc-agent --pack \\
-        --lr 1e-3 --max-minutes 3
+        --lr 1e-3 --max-minutes 3 --eval-every 1000 --samples 0
     python examples/react_calculator.py eval runs/calc-agent   # accuracy with and without the tool (JSON)
+
+What matters is steps, not minutes: the base learns to copy numbers (its loss falls from ~1.36
+to ~0.9) between steps ~700 and ~1,000 of 4,096 tokens; the README's figures come from a base
+of 1,263 steps and a fine-tune of 360.
 
 The chat records are ReAct transcripts exactly as `lmforge agent` runs them (the same system
 prompt, the same fenced observations): a multi-digit sum, difference or product, one short
@@ -14,8 +18,9 @@ calculator step (`Action: calculator` / `Action Input: 4821 * 37`), the observat
 so the same model can be asked without its tool; small models get such arithmetic wrong by
 themselves. The pretraining text is the same transcripts as plain text (the system prompt in
 one of four), so a base trained from scratch learns to copy numbers (induction) before it
-learns the chat format. A tokenizer with 512 tokens keeps digits as single tokens (its merges go
-to the prompt's words), so a number is copied digit by digit, the same way wherever it appears.
+learns the chat format. A tokenizer with 512 tokens keeps digits nearly all single (its merges go
+to the prompt's words; a few pairs such as 12 merge), and a number splits the same way wherever
+it appears, so it is copied token by token.
 
 The held-out questions come from another seed, and no training record repeats one of them.
 """
@@ -91,7 +96,7 @@ def write_data(out: Path, n_chat: int = 4000, n_text: int = 20000, seed: int = 0
           f"{out / 'calc_pretrain.jsonl'}")
 
 
-def evaluate(model_dir: str, n: int = 100) -> dict:
+def evaluate(model_dir: str, n: int = EVAL_N) -> dict:
     """Held-out questions through the agent loop (`lmforge agent`'s run_agent, with the calculator)
     and the same model answering directly (no tool), each compared with the true value. Also how
     often the agent's calculator input was exactly the question's expression."""
