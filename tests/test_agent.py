@@ -4,6 +4,7 @@ through a real server, and prompt injection through an obedient stand-in model."
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
 import time
@@ -12,13 +13,18 @@ from pathlib import Path
 import httpx
 import pytest
 from helpers import assert_clean_error, fails, run_cli
+from react_calculator import plain_text, question, tool_messages
 
 from lmforge.agents.react import parse_step, run_agent
 from lmforge.agents.tools import ToolError, calculate, make_tools, reader
 from lmforge.core.errors import LMForgeError
+from lmforge.formats.load import load_model
+from lmforge.inference.client import LocalGenerator
 from lmforge.rag.ask import citations
 from lmforge.rag.fence import fence
 from lmforge.serve.process import ServerProcess, free_port
+from lmforge.training.pretrain import PretrainConfig, pretrain
+from lmforge.training.tasks.instruct import InstructConfig, finetune_instruct
 
 
 def test_calculator_does_arithmetic_and_nothing_else():
@@ -230,3 +236,27 @@ def test_agent_without_final_answer_says_what_it_gathered(obedient):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("no Final Answer after 1 steps") and "refused: there is no tool 'search'" in \
         proc.stderr
+
+
+def test_model_fitted_to_calculator_transcripts_calls_the_tool(tmp_path):
+    """examples/react_calculator.py at toy scale: a tiny model fitted to its transcripts of three
+    questions drives the real agent loop, calls the calculator with the question's own expression
+    and answers with what the tool returned. The agent runs with --seed i, which draws the same
+    observation marker as record i, so this checks that the records are exactly what the loop
+    renders (prompt, steps, fenced observation) and that the loop parses what they teach; the
+    held-out accuracy of a real run is what the example's `eval` measures."""
+    asked = [question(random.Random(i)) for i in range(3)]
+    chats = [{"messages": tool_messages(q, expr, random.Random(i))} for i, (q, expr) in enumerate(asked)]
+    texts, data = tmp_path / "texts.jsonl", tmp_path / "chats.jsonl"
+    texts.write_text("".join(json.dumps({"text": plain_text(c["messages"], True)}) + "\n" for c in chats * 20))
+    data.write_text("".join(json.dumps(c) + "\n" for c in chats))
+    pretrain(PretrainConfig(data=[str(texts)], out=str(tmp_path / "base"), vocab_size=384, n_layer=2, n_embd=64,
+                            n_head=2, context_length=640, max_steps=1, device="cpu"))  # the tokenizer and shape
+    finetune_instruct(InstructConfig(base=str(tmp_path / "base"), data=str(data), val_data=str(data),
+                                     out=str(tmp_path / "agent"), max_steps=120, batch_size=3, lr=1e-2,
+                                     eval_every=120, samples=0, device="cpu"))
+    gen = LocalGenerator(load_model(tmp_path / "agent", "cpu"))
+    for i, (q, expr) in enumerate(asked):
+        result = run_agent(gen, q, make_tools("calculator"), max_steps=3, max_tokens=32, seed=i)
+        calls = [(e["tool"], e["input"]) for e in result.transcript if e["event"] == "tool"]
+        assert calls == [("calculator", expr)] and result.answer == calculate(expr), result.transcript
