@@ -58,3 +58,16 @@ def test_cli_generates_with_int8(tiny_run, capsys):
     assert capsys.readouterr().out.startswith("The")
     with pytest.raises(LMForgeError, match="unknown quantisation"):
         quantize_model(nn.Sequential(nn.Linear(4, 4)), "int4")
+
+
+def test_a_model_in_decode_layout_quantises_too(tiny_run):
+    """`decode_layout` stores weights transposed in memory; quantising such a model still works."""
+    from lmforge.formats.load import load_model
+
+    lm = load_model(tiny_run, device="cpu")  # laid out for decoding
+    ids = torch.tensor([lm.tokenizer.encode("The new value")])
+    with torch.no_grad():
+        want = lm.model(ids)
+        quantize_model(lm.model, "int8")
+        got = lm.model(ids)
+    assert (got - want).abs().max() < 0.1 * want.abs().max()
