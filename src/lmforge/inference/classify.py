@@ -21,13 +21,19 @@ def encode_texts(tokenizer: Tokenizer, texts: list[str], max_len: int, causal: b
 
 
 @torch.no_grad()
-def predict_probs(model: Classifier, seqs: list[list[int]], pad_id: int, batch_size: int = 16) -> torch.Tensor:
+def head_outputs(model: Classifier, seqs: list[list[int]], pad_id: int, batch_size: int = 16) -> torch.Tensor:
+    """The pooled head's raw outputs for each sequence, [N, outputs] in fp32 on the CPU (padded
+    batches of `batch_size`): class logits for a classifier, the reward for a reward model."""
     device = next(model.parameters()).device
     out = []
     for i in range(0, len(seqs), batch_size):
         ids, mask = pad_batch(seqs[i:i + batch_size], pad_id)
-        out.append(torch.softmax(model(ids.to(device), mask.to(device)).float(), dim=-1).cpu())
+        out.append(model(ids.to(device), mask.to(device)).float().cpu())
     return torch.cat(out)
+
+
+def predict_probs(model: Classifier, seqs: list[list[int]], pad_id: int, batch_size: int = 16) -> torch.Tensor:
+    return torch.softmax(head_outputs(model, seqs, pad_id, batch_size), dim=-1)
 
 
 def classify_texts(lm: Loaded, texts: list[str]) -> list[dict]:

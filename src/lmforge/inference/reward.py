@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 
 from ..core.errors import LMForgeError
-from ..data.collate import pad_batch
 from ..data.preferences import encode_answer
 from ..formats.kinds import Kind
 from ..formats.load import Loaded
 from ..models.transformer import Classifier
 from ..text.templates import Template, template_from_json
+from .classify import head_outputs
 
 
 def check_reward_model(lm: Loaded) -> None:
@@ -18,15 +18,9 @@ def check_reward_model(lm: Loaded) -> None:
         raise LMForgeError(f"{lm.path} is not a reward model (it is a {lm.kind}); train one with lmforge align reward")
 
 
-@torch.no_grad()
 def rewards(model: Classifier, seqs: list[list[int]], pad_id: int, batch_size: int = 16) -> torch.Tensor:
     """The scalar head's output at each sequence's last token, [N] in fp32 on the CPU."""
-    device = next(model.parameters()).device
-    out = []
-    for i in range(0, len(seqs), batch_size):
-        ids, mask = pad_batch(seqs[i:i + batch_size], pad_id)
-        out.append(model(ids.to(device), mask.to(device))[:, 0].float().cpu())
-    return torch.cat(out)
+    return head_outputs(model, seqs, pad_id, batch_size)[:, 0]
 
 
 def score_answers(lm: Loaded, convs: list[list[dict]], answers: list[str], template: Template | None = None,
