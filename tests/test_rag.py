@@ -109,6 +109,18 @@ def test_hybrid_beats_each_retriever_alone(small_index, encoder):
     assert (hit.chunk.path.endswith("p2.txt"), hit.chunk.start_line, hit.chunk.end_line) == (True, 1, 1)
 
 
+def test_hybrid_weights_bm25_by_the_share_of_query_words_its_best_chunk_holds(small_index, encoder):
+    index = Index(small_index / "index", encoder)
+    top = lambda q, mode: [h.chunk.path for h in index.search(q, 3, mode)]  # noqa: E731
+    # Every word of the query is in one chunk: a lexical lookup, and the hybrid follows BM25.
+    for q in ("order form 7713 steel finish", "form 3177 white", "7731 brass"):
+        assert index._coverage(q, index._bm25(q, 1)[0][0]) == 1.0
+        assert top(q, "hybrid")[0] == top(q, "bm25")[0]
+    # No shared word: BM25 has no evidence, and the hybrid is the encoder's ranking.
+    q = "a cat sleeping on a carpet"
+    assert index._bm25(q, 5) == [] and top(q, "hybrid") == top(q, "dense")
+
+
 def test_incremental_reindex_touches_only_changed_files(tmp_path, encoder):
     docs = tmp_path / "docs"
     docs.mkdir()

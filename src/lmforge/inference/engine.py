@@ -15,6 +15,7 @@ and read each handle's events from its thread-safe queue.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import queue
 import threading
@@ -26,7 +27,9 @@ import torch
 
 from ..core.errors import LMForgeError
 from ..core.runtime import autocast
-from ..models.transformer import KVCache, Transformer
+from ..models.blas import blas_matmuls
+from ..models.quant import Int8Linear
+from ..models.transformer import InferenceLinear, KVCache, Transformer
 from .sampling import filter_probs, penalize_counts, penalize_repeats, validate_sampling
 
 
@@ -186,6 +189,11 @@ class Engine:
         self.model, self.slots = model.eval(), slots
         self.vocab, self.max_len = cfg.vocab_size, min(max_len or cfg.context_length, cfg.context_length)
         self.device = next(model.parameters()).device
+        # A CPU float32 model laid out for inference multiplies through numpy's BLAS (models/blas.py);
+        # not one with other linear layers (int8, LoRA), which need torch's threads.
+        linears = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, Int8Linear))]
+        self._blas = self.device.type == "cpu" and bool(linears) and all(
+            type(m) is InferenceLinear and m.weight.dtype == torch.float32 for m in linears)
         self.cache = model.new_cache(slots, self.max_len)
         self._views: dict[tuple[int, int], KVCache] = {}
         self._free = list(range(slots))  # kept sorted: the lowest slot first keeps the batch short
@@ -305,7 +313,7 @@ class Engine:
 
     def step(self) -> bool:
         """Admit what fits, then decode one token for every occupied slot. False when idle."""
-        with self._lock:
+        with self._lock, (blas_matmuls() if self._blas else contextlib.nullcontext()):
             if self.on_step is None:
                 return self._step()
             self._batch = []

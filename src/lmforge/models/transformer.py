@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..core.errors import LMForgeError
+from . import blas
 from .config import ACTIVATIONS, ModelConfig
 from .loss import linear_cross_entropy
 
@@ -102,6 +103,20 @@ class KVCache:
     def crop(self, length: int) -> None:
         """Forget everything after the first `length` positions (e.g. to reuse a shared prompt)."""
         self.pos = min(self.pos, length)
+
+
+class InferenceLinear(nn.Linear):
+    """An `nn.Linear` set up for CPU inference by `Transformer.decode_layout`: its weight is seen
+    as [out, in] but stored [in, out], and inside `blas_matmuls()` (every step of the inference
+    engine) it multiplies through numpy's BLAS, which runs batch-1 products on all threads
+    (models/blas.py). The parameters, and so the saved files, are those of the `nn.Linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if blas.active() and x.dtype == w.dtype == torch.float32 and not torch.is_grad_enabled() \
+                and w.device.type == "cpu":
+            return blas.linear(x, w, self.bias)
+        return F.linear(x, w, self.bias)
 
 
 class Attention(nn.Module):
@@ -343,14 +358,18 @@ class Transformer(nn.Module):
 
     def decode_layout(self) -> Transformer:
         """Store each linear weight (and a tied embedding) transposed in memory: [in, out], still
-        seen as [out, in], so the values, results and saved files are unchanged. On CPU, batch-1
-        decoding reads weights in this layout ~30% faster (the matrix-vector products stream
-        rows of [in, out]; BENCHMARKS.md, decode). For inference: `load_model` applies it on CPU."""
+        seen as [out, in], so the values and saved files are unchanged, and make each linear layer
+        an `InferenceLinear`. On CPU, PyTorch's batch-1 products read weights in this layout ~30%
+        faster (they stream rows of [in, out]), and `InferenceLinear` runs them through numpy's
+        BLAS inside the engine's steps (BENCHMARKS.md, decode). For inference: `load_model`
+        applies it on CPU."""
         for m in self.modules():
             if type(m) is nn.Linear or type(m) is nn.Embedding:  # not subclasses (LoRA, quantised)
                 w = m.weight
                 if w.device.type == "cpu" and w.dim() == 2 and w.is_contiguous():
                     w.data = w.data.t().contiguous().t()
+                if type(m) is nn.Linear and w.device.type == "cpu":
+                    m.__class__ = InferenceLinear  # the same module and parameters, a faster forward
         return self
 
     def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:

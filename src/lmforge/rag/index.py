@@ -32,6 +32,7 @@ VERSION = 1
 EXACT_MAX = 50_000  # chunks: a flat index answers exactly and fast enough below this; HNSW above
 RRF_K = 60  # reciprocal-rank fusion constant (Cormack et al.): dampens the weight of the top ranks
 MODES = ("hybrid", "dense", "bm25")
+DENSE_FLOOR = 0.01  # the encoder's least weight in the fusion: a tie-breaker when BM25 matched every word
 _WORD = re.compile(r"[a-z0-9]+")
 
 
@@ -265,12 +266,23 @@ class Index:
         elif mode == "bm25":
             ranked = sparse
         else:
+            # Weighted reciprocal-rank fusion. BM25's weight is the share of the query's words that
+            # its best chunk holds: a query that copies a passage's words (a name, a message, a
+            # code) is a lexical lookup, and the fusion follows BM25; a paraphrase shares few words
+            # with any chunk, and the fusion follows the encoder. The encoder keeps a small weight
+            # so that it still orders what BM25 leaves tied or unranked.
+            w = self._coverage(query, sparse[0][0]) if sparse else 0.0
             fused: dict[int, float] = {}
-            for ranking in (dense, sparse):
+            for weight, ranking in ((max(1.0 - w, DENSE_FLOOR), dense), (w, sparse)):
                 for r, (i, _) in enumerate(ranking):
-                    fused[i] = fused.get(i, 0.0) + 1.0 / (RRF_K + r + 1)
+                    fused[i] = fused.get(i, 0.0) + weight / (RRF_K + r + 1)
             ranked = sorted(fused.items(), key=lambda t: (-t[1], t[0]))
         return [Hit(self.chunks[i], float(s), float(self.vectors[i] @ q), i) for i, s in ranked[:k]]
+
+    def _coverage(self, query: str, best: int) -> float:
+        """The share of the query's distinct words that chunk `best` contains (0 to 1)."""
+        words = set(bm25_tokens(query))
+        return len(words & set(bm25_tokens(self.chunks[best].embed_text()))) / len(words) if words else 0.0
 
     def _dense(self, q: np.ndarray, depth: int) -> list[tuple[int, float]]:
         scores, ids = self.dense.search(q[None].astype(np.float32), depth)

@@ -1,0 +1,58 @@
+"""CPU inference matmuls through numpy's BLAS (models/blas.py) and the engine steps that use them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmforge.inference.engine import Engine, Request
+from lmforge.models import blas
+from lmforge.models.quant import quantize_model
+from lmforge.models.transformer import InferenceLinear
+from test_engine import PROMPTS, SHAPES, reference, tiny
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_inference_linear_matches_linear_inside_and_outside_blas(bias):
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(24, 40, bias=bias)
+    weight = layer.weight.detach().clone()
+    model = torch.nn.Sequential(layer)
+    layer.weight.data = layer.weight.data.t().contiguous().t()  # the decode layout: [in, out] storage
+    layer.__class__ = InferenceLinear
+    threads = torch.get_num_threads()
+    with torch.no_grad():
+        for shape in [(1, 1, 24), (3, 24), (2, 7, 24), (300, 24)]:
+            x = torch.randn(*shape)
+            want = F.linear(x, weight, layer.bias)
+            torch.testing.assert_close(model(x), want)
+            with blas.blas_matmuls(2):
+                assert blas.active() and torch.get_num_threads() == 1  # torch's pool steps aside
+                got = model(x)
+            assert not blas.active() and torch.get_num_threads() == threads
+            assert got.shape == want.shape
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    x = torch.randn(2, 24, requires_grad=True)
+    with blas.blas_matmuls(2):  # with gradients: torch's own matmul, so backward works
+        model(x).sum().backward()
+    assert x.grad is not None
+
+
+def test_the_engine_uses_blas_for_cpu_float32_inference_models_only():
+    model = tiny("gpt2")
+    assert not Engine(model, slots=1)._blas  # plain nn.Linear layers: training-style model
+    assert Engine(model.decode_layout(), slots=1)._blas
+    assert not Engine(quantize_model(tiny("gpt2")).decode_layout(), slots=1)._blas  # int8 needs torch's threads
+
+
+@pytest.mark.parametrize("kind", SHAPES)
+def test_blas_engine_greedy_equals_the_reference_loop(kind):
+    model = tiny(kind).decode_layout()
+    want = [reference(model, p, 12, temperature=0) for p in PROMPTS]  # torch's matmuls, one sequence
+    engine = Engine(model, slots=3)
+    assert engine._blas
+    handles = [engine.submit(Request(p, max_tokens=12, temperature=0)) for p in PROMPTS[:2]]
+    engine.step()
+    handles += [engine.submit(Request(p, max_tokens=12, temperature=0)) for p in PROMPTS[2:]]
+    assert [h.result()[0].tokens for h in handles] == want
