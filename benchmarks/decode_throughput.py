@@ -115,7 +115,7 @@ def main() -> None:
     hf = GPT2LMHeadModel(hf_cfg).eval()
     cfg = config_from_hf(hf_cfg.to_dict())
     tensors = dict(weights_from_hf(cfg, "gpt2", DictSource(hf.state_dict())))
-    ours = build_model(cfg, tensors, "transformers' random weights").eval().decode_layout()  # as load_model does
+    ours = build_model(cfg, tensors, "transformers' random weights").eval().for_inference()  # as load_model does
     n_params = ours.num_params()
     assert n_params == hf.num_parameters(), (n_params, hf.num_parameters())
     matrix_params = n_params - ours.wpe.weight.numel()  # per token: every matrix, one position row

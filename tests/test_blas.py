@@ -19,7 +19,6 @@ def test_inference_linear_matches_linear_inside_and_outside_blas(bias):
     layer = torch.nn.Linear(24, 40, bias=bias)
     weight = layer.weight.detach().clone()
     model = torch.nn.Sequential(layer)
-    layer.weight.data = layer.weight.data.t().contiguous().t()  # the decode layout: [in, out] storage
     layer.__class__ = InferenceLinear
     threads = torch.get_num_threads()
     with torch.no_grad():
@@ -42,13 +41,13 @@ def test_inference_linear_matches_linear_inside_and_outside_blas(bias):
 def test_the_engine_uses_blas_for_cpu_float32_inference_models_only():
     model = tiny("gpt2")
     assert not Engine(model, slots=1)._blas  # plain nn.Linear layers: training-style model
-    assert Engine(model.decode_layout(), slots=1)._blas
-    assert not Engine(quantize_model(tiny("gpt2")).decode_layout(), slots=1)._blas  # int8 needs torch's threads
+    assert Engine(model.for_inference(), slots=1)._blas
+    assert not Engine(quantize_model(tiny("gpt2")).for_inference(), slots=1)._blas  # int8 needs torch's threads
 
 
 @pytest.mark.parametrize("kind", SHAPES)
 def test_blas_engine_greedy_equals_the_reference_loop(kind):
-    model = tiny(kind).decode_layout()
+    model = tiny(kind).for_inference()
     want = [reference(model, p, 12, temperature=0) for p in PROMPTS]  # torch's matmuls, one sequence
     engine = Engine(model, slots=3)
     assert engine._blas

@@ -60,11 +60,11 @@ def test_cli_generates_with_int8(tiny_run, capsys):
         quantize_model(nn.Sequential(nn.Linear(4, 4)), "int4")
 
 
-def test_a_model_in_decode_layout_quantises_too(tiny_run):
-    """`decode_layout` stores weights transposed in memory; quantising such a model still works."""
+def test_a_model_loaded_for_inference_quantises_too(tiny_run):
+    """`load_model` makes the linear layers `InferenceLinear`; quantising such a model still works."""
     from lmforge.formats.load import load_model
 
-    lm = load_model(tiny_run, device="cpu")  # laid out for decoding
+    lm = load_model(tiny_run, device="cpu")  # set up for inference
     ids = torch.tensor([lm.tokenizer.encode("The new value")])
     with torch.no_grad():
         want = lm.model(ids)

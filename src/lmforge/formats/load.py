@@ -99,13 +99,13 @@ def load_parts(path: str | Path, dtype: str = "auto") -> tuple[torch.nn.Module, 
 def load_model(path: str | Path, device: str = "auto", dtype: str = "auto", quantize: str | None = None) -> Loaded:
     """`load_parts`, moved to `device`, as one object, for inference: `quantize="int8"` swaps its
     linear layers for int8 ones (`models.quant`); the rest is laid out for decoding
-    (`Transformer.decode_layout`)."""
+    (`Transformer.for_inference`)."""
     model, tokenizer, meta = load_parts(path, dtype)
     model.to(resolve_device(device))
     if quantize:
         quantize_model(model, quantize)
-    if hasattr(model, "decode_layout"):
-        model.decode_layout()
+    if hasattr(model, "for_inference"):
+        model.for_inference()
     return Loaded(model, tokenizer, meta, Path(path).expanduser())
 
 

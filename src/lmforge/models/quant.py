@@ -31,7 +31,7 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # Scales rounded to bf16 values, since the int8 kernel takes them in bf16: q * scale is then
     # exactly the weight that kernel multiplies by.
     scale = (w.abs().amax(dim=1).clamp(min=1e-12) / 127).to(torch.bfloat16).float()
-    # contiguous: the kernel needs it, and a weight in decode layout ([in, out] storage) is not
+    # contiguous: the kernel needs it, and a weight stored transposed would not be
     q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
     return q, scale
 

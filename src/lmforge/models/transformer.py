@@ -106,10 +106,9 @@ class KVCache:
 
 
 class InferenceLinear(nn.Linear):
-    """An `nn.Linear` set up for CPU inference by `Transformer.decode_layout`: its weight is seen
-    as [out, in] but stored [in, out], and inside `blas_matmuls()` (every step of the inference
-    engine) it multiplies through numpy's BLAS, which runs batch-1 products on all threads
-    (models/blas.py). The parameters, and so the saved files, are those of the `nn.Linear`."""
+    """An `nn.Linear` set up for CPU inference by `Transformer.for_inference`: inside
+    `blas_matmuls()` (every step of the inference engine) it multiplies through numpy's BLAS,
+    which runs batch-1 products on all threads (models/blas.py); elsewhere it is `nn.Linear`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
@@ -356,20 +355,13 @@ class Transformer(nn.Module):
             with torch.device(self.wte.weight.device):
                 self.rope_cos, self.rope_sin = self.rope_tables(self.cfg)
 
-    def decode_layout(self) -> Transformer:
-        """Store each linear weight (and a tied embedding) transposed in memory: [in, out], still
-        seen as [out, in], so the values and saved files are unchanged, and make each linear layer
-        an `InferenceLinear`. On CPU, PyTorch's batch-1 products read weights in this layout ~30%
-        faster (they stream rows of [in, out]), and `InferenceLinear` runs them through numpy's
-        BLAS inside the engine's steps (BENCHMARKS.md, decode). For inference: `load_model`
-        applies it on CPU."""
+    def for_inference(self) -> Transformer:
+        """Make each plain linear layer on the CPU an `InferenceLinear` (the same module and
+        parameters, so the results and saved files are unchanged): inside the inference engine's
+        steps it multiplies through numpy's BLAS. `load_model` applies it."""
         for m in self.modules():
-            if type(m) is nn.Linear or type(m) is nn.Embedding:  # not subclasses (LoRA, quantised)
-                w = m.weight
-                if w.device.type == "cpu" and w.dim() == 2 and w.is_contiguous():
-                    w.data = w.data.t().contiguous().t()
-                if type(m) is nn.Linear and w.device.type == "cpu":
-                    m.__class__ = InferenceLinear  # the same module and parameters, a faster forward
+            if type(m) is nn.Linear and m.weight.device.type == "cpu":  # not subclasses (LoRA)
+                m.__class__ = InferenceLinear
         return self
 
     def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
