@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from test_engine import PROMPTS, SHAPES, reference, tiny
 
 from lmforge.inference.engine import Engine, Request
 from lmforge.models import blas
 from lmforge.models.quant import quantize_model
 from lmforge.models.transformer import InferenceLinear
-from test_engine import PROMPTS, SHAPES, reference, tiny
 
 
 @pytest.mark.parametrize("bias", [True, False])
