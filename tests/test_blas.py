@@ -55,3 +55,31 @@ def test_blas_engine_greedy_equals_the_reference_loop(kind):
     engine.step()
     handles += [engine.submit(Request(p, max_tokens=12, temperature=0)) for p in PROMPTS[2:]]
     assert [h.result()[0].tokens for h in handles] == want
+
+
+def test_blas_contexts_nest_and_each_thread_gets_its_own_setting_back():
+    """Engines may step in several threads at once; each thread's torch setting comes back."""
+    import threading
+
+    threads = torch.get_num_threads()
+    entered, release = threading.Event(), threading.Event()
+    seen = {}
+
+    def other() -> None:
+        before = torch.get_num_threads()
+        with blas.blas_matmuls():
+            entered.set()
+            release.wait(10)
+        seen["other"] = (before, torch.get_num_threads())
+
+    t = threading.Thread(target=other)
+    with blas.blas_matmuls():
+        t.start()
+        entered.wait(10)
+        with blas.blas_matmuls():
+            assert blas.active() and torch.get_num_threads() == 1
+        assert blas.active() and torch.get_num_threads() == 1
+    assert not blas.active() and torch.get_num_threads() == threads  # while the other is still inside
+    release.set()
+    t.join()
+    assert seen["other"][0] == seen["other"][1] and torch.get_num_threads() == threads

@@ -17,38 +17,39 @@ from contextlib import contextmanager
 
 import torch
 
-_state = threading.local()  # .on: inside blas_matmuls in this thread
+_state = threading.local()  # .depth: open blas_matmuls contexts in this thread; .torch_threads
 _lock = threading.Lock()
-_blas_threads: list[int] = []  # the thread count numpy's BLAS was last set to
-
-
-def _set_blas_threads(n: int) -> None:
-    with _lock:
-        if _blas_threads != [n]:
-            from threadpoolctl import threadpool_limits
-
-            threadpool_limits(limits=n, user_api="blas")  # stays in force (not used as a context)
-            _blas_threads[:] = [n]
+_blas_threads = 0  # what numpy's BLAS was last set to (process-wide)
 
 
 @contextmanager
 def blas_matmuls(threads: int | None = None) -> Iterator[None]:
     """Within: CPU float32 linear layers multiply through numpy's BLAS on `threads` threads
-    (default: torch's current count), and torch's intra-op pool runs one thread."""
-    threads = threads or torch.get_num_threads()
-    _set_blas_threads(threads)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    _state.on = True
+    (default: torch's current count), and torch's intra-op pool runs one thread. Nests; torch's
+    thread setting is per thread, so it is saved and restored per thread."""
+    global _blas_threads
+    depth = getattr(_state, "depth", 0)
+    if depth == 0:
+        _state.torch_threads = torch.get_num_threads()
+        n = threads or _state.torch_threads
+        with _lock:
+            if n != _blas_threads:
+                from threadpoolctl import threadpool_limits
+
+                threadpool_limits(limits=n, user_api="blas")  # stays in force (not used as a context)
+                _blas_threads = n
+        torch.set_num_threads(1)
+    _state.depth = depth + 1
     try:
         yield
     finally:
-        _state.on = False
-        torch.set_num_threads(before)
+        _state.depth = depth
+        if depth == 0:
+            torch.set_num_threads(_state.torch_threads)
 
 
 def active() -> bool:
-    return getattr(_state, "on", False)
+    return getattr(_state, "depth", 0) > 0
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
