@@ -98,8 +98,8 @@ def load_parts(path: str | Path, dtype: str = "auto") -> tuple[torch.nn.Module, 
 
 def load_model(path: str | Path, device: str = "auto", dtype: str = "auto", quantize: str | None = None) -> Loaded:
     """`load_parts`, moved to `device`, as one object, for inference: `quantize="int8"` swaps its
-    linear layers for int8 ones (`models.quant`); the rest is laid out for decoding
-    (`Transformer.for_inference`)."""
+    linear layers for int8 ones (`models.quant`); otherwise, on CPU, they are set up for the
+    engine's BLAS matmuls (`Transformer.for_inference`)."""
     model, tokenizer, meta = load_parts(path, dtype)
     model.to(resolve_device(device))
     if quantize:

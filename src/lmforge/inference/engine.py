@@ -189,7 +189,7 @@ class Engine:
         self.model, self.slots = model.eval(), slots
         self.vocab, self.max_len = cfg.vocab_size, min(max_len or cfg.context_length, cfg.context_length)
         self.device = next(model.parameters()).device
-        # A CPU float32 model laid out for inference multiplies through numpy's BLAS (models/blas.py);
+        # A CPU float32 model set up by `for_inference` multiplies through numpy's BLAS (models/blas.py);
         # not one with other linear layers (int8, LoRA), which need torch's threads.
         linears = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, Int8Linear))]
         self._blas = self.device.type == "cpu" and bool(linears) and all(
