@@ -105,7 +105,7 @@ def _add_fields(parser, fields_: list[dataclasses.Field], hints: dict) -> None:
             parser.add_argument(f.name, type=tp, nargs="*" if is_list else "?", default=argparse.SUPPRESS,
                                 help=meta.get("help", ""), metavar=f.name.upper())
             continue
-        names = [flag(f.name)] + ([meta["short"]] if meta.get("short") else [])
+        names = ([meta["short"]] if meta.get("short") else []) + [flag(f.name)]  # usage shows the short one
         if tp is bool:
             parser.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
             continue
