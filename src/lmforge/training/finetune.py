@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -58,6 +59,15 @@ def hold_out(items: list, fraction: float, seed: int) -> tuple[list, list]:
     n_val = int(len(items) * fraction) if len(items) >= 10 else 0
     perm = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
     return [items[i] for i in perm[n_val:]], [items[i] for i in perm[:n_val]]
+
+
+def read_split(read: Callable[[str], list], data: str, val_data: str | None, fraction: float,
+               seed: int) -> tuple[list, list]:
+    """(training, validation) records: `val_data` read as a file of its own, or `hold_out` of `data`."""
+    records = read(data)
+    if val_data:
+        return records, read(val_data)
+    return hold_out(records, fraction, seed)
 
 
 def setup_lora(model: torch.nn.Module, cfg: FinetuneConfig, train_also: tuple[str, ...] = ()) -> dict | None:

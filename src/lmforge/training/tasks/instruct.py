@@ -23,7 +23,7 @@ from ...models.lora import expand_targets
 from ...text.templates import Template, encode_segments, get_template, user_text
 from ...text.tokenizer import Tokenizer
 from ..config import InstructConfig
-from ..finetune import default_lr, hold_out, make_saver, prepare, report_parameters, setup_lora
+from ..finetune import default_lr, make_saver, prepare, read_split, report_parameters, setup_lora
 from ..loop import fit
 from ..rundir import Run, start_run_dir
 
@@ -147,11 +147,7 @@ def _finetune_instruct(cfg: InstructConfig, ddp: tuple[Dist, torch.device], on_s
     if not cfg.data:
         raise LMForgeError("--data is required (JSONL records to learn from)")
     template = get_template(cfg.template, tokenizer)
-    convs = read_instructions(cfg.data)
-    if cfg.val_data:
-        val_convs = read_instructions(cfg.val_data)
-    else:
-        convs, val_convs = hold_out(convs, cfg.val_fraction, cfg.seed)
+    convs, val_convs = read_split(read_instructions, cfg.data, cfg.val_data, cfg.val_fraction, cfg.seed)
     max_len = cfg.context_length + 1  # inputs and targets are this shifted by one
     train, dropped = encode_conversations(convs, tokenizer, template, max_len)
     val, _ = encode_conversations(val_convs, tokenizer, template, max_len)

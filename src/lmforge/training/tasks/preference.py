@@ -19,7 +19,7 @@ from ...data.tokens import EpochOrder
 from ...text.templates import Template, get_template
 from ...text.tokenizer import Tokenizer
 from ..align_config import PreferenceConfig
-from ..finetune import hold_out
+from ..finetune import read_split
 from ..metrics import TaskMetrics
 
 
@@ -70,11 +70,7 @@ def load_preferences(cfg: PreferenceConfig, tokenizer: Tokenizer, max_len: int,
     if not cfg.data:
         raise LMForgeError("--data is required (JSONL preference records)")
     template = get_template(cfg.template, tokenizer)
-    rankings = read_preferences(cfg.data)
-    if cfg.val:
-        val_rankings = read_preferences(cfg.val)
-    else:
-        rankings, val_rankings = hold_out(rankings, cfg.val_fraction, cfg.seed)
+    rankings, val_rankings = read_split(read_preferences, cfg.data, cfg.val, cfg.val_fraction, cfg.seed)
     train, dropped = encode_rankings(rankings, tokenizer, template, max_len)
     val, _ = encode_rankings(val_rankings, tokenizer, template, max_len)
     if dropped:
