@@ -10,7 +10,7 @@ STAMP := $(VENV)/.lmforge-installed
 # pytest workers: 2 on a 2-core CI box; each worker's torch uses one thread (see tests/conftest.py).
 TEST_WORKERS ?= 2
 
-.PHONY: install demo test test-gguf lint bench clean
+.PHONY: install demo test test-numerics test-gguf lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,10 +26,23 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "not llamacpp" tests
 
-# GGUF files checked by llama.cpp itself. llama-cpp-python builds from source on first install
-# (~7 min on 2 cores); pip caches the wheel, so later runs start at once.
+# The tests whose outcome rests on floating-point agreement (`-m numerics`), once under each setting
+# that changes which kernels MKL, oneDNN and ATen run: Intel CPUs take AVX-512/AMX paths that AMD
+# ones do not (MKL_CBWR=AVX512 asks for Intel's branch anywhere), so bounds must hold on all of them.
+NUMERICS_SETTINGS ?= default ATEN_CPU_CAPABILITY=default ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=COMPATIBLE \
+	MKL_CBWR=AVX512 ONEDNN_MAX_CPU_ISA=AVX2
+test-numerics: $(STAMP)
+	@for setting in $(NUMERICS_SETTINGS); do \
+		echo "== numerics under $$setting"; \
+		env $$(test $$setting = default || echo $$setting) $(BIN)/python -m pytest -q -n $(TEST_WORKERS) \
+			-m "numerics and not llamacpp" tests || exit 1; \
+	done
+
+# GGUF files checked by llama.cpp itself. llama-cpp-python builds from source for this CPU's
+# instruction sets (never -march=native, never AMX) on first use (~7 min on 2 cores); the wheel is
+# kept per set of flags, so later runs start at once.
 test-gguf: $(STAMP)
-	$(BIN)/python -c "import llama_cpp" 2>/dev/null || $(BIN)/python -m pip install --quiet -e ".[llamacpp]"
+	$(BIN)/python tests/install_llamacpp.py
 	$(BIN)/python -m pytest -q -m llamacpp tests/test_gguf_llamacpp.py
 
 lint: $(STAMP)
