@@ -71,6 +71,41 @@ def largest_batch(cfg: ModelConfig, device: torch.device, optimizer_name: str, l
     return batch
 
 
+def time_steps(step, x: torch.Tensor, device: torch.device, steps: int, warmup: int) -> tuple[float, float]:
+    """(tokens/s over `steps` timed steps after `warmup` untimed ones, the last step's loss)."""
+    for _ in range(warmup):
+        step(x)
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(steps):
+        loss = step(x)
+    sync(device)
+    return x.shape[0] * (x.shape[1] - 1) * steps / (time.perf_counter() - t), float(loss)
+
+
+def measure(cfg: ModelConfig, device: torch.device, optimizer_name: str = "adamw", batch: int | None = None,
+            max_batch: int = 128, steps: int = 20, warmup: int = 5, compile_: bool = True,
+            peak_tflops: float | None = None) -> dict:
+    """Train `cfg` on random tokens and time it: batch, tokens/s, FLOPs/token, MFU (None where the
+    peak is unknown), the last loss, and the parameter count."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    batch = batch or largest_batch(cfg, device, optimizer_name, max_batch)
+    torch.manual_seed(0)
+    model = Transformer(cfg).to(device).train()
+    optimizer = make_optimizer(model, TrainConfig(optimizer=optimizer_name), 1e-4, device)
+    step = make_step(model, optimizer, device, compile_)
+    x = torch.randint(0, cfg.vocab_size, (batch, cfg.context_length + 1), device=device)
+    tokens_per_sec, loss = time_steps(step, x, device, steps, warmup)
+    peak = peak_tflops * 1e12 if peak_tflops else peak_flops(device)
+    flops = flops_per_token(cfg)
+    mfu = flops * tokens_per_sec / peak if peak else None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {"device": name, "batch": batch, "tokens_per_sec": round(tokens_per_sec, 1), "flops_per_token": flops,
+            "mfu": mfu and round(mfu, 4), "loss": round(loss, 4), "params": model.num_params(), "peak_flops": peak}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -90,37 +125,17 @@ def main() -> None:
                     "GPUs' datasheet figure)")
     args = ap.parse_args()
     device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     cfg = arch_config(args.arch, args.vocab, args.context, args.n_layer, args.n_embd, args.n_head)
-    batch = args.batch_size or largest_batch(cfg, device, args.optimizer, args.max_batch)
-    torch.manual_seed(0)
-    model = Transformer(cfg).to(device).train()
-    optimizer = make_optimizer(model, TrainConfig(optimizer=args.optimizer), 1e-4, device)
-    step = make_step(model, optimizer, device, args.compile)
-    x = torch.randint(0, cfg.vocab_size, (batch, cfg.context_length + 1), device=device)
-    for _ in range(args.warmup):
-        step(x)
-    sync(device)
-    t = time.perf_counter()
-    for _ in range(args.steps):
-        loss = step(x)
-    sync(device)
-    seconds = time.perf_counter() - t
-    tokens_per_sec = batch * cfg.context_length * args.steps / seconds
-    peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(device)
-    flops = flops_per_token(cfg)
-    mfu = flops * tokens_per_sec / peak if peak else None
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"device: {name}; torch {torch.__version__}; {args.arch} {cfg.n_layer}x{cfg.n_embd}, "
-          f"{model.num_params() / 1e6:.1f}M parameters, context {cfg.context_length}, batch {batch}, "
+    r = measure(cfg, device, args.optimizer, args.batch_size, args.max_batch, args.steps, args.warmup, args.compile,
+                args.peak_tflops)
+    mfu, peak, flops = r["mfu"], r["peak_flops"], r["flops_per_token"]
+    print(f"device: {r['device']}; torch {torch.__version__}; {args.arch} {cfg.n_layer}x{cfg.n_embd}, "
+          f"{r['params'] / 1e6:.1f}M parameters, context {cfg.context_length}, batch {r['batch']}, "
           f"{'compiled' if args.compile else 'eager'}, {args.optimizer}")
-    print(f"tokens/s: {tokens_per_sec:,.0f}; {flops / 1e9:.3f} GFLOP/token; "
+    print(f"tokens/s: {r['tokens_per_sec']:,.0f}; {flops / 1e9:.3f} GFLOP/token; "
           + (f"MFU: {100 * mfu:.1f}% of {peak / 1e12:.0f} TFLOP/s bf16 dense" if mfu is not None
              else "MFU: n/a (no known bf16 peak for this device: pass --peak-tflops)"))
-    print(json.dumps({"device": name, "batch": batch, "tokens_per_sec": round(tokens_per_sec, 1),
-                      "flops_per_token": flops, "mfu": mfu and round(mfu, 4), "loss": round(float(loss), 4)}))
+    print(json.dumps({k: r[k] for k in ("device", "batch", "tokens_per_sec", "flops_per_token", "mfu", "loss")}))
 
 
 if __name__ == "__main__":

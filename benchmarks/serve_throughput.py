@@ -15,7 +15,7 @@ Rounds alternate sequential and concurrent on the same server; the median over r
 reported, and the per-round ratios are printed.
 
     python benchmarks/serve_throughput.py [--clients 16] [--max-tokens 64] [--rounds 2]
-        [--n-layer 4] [--n-embd 256] [--temperature 0.8]
+        [--n-layer 4] [--n-embd 256] [--temperature 0.8] [--device cpu]
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import httpx
 import torch
 
 from lmforge.formats.modeldir import save_model_dir
@@ -38,6 +38,9 @@ from lmforge.models.config import ModelConfig
 from lmforge.models.transformer import Transformer
 from lmforge.serve.process import ServerProcess
 from lmforge.text.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # imported where used: make_model_dir serves callers without httpx (benchmarks/gpu_check.py)
+    import httpx
 
 WORDS = ("the model reads a token and writes the next one while the server batches many requests "
          "into one matrix product so that each weight is read once for all of them and the cache "
@@ -75,6 +78,8 @@ async def stream_one(client: httpx.AsyncClient, url: str, body: dict) -> tuple[f
 
 
 async def run_async(url: str, bodies: list[dict], concurrent: bool) -> tuple[float, list[float]]:
+    import httpx
+
     async with httpx.AsyncClient(limits=httpx.Limits(max_connections=len(bodies))) as client:
         t = time.perf_counter()
         if concurrent:
@@ -97,6 +102,29 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
 
 
+def bench(clients: int = 16, max_tokens: int = 64, rounds: int = 2, n_layer: int = 4, n_embd: int = 256,
+          temperature: float = 0.8, device: str = "cpu") -> dict[str, list[tuple[float, list[float]]]]:
+    """Per mode (sequential, concurrent), one (completion tokens/s, TTFTs) per round."""
+    prompts = ["the server batches", "each weight is read once", "keys and values of", "the model reads a"]
+    bodies = [{"prompt": prompts[i % len(prompts)], "max_tokens": max_tokens, "temperature": temperature,
+               "seed": 1000 + i, "stream": True, "stream_options": {"include_usage": True}}
+              for i in range(clients)]
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(tmp) / "tiny"
+        make_model_dir(model_dir, n_layer, n_embd)
+        server = ServerProcess(model_dir, "--device", device, "--slots", str(clients), "--max-queue",
+                               str(4 * clients))
+        try:
+            run(server.url, bodies[:2], concurrent=True)  # warm-up
+            res: dict[str, list[tuple[float, list[float]]]] = {"sequential": [], "concurrent": []}
+            for _ in range(rounds):
+                for mode in res:
+                    res[mode].append(run(server.url, bodies, concurrent=mode == "concurrent"))
+        finally:
+            server.close()
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", type=int, default=16)
@@ -105,29 +133,14 @@ def main() -> None:
     ap.add_argument("--n-layer", type=int, default=4)
     ap.add_argument("--n-embd", type=int, default=256)
     ap.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    ap.add_argument("--device", default="cpu", help="the server's --device (cpu, cuda, auto)")
     args = ap.parse_args()
-    prompts = ["the server batches", "each weight is read once", "keys and values of", "the model reads a"]
-    bodies = [{"prompt": prompts[i % len(prompts)], "max_tokens": args.max_tokens, "temperature": args.temperature,
-               "seed": 1000 + i, "stream": True, "stream_options": {"include_usage": True}}
-              for i in range(args.clients)]
-    with tempfile.TemporaryDirectory() as tmp:
-        model_dir = Path(tmp) / "tiny"
-        make_model_dir(model_dir, args.n_layer, args.n_embd)
-        server = ServerProcess(model_dir, "--device", "cpu", "--slots", str(args.clients), "--max-queue",
-                               str(4 * args.clients))
-        try:
-            run(server.url, bodies[:2], concurrent=True)  # warm-up
-            res: dict[str, list[tuple[float, list[float]]]] = {"sequential": [], "concurrent": []}
-            for _ in range(args.rounds):
-                for mode in res:
-                    res[mode].append(run(server.url, bodies, concurrent=mode == "concurrent"))
-        finally:
-            server.close()
+    res = bench(args.clients, args.max_tokens, args.rounds, args.n_layer, args.n_embd, args.temperature, args.device)
     rate = {m: statistics.median(r for r, _ in runs) for m, runs in res.items()}
     ttfts = {m: [t for _, ts in runs for t in ts] for m, runs in res.items()}
     ratios = [c[0] / s[0] for s, c in zip(res["sequential"], res["concurrent"])]
     print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}; model: {args.n_layer} layers, "
-          f"width {args.n_embd}, random weights")
+          f"width {args.n_embd}, random weights; server on {args.device}")
     print(f"{args.clients} streaming requests, max_tokens {args.max_tokens}, temperature {args.temperature}, "
           f"--slots {args.clients}")
     for m in res:
