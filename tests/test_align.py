@@ -32,7 +32,7 @@ from lmforge.training.tasks.dpo import dpo_loss, train_dpo
 from lmforge.training.tasks.instruct import InstructConfig, finetune_instruct
 from lmforge.training.tasks.ppo import gae, whiten
 from lmforge.training.tasks.reward import bradley_terry_loss, train_reward
-from lmforge.training.tasks.rlhf import clipped_objective, group_advantages, k3_kl, train_rlhf
+from lmforge.training.tasks.rlhf import clipped_objective, group_advantages, k3_kl, kl_weight, train_rlhf
 
 
 def _sigmoid(x: float) -> float:
@@ -238,12 +238,18 @@ def test_bad_alignment_input(sft, data, tmp_path, capsys):
 # -- RLHF (GRPO) ----------------------------------------------------------------------------------
 
 def test_grpo_formulas():
-    r = torch.tensor([[1.0, 0.0, 0.5, 0.5], [2.0, 2.0, 2.0, 2.0]])
-    adv = group_advantages(r)
-    for g in range(2):
+    r = torch.tensor([[1.0, 0.0, 0.5, 0.5], [2.0, 2.0, 2.0, 2.0], [-4.13, -4.131, -4.129, -4.13]])
+    scaled, centered = group_advantages(r, scale=True), group_advantages(r)
+    for g in range(3):
         mean = sum(r[g].tolist()) / 4
         std = math.sqrt(sum((x - mean) ** 2 for x in r[g].tolist()) / 3)  # unbiased, as torch.std and TRL
-        assert torch.allclose(adv[g], torch.tensor([(x - mean) / (std + 1e-4) for x in r[g].tolist()]), atol=1e-6)
+        # a few fp32 operations on values of size ~4: 1e-5 is tens of ulps
+        assert torch.allclose(scaled[g], torch.tensor([(x - mean) / (std + 1e-4) for x in r[g].tolist()]), atol=1e-5)
+        assert torch.allclose(centered[g], torch.tensor([x - mean for x in r[g].tolist()]), atol=1e-5)
+    # near-equal rewards: GRPO's division blows the noise up to unit size; Dr. GRPO keeps it noise
+    assert float(scaled[2].abs().max()) > 0.5 and float(centered[2].abs().max()) < 2e-3
+    assert kl_weight(0.04, 0.05, 0.1) == 0.04 and kl_weight(0.04, 0.4, 0.1) == pytest.approx(0.16)
+    assert kl_weight(0.04, 5.0, None) == 0.04
     logp, ref = torch.tensor([-1.0, -2.0, -0.5]), torch.tensor([-1.2, -1.0, -0.5])
     expected = [math.exp(b - a) - (b - a) - 1 for a, b in zip(logp.tolist(), ref.tolist())]
     assert torch.allclose(k3_kl(logp, ref), torch.tensor(expected), atol=1e-6) and float(k3_kl(ref, ref).sum()) == 0
@@ -299,6 +305,44 @@ def test_grpo_raises_the_reward_with_bounded_kl(sft, reward_model, data, tmp_pat
     assert last > first + 0.3, [r["reward"] for r in rows]
     assert "val_reward" in state["metrics"]  # evaluated at the end
     assert load(out, device="cpu").kind.generates  # the policy is a normal model directory
+
+
+@pytest.fixture(scope="module")
+def shape(ft_base, tmp_path_factory):
+    """The shape task (make_align_data --task shape): SFT answers one of eight shapes at random, the
+    preferences favour "pointed". SFT and reward model trained at their default learning rates."""
+    d = tmp_path_factory.mktemp("shape")
+    for name, records in (("sft", align_data.sft_records(400, 0, task="shape")),
+                          ("prefs", align_data.preference_records(200, 1, task="shape")),
+                          ("prefs_val", align_data.preference_records(50, 2, task="shape")),
+                          ("prompts", align_data.prompt_records(64, 3, task="shape")),
+                          ("eval_prompts", align_data.prompt_records(30, 4, task="shape"))):
+        align_data.write_jsonl(d / f"{name}.jsonl", records)
+    finetune_instruct(InstructConfig(base=str(ft_base), data=str(d / "sft.jsonl"), out=str(d / "sft"), max_steps=150,
+                                     batch_size=16, eval_every=1000, samples=0, device="cpu"))
+    train_reward(RewardConfig(base=str(d / "sft"), data=str(d / "prefs.jsonl"), val=str(d / "prefs_val.jsonl"),
+                              out=str(d / "rm"), max_steps=30, eval_every=30, device="cpu"))
+    return d
+
+
+def test_grpo_defaults_learn_a_choice_without_collapsing(shape, tmp_path):
+    """The defaults (Dr. GRPO, the KL weight growing past its target, batches past --max-kl pulling
+    back, the width's learning rate) raise rule-following by 0.2 or more, keep the answers' length and
+    end within the KL bound. The old defaults (lr 1e-5 at any width) moved nothing; on the README's
+    base, GRPO as published (std-scaled advantages, a fixed KL weight) ended at a KL of 2.3 with
+    garbled answers."""
+    before = align_check.follows_rule(str(shape / "sft"), str(shape / "eval_prompts.jsonl"), task="shape")
+    cfg = RLHFConfig(base=str(shape / "sft"), reward=str(shape / "rm"), prompts=str(shape / "prompts.jsonl"),
+                     out=str(tmp_path / "grpo"), max_steps=60, batch_size=4, group_size=4, max_new_tokens=16,
+                     eval_every=1000, device="cpu")
+    train_rlhf(cfg)
+    assert cfg.lr == pytest.approx(3e-4)  # 2.5e-5 x 768/64: the rule's value for this 64-wide model
+    rows = [json.loads(line) for line in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    after = align_check.follows_rule(str(tmp_path / "grpo"), str(shape / "eval_prompts.jsonl"), task="shape")
+    assert after["follows_rule"] >= before["follows_rule"] + 0.2, (before, after)
+    length = [r["completions/mean_length"] for r in rows]
+    assert sum(length[-5:]) >= 0.9 * sum(length[:5]), length
+    assert sum(r["kl"] for r in rows[-5:]) / 5 <= cfg.max_kl, [r["kl"] for r in rows]
 
 
 def test_lora_grpo_resumes_exactly(sft, reward_model, data, tmp_path):

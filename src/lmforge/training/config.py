@@ -6,6 +6,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..core.config import arg
+from .rates import AT_768
+
+
+def lr_help(method: str) -> str:
+    """--lr's help for a fine-tuning method (a key of rates.AT_768)."""
+    return (f"peak learning rate (default: from the model's width: {AT_768[method]:g} x 768/width for full "
+            "fine-tuning, "
+            "10x that for LoRA or a head alone, never above pretraining's rate at that width)")
 
 
 @dataclass
@@ -127,7 +135,7 @@ class ClassifyConfig(FinetuneConfig):
                              choices=["auto", "none"])
     pooling: str = arg("auto", "hidden state fed to the head: last token (decoders), cls or mean; auto picks",
                        choices=["auto", "last", "cls", "mean"])
-    lr: float | None = arg(None, "peak learning rate (default: 1e-4 full, 1e-3 LoRA or head-only)", gt=0)
+    lr: float | None = arg(None, lr_help("classify"), gt=0)
 
 
 @dataclass
@@ -143,4 +151,5 @@ class InstructConfig(FinetuneConfig):
     pack: bool = arg(False, "pack several examples into each sequence (faster on short examples; packed examples "
                      "can attend to earlier ones in the same row)")
     samples: int = arg(3, "validation prompts answered (greedily) and logged at each evaluation", ge=0)
+    lr: float | None = arg(None, lr_help("instruct"), gt=0)
 

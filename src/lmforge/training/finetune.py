@@ -18,13 +18,20 @@ from ..formats.modeldir import model_config_json, save_model_dir, save_weights
 from ..models.lora import adapter_state, apply_lora, count_parameters, freeze_for_lora
 from ..text.tokenizer import Tokenizer
 from .config import FinetuneConfig
+from .rates import describe, finetune_lr
 from .rundir import check_out, resume_config
 from .schedule import BUDGETS, check_budget
 
 
-def default_lr(cfg: FinetuneConfig, head_only: bool = False) -> float:
-    """Adapters and fresh heads take larger steps than a pretrained body can bear."""
-    return cfg.lr or (1e-3 if cfg.lora_rank or head_only else 1e-4)
+def default_lr(cfg: FinetuneConfig, method: str, model: torch.nn.Module, dist: Dist, head_only: bool = False) -> float:
+    """--lr, or the default for `method` at the model's width (`rates.finetune_lr`), said aloud."""
+    if cfg.lr:
+        return cfg.lr
+    mcfg = model.cfg
+    adapter = bool(cfg.lora_rank) or head_only
+    lr = finetune_lr(method, mcfg.n_embd, adapter, "gpt2" if mcfg.causal else "bert")
+    dist.say(f"lr {lr:g} ({describe(method, mcfg.n_embd, adapter)}; set --lr to choose)")
+    return lr
 
 
 def prepare(cfg: FinetuneConfig, dist: Dist, kinds: tuple[Kind, ...] = (Kind.CAUSAL_LM,)):

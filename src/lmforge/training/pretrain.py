@@ -30,16 +30,11 @@ from ..text.corpus import Corpus, _cache_dir, load_corpus
 from ..text.tokenizer import Tokenizer, auto_vocab_size
 from .config import PretrainConfig
 from .loop import fit
+from .rates import pretrain_lr
 from .rundir import Run, check_out, resume_config, start_run_dir
 from .schedule import check_budget
 from .sharded import check_fsdp
 from .tasks.lm import LMTask, MLMTask
-
-
-def default_lr(n_embd: int, arch: str = "gpt2") -> float:
-    """Peak AdamW learning rate: narrower models tolerate (and need) larger steps; BERT's post-norm
-    layout wants smaller ones (in trials at width 64, 1e-3 beat 3e-3 for masked-token prediction)."""
-    return round((5e-4 if arch == "bert" else 2e-3) * math.sqrt(256 / n_embd), 6)
 
 
 def padded_vocab(n: int) -> int:
@@ -150,7 +145,7 @@ def _pretrain(cfg: PretrainConfig, dist_info: Dist, device: torch.device, on_ste
     check_vocab(tokenizer, mcfg, str(out))
     cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_kv_head = mcfg.n_layer, mcfg.n_embd, mcfg.n_head, mcfg.n_kv_head
     cfg.vocab_size = cfg.vocab_size or (None if cfg.tokenizer else tokenizer.vocab_size)
-    lr = cfg.lr = cfg.lr or default_lr(mcfg.n_embd, cfg.arch)
+    lr = cfg.lr = cfg.lr or pretrain_lr(mcfg.n_embd, cfg.arch)
 
     torch.manual_seed(cfg.seed)
     model = Transformer(mcfg)

@@ -153,6 +153,7 @@ def _finetune_classify(cfg: ClassifyConfig, ddp: tuple[Dist, torch.device], on_s
                       labels=names, pooling=pooling, text_field=cfg.text_field, label_field=cfg.label_field,
                       created_by="lmforge finetune classify")
     task = ClassifyTask(train, val, names, pad, cfg.seed, weights, cfg.batch_size)
-    cfg.lr = default_lr(cfg, head_only=cfg.train_layers == "head")  # recorded in train_config.yaml
+    # recorded in train_config.yaml
+    cfg.lr = default_lr(cfg, "classify", body, dist, head_only=cfg.train_layers == "head")
     return fit(model, task, cfg, Run(out, save, title=f"{out.name}: classification"), cfg.lr, on_step=on_step,
                ddp=ddp)

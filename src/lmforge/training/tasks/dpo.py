@@ -23,7 +23,7 @@ from ...data.collate import IGNORE
 from ...formats.modeldir import load_weights, save_weights
 from ...models.lora import adapters_off
 from ..align_config import DPOConfig
-from ..finetune import make_saver, prepare, report_parameters, setup_lora
+from ..finetune import default_lr, make_saver, prepare, report_parameters, setup_lora
 from ..loop import fit
 from ..rundir import Run, start_run_dir
 from .preference import Encoded, PreferenceTask, load_preferences, preference_batch
@@ -157,5 +157,5 @@ def _train_dpo(cfg: DPOConfig, ddp: tuple[Dist, torch.device], on_step) -> dict:
     save = make_saver(model, tokenizer, base, lora, chat_template=template.to_json(), stop_token_ids=stop,
                       created_by="lmforge align dpo")
     task = DPOTask(train, val, tokenizer.pad_id, cfg.seed, cfg.batch_size, refs, cfg.beta, cfg.loss)
-    cfg.lr = cfg.lr or (1e-4 if cfg.lora_rank else 1e-5)  # recorded in train_config.yaml
+    cfg.lr = default_lr(cfg, "dpo", model, dist)  # recorded in train_config.yaml
     return fit(model, task, cfg, Run(out, save, title=f"{out.name}: DPO"), cfg.lr, on_step=on_step, ddp=ddp)

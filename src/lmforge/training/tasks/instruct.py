@@ -172,7 +172,7 @@ def _finetune_instruct(cfg: InstructConfig, ddp: tuple[Dist, torch.device], on_s
     save = make_saver(model, tokenizer, base, lora, chat_template=template.to_json(), stop_token_ids=stop,
                       created_by="lmforge finetune instruct")
     task = InstructTask(train, val, val_convs, tokenizer, template, cfg.seed, cfg.batch_size, cfg.samples)
-    cfg.lr = default_lr(cfg)  # recorded in train_config.yaml
+    cfg.lr = default_lr(cfg, "instruct", model, dist)  # recorded in train_config.yaml
     return fit(model, task, cfg, Run(out, save, title=f"{out.name}: instruction tuning"), cfg.lr,
                on_step=on_step, ddp=ddp)
 

@@ -1,11 +1,11 @@
 """`lmforge align rlhf --algo ppo`: PPO with a value head, InstructGPT's objective.
 
-The KL penalty is folded into the rewards: every completion token earns -kl_coef * (logp - ref)
-and the last one also the score. A value head on the policy's hidden states estimates the return;
-GAE (gamma, lambda) turns rewards and values into advantages, whitened over the micro-batch.
-The policy loss is the clipped ratio objective; the value loss is clipped around the rollout's
-values, 0.5 max((V - R)^2, (clip(V, V_old +- c) - R)^2), weighted by vf_coef. As in GRPO (rlhf.py),
-one update per batch of rollouts.
+The KL penalty is folded into the rewards: every completion token earns -c * (logp - ref), with c
+the batch's KL weight as in GRPO (`rlhf.kl_weight`), and the last one also the score. A value head
+on the policy's hidden states estimates the return; GAE (gamma, lambda) turns rewards and values
+into advantages, whitened over the micro-batch. The policy loss is the clipped ratio objective;
+the value loss is clipped around the rollout's values, 0.5 max((V - R)^2, (clip(V, V_old +- c) -
+R)^2), weighted by vf_coef. As in GRPO (rlhf.py), one update per batch of rollouts.
 """
 
 from __future__ import annotations
@@ -89,13 +89,13 @@ class PPOTask(RolloutTask):
         with torch.no_grad():
             logp, _, values = policy_logps(self.model(b["x"].to(device)), b["y"].to(device), cfg.temperature)
         logp, values = logp.cpu(), values.cpu() * mask
-        rewards = -cfg.kl_coef * (logp - b["ref"]) * mask  # the KL penalty, per token (k1, InstructGPT)
+        coef, reward_weight = self.kl_control(k3_kl(logp, b["ref"])[mask])  # as in GRPO (RolloutTask)
+        rewards = -coef * (logp - b["ref"]) * mask  # the KL penalty, per token (k1, InstructGPT)
         last = mask.long().cumsum(1).argmax(1)  # each row's last completion token
-        rewards[torch.arange(len(last)), last] += scores
+        rewards[torch.arange(len(last)), last] += reward_weight * scores
         adv, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
         b.update(advantages=whiten(adv, mask), returns=returns, old_values=values, old_logps=logp)
-        self.note(reward=scores, reward_std=scores.view(count, -1).std(1),
-                  completions__mean_length=torch.tensor([len(c) for g in completions for c in g], dtype=torch.float))
+        self.check_rollouts(scores.view(count, -1), completions)
         return b
 
     def loss(self, model, b) -> tuple[torch.Tensor, float, int]:

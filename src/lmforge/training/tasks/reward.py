@@ -86,5 +86,5 @@ def _train_reward(cfg: RewardConfig, ddp: tuple[Dist, torch.device], on_step) ->
     save = make_saver(model, tokenizer, base, lora, train_also=("head.",), kind=Kind.REWARD, pooling="last",
                       chat_template=template.to_json(), created_by="lmforge align reward")
     task = RewardTask(train, val, tokenizer.pad_id, cfg.seed, cfg.batch_size, center=cfg.center_rewards)
-    cfg.lr = default_lr(cfg)  # recorded in train_config.yaml
+    cfg.lr = default_lr(cfg, "reward", body, dist)  # recorded in train_config.yaml
     return fit(model, task, cfg, Run(out, save, title=f"{out.name}: reward model"), cfg.lr, on_step=on_step, ddp=ddp)

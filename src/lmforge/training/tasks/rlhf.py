@@ -2,14 +2,24 @@
 
 Each step samples G completions per prompt through the inference engine (n samples share one
 prefill), scores them, and updates the policy on its own samples once:
-    advantage  A = (r - mean of the group) / (std of the group + 1e-4)     (GRPO, Shao et al. 2024)
+    advantage  A = r - mean of the group                  (Dr. GRPO: Liu et al. 2025, "Understanding
+               R1-Zero-Like Training"; --scale-rewards group also divides by the group's std + 1e-4,
+               as GRPO (Shao et al. 2024) and TRL's default do)
     objective  min(ratio A, clip(ratio, 1 - eps, 1 + eps) A) per completion token
-    penalty    kl_coef * k3, k3 = exp(ref - logp) - (ref - logp) - 1 per token (Schulman's estimator)
+    penalty    c * k3, k3 = exp(ref - logp) - (ref - logp) - 1 per token (Schulman's estimator),
+               c = kl_coef * max(1, KL / kl_target) for the batch's mean per-token KL; a batch whose
+               KL passes --max-kl keeps the penalty alone (it only pulls the policy back)
 averaged over all completion tokens of the global batch (token-level aggregation). With one update
 per batch of rollouts (TRL's default num_iterations=1) the ratio is 1 when the gradient is taken:
 its gradient is the policy gradient, and clip_ratio logs 0, as TRL's does. Log-probabilities use
 the sampling temperature, as TRL's do. The reference is the starting model: the base with its
 adapters off under LoRA, else a frozen copy.
+
+Why no std by default: a weak policy sampled hot writes answers a reward model scores nearly alike;
+dividing by their tiny spread turns that noise into unit-sized advantages, and the policy collapses
+(seen: completions shrinking to one token as the KL rose a hundredfold). Without it, a group with
+(nearly) equal rewards carries (nearly) no signal, as it should. The KL weight grows in proportion
+above --kl-target (InstructGPT's and TRL's adaptive KL, without state, so resume stays exact).
 """
 
 from __future__ import annotations
@@ -35,7 +45,7 @@ from ...models.lora import adapters_off
 from ...text.templates import Template, encode_segments, get_template, user_text
 from ...text.tokenizer import Tokenizer
 from ..align_config import RLHFConfig
-from ..finetune import make_saver, prepare, report_parameters, setup_lora
+from ..finetune import default_lr, make_saver, prepare, report_parameters, setup_lora
 from ..loop import fit
 from ..metrics import TaskMetrics
 from ..rundir import Run, start_run_dir
@@ -45,9 +55,17 @@ Scorer = Callable[[list[list[dict]], list[str]], list[float]]
 
 # -- the formulas ---------------------------------------------------------------------------------
 
-def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
-    """GRPO: each reward [P, G] relative to its group of G, in group standard deviations."""
-    return (rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + eps)
+def group_advantages(rewards: torch.Tensor, scale: bool = False, eps: float = 1e-4) -> torch.Tensor:
+    """Each reward [P, G] minus its group's mean (Dr. GRPO); `scale`: also in group standard
+    deviations (GRPO as published)."""
+    centered = rewards - rewards.mean(1, keepdim=True)
+    return centered / (rewards.std(1, keepdim=True) + eps) if scale else centered
+
+
+def kl_weight(kl_coef: float, kl: float, target: float | None) -> float:
+    """The KL penalty's weight for a batch whose mean per-token KL is `kl`: kl_coef up to `target`,
+    then growing in proportion (a stateless take on InstructGPT's adaptive coefficient)."""
+    return kl_coef * max(1.0, kl / target) if target else kl_coef
 
 
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
@@ -117,11 +135,14 @@ class RolloutTask(TaskMetrics):
     """Batches are fresh rollouts of the current policy: sample k of the stream is seeded by k, so a
     resumed run (same weights, same k) draws the same completions."""
 
-    metric_names = ("reward", "reward_std", "kl", "entropy", "completions/mean_length", "clip_ratio")
+    metric_names = ("reward", "reward_std", "kl", "kl_coef", "kl_limited", "entropy", "completions/mean_length",
+                    "clip_ratio")
 
     def __init__(self, policy: torch.nn.Module, reference: Callable, scorer: Scorer, convs: list[list[dict]],
-                 tokenizer: Tokenizer, template: Template, cfg: RLHFConfig) -> None:
-        self.policy, self.reference, self.scorer, self.cfg = policy, reference, scorer, cfg
+                 tokenizer: Tokenizer, template: Template, cfg: RLHFConfig, say: Callable[[str], None] = print) -> None:
+        self.policy, self.reference, self.scorer, self.cfg, self.say = policy, reference, scorer, cfg, say
+        self.warned: set[str] = set()
+        self.flat_batches = 0
         self.tokenizer, self.template = tokenizer, template
         self.stop = template.stop_tokens(tokenizer)
         self.end = end_of_turn(tokenizer, template)
@@ -181,10 +202,41 @@ class RolloutTask(TaskMetrics):
         rewards = self.score(items, completions)
         b = self.sequences(items, completions)
         b["ref"] = self.reference(b["x"], b["y"])
-        b["advantages"] = group_advantages(rewards).view(-1)
-        self.note(reward=rewards, reward_std=rewards.std(1),
-                  completions__mean_length=torch.tensor([len(c) for g in completions for c in g], dtype=torch.float))
+        b["advantages"] = group_advantages(rewards, self.cfg.scale_rewards == "group").view(-1)
+        self.check_rollouts(rewards, completions)
         return b
+
+    def check_rollouts(self, rewards: torch.Tensor, completions: list[list[list[int]]]) -> None:
+        """Log the batch's rewards and lengths; warn (once each) when they show a run going nowhere."""
+        lengths = torch.tensor([len(c) for g in completions for c in g], dtype=torch.float)
+        self.note(reward=rewards, reward_std=rewards.std(1), completions__mean_length=lengths)
+        spread = float((rewards.max(1).values - rewards.min(1).values).max())
+        self.flat_batches = self.flat_batches + 1 if spread <= 1e-6 * max(1.0, float(rewards.abs().max())) else 0
+        if self.flat_batches == 3:
+            self.warn("flat", f"the last 3 batches gave every completion of each prompt the same reward "
+                      f"({float(rewards.flatten()[0]):g}...): no learning signal. Check the reward function or "
+                      "model, or sample more varied answers (--temperature, --group-size)")
+        if self.cfg.max_new_tokens > 4 and float((lengths <= 2).float().mean()) > 0.5:
+            self.warn("short", "most completions end within 2 tokens: the policy may be collapsing to the "
+                      "shortest answer. Lower --lr, raise --kl-coef, or lower --temperature")
+
+    def warn(self, key: str, message: str) -> None:
+        if key not in self.warned:
+            self.warned.add(key)
+            self.say(f"warning: {message}")
+
+    def kl_control(self, kl: torch.Tensor) -> tuple[float, float]:
+        """(the KL penalty's weight, the reward's weight) for a batch with these per-token KLs: the
+        weight grows above --kl-target (kl_weight); past --max-kl the batch only pulls the policy back."""
+        mean = float(kl.mean()) if kl.numel() else 0.0
+        over = bool(self.cfg.max_kl) and mean > self.cfg.max_kl
+        if over:
+            self.warn("max_kl", f"mean per-token KL to the starting model reached {mean:.3g}, past --max-kl "
+                      f"{self.cfg.max_kl:g}: such batches only pull the policy back (logged as kl_limited). If "
+                      "it keeps happening, lower --lr or raise --kl-coef")
+        coef = kl_weight(self.cfg.kl_coef, mean, self.cfg.kl_target)
+        self.note(kl_coef=torch.tensor([coef]), kl_limited=torch.tensor([float(over)]))
+        return coef, 0.0 if over else 1.0
 
     def loss(self, model, b) -> tuple[torch.Tensor, float, int]:
         mask = (b["y"] != IGNORE).float()
@@ -192,8 +244,9 @@ class RolloutTask(TaskMetrics):
         pg, clipped = clipped_objective(logp, logp.detach(), b["advantages"][:, None], self.cfg.clip)
         kl = k3_kl(logp, b["ref"])
         n = mask.sum()
-        per_token = pg + self.cfg.kl_coef * kl
         on = mask.bool()
+        coef, reward_weight = self.kl_control(kl.detach()[on])
+        per_token = reward_weight * pg + coef * kl
         self.note(kl=kl.detach()[on], entropy=entropy.detach()[on], clip_ratio=clipped[on])
         return (per_token * mask).sum() / n.clamp(min=1), float(n), int((b["x"] != self.tokenizer.pad_id).sum())
 
@@ -252,7 +305,7 @@ def _train_rlhf(cfg: RLHFConfig, ddp: tuple[Dist, torch.device], on_step) -> dic
     lora = setup_lora(model, cfg)
     model.to(device)
     reference = make_reference(model, lora, cfg.temperature)
-    task_args = (reference, scorer, convs, tokenizer, template, cfg)
+    task_args = (reference, scorer, convs, tokenizer, template, cfg, dist.say)
     if cfg.algo == "ppo":
         from .ppo import PolicyWithValue, PPOTask
 
@@ -276,6 +329,6 @@ def _train_rlhf(cfg: RLHFConfig, ddp: tuple[Dist, torch.device], on_step) -> dic
         # state/'s weights are the policy's only under GRPO; with PPO's value head, write the policy afresh
         save_policy(directory, weights_file if trained is model else None, **extra)
 
-    cfg.lr = cfg.lr or (1e-4 if cfg.lora_rank else 1e-5)  # recorded in train_config.yaml
+    cfg.lr = default_lr(cfg, "rlhf", model, dist)  # recorded in train_config.yaml
     return fit(trained, task, cfg, Run(out, save, title=f"{out.name}: RLHF ({cfg.algo})"), cfg.lr,
                on_step=on_step, ddp=ddp)
