@@ -17,8 +17,17 @@ can instead give every run the same number of steps (--ablate-steps N, at the sh
 --n-embd; with no --budgets it stops there): the options cost about the same per step, so equal
 steps are a fair stand-in for equal time there, and immune to the noise.
 
+Or, with --against-nanogpt, against nanoGPT's CPU recipe (its README's command for a laptop:
+train_shakespeare_char.py with --device=cpu --compile=False --block_size=64 --batch_size=12
+--n_layer=4 --n_head=4 --n_embd=128 --max_iters=2000 --lr_decay_iters=2000 --dropout=0.0), set up
+in lmforge's trainer as nanoGPT's train.py would configure it (AdamW lr 1e-3, betas 0.9/0.99,
+weight decay 0.1, 100 warmup steps, cosine to 1e-4, clip 1.0) on the same corpus and tokenizer:
+its final val bpb is the target, and lmforge's defaults get fractions of its wall time
+(--fractions); reported: the smallest fraction whose run reaches the target.
+
     python benchmarks/time_to_quality.py [--budgets 1 2 4] [--ablate-minutes 1] [--out runs/ttq]
     python benchmarks/time_to_quality.py --budgets --ablate-steps 1000 --n-layer 1 --n-embd 64
+    python benchmarks/time_to_quality.py --against-nanogpt [--fractions 0.1 0.25 0.5]
 """
 
 from __future__ import annotations
@@ -37,15 +46,31 @@ OLD = {"optimizer": "adamw", "qk_norm": False, "relu2": False, "untied_head": Fa
 OPTIONS = {"qk_norm": {"qk_norm": True}, "relu2": {"relu2": True}, "untied_head": {"untied_head": True},
            "logit_softcap": {"logit_softcap": 15.0}}
 MUON_LRS = (0.01, 0.02, 0.04)
+# nanoGPT's CPU recipe. lmforge's GPT-2 layout keeps its biases (nanoGPT's train.py turns them off).
+NANOGPT = {"optimizer": "adamw", "lr": 1e-3, "beta1": 0.9, "beta2": 0.99, "weight_decay": 0.1, "warmup_steps": 100,
+           "schedule": "cosine", "min_lr_ratio": 0.1, "grad_clip": 1.0, "dropout": 0.0, "n_layer": 4, "n_head": 4,
+           "n_embd": 128, "context_length": 64, "batch_size": 12, "eval_every": 250}  # its eval_interval
+NANOGPT_STEPS = 2000
+
+
+def against_nanogpt(args) -> dict:
+    """nanoGPT's recipe for NANOGPT_STEPS steps, then lmforge's defaults at fractions of its time."""
+    ref = run(args, "nanogpt", None, NANOGPT, {}, NANOGPT_STEPS)
+    target, seconds = ref["val_bpb"], ref["elapsed_s"]
+    rows = [run(args, f"defaults-{f:g}", seconds * f / 60, {}, {}) for f in sorted(args.fractions)]
+    reach = next((f for f, r in zip(sorted(args.fractions), rows) if r["val_bpb"] <= target), None)
+    print(f"nanoGPT's recipe: {target:.4f} bpb in {seconds:.0f} s. lmforge's defaults reach it "
+          + (f"in {reach:g} of that time" if reach else "in none of the fractions tried"), flush=True)
+    return {"target_bpb": target, "nanogpt_seconds": seconds, "reach_fraction": reach, "runs": [ref, *rows]}
 
 
 def run(args, name: str, minutes: float | None, arm: dict, shape: dict, steps: int | None = None) -> dict:
     """One pretraining run of `minutes` of training (or `steps` steps); its final val bpb and record."""
     out = Path(args.out) / name
     budget = {"max_steps": steps} if steps else {"max_minutes": minutes}
-    cfg = PretrainConfig(data=args.data, out=str(out), overwrite=True, **budget, device="cpu",
-                         eval_every=args.eval_every, eval_batches=args.eval_batches, save_every=0, seed=args.seed,
-                         vocab_size=args.vocab_size, **shape, **arm)
+    settings = {"eval_every": args.eval_every, "eval_batches": args.eval_batches, **shape, **arm}
+    cfg = PretrainConfig(data=args.data, out=str(out), overwrite=True, **budget, device="cpu", save_every=0,
+                         seed=args.seed, vocab_size=args.vocab_size, **settings)
     record = pretrain(cfg)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     model = json.loads((out / "config.json").read_text())["model"]
@@ -86,6 +111,14 @@ def ablate(args, shape: dict, baseline: dict, results: list) -> dict:
     return chosen
 
 
+def cpu_model() -> str:
+    """The CPU's model name (BENCHMARKS rows name it: MKL and oneDNN differ between Intel and AMD)."""
+    info = Path("/proc/cpuinfo")
+    names = [line.partition(":")[2].strip() for line in (info.read_text().splitlines() if info.exists() else [])
+             if line.startswith("model name")]
+    return names[0] if names else platform.processor() or platform.machine()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", nargs="+", default=["pydocs"])
@@ -104,9 +137,18 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--out", default="runs/ttq")
     ap.add_argument("--keep-runs", action="store_true")
+    ap.add_argument("--against-nanogpt", action="store_true", help="compare the defaults with nanoGPT's CPU recipe")
+    ap.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.25, 0.5],
+                    help="--against-nanogpt: shares of nanoGPT's wall time given to the defaults")
     args = ap.parse_args()
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}; data {args.data}", flush=True)
+    print(f"machine: {cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}; data {args.data}",
+          flush=True)
+    if args.against_nanogpt:
+        summary = against_nanogpt(args)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "nanogpt.json").write_text(json.dumps(summary, indent=1))
+        print(json.dumps({k: v for k, v in summary.items() if k != "runs"}))
+        return
     fixed = {"n_layer": args.n_layer, "n_embd": args.n_embd} if args.n_layer and args.n_embd else None
     results: list[dict] = []
     budgets = sorted(args.budgets)

@@ -13,7 +13,7 @@ def lr_help(method: str) -> str:
     """--lr's help for a fine-tuning method (a key of rates.AT_768)."""
     return (f"peak learning rate (default: from the model's width: {AT_768[method]:g} x 768/width for full "
             "fine-tuning, "
-            "10x that for LoRA or a head alone, never above pretraining's rate at that width)")
+            "at most pretraining's rate at that width; 10x that for LoRA or a head alone, at most 1e-2)")
 
 
 @dataclass
