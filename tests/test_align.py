@@ -403,6 +403,19 @@ def test_rlhf_with_a_reward_function_and_bad_input(sft, data, tmp_path, capsys):
     assert not bad.exists() or not any(bad.iterdir())
 
 
+def test_rlhf_warns_when_the_reward_carries_no_signal(sft, data, tmp_path, capsys):
+    """A reward function that returns a constant gives every answer the same reward: the run says so."""
+    (tmp_path / "flat_reward.py").write_text("def zero(prompt, completion):\n    return 0.0\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        assert main(["align", "rlhf", str(sft), "--prompts", str(data / "prompts.jsonl"), "--device", "cpu",
+                     "--reward-fn", "flat_reward:zero", "--out", str(tmp_path / "flat"), "--max-steps", "3",
+                     "--batch-size", "1", "--group-size", "2", "--max-new-tokens", "4"]) == 0
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert "no learning signal" in capsys.readouterr().err
+
+
 # -- rank: the human in the loop ------------------------------------------------------------------
 
 def test_parse_ranking():
