@@ -55,7 +55,7 @@ def test_classifier_learns_a_separable_task(ft_base, spam, tmp_path, capsys):
     capsys.readouterr()
     assert main(["classify", str(out), "--text", "Win free cash prize now", "The new list holds a key.",
                  "--json"]) == 0
-    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]  # fp32 softmax, rounded to 6 decimals
     assert [x["label"] for x in lines] == ["spam", "ham"] and abs(sum(lines[0]["probs"].values()) - 1) < 1e-4
     assert main(["evaluate", str(out), "--data", str(val)]) == 0
     report = json.loads(capsys.readouterr().out)
@@ -69,7 +69,7 @@ def test_frozen_layers_stay_bit_identical(ft_base, spam, tmp_path, layers):
     finetune_classify(clf(ft_base, train, val, out, train_layers=layers, max_steps=5))
     base, tuned = load_file(str(ft_base / "model.safetensors")), load_file(str(out / "model.safetensors"))
     frozen = [k for k in base if not (layers == "1" and (k.startswith("blocks.1.") or k.startswith("norm.")))]
-    assert all(torch.equal(base[k], tuned[f"backbone.{k}"]) for k in frozen)
+    assert all(torch.equal(base[k], tuned[f"backbone.{k}"]) for k in frozen)  # never updated: bit-identical
     if layers == "1":
         assert not torch.equal(base["blocks.1.mlp.fc.weight"], tuned["backbone.blocks.1.mlp.fc.weight"])
 
@@ -91,7 +91,7 @@ def test_lora_classifier_adapter_merge_and_frozen_base(ft_base, spam, tmp_path, 
     assert main(["merge-lora", str(out), "--out", str(tmp_path / "merged")]) == 0
     merged = load(tmp_path / "merged", device="cpu")
     ids = torch.tensor([lm.tokenizer.encode("Claim your free prize") + [lm.tokenizer.eot_id]])
-    with torch.no_grad():
+    with torch.no_grad():  # W + s*B@A vs W x + s*B(A x), fp32: ~1e-6 on outputs <2 (measured 0); plus rtol 1e-5
         assert torch.allclose(lm.model(ids), merged.model(ids), atol=1e-5)
     assert "lora" not in json.loads((tmp_path / "merged" / "config.json").read_text())
 
@@ -144,7 +144,7 @@ def test_prompt_tokens_get_zero_gradient(ft_base):
     lm.model(batch["x"], batch["y"]).backward()
     grad = hidden["h"].grad[0].abs().sum(-1)
     target_is_response = batch["y"][0] != -100
-    assert grad[~target_is_response].max().item() == 0.0
+    assert grad[~target_is_response].max().item() == 0.0  # no path from the loss: exactly zero, not small
     assert (grad[target_is_response] > 0).all()
     n_response = len(lm.tokenizer.encode("hi there")) + 1  # + end-of-text
     assert int(target_is_response.sum()) == n_response
@@ -186,7 +186,9 @@ def test_lora_instruct_resumes_exactly_and_keeps_base_frozen(ft_base, reverse_da
     assert finetune_instruct(cfg(tmp_path / "part", resume=True))["step"] == 12
     a = load_file(str(tmp_path / "full" / "adapter.safetensors"))
     b = load_file(str(tmp_path / "part" / "adapter.safetensors"))
-    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    # resumed vs uninterrupted: the same kernels on the same shapes in the same order (AdamW, fp32, one process,
+    # dropout's RNG restored): exact, as it measures (it was allclose 1e-6)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in a.items() if "lora_b" in k)
     lm, base = load(tmp_path / "full", device="cpu"), load(ft_base, device="cpu")
     tuned_sd, base_sd = lm.model.state_dict(), base.model.state_dict()
@@ -195,7 +197,7 @@ def test_lora_instruct_resumes_exactly_and_keeps_base_frozen(ft_base, reverse_da
     assert main(["merge-lora", str(tmp_path / "full"), "--out", str(tmp_path / "merged")]) == 0
     merged = load(tmp_path / "merged", device="cpu")
     ids = torch.tensor([lm.tokenizer.encode("Reverse the words: key path file")])
-    with torch.no_grad():
+    with torch.no_grad():  # merged vs adapter's extra products, fp32: measured 2.4e-6 on logits ~10 (+ rtol 1e-5)
         assert torch.allclose(lm.model(ids), merged.model(ids), atol=1e-5)
 
 
@@ -281,7 +283,7 @@ def test_classification_metrics_by_hand():
 
     m = classification_metrics(preds=[0, 0, 1, 1, 1, 2], gold=[0, 1, 1, 1, 2, 2], labels=["a", "b", "c"])
     assert m["confusion"] == [[1, 0, 0], [1, 2, 0], [0, 1, 1]]
-    assert m["accuracy"] == pytest.approx(4 / 6, abs=1e-4)
+    assert m["accuracy"] == pytest.approx(4 / 6, abs=1e-4)  # counts divided; abs 1e-4 allows 4-decimal rounding
     third = pytest.approx(2 / 3, abs=1e-4)
     assert m["per_class"]["b"] == {"precision": third, "recall": third, "f1": third, "support": 3}
     assert m["per_class"]["a"]["precision"] == 0.5 and m["per_class"]["c"]["recall"] == 0.5

@@ -57,18 +57,24 @@ def test_fsdp_follows_ddp_and_one_process_and_resumes_exactly(corpus_dir, tmp_pa
     launch(tmp_path, config(corpus_dir, tmp_path / "ddp"))
     launch(tmp_path, config(corpus_dir, tmp_path / "fsdp", fsdp=True))
     one, ddp, fsdp = (losses(tmp_path / n) for n in ("one", "ddp", "fsdp"))
+    # reduce-scatter vs all-reduce vs one process (AdamW pinned in `config`): fp32 summation order only; measured
+    # <=1e-6, the logged losses' rounding
     assert len(fsdp) == 8 and fsdp == pytest.approx(ddp, abs=1e-4) and fsdp == pytest.approx(one, abs=1e-4)
     assert fsdp[-1] < fsdp[0] - 0.3
     state = tmp_path / "fsdp" / "state"
     assert sorted(p.name for p in (state / "dcp").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
-    # the model directory holds the full (consolidated) weights, equal to DDP's
+    # the model directory holds the full (consolidated) weights, equal to DDP's up to the gradients' fp32 summation
+    # order, which AdamW's normalised steps can enlarge where gradients are near zero: measured 1.6e-6 against the
+    # old 1e-5; now 1e-4, 30x below one step (lr 3e-3), while misplaced shards would be off by ~0.02 or more
     full, ref = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("fsdp", "ddp"))
-    assert full.keys() == ref.keys() and all((full[k] - ref[k]).abs().max() < 1e-5 for k in full)
+    assert full.keys() == ref.keys() and all((full[k] - ref[k]).abs().max() < 1e-4 for k in full)
 
     part = tmp_path / "part"
     assert "stopped: checkpoint saved at step 4" in launch(tmp_path, config(corpus_dir, part, fsdp=True), stop=4)
     shutil.copytree(part, tmp_path / "copy")
     launch(tmp_path, config(corpus_dir, part, fsdp=True, resume=True))
+    # resumed vs uninterrupted: the same kernels, shapes and order, so exact (the weights bit for bit below);
+    # abs 1e-6 is the logged losses' rounding
     assert losses(part) == pytest.approx(fsdp, abs=1e-6)
     resumed = load_file(str(part / "model.safetensors"))
     assert all(torch.equal(resumed[k], full[k]) for k in full)
@@ -89,8 +95,10 @@ def test_fsdp_follows_ddp_and_one_process_and_resumes_exactly(corpus_dir, tmp_pa
 def test_fsdp_with_muon_follows_one_process(corpus_dir, tmp_path):
     pretrain(PretrainConfig(**config(corpus_dir, tmp_path / "one", batch_size=8, optimizer="muon", save_every=0)))
     launch(tmp_path, config(corpus_dir, tmp_path / "fsdp", optimizer="muon", fsdp=True, save_every=0))
-    # Muon's Newton-Schulz runs in bf16: sharded gradients summed in another order may round apart
-    assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "one"), abs=2e-4)
+    # Muon's Newton-Schulz runs in bf16: sharded gradients summed in another order may round apart. Measured
+    # 5.5e-5 (AMD EPYC) against a 2e-4 bound; now 1e-3, since other CPUs' orders flip other bf16 roundings, and a
+    # dropped half-batch still moves the losses by ~0.1
+    assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "one"), abs=1e-3)
 
 
 def test_fsdp_needs_torchrun(corpus_dir, tmp_path):

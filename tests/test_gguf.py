@@ -52,6 +52,7 @@ def tok() -> Tokenizer:
     return Tokenizer.train(make_docs(60), 320, show_progress=False)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("arch", ARCHS)
 def test_round_trip_logits(arch, tok, tmp_path, capsys):
     src = make_dir(tmp_path / "m", tok, **ARCHS[arch])
@@ -59,6 +60,8 @@ def test_round_trip_logits(arch, tok, tmp_path, capsys):
     ids = torch.tensor([tok.encode("def f(x):\n    return x + 1  # <|endoftext|> naïve")])
     with torch.no_grad():
         want = ref.model(ids)
+        # f32: bit-identical weights, the same layout and kernels: exact. f16 / q8_0: the weights' rounding (measured
+        # <=3e-4 / <=7e-3), not computation order, which adds only ~1e-7
         for outtype, tol in (("f32", 0.0), ("f16", 2e-3), ("q8_0", 3e-2)):
             out = str(tmp_path / f"{outtype}.gguf")
             main(["export", str(src), "--format", "gguf", "--outtype", outtype, "--out", out])

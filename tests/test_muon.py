@@ -44,6 +44,7 @@ def reference_muon_step(w, g, buf, lr, momentum=0.95):
     return w - lr * math.sqrt(max(1, w.shape[0] / w.shape[1])) * x.float()
 
 
+@pytest.mark.numerics
 def test_torch_muon_does_the_published_update():
     torch.manual_seed(0)
     for shape in [(48, 16), (16, 48)]:
@@ -56,7 +57,8 @@ def test_torch_muon_does_the_published_update():
             p.grad = g.clone()
             opt.step()
             ref = reference_muon_step(ref, g, buf, 0.02)
-        # torch runs Newton-Schulz in bf16: equal to the fp32 reference within a few % of a step
+        # torch runs Newton-Schulz in bf16: equal to the fp32 reference within a few % of a step (measured 2.6%
+        # here; other CPUs' bf16 matmul kernels, AMX or AVX2, change only which entries round which way)
         # (no Nesterov, other coefficients or no shape scaling would be off by tens of %)
         assert (p.detach() - ref).abs().max() < 0.1 * 0.02
         delta, ref_delta = (p.detach() - w).flatten(), (ref - w).flatten()
@@ -95,6 +97,7 @@ def rows(out) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.numerics
 def test_muon_resumes_exactly_and_accumulates_like_a_bigger_batch(corpus_dir, tmp_path):
     pretrain(tiny(corpus_dir, tmp_path / "full"))
     part = tmp_path / "part"
@@ -102,14 +105,20 @@ def test_muon_resumes_exactly_and_accumulates_like_a_bigger_batch(corpus_dir, tm
     assert any(k.startswith("0.momentum_buffer") for k in load_file(str(part / "state" / "optimizer.safetensors")))
     pretrain(tiny(corpus_dir, part, resume=True))
     full = [r["loss"] for r in rows(tmp_path / "full")]
+    # resumed vs uninterrupted: the same kernels, shapes and order (bf16 Newton-Schulz included): exact; abs 1e-6
+    # is the logged losses' rounding, and the weights are compared bit for bit
     assert [r["loss"] for r in rows(part)] == pytest.approx(full, abs=1e-6)
     wa, wb = load_file(str(tmp_path / "full" / "model.safetensors")), load_file(str(part / "model.safetensors"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert full[-1] < full[0] - 0.2  # it trains
     pretrain(tiny(corpus_dir, tmp_path / "accum", batch_size=2, grad_accum=2))
-    assert [r["loss"] for r in rows(tmp_path / "accum")] == pytest.approx(full, abs=1e-4)
+    # two micro-batches vs one batch sum gradients in another fp32 order, and Newton-Schulz in bf16 turns
+    # those last-bit differences into bf16 ones. Measured 1.1e-5 to 2.7e-5 as MKL/oneDNN/ATen paths change (1e-6 with
+    # AdamW) against the old 1e-4; now 1e-3, as other CPUs flip other roundings; a dropped micro-batch moves ~0.1
+    assert [r["loss"] for r in rows(tmp_path / "accum")] == pytest.approx(full, abs=1e-3)
 
 
+@pytest.mark.numerics
 def test_muon_under_two_processes_follows_one(corpus_dir, tmp_path):
     pretrain(tiny(corpus_dir, tmp_path / "one", save_every=0))
     args = ["--data", str(corpus_dir), "--n-layer", "2", "--n-embd", "32", "--n-head", "2", "--context-length", "16",
@@ -117,4 +126,5 @@ def test_muon_under_two_processes_follows_one(corpus_dir, tmp_path):
             "--vocab-size", "300", "--lr", "3e-3", "--device", "cpu", "--seed", "5", "--optimizer", "muon"]
     proc = torchrun("-m", "lmforge", "pretrain", *args, "--out", str(tmp_path / "two"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=1e-4)
+    # all-reduced half batches vs one batch, then bf16 Newton-Schulz: as for accumulation above (<=2.7e-5; was 1e-4)
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=1e-3)

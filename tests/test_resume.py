@@ -93,6 +93,7 @@ def test_a_changed_budget_continues_the_schedule_from_where_it_stood():
     cfg = TrainConfig(warmup_steps=0, min_lr_ratio=0.1)
     # 10 of 20 steps done (schedule at 0.5); resumed with --max-steps 12: progress jumps to 10/12
     s = Schedule(cfg, 1.0, resumed_at=(10 / 12, 0.5))
+    # float64 schedule arithmetic in other orders: ~1e-16, default rel 1e-6
     assert s.lr(10, 10 / 12) == pytest.approx(lr_at(cfg, 1.0, 10, 0.5))  # no jump
     assert s.position(11 / 12) == pytest.approx(0.75) and s.position(1.0) == pytest.approx(1.0)
     longer = Schedule(cfg, 1.0, resumed_at=(10 / 40, 0.5))  # --max-steps 40: the rest stretched
@@ -138,6 +139,8 @@ def test_keep_best_holds_the_best_weights_and_resume_goes_on_from_the_last(corpu
     at_12 = load_file(str(last / "state" / "model.safetensors"))
 
     kept, resumed = load_file(str(best / "model.safetensors")), load_file(str(best / "state" / "model.safetensors"))
+    # stopped at 10 vs at 8, then resumed: the same kernels on the same shapes in the same order (Muon's bf16
+    # Newton-Schulz included, one process): bit-identical
     assert kept.keys() == at_8.keys() and all(torch.equal(kept[k], at_8[k]) for k in kept)
     assert resumed.keys() == at_12.keys() and all(torch.equal(resumed[k], at_12[k]) for k in resumed)
     assert not torch.equal(kept["wte.weight"], resumed["wte.weight"])

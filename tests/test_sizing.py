@@ -13,6 +13,7 @@ from lmforge.models.sizing import choose_depth, effective_tokens, passes_warning
 def test_effective_tokens_follows_the_data_constrained_formula():
     assert effective_tokens(1e6, None) == 1e6 and effective_tokens(1e6, 2e6) == 1e6  # no repetition
     u = 1e5
+    # float64, the formula in another order: ~1e-16, default rel 1e-6
     assert effective_tokens(4 * u, u) == pytest.approx(u * (1 + 15.4 * (1 - math.exp(-3 / 15.4))))
     assert 0.9 * 4 * u < effective_tokens(4 * u, u) < 4 * u  # four passes: nearly as good as new data
     assert effective_tokens(1000 * u, u) < 16.5 * u  # it saturates: ~16 passes' worth at most
