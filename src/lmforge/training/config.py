@@ -93,6 +93,10 @@ class PretrainConfig(TrainConfig):
                          "about twice as fast here: BENCHMARKS.md); or adamw for every weight",
                          choices=["adamw", "muon"])
     muon_lr: float = arg(0.01, "muon: peak learning rate of the hidden matrices (follows --schedule)", gt=0)
+    schedule: str = arg("wsd", "learning-rate schedule after warmup: wsd (warmup-stable-decay: the peak until the "
+                        "last --decay-fraction, then down; reached nanoGPT's CPU figure in a quarter of its time "
+                        "where cosine needed more: BENCHMARKS.md), cosine or constant",
+                        choices=["cosine", "wsd", "constant"])
     qk_norm: bool = arg(False, "RMSNorm on each attention head's queries and keys (steadier at high learning rates)")
     relu2: bool = arg(False, "a plain MLP with squared-ReLU activation instead of the family's (GELU or SwiGLU)")
     untied_head: bool = arg(False, "an output layer of its own (not the embedding's transpose); it and each block's "
