@@ -140,8 +140,10 @@ class RolloutTask(TaskMetrics):
                     "clip_ratio")
 
     def __init__(self, policy: torch.nn.Module, reference: Callable, scorer: Scorer, convs: list[list[dict]],
-                 tokenizer: Tokenizer, template: Template, cfg: RLHFConfig, say: Callable[[str], None] = print) -> None:
-        self.policy, self.reference, self.scorer, self.cfg, self.say = policy, reference, scorer, cfg, say
+                 tokenizer: Tokenizer, template: Template, cfg: RLHFConfig,
+                 say: Callable[[str], None] | None = None) -> None:
+        self.policy, self.reference, self.scorer, self.cfg = policy, reference, scorer, cfg
+        self.say = say or (lambda message: print(message, file=sys.stderr))  # warnings: stdout is for results
         self.warned: set[str] = set()
         self.flat_batches = 0
         self.tokenizer, self.template = tokenizer, template
