@@ -329,8 +329,8 @@ def test_grpo_defaults_learn_a_choice_without_collapsing(shape, tmp_path):
     """The defaults (Dr. GRPO, the KL weight growing past its target, batches past --max-kl pulling
     back, the width's learning rate) raise rule-following by 0.2 or more, keep the answers' length and
     end within the KL bound. The old defaults (lr 1e-5 at any width) moved nothing; on the README's
-    base, GRPO as published (std-scaled advantages, a fixed KL weight) ended at a KL of 2.3 with
-    garbled answers."""
+    base, GRPO as published (std-scaled advantages, a fixed KL weight) reached KLs up to 4.7 and
+    garbled its answers (BENCHMARKS.md)."""
     before = align_check.follows_rule(str(shape / "sft"), str(shape / "eval_prompts.jsonl"), task="shape")
     cfg = RLHFConfig(base=str(shape / "sft"), reward=str(shape / "rm"), prompts=str(shape / "prompts.jsonl"),
                      out=str(tmp_path / "grpo"), max_steps=60, batch_size=4, group_size=4, max_new_tokens=16,

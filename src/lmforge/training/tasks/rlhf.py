@@ -18,7 +18,7 @@ adapters off under LoRA, else a frozen copy.
 Why no std by default: a weak policy sampled hot writes answers a reward model scores nearly alike;
 dividing by their tiny spread turns that noise into unit-sized advantages, and the policy collapses
 (reported: answers shrinking from 6 tokens to 2 as the per-token KL rose to 4.6; on make_align_data's
-shape task, garbled answers at a KL of 2.3, where the default reaches 0.82). Without it, a group with
+shape task, KL peaks up to 4.7 and garbled answers: BENCHMARKS.md). Without it, a group with
 (nearly) equal rewards carries (nearly) no signal, as it should. The KL weight grows in proportion
 above --kl-target (InstructGPT's and TRL's adaptive KL, without state, so resume stays exact).
 """
