@@ -273,14 +273,6 @@ def run_step(name: str, timeout: float, argv: list[str]) -> dict:
         return line
 
 
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor()
-
-
 def git_commit() -> str | None:
     with contextlib.suppress(OSError):  # no git, or no repository: a copied tree
         proc = subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
@@ -289,9 +281,11 @@ def git_commit() -> str | None:
 
 
 def environment(a: argparse.Namespace, timeouts: dict) -> dict:
+    from lmforge.core.runtime import cpu_name
+
     return {"step": "env", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "python": platform.python_version(),
             "torch": torch.__version__, "cuda": torch.version.cuda,
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "cpu": cpu_model(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "cpu": cpu_name(),
             "cpus": os.cpu_count(), "commit": git_commit(), "device": a.device, "smoke": a.smoke,
             "timeouts": timeouts, "argv": sys.argv[1:]}
 

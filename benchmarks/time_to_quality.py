@@ -34,12 +34,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 from pathlib import Path
 
 import torch
 
+from lmforge.core.runtime import cpu_name
 from lmforge.training.pretrain import PretrainConfig, pretrain
 
 OLD = {"optimizer": "adamw", "qk_norm": False, "relu2": False, "untied_head": False, "logit_softcap": None}
@@ -111,14 +111,6 @@ def ablate(args, shape: dict, baseline: dict, results: list) -> dict:
     return chosen
 
 
-def cpu_model() -> str:
-    """The CPU's model name (BENCHMARKS rows name it: MKL and oneDNN differ between Intel and AMD)."""
-    info = Path("/proc/cpuinfo")
-    names = [line.partition(":")[2].strip() for line in (info.read_text().splitlines() if info.exists() else [])
-             if line.startswith("model name")]
-    return names[0] if names else platform.processor() or platform.machine()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", nargs="+", default=["pydocs"])
@@ -141,7 +133,7 @@ def main() -> None:
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.25, 0.5],
                     help="--against-nanogpt: shares of nanoGPT's wall time given to the defaults")
     args = ap.parse_args()
-    print(f"machine: {cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}; data {args.data}",
+    print(f"machine: {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}; data {args.data}",
           flush=True)
     if args.against_nanogpt:
         summary = against_nanogpt(args)

@@ -50,6 +50,18 @@ BF16_PEAKS = [("H200", 989e12), ("GH200", 989e12), ("H100 PCIe", 756e12), ("H100
               ("4090", 165e12), ("3090", 71e12)]
 
 
+def cpu_name() -> str:
+    """The CPU's model name ("AMD EPYC", "Intel(R) Xeon(R) ..."): benchmark records name it, since
+    MKL and oneDNN take different code paths on Intel and AMD."""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
 def peak_flops(device: torch.device) -> float | None:
     """The device's dense bf16 peak in FLOP/s (CUDA GPUs in the table; LMFORGE_PEAK_TFLOPS overrides),
     None where unknown: MFU is then not reported."""
