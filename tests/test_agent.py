@@ -96,6 +96,45 @@ def test_react_loop_runs_tools_and_reports_errors():
     assert declined.transcript[2]["observation"] == "the user declined this call"
 
 
+class NativeScripted:
+    """A generator that calls tools natively (OpenAI's tool_calls), from a script."""
+
+    name, native_tools = "native", True
+
+    def __init__(self, replies: list[dict]) -> None:
+        self.replies, self.seen = list(replies), []
+
+    def chat_tools(self, messages, tools, **kw):
+        self.seen.append((list(messages), tools))
+        return self.replies.pop(0)
+
+
+def call(i: int, name: str, arguments: str) -> dict:
+    return {"id": f"call_{i}", "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def test_native_tool_calls_run_and_come_back_as_tool_messages():
+    tools = make_tools("calculator")
+    gen = NativeScripted([
+        {"role": "assistant", "content": None, "tool_calls": [call(1, "calculator", '{"expression": "12 * 12"}'),
+                                                              call(2, "shell", '{"input": "ls"}')]},
+        {"role": "assistant", "content": None, "tool_calls": [call(3, "calculator", '{"wrong": 1}')]},
+        {"role": "assistant", "content": "144"}])
+    result = run_agent(gen, "What is 12 squared?", tools)
+    assert result.answer == "144" and result.steps == 3
+    messages, offered = gen.seen[1]
+    assert offered == [tools["calculator"].spec()] and offered[0]["function"]["parameters"]["required"] == \
+        ["expression"]
+    assert messages[-2:] == [{"role": "tool", "tool_call_id": "call_1", "content": "144"},
+                             {"role": "tool", "tool_call_id": "call_2", "content": "refused: there is no tool "
+                              "'shell'; the only tools are calculator"}]
+    assert gen.seen[2][0][-1] == {"role": "tool", "tool_call_id": "call_3",
+                                  "content": 'error: call calculator with {"expression": "..."}'}
+    with pytest.raises(LMForgeError, match="--tool-format react"):  # asked for native from a model that cannot
+        run_agent(NativeScripted([None]), "2+2?", tools, tool_format="native")
+    assert run_agent(Scripted(["Final Answer: 4"]), "2+2?", tools).answer == "4"  # auto: ReAct for the rest
+
+
 def test_react_stops_at_max_steps():
     result = run_agent(Scripted([]), "never ends", make_tools("calculator"), max_steps=3)
     assert result.answer is None and result.steps == 3 and result.transcript[-1]["event"] == "stopped"

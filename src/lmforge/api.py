@@ -23,12 +23,35 @@ class LM(Loaded):
     def generate(self, prompt: str, *, max_new_tokens: int | None = None, temperature: float = 0.8,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                  stop: list[str] | None = None, stream: Callable[[str], None] | None = None,
-                 repetition_penalty: float = 1.0, **kw) -> str:
-        """Continue `prompt`; returns only the new text."""
+                 repetition_penalty: float = 1.0, json_schema: dict | None = None, regex: str | None = None,
+                 **kw) -> str:
+        """Continue `prompt`; returns only the new text. With `json_schema` the text is JSON that
+        validates against it; with `regex` it matches the regex (the grammar guarantees both)."""
         self.check_generates()
+        if json_schema is not None or regex is not None:
+            kw["grammar"] = self.grammar(json_schema=json_schema, regex=regex)
         return generate_text(self.model, self.tokenizer, prompt, max_new_tokens=max_new_tokens,
                              temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop,
                              stop_ids=self.stop_ids(), stream=stream, repetition_penalty=repetition_penalty, **kw)
+
+    def grammar(self, json_schema: dict | None = None, regex: str | None = None, lark: str | None = None):
+        """A compiled grammar (cached) for `generate(..., grammar=)`, or None when none is given."""
+        from .inference.chat import grammar_for
+
+        return grammar_for(self, json_schema=json_schema, regex=regex, lark=lark)
+
+    def chat(self, messages: list[dict], *, tools: list[dict] | None = None, tool_choice: object = None,
+             parallel_tool_calls: bool = True, json_schema: dict | None = None, max_new_tokens: int = 256,
+             temperature: float = 0.7, **sampling) -> dict:
+        """The assistant's reply to OpenAI-format `messages`, as OpenAI's message object:
+        {"role": "assistant", "content": str | None, "tool_calls": [...]} (calls only when it made any).
+        `tools` and `tool_choice` are OpenAI's; calls are constrained to the tools' schemas, and with
+        `json_schema` a text answer validates against it."""
+        from .inference.chat import reply
+
+        self.check_generates()
+        return reply(self, messages, tools=tools, tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls,
+                     json_schema=json_schema, max_new_tokens=max_new_tokens, temperature=temperature, **sampling)
 
     def score(self, prompt: str, response: str, system: str | None = None) -> float:
         """A reward model's score of `response` as the answer to `prompt` (after an optional

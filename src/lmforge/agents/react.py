@@ -1,4 +1,7 @@
-"""The ReAct loop in text: Thought -> Action -> Action Input -> (host runs the tool) -> Observation,
+"""The agent loop. With a model that calls tools natively (its chat template takes tools, or a
+server that accepts OpenAI `tools`), each step is a chat completion with the tools offered: the host
+runs the calls it makes and sends back `tool` messages, until it answers without a call. Otherwise,
+the ReAct loop in text: Thought -> Action -> Action Input -> (host runs the tool) -> Observation,
 until the model writes `Final Answer:`.
 
 Each model step is an assistant turn, generation stopped at "Observation:"; the host parses the
@@ -9,6 +12,7 @@ recover, and every step is recorded in the transcript.
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from collections.abc import Callable
@@ -59,9 +63,10 @@ class AgentResult:
 def run_agent(generator: Generator, task: str, tools: dict[str, Tool], max_steps: int = 8, max_tokens: int = 256,
               temperature: float = 0.0, seed: int | None = None,
               confirm: Callable[[str, str], bool] | None = None,
-              on_event: Callable[[dict], None] | None = None) -> AgentResult:
+              on_event: Callable[[dict], None] | None = None, tool_format: str = "auto") -> AgentResult:
     """Run the loop. `confirm(tool, input)` is asked before each call (the human in the loop);
-    `on_event` sees each transcript entry as it happens."""
+    `on_event` sees each transcript entry as it happens. `tool_format`: native (OpenAI tool calls),
+    react (the text loop), or auto: native when the generator says its model was tuned for it."""
     if max_steps < 1:
         raise LMForgeError("--max-steps must be at least 1")
     if not task.strip():
@@ -73,9 +78,14 @@ def run_agent(generator: Generator, task: str, tools: dict[str, Tool], max_steps
         if on_event:
             on_event(entry)
 
+    record({"event": "task", "text": task, "tools": sorted(tools)})
+    if tool_format == "native" or tool_format == "auto" and getattr(generator, "native_tools", False):
+        native = _run_native(generator, task, tools, max_steps, max_tokens, temperature, seed, confirm, record)
+        if native is None:
+            raise LMForgeError(f"{generator.name} cannot call tools natively; use --tool-format react")
+        return AgentResult(native[0], native[1], transcript)
     rng = random.Random(seed) if seed is not None else None  # --seed: the same markers, so runs repeat
     messages = [{"role": "system", "content": system_prompt(tools)}, {"role": "user", "content": task}]
-    record({"event": "task", "text": task, "tools": sorted(tools)})
     for step in range(1, max_steps + 1):
         text = generator.chat(messages, max_tokens=max_tokens, temperature=temperature, seed=seed,
                               stop=["Observation:"])
@@ -89,6 +99,49 @@ def run_agent(generator: Generator, task: str, tools: dict[str, Tool], max_steps
         messages += [{"role": "assistant", "content": text.rstrip()}, observation_message(observation, marker)]
     record({"event": "stopped", "step": max_steps, "reason": f"no Final Answer after {max_steps} steps"})
     return AgentResult(None, max_steps, transcript)
+
+
+def _run_native(generator: Generator, task: str, tools: dict[str, Tool], max_steps: int, max_tokens: int,
+                temperature: float, seed: int | None, confirm: Callable[[str, str], bool] | None,
+                record: Callable[[dict], None]) -> tuple[str | None, int] | None:
+    """The loop with native tool calls: (answer, steps), or None if the model cannot call tools.
+    Tool results go back as `tool` messages, which templates fence with tokens text cannot forge."""
+    specs = [t.spec() for t in tools.values()]
+    messages: list[dict] = [{"role": "user", "content": task}]
+    for step in range(1, max_steps + 1):
+        message = generator.chat_tools(messages, specs, max_tokens=max_tokens, temperature=temperature, seed=seed)
+        if message is None:
+            return None
+        calls = message.get("tool_calls") or []
+        shown = "\n".join(f"{c['function']['name']}({c['function']['arguments']})" for c in calls)
+        record({"event": "model", "step": step, "text": (message.get("content") or "") + shown})
+        if not calls:
+            answer = (message.get("content") or "").strip()
+            record({"event": "final", "step": step, "answer": answer})
+            return answer, step
+        messages.append(message)
+        for call in calls:
+            name, value = _call_input(call, tools)
+            if name in tools and value is None:
+                observation = f'error: call {name} with {{"{tools[name].param}": "..."}}'
+                record({"event": "invalid", "step": step, "observation": observation})
+            else:  # an unknown tool is refused there
+                observation = _act("action", name, value or "", tools, confirm, record, step)
+            messages.append({"role": "tool", "tool_call_id": call["id"], "content": observation})
+    record({"event": "stopped", "step": max_steps, "reason": f"no answer after {max_steps} steps"})
+    return None, max_steps
+
+
+def _call_input(call: dict, tools: dict[str, Tool]) -> tuple[str, str | None]:
+    """A native call's tool name and its one string argument (None if the arguments lack it)."""
+    fn = call.get("function") or {}
+    name = str(fn.get("name", ""))[:200]
+    try:
+        args = json.loads(fn.get("arguments") or "{}")
+    except (TypeError, ValueError):
+        return name, None
+    value = args.get(tools[name].param) if name in tools and isinstance(args, dict) else None
+    return name, value if isinstance(value, str) else None
 
 
 def _act(kind: str, name: str | None, value: str | None, tools: dict[str, Tool],

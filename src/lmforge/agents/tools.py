@@ -31,6 +31,14 @@ class Tool:
     name: str
     description: str
     run: Callable[[str], str]
+    param: str = "input"  # the one string argument, when the model calls the tool natively
+
+    def spec(self) -> dict:
+        """The tool in OpenAI's `tools` shape: one required string argument."""
+        params = {"type": "object", "properties": {self.param: {"type": "string", "maxLength": MAX_INPUT}},
+                  "required": [self.param], "additionalProperties": False}
+        return {"type": "function", "function": {"name": self.name, "description": self.description,
+                                                 "parameters": params}}
 
 
 _BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
@@ -136,12 +144,12 @@ def make_tools(spec: str, device: str = "auto") -> dict[str, Tool]:
         if name in tools:
             raise LMForgeError(f"--tools names {name!r} twice")
         if name == "calculator" and not where:
-            tools[name] = Tool(name, "evaluates arithmetic, e.g. 1234 * 5678 or (2 + 3) ** 4", calculate)
+            tools[name] = Tool(name, "evaluates arithmetic, e.g. 1234 * 5678 or (2 + 3) ** 4", calculate, "expression")
         elif name == "search" and where:
-            tools[name] = Tool(name, "searches the documents; the input is a query", searcher(where, device))
+            tools[name] = Tool(name, "searches the documents; the input is a query", searcher(where, device), "query")
         elif name == "read" and where:
             tools[name] = Tool(name, "reads a file; the input is a path relative to the document folder",
-                               reader(where))
+                               reader(where), "path")
         else:
             raise LMForgeError(f"unknown tool {item!r}: the tools are calculator, search:INDEX and read:DIR")
     if not tools:

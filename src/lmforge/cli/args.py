@@ -37,6 +37,9 @@ class GenerateArgs(SamplingArgs):
     num_samples: int = arg(1, "how many completions to generate (seeds seed, seed+1, ...)", short="-n", ge=1)
     echo: bool = arg(True, "print the prompt before the completion")
     quantize: str | None = arg(None, QUANTIZE_HELP, choices=["int8"])
+    json_schema: str | None = arg(None, "a JSON Schema file: the output is JSON that validates against it (the "
+                                  "grammar guarantees it, even for an untrained model)")
+    regex: str | None = arg(None, "the output matches this regular expression, e.g. '[0-9]{3}-[0-9]{4}'")
 
 
 @dataclass

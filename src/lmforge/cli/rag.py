@@ -161,15 +161,19 @@ def _print_piece(text: str) -> None:
 
 @dataclass
 class AgentArgs(GeneratorArgs):
-    """Solve a task with tools in a ReAct loop (Thought / Action / Action Input / Observation ...
-    Final Answer). Only the tools named in --tools exist; tool results go back to the model fenced
-    as data. There is no shell tool."""
+    """Solve a task with tools. A model tuned on tool calls calls them natively (OpenAI's tool_calls);
+    others run a ReAct loop in text (Thought / Action / Action Input / Observation ... Final Answer).
+    Only the tools named in --tools exist; tool results go back to the model fenced as data. There is
+    no shell tool."""
 
     task: str = arg(None, "what to do", positional=True)
     tools: str = arg("calculator", "allowed tools, comma-separated: calculator, search:INDEX, read:DIR")
     max_steps: int = arg(8, "most model steps before giving up", ge=1)
     confirm: bool = arg(False, "ask before each tool call (answer y to run it)")
     log: str | None = arg(None, "write the transcript to this .jsonl file")
+    tool_format: str = arg("auto", "native: OpenAI tool calls; react: the text loop; auto: native for a local "
+                           "model tuned on tool calls (or whose chat template takes tools), react otherwise",
+                           choices=["auto", "native", "react"])
 
 
 def agent(ns) -> None:
@@ -191,7 +195,7 @@ def agent(ns) -> None:
 
     try:
         result = run_agent(generator, a.task, tools, a.max_steps, a.max_tokens, a.temperature, a.seed,
-                           _ask_human if a.confirm else None, show)
+                           _ask_human if a.confirm else None, show, tool_format=a.tool_format)
     finally:
         if a.log:
             atomic_write(a.log, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in transcript))

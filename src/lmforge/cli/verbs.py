@@ -81,6 +81,17 @@ def finetune_instruct(ns) -> None:
     print_summary(finetune_instruct(cfg), ("step", "tokens", "loss", "val_loss"))
 
 
+def read_json_file(path: str, flag: str) -> object:
+    """A JSON file a flag names, or a one-line error."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except OSError as e:
+        raise LMForgeError(f"{flag}: cannot read {path} ({e.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LMForgeError(f"{flag}: {path} is not valid JSON ({e})") from None
+
+
 def generate(ns) -> None:
     a = from_namespace(GenerateArgs, ns)
 
@@ -88,8 +99,13 @@ def generate(ns) -> None:
     from ..inference.generate import Picked, prepare_prompt
     prompt = read_text_arg(a.prompt, "prompt")
     stops = [unescape(s) for s in a.stop]
+    schema = read_json_file(a.json_schema, "--json-schema") if a.json_schema else None
     lm = load(a.model_dir, device=a.device, quantize=a.quantize)
     lm.check_generates()
+    try:  # before any output: a bad schema fails first
+        grammar = lm.grammar(json_schema=schema, regex=a.regex)
+    except LMForgeError as e:
+        raise LMForgeError(f"{'--json-schema' if schema is not None else '--regex'}: cannot enforce it: {e}") from None
     ids, note = prepare_prompt(lm.tokenizer, lm.config, prompt, a.max_new_tokens, a.truncate)  # before any output
     if note:
         print(f"warning: {note}", file=sys.stderr)
@@ -106,13 +122,13 @@ def generate(ns) -> None:
             out.write(f"--- sample {i + 1} ---\n")
         if a.top_candidates:
             text = lm.generate(prompt, prompt_ids=ids, seed=seed, stop=stops, top_candidates=a.top_candidates,
-                               on_candidates=show, **sampling(a))
+                               on_candidates=show, grammar=grammar, **sampling(a))
             out.write(f"\n{prompt if a.echo else ''}{text}\n")
             continue
         if a.echo:
             out.write(prompt)
         lm.generate(prompt, prompt_ids=ids, seed=seed, stop=stops, stream=lambda s: (out.write(s), out.flush()),
-                    **sampling(a))
+                    grammar=grammar, **sampling(a))
         out.write("\n")
 
 

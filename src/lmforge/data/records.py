@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..core.errors import LMForgeError
 from ..text.templates import validate_messages
+from ..text.toolcalls import parse_tools
 
 
 def read_records(path: str | Path) -> list[tuple[int, dict]]:
@@ -72,7 +73,9 @@ def read_labelled(path: str | Path, text_field: str, label_field: str | None) ->
 
 
 def read_instructions(path: str | Path) -> list[list[dict]]:
-    """Conversations (lists of messages) from Alpaca- or chat-style records."""
+    """Conversations (lists of messages) from Alpaca- or chat-style records. A chat record may hold
+    OpenAI-format `tools`, assistant `tool_calls` and `tool` messages; its tools ride on its first
+    message (key "tools"), where `Template.render` finds them."""
     out = []
     for lineno, r in read_records(path):
         where = f"{path}:{lineno}"
@@ -82,6 +85,8 @@ def read_instructions(path: str | Path) -> list[list[dict]]:
             messages = validate_messages(r["messages"], where)
             if not any(m["role"] == "assistant" for m in messages):
                 raise LMForgeError(f"{where}: the conversation has no assistant message to learn from")
+            if r.get("tools"):  # OpenAI-format tool use: the conversation carries the tools it offered
+                messages[0]["tools"] = parse_tools(r["tools"], f"{where}: tools")
         elif "instruction" in r:
             if "output" not in r:
                 raise LMForgeError(f"{where}: record has no 'output'")

@@ -8,7 +8,9 @@ from typing import TextIO
 from ..core.errors import LMForgeError
 from ..formats.load import Loaded
 from ..text.templates import encode_segments, template_from_json
+from ..text.toolcalls import call_grammar, closed, normalize_messages, parse_tool_choice, parse_tools, split_calls
 from .generate import generate_text
+from .grammar import Compiler, Grammar, json_schema_grammar, lark_grammar, regex_grammar
 from .sampling import validate_sampling
 
 HELP = "commands: /reset (forget the conversation), /exit (quit)"
@@ -21,10 +23,56 @@ def chat_setup(lm: Loaded):
     return template, set(template.stop_tokens(lm.tokenizer)) | lm.stop_ids()
 
 
-def chat_ids(lm: Loaded, template, messages: list[dict]) -> list[int]:
-    """Prompt ids for `messages`, ending where the assistant's answer begins."""
-    ids, _ = encode_segments(lm.tokenizer, template.render(messages, lm.tokenizer, add_generation_prompt=True))
+def chat_ids(lm: Loaded, template, messages: list[dict], tools: list | None = None) -> list[int]:
+    """Prompt ids for `messages` (offering `tools`, if any), ending where the assistant's answer begins."""
+    ids, _ = encode_segments(lm.tokenizer, template.render(messages, lm.tokenizer, add_generation_prompt=True,
+                                                           tools=tools))
     return ids
+
+
+def grammar_for(lm: Loaded, json_schema: dict | None = None, regex: str | None = None,
+                lark: str | None = None) -> Grammar | None:
+    """One of a JSON schema (its objects closed), a regex or a Lark grammar, compiled for `lm` and
+    cached on it; None when none is given."""
+    given = [g for g in (json_schema, regex, lark) if g is not None]
+    if len(given) > 1:
+        raise LMForgeError("give one of json_schema, regex and lark")
+    if not given:
+        return None
+    if getattr(lm, "_grammars", None) is None:
+        stop = set(lm.stop_ids()) | (set(chat_setup(lm)[1]) if lm.kind.generates else set())
+        lm._grammars = Compiler(lm.tokenizer, lm.config.vocab_size, sorted(stop))
+    text = (json_schema_grammar(closed(json_schema)) if json_schema is not None
+            else regex_grammar(regex) if regex is not None else lark_grammar(lark))
+    return lm._grammars.compile(text)
+
+
+def reply(lm: Loaded, messages: list[dict], *, tools: list[dict] | None = None, tool_choice: object = None,
+          parallel_tool_calls: bool = True, json_schema: dict | None = None, max_new_tokens: int = 256,
+          temperature: float = 0.7, **sampling) -> dict:
+    """The assistant's reply to OpenAI-format `messages` as OpenAI's message object (with
+    "tool_calls" when it called any of `tools`): what `lmforge serve` answers, without a server."""
+    template, stop = chat_setup(lm)
+    fns = parse_tools(tools) if tools else []
+    choice = parse_tool_choice(tool_choice, fns)
+    markers = template.tool_markers() if choice != "none" else None
+    if choice != "none" and markers is None:
+        raise LMForgeError(f"this model's {template.name} chat template cannot express tool calls")
+    if markers is not None:
+        answer = closed(json_schema) if json_schema is not None else None
+        grammar = grammar_for(lm, lark=call_grammar(fns, choice, parallel_tool_calls, markers, lm.tokenizer, answer))
+    else:
+        grammar = grammar_for(lm, json_schema=json_schema)
+    ids = chat_ids(lm, template, normalize_messages(messages), fns if markers else None)
+    room = lm.config.context_length - len(ids)
+    if room < 1:
+        raise LMForgeError(f"the conversation is {len(ids)} tokens; the model's context is {lm.config.context_length}")
+    text = generate_text(lm.model, lm.tokenizer, "", prompt_ids=ids, max_new_tokens=min(max_new_tokens, room),
+                         temperature=temperature, stop_ids=stop, grammar=grammar, **sampling)
+    content, calls = split_calls(text, markers, fns) if markers is not None else (text, [])
+    if not calls:
+        return {"role": "assistant", "content": text}
+    return {"role": "assistant", "content": content or None, "tool_calls": [c.to_json() for c in calls]}
 
 
 def fit_history(lm: Loaded, template, history: list[dict], reserve: int) -> list[int]:

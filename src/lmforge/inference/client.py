@@ -15,7 +15,8 @@ from urllib.parse import urlsplit
 
 from ..core.errors import LMForgeError
 from ..formats.load import Loaded
-from .chat import chat_ids, chat_setup
+from ..text.templates import template_from_json
+from .chat import chat_ids, chat_setup, reply
 from .generate import generate_text
 
 MAX_TEXT = 1_000_000  # characters: a server's answer is untrusted, and a runaway one is cut off
@@ -34,6 +35,12 @@ class Generator(Protocol):
              stop: Sequence[str] = (), seed: int | None = None,
              on_text: Callable[[str], None] | None = None) -> str: ...
 
+    def chat_tools(self, messages: list[dict], tools: list[dict], *, max_tokens: int = 256,
+                   temperature: float = 0.0, seed: int | None = None) -> dict | None:
+        """The assistant's message (OpenAI's shape, "tool_calls" included) to `messages` with
+        OpenAI `tools` offered; None when the model cannot call tools natively."""
+        ...
+
 
 class LocalGenerator:
     """A loaded decoder (`formats.load.load_model`) behind the `Generator` interface. `max_tokens`
@@ -44,6 +51,13 @@ class LocalGenerator:
             raise LMForgeError(f"{lm.path} is a {lm.kind}, not a model that generates text")
         self.lm, self.name = lm, str(lm.path)
         self._chat = None  # (template, stop ids), built on first use: base models have no chat format
+
+    @property
+    def native_tools(self) -> bool:
+        """Whether the model was made for native tool calls: tuned on them (`finetune instruct` on
+        records with tools), or its own chat template takes tools."""
+        template = template_from_json(self.lm.meta.get("chat_template"), self.lm.tokenizer)
+        return bool(self.lm.meta.get("tool_calls")) or template.name == "jinja" and template.tool_markers() is not None
 
     def _run(self, ids: list[int], stop_ids: set[int], max_tokens: int, temperature: float, stop: Sequence[str],
              seed: int | None, on_text: Callable[[str], None] | None) -> str:
@@ -69,6 +83,14 @@ class LocalGenerator:
         return self._run(chat_ids(self.lm, template, messages), stop_ids, max_tokens, temperature, stop, seed,
                          on_text)
 
+    def chat_tools(self, messages: list[dict], tools: list[dict], *, max_tokens: int = 256,
+                   temperature: float = 0.0, seed: int | None = None) -> dict | None:
+        if self._chat is None:
+            self._chat = chat_setup(self.lm)
+        if self._chat[0].tool_markers() is None:
+            return None
+        return reply(self.lm, messages, tools=tools, max_new_tokens=max_tokens, temperature=temperature, seed=seed)
+
 
 def api_base(url: str) -> str:
     """`http://host:port` or `http://host:port/v1` -> the API root ending in /v1 (as OpenAI's clients
@@ -83,6 +105,8 @@ def api_base(url: str) -> str:
 class RemoteGenerator:
     """An OpenAI-compatible server. `model` None asks the server for its first model; `timeout`
     bounds every wait (connecting, and each gap between streamed pieces)."""
+
+    native_tools = False  # a server does not say what its model was tuned on: native tools on request only
 
     def __init__(self, url: str, model: str | None = None, api_key: str | None = None, timeout: float = 60.0) -> None:
         import httpx
@@ -165,6 +189,27 @@ class RemoteGenerator:
              stop: Sequence[str] = (), seed: int | None = None, on_text: Callable[[str], None] | None = None) -> str:
         return self._generate("/chat/completions", _body(messages=messages, max_tokens=max_tokens,
                                                          temperature=temperature, stop=stop, seed=seed), on_text)
+
+    def chat_tools(self, messages: list[dict], tools: list[dict], *, max_tokens: int = 256,
+                   temperature: float = 0.0, seed: int | None = None) -> dict | None:
+        body = _body(model=self.name, messages=messages, tools=tools, max_tokens=max_tokens, temperature=temperature,
+                     stop=(), seed=seed)
+        try:
+            data = self._call("POST", "/chat/completions", body)
+        except LMForgeError as e:
+            if "answered 400" in str(e) and "tool" in str(e):  # this server cannot: the ReAct text loop instead
+                return None
+            raise
+        try:
+            message = data["choices"][0]["message"]
+        except (KeyError, IndexError, TypeError):
+            raise LMForgeError(f"{self.base}/chat/completions answered without a choice") from None
+        content = message.get("content")
+        calls = message.get("tool_calls") or []
+        if not isinstance(calls, list) or not (content is None or isinstance(content, str)):
+            raise LMForgeError(f"{self.base}/chat/completions answered a malformed message")
+        return {"role": "assistant", "content": (content or "")[:MAX_TEXT] or None, "tool_calls": calls[:16]} \
+            if calls else {"role": "assistant", "content": (content or "")[:MAX_TEXT]}
 
     def close(self) -> None:
         self.http.close()

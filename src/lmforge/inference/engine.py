@@ -30,13 +30,16 @@ from ..core.runtime import autocast
 from ..models.blas import blas_matmuls
 from ..models.quant import Int8Linear
 from ..models.transformer import InferenceLinear, KVCache, Transformer
+from .grammar import Grammar, allowed_tokens
 from .sampling import filter_probs, penalize_counts, penalize_repeats, validate_sampling
 
 
 @dataclass
 class Request:
     """One prompt and its own sampling settings. max_tokens None: as many as fit in the context;
-    seed: sample i of n uses seed + i; logprobs K > 0 adds the top-K candidates at each step."""
+    seed: sample i of n uses seed + i; logprobs K > 0 adds the top-K candidates at each step;
+    grammar: only tokens it allows are drawn, and the sample ends when it is complete;
+    logit_bias: {token id: value added to its logit} (OpenAI's, -100..100)."""
 
     prompt: list[int]
     max_tokens: int | None = None
@@ -50,6 +53,8 @@ class Request:
     stop: Collection[int] = ()
     logprobs: int = 0
     n: int = 1
+    grammar: Grammar | None = None
+    logit_bias: dict[int, float] | None = None
 
 
 @dataclass
@@ -146,6 +151,7 @@ class _Seq:
         self.gen = torch.Generator().manual_seed(r.seed + index) if r.seed is not None else None
         self.greedy = r.temperature <= 0
         self.seen = self.counts = None
+        self.matcher = r.grammar.matcher() if r.grammar is not None else None
         if r.repetition_penalty != 1.0:  # tokens already in the text (prompt included)
             self.seen = torch.zeros(handle.engine.vocab, dtype=torch.bool, device=device)
             self.seen[torch.tensor(r.prompt, device=device)] = True
@@ -226,6 +232,10 @@ class Engine:
             raise LMForgeError(f"n={r.n} exceeds the engine's {self.slots} slots")
         if r.logprobs < 0:
             raise LMForgeError(f"logprobs must be >= 0 (got {r.logprobs})")
+        for t, v in (r.logit_bias or {}).items():
+            if not 0 <= t < self.vocab or not -100 <= v <= 100:
+                raise LMForgeError(f"logit_bias maps token ids 0..{self.vocab - 1} to values in -100..100 "
+                                   f"(got {t}: {v})")
 
     def submit(self, request: Request) -> Handle:
         """Queue a request (from any thread); it joins the batch at the next step."""
@@ -434,6 +444,8 @@ class Engine:
     def _sample(self, seqs: list[_Seq], logits: torch.Tensor, rows: list[int]) -> None:
         """Draw each sample's next token from its row of `logits`, emit it, finish what ended."""
         logits = logits.float()
+        if any(s.matcher is not None or s.r.logit_bias for s in seqs):  # unconstrained batches skip this
+            logits, rows = self._shape(seqs, logits, rows), list(range(len(seqs)))
         greedy = [(s, r) for s, r in zip(seqs, rows) if s.greedy]
         picks: dict[int, tuple[int, float, int, list]] = {}
         if greedy:  # all greedy rows at once, on the device: one small transfer, no vocab-sized one
@@ -488,6 +500,9 @@ class Engine:
             if t in s.r.stop:
                 self._finish(s, "stop")
                 continue
+            if s.matcher is not None and not s.matcher.consume_token(t):  # masked out, so never expected
+                self._finish(s, "error", f"the grammar refused token {t}: {s.matcher.get_error()}")
+                continue
             # the candidate entry's own value, so the picked token and its row in `top` agree exactly
             lp = next((v for i, v in top if i == t), None)
             self._emit(s.handle, Event(s.index, t, lp if lp is not None else math.log(q) if q > 0 else -math.inf,
@@ -495,8 +510,24 @@ class Engine:
             s.emitted += 1
             s.last = t
             s.record(t)
-            if s.emitted >= (s.r.max_tokens or self.max_len - len(s.r.prompt)):
+            if s.matcher is not None and s.matcher.is_stopped():  # the grammar is complete: nothing may follow
+                self._finish(s, "stop")
+            elif s.emitted >= (s.r.max_tokens or self.max_len - len(s.r.prompt)):
                 self._finish(s, "length")
+
+    def _shape(self, seqs: list[_Seq], logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """One row per sample, with its logit bias added and what its grammar forbids at -inf.
+        (Rows are copied: samples of one prompt share a prefill row but not their constraints.)"""
+        logits = logits[rows]
+        for i, s in enumerate(seqs):
+            if s.r.logit_bias:
+                ids = torch.tensor(list(s.r.logit_bias), device=logits.device)
+                logits[i, ids] += torch.tensor(list(s.r.logit_bias.values()), device=logits.device)
+        ruled = [i for i, s in enumerate(seqs) if s.matcher is not None]
+        if ruled:
+            allowed = allowed_tokens([seqs[i].matcher for i in ruled], self.vocab).to(logits.device)
+            logits[ruled] = logits[ruled].masked_fill(~allowed, -math.inf)
+        return logits
 
     def _finish(self, seq: _Seq, reason: str, error: str | None = None) -> None:
         del self._active[seq.slot]

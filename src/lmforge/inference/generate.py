@@ -22,6 +22,7 @@ from ..models.config import ModelConfig
 from ..models.transformer import Transformer
 from ..text.tokenizer import Tokenizer
 from .engine import Engine, Event, Request
+from .grammar import Grammar
 from .sampling import filter_probs, penalize_repeats, validate_sampling
 from .textstream import TextStream
 
@@ -128,7 +129,7 @@ def generate_text(model: Transformer, tokenizer: Tokenizer, prompt: str, *, max_
                   repetition_penalty: float = 1.0, stream: Callable[[str], None] | None = None, top_candidates: int = 0,
                   on_candidates: Callable[[int, list[tuple[str, float]], Picked], None] | None = None,
                   prompt_ids: list[int] | None = None, truncate: str | None = None,
-                  presence_penalty: float = 0.0, frequency_penalty: float = 0.0) -> str:
+                  presence_penalty: float = 0.0, frequency_penalty: float = 0.0, grammar: Grammar | None = None) -> str:
     """The completion of `prompt` (without the prompt), streamed piecewise to `stream` if given.
 
     Generation ends at an end-of-text token, at a `stop` string (not included), or after
@@ -136,7 +137,8 @@ def generate_text(model: Transformer, tokenizer: Tokenizer, prompt: str, *, max_
     `on_candidates(step, [(token, prob)...], picked)` sees the K most likely next tokens of the
     distribution each token was drawn from, and the `Picked` token with its rank there (it may lie
     outside the K shown). `prompt_ids` (e.g. from `prepare_prompt`) replace encoding `prompt`;
-    otherwise `truncate` is passed to `prepare_prompt` and a cut is reported on stderr.
+    otherwise `truncate` is passed to `prepare_prompt` and a cut is reported on stderr. With a
+    `grammar` (from `LM.grammar`), only text it allows is drawn, and generation ends when it is complete.
     """
     validate_sampling(temperature, top_k, top_p, repetition_penalty, max_new_tokens,
                       presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
@@ -156,7 +158,7 @@ def generate_text(model: Transformer, tokenizer: Tokenizer, prompt: str, *, max_
     want = top_candidates if on_candidates is not None else 0
     engine = Engine(model, slots=1, max_len=len(ids) + max_new_tokens)
     handle = engine.submit(Request(ids, max_new_tokens, temperature, top_k, top_p, seed, repetition_penalty,
-                                   presence_penalty, frequency_penalty, stop=end, logprobs=want))
+                                   presence_penalty, frequency_penalty, stop=end, logprobs=want, grammar=grammar))
     out = TextStream(tokenizer, stops)
     for event in handle:
         if event.finish_reason is not None:

@@ -1,8 +1,10 @@
 """`lmforge serve`: an OpenAI-compatible HTTP API over the shared inference engine.
 
-Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions,
-POST /v1/embeddings (encoders), POST /tokenize, GET /metrics (Prometheus text), and for the chat
-page at GET /: GET /v1/lmforge/config and POST /v1/lmforge/feedback (compare-mode votes).
+Endpoints: GET /health, GET /v1/models[/{id}], POST /v1/completions, POST /v1/chat/completions
+(tools, response_format), POST /v1/responses (stateless), POST /v1/embeddings (encoders),
+POST /tokenize, GET /metrics (Prometheus text), and for the chat page at GET /:
+GET /v1/lmforge/config and POST /v1/lmforge/feedback (compare-mode votes). Unknown paths and
+methods get OpenAI-shaped 404s and 405s.
 Bodies are untrusted: size-limited (413), validated field by field (400 naming the field), and
 answered with OpenAI's error shape. An API key, when set, is compared in constant time (401).
 """
@@ -17,11 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
 
 from ..formats.load import Loaded
 from .generation import Backend
 from .protocol import APIError, check_fields, parse_messages
+from .responses import stream_events, to_chat, to_response
 
 OPEN_PATHS = {"/health", "/", "/favicon.ico"}  # the page itself holds nothing; its API calls carry the key
 PAGE = Path(__file__).with_name("static") / "chat.html"
@@ -119,8 +123,20 @@ def create_app(lm: Loaded, cfg: ServeConfig, backend: Backend) -> FastAPI:
     async def api_error(request: Request, e: APIError):
         return error_response(e)
 
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException):  # FastAPI's own 404/405, in OpenAI's shape
+        what = {404: f"no such endpoint: {request.method} {request.url.path}",
+                405: f"method {request.method} is not allowed on {request.url.path}"}.get(e.status_code, str(e.detail))
+        response = error_response(APIError(e.status_code, what, code={404: "not_found", 405: "method_not_allowed"}
+                                           .get(e.status_code)))
+        for k, v in (e.headers or {}).items():  # e.g. 405's Allow
+            response.headers[k] = v
+        return response
+
     async def body_of(request: Request, allowed: set[str]) -> dict:
-        body = check_fields(await read_json(request, cfg.max_body), allowed)
+        return known_model(check_fields(await read_json(request, cfg.max_body), allowed))
+
+    def known_model(body: dict) -> dict:
         model = body.get("model")
         if model is not None and model != cfg.model_name:
             raise APIError(400, f"unknown model {model!r} (this server has {cfg.model_name!r})", param="model",
@@ -135,6 +151,13 @@ def create_app(lm: Loaded, cfg: ServeConfig, backend: Backend) -> FastAPI:
     async def models():
         return {"object": "list", "data": [{"id": cfg.model_name, "object": "model", "created": int(started),
                                             "owned_by": "lmforge"}]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        if model_id != cfg.model_name:
+            raise APIError(404, f"unknown model {model_id!r} (this server has {cfg.model_name!r})", param="model",
+                           code="model_not_found")
+        return {"id": cfg.model_name, "object": "model", "created": int(started), "owned_by": "lmforge"}
 
     @app.post("/tokenize")
     async def tokenize(request: Request):
@@ -154,6 +177,20 @@ def create_app(lm: Loaded, cfg: ServeConfig, backend: Backend) -> FastAPI:
     async def chat_completions(request: Request):
         body = await body_of(request, backend.chat_fields)
         return await backend.chat(body, request)
+
+    @app.post("/v1/responses")
+    async def responses(request: Request):
+        """The Responses API, stateless: translated to a chat completion and back."""
+        raw = await read_json(request, cfg.max_body)
+        chat = to_chat(raw)
+        body = known_model(check_fields(chat, backend.chat_fields))
+        result = await backend.chat(body, request, raw=True)
+        if isinstance(result, Response):  # the client went away
+            return result
+        if isinstance(result, dict):
+            return JSONResponse(to_response(result, raw))
+        return StreamingResponse(stream_events(result, raw), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request):

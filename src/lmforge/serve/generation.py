@@ -21,12 +21,25 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..core.errors import LMForgeError
 from ..formats.load import Loaded
-from ..inference.chat import chat_ids
+from ..inference.chat import chat_ids, grammar_for
 from ..inference.engine import Engine, Event, Handle
 from ..inference.engine import Request as EngineRequest
+from ..inference.grammar import Grammar
 from ..inference.textstream import TextStream
 from ..text.templates import template_from_json
-from .protocol import CHAT_FIELDS, COMPLETION_FIELDS, APIError, Sampling, parse_messages, parse_prompt, parse_sampling
+from ..text.toolcalls import CallStream, Markers, Tool, call_grammar, parse_tool_choice, parse_tools, split_calls
+from .protocol import (
+    CHAT_FIELDS,
+    COMPLETION_FIELDS,
+    APIError,
+    Sampling,
+    bad,
+    parse_logit_bias,
+    parse_messages,
+    parse_prompt,
+    parse_response_format,
+    parse_sampling,
+)
 
 
 @dataclass
@@ -39,6 +52,16 @@ class Piece:
     logprobs: list[dict] = field(default_factory=list)
     tokens: int = 0
     finish: str | None = None
+
+
+@dataclass
+class Shape:
+    """What constrains a request's output, and for tool calls how to read them back out of it."""
+
+    grammar: Grammar | None = None
+    tools: list[Tool] = field(default_factory=list)
+    markers: Markers | None = None  # set when the output may hold tool calls
+    logit_bias: dict[int, float] | None = None
 
 
 class Metrics:
@@ -77,20 +100,63 @@ class Backend:
         if body.get("echo"):
             raise APIError(400, "unsupported field 'echo'", param="echo", code="unsupported_parameter")
         ids = self.lm.tokenizer.encode(prompt, add_special_tokens=True)
-        return await self._respond(ids, s, request, chat=False)
+        shape = await self._shape(body, chat=False)
+        return await self._respond(ids, s, request, chat=False, shape=shape)
 
-    async def chat(self, body: dict, request: Request):
+    async def chat(self, body: dict, request: Request, raw: bool = False):
+        """A chat completion: a Response, or with `raw` the response dict (or an async iterator of
+        chunk dicts when streaming), for endpoints that translate it (/v1/responses)."""
         self._require_decoder()
         s = parse_sampling(body, chat=True)
         messages = parse_messages(body)
+        shape = await self._shape(body, chat=True)
         try:
             self.template.check(self.lm.tokenizer)
-            ids = chat_ids(self.lm, self.template, messages)
+            ids = chat_ids(self.lm, self.template, messages, shape.tools if shape.markers else None)
         except LMForgeError as e:
             raise APIError(400, str(e), param="messages") from None
-        return await self._respond(ids, s, request, chat=True)
+        return await self._respond(ids, s, request, chat=True, shape=shape, raw=raw)
 
-    def _engine_request(self, ids: list[int], s: Sampling, chat: bool) -> EngineRequest:
+    # -- constraints ---------------------------------------------------------------------------------
+    async def _shape(self, body: dict, chat: bool) -> Shape:
+        """The grammar for `response_format` and `tools`/`tool_choice`, compiled (cached) off the loop."""
+        schema = parse_response_format(body)
+        bias = parse_logit_bias(body)
+        tools: list[Tool] = []
+        choice, parallel = "none", True
+        if chat:
+            try:
+                tools = parse_tools(body["tools"]) if body.get("tools") else []
+            except LMForgeError as e:
+                raise bad("tools", str(e)) from None
+            try:
+                choice = parse_tool_choice(body.get("tool_choice"), tools)
+            except LMForgeError as e:
+                raise bad("tool_choice", str(e)) from None
+            parallel = body.get("parallel_tool_calls")
+            if parallel is not None and not isinstance(parallel, bool):
+                raise bad("parallel_tool_calls", "'parallel_tool_calls' must be true or false")
+            parallel = parallel is not False
+        if choice == "none":  # no tools offered: a schema, or free text
+            if schema is None:
+                return Shape(logit_bias=bias)
+            return Shape(await self._compile("response_format", json_schema=schema), logit_bias=bias)
+        markers = self.template.tool_markers()
+        if markers is None:
+            raise bad("tools", f"this model's {self.template.name} chat template cannot express tool calls (chatml "
+                               "and templates with Hermes-style <tool_call> markers can)")
+        lark = call_grammar(tools, choice, parallel, markers, self.lm.tokenizer, answer=schema)
+        grammar = await self._compile("tools", lark=lark)
+        return Shape(grammar, tools, markers, bias)
+
+    async def _compile(self, param: str, **grammar) -> Grammar:
+        try:  # in a thread: a large schema must not stall every stream in flight
+            return await asyncio.to_thread(grammar_for, self.lm, **grammar)
+        except LMForgeError as e:
+            raise APIError(400, f"invalid or unsupported JSON schema: {e}", param=param, code="invalid_schema") \
+                from None
+
+    def _engine_request(self, ids: list[int], s: Sampling, chat: bool, shape: Shape) -> EngineRequest:
         if not ids:
             raise APIError(400, "the prompt is empty", param="prompt")
         room = self.ctx - len(ids)
@@ -108,15 +174,20 @@ class Backend:
                              top_p=s.top_p, seed=s.seed, repetition_penalty=s.repetition_penalty,
                              presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
                              stop=self.chat_stop_ids if chat else self.stop_ids,
-                             logprobs=s.top_logprobs if s.logprobs else 0, n=s.n)
+                             logprobs=s.top_logprobs if s.logprobs else 0, n=s.n, grammar=shape.grammar,
+                             logit_bias=shape.logit_bias)
 
-    async def _respond(self, ids: list[int], s: Sampling, request: Request, chat: bool):
-        req = self._engine_request(ids, s, chat)
+    async def _respond(self, ids: list[int], s: Sampling, request: Request, chat: bool, shape: Shape,
+                       raw: bool = False):
+        req = self._engine_request(ids, s, chat, shape)
         self.metrics.requests += 1
         self.metrics.prompt_tokens += len(ids)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         if s.stream:
-            return StreamingResponse(self._sse(rid, req, s, chat, len(ids)), media_type="text/event-stream",
+            chunks = self._chunks(rid, req, s, chat, len(ids), shape)
+            if raw:
+                return chunks
+            return StreamingResponse(_sse(chunks), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         texts = [""] * s.n
         logprobs: list[list[dict]] = [[] for _ in range(s.n)]
@@ -149,12 +220,12 @@ class Backend:
             raise APIError(500, f"generation failed: {e}", type="server_error") from None
         finally:
             self.metrics.completion_tokens += completion
-        choices = [self._choice(i, texts[i], logprobs[i] if s.logprobs else None, finish[i], chat)
+        choices = [self._choice(i, texts[i], logprobs[i] if s.logprobs else None, finish[i], chat, shape)
                    for i in range(s.n)]
         usage = {"prompt_tokens": len(ids), "completion_tokens": completion, "total_tokens": len(ids) + completion}
-        return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
-                             "created": int(time.time()), "model": self.model_name, "choices": choices,
-                             "usage": usage})
+        body = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+                "model": self.model_name, "choices": choices, "usage": usage}
+        return body if raw else JSONResponse(body)
 
     # -- engine events -> text --------------------------------------------------------------------------
     async def _choices(self, req: EngineRequest, s: Sampling) -> AsyncIterator[list[Piece]]:
@@ -206,26 +277,38 @@ class Backend:
         return {"token": tok.decode([e.token]), "logprob": _finite(e.logprob), "bytes": list(tok.raw_bytes(e.token)),
                 "top_logprobs": top}
 
-    def _choice(self, i: int, text: str, logprobs: list[dict] | None, finish: str | None, chat: bool) -> dict:
+    def _choice(self, i: int, text: str, logprobs: list[dict] | None, finish: str | None, chat: bool,
+                shape: Shape) -> dict:
         if chat:
             lp = {"content": logprobs} if logprobs is not None else None
-            return {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": lp,
-                    "finish_reason": finish}
+            message: dict = {"role": "assistant", "content": text}
+            if shape.markers is not None:
+                content, calls = split_calls(text, shape.markers, shape.tools)
+                if calls:
+                    message = {"role": "assistant", "content": content or None,
+                               "tool_calls": [c.to_json() for c in calls]}
+                    finish = "tool_calls" if finish == "stop" else finish
+            return {"index": i, "message": message, "logprobs": lp, "finish_reason": finish}
         lp = None
         if logprobs is not None:
             lp = {"tokens": [x["token"] for x in logprobs], "token_logprobs": [x["logprob"] for x in logprobs],
                   "top_logprobs": [{t["token"]: t["logprob"] for t in x["top_logprobs"]} for x in logprobs]}
         return {"index": i, "text": text, "logprobs": lp, "finish_reason": finish}
 
-    async def _sse(self, rid: str, req: EngineRequest, s: Sampling, chat: bool, prompt_tokens: int):
+    async def _chunks(self, rid: str, req: EngineRequest, s: Sampling, chat: bool, prompt_tokens: int,
+                      shape: Shape) -> AsyncIterator[dict]:
+        """The streamed response as chunk dicts (an error mid-stream becomes a last {"error": ...}).
+        With tools, text streams until a call may be starting; each call then comes whole, as one
+        `delta.tool_calls` entry, so the deltas assemble into exactly the non-streamed calls."""
         created, obj = int(time.time()), "chat.completion.chunk" if chat else "text_completion"
         completion = 0
+        calls = [CallStream(shape.markers, shape.tools) for _ in range(req.n)] if chat and shape.markers else None
 
-        def chunk(choices: list[dict], usage: dict | None = None) -> str:
+        def chunk(choices: list[dict], usage: dict | None = None) -> dict:
             body = {"id": rid, "object": obj, "created": created, "model": self.model_name, "choices": choices}
             if usage is not None:
                 body["usage"] = usage
-            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+            return body
 
         try:
             if chat:
@@ -235,23 +318,33 @@ class Backend:
                 async for batch in batches:  # what is ready goes out together: one chunk per choice
                     for p in batch:
                         completion += p.tokens
-                        if not p.text and p.finish is None and not p.logprobs:
-                            continue
                         lp = p.logprobs if s.logprobs else None
-                        if chat:
-                            c = {"index": p.index, "delta": {"content": p.text} if p.text else {},
-                                 "logprobs": {"content": lp} if lp else None, "finish_reason": p.finish}
-                        else:
-                            c = self._choice(p.index, p.text, lp, p.finish, chat=False)
-                        yield chunk([c])
+                        if not chat:
+                            if p.text or p.finish is not None or p.logprobs:
+                                yield chunk([self._choice(p.index, p.text, lp, p.finish, False, shape)])
+                            continue
+                        text, made, finish = p.text, [], p.finish
+                        if calls is not None:
+                            text = calls[p.index].add(p.text)
+                            if p.finish is not None:
+                                rest, made = calls[p.index].finish()
+                                text += rest
+                                finish = "tool_calls" if made and finish == "stop" else finish
+                        if text or lp:
+                            yield chunk([{"index": p.index, "delta": {"content": text} if text else {},
+                                          "logprobs": {"content": lp} if lp else None, "finish_reason": None}])
+                        if made:
+                            yield chunk([{"index": p.index, "delta": {"tool_calls": [
+                                {"index": k, **c.to_json()} for k, c in enumerate(made)]}, "logprobs": None,
+                                "finish_reason": None}])
+                        if finish is not None:
+                            yield chunk([{"index": p.index, "delta": {}, "logprobs": None, "finish_reason": finish}])
             if s.include_usage:
                 yield chunk([], {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                                  "total_tokens": prompt_tokens + completion})
-            yield "data: [DONE]\n\n"
         except Exception as e:  # mid-stream: the status line is gone, so the error travels as data
             self.metrics.errors += 1
-            err = APIError(500, f"generation failed: {e}", type="server_error")
-            yield f"data: {json.dumps(err.body())}\n\n"
+            yield APIError(500, f"generation failed: {e}", type="server_error").body()
         finally:
             self.metrics.completion_tokens += completion
 
@@ -291,6 +384,15 @@ class Backend:
                 ("lmforge_queue_depth", "gauge", waiting), ("lmforge_active_slots", "gauge", active),
                 ("lmforge_completion_tokens_per_second", "gauge", round(m.completion_tokens / max(uptime, 1e-9), 3))]
         return "".join(f"# TYPE {name} {kind}\n{name} {value}\n" for name, kind, value in rows)
+
+
+async def _sse(chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
+    async with contextlib.aclosing(chunks):
+        async for c in chunks:
+            yield f"data: {json.dumps(c, ensure_ascii=False)}\n\n"
+            if "error" in c:
+                return
+    yield "data: [DONE]\n\n"
 
 
 def _deliver(batch: list[tuple[Handle, Event]]) -> None:

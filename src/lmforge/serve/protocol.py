@@ -10,15 +10,22 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from ..core.errors import LMForgeError
+from ..text.toolcalls import closed, normalize_messages
+
 MAX_STOPS = 4  # as OpenAI
 MAX_N = 8
 MAX_TOP_LOGPROBS = 20
 
+# Fields that cannot change the output: accepted and ignored (`IGNORED` says which values qualify).
+IGNORED = {"user": None, "metadata": None, "store": None, "service_tier": None, "prediction": "null",
+           "reasoning_effort": None, "modalities": "text", "prompt_cache_key": None, "safety_identifier": None}
 COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n", "stream", "stream_options",
-          "presence_penalty", "frequency_penalty", "repetition_penalty", "user"}
+          "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "response_format"} | set(IGNORED)
 COMPLETION_FIELDS = COMMON | {"prompt", "logprobs", "echo"}
-CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}
-ROLES = ("system", "user", "assistant")
+CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "tools", "tool_choice",
+                        "parallel_tool_calls"}
+MAX_LOGIT_BIAS = 300  # entries, as OpenAI
 
 
 class APIError(Exception):
@@ -85,7 +92,51 @@ def check_fields(body: object, allowed: set[str]) -> dict:
     unknown = sorted(set(body) - allowed)
     if unknown:
         raise APIError(400, f"unsupported field '{unknown[0]}'", param=unknown[0], code="unsupported_parameter")
+    for name, only in IGNORED.items():  # ignored only where ignoring cannot change the answer
+        value = body.get(name)
+        if only == "null" and value is not None or only == "text" and value not in (None, ["text"]):
+            raise APIError(400, f"unsupported value of '{name}' (lmforge supports {only} only)", param=name,
+                           code="unsupported_parameter")
     return body
+
+
+def parse_response_format(body: dict) -> dict | None:
+    """The JSON schema the output must match (json_object: any object), or None for free text.
+    A json_schema's objects are closed unless they say otherwise (`closed`)."""
+    fmt = body.get("response_format")
+    if fmt is None:
+        return None
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "object"}
+    if kind != "json_schema" or not isinstance(fmt.get("json_schema"), dict):
+        raise bad("response_format", "'response_format' must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or "
+                  "{\"type\": \"json_schema\", \"json_schema\": {\"name\", \"schema\", \"strict\"}}")
+    spec = fmt["json_schema"]
+    if not isinstance(spec.get("name", ""), str) or not isinstance(spec.get("strict", False) or False, bool):
+        raise bad("response_format", "json_schema.name must be a string and json_schema.strict true or false")
+    schema = spec.get("schema", {"type": "object"})
+    if not isinstance(schema, dict):
+        raise bad("response_format", "json_schema.schema must be a JSON object")
+    return closed(schema)
+
+
+def parse_logit_bias(body: dict) -> dict[int, float] | None:
+    """OpenAI's logit_bias: {"token id": bias in -100..100}."""
+    bias = body.get("logit_bias")
+    if bias is None:
+        return None
+    if not isinstance(bias, dict) or len(bias) > MAX_LOGIT_BIAS:
+        raise bad("logit_bias", f"'logit_bias' must map up to {MAX_LOGIT_BIAS} token ids to numbers")
+    out = {}
+    for k, v in bias.items():
+        if not (isinstance(k, str) and k.isdigit()) or isinstance(v, bool) or not isinstance(v, (int, float)) \
+                or not -100 <= v <= 100:
+            raise bad("logit_bias", f"'logit_bias' maps token ids to numbers in -100..100 (got {k!r}: {v!r})")
+        out[int(k)] = float(v)
+    return out
 
 
 def parse_sampling(body: dict, chat: bool) -> Sampling:
@@ -150,20 +201,8 @@ def parse_prompt(body: dict) -> str:
 
 
 def parse_messages(body: dict) -> list[dict]:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise bad("messages", "'messages' must be a non-empty list")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
-            raise bad(f"messages[{i}]", f"messages[{i}] needs a role of {', '.join(ROLES)}")
-        content = m.get("content")
-        if isinstance(content, list):  # the content-parts form: text parts only
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):
-                raise bad(f"messages[{i}].content", "only text content parts are supported")
-            content = "".join(p["text"] for p in content)
-        if not isinstance(content, str):
-            raise bad(f"messages[{i}].content", f"messages[{i}].content must be a string")
-        out.append({"role": m["role"], "content": content})
-    return out
+    """The chat messages (OpenAI's shape: developer, tool calls and tool results included), validated."""
+    try:
+        return normalize_messages(body.get("messages"))
+    except LMForgeError as e:
+        raise bad("messages", str(e)) from None

@@ -8,12 +8,14 @@ content never does, so a user cannot forge a turn boundary by typing `<|im_end|>
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from functools import cached_property
 
 from ..core.errors import LMForgeError
 from .tokenizer import Tokenizer
+from .toolcalls import HERMES, NATIVE, Markers, Tool, normalize_messages, tools_prompt
 
 Segment = tuple[str, bool, bool]  # (text, trainable, markup)
 ROLES = ("system", "user", "assistant")
@@ -36,10 +38,30 @@ class Template:
     source: str = ""  # the Jinja text, for name == "jinja"
 
     # -- rendering ------------------------------------------------------------------------------
-    def render(self, messages: list[dict], tokenizer: Tokenizer, add_generation_prompt: bool = False) -> list[Segment]:
-        return getattr(self, f"_render_{self.name}")(messages, tokenizer, add_generation_prompt)
+    def render(self, messages: list[dict], tokenizer: Tokenizer, add_generation_prompt: bool = False,
+               tools: list[Tool] | None = None) -> list[Segment]:
+        """Segments for `messages` (with the functions in `tools` offered, if any). Assistant tool
+        calls are trainable like the words around them; tool results, like user turns, are not.
+        A conversation read from a record may carry its tools on its first message ("tools")."""
+        if tools is None and messages:
+            tools = messages[0].get("tools")
+        if self.name != "jinja":
+            tooled = tools or any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
+            if tooled and self.name != "chatml":
+                raise LMForgeError(f"the {self.name} template cannot express tool calls; use chatml or a model "
+                                   "whose chat template takes tools")
+            return getattr(self, f"_render_{self.name}")(messages, tokenizer, add_generation_prompt, tools)
+        return self._render_jinja(messages, tokenizer, add_generation_prompt, tools)
 
-    def _render_alpaca(self, messages, tokenizer, gen) -> list[Segment]:
+    def tool_markers(self) -> Markers | None:
+        """How this template's model writes a tool call (None: it cannot)."""
+        if self.name == "chatml":
+            return NATIVE
+        if self.name == "jinja" and "tools" in self.source and HERMES.open in self.source:
+            return HERMES
+        return None
+
+    def _render_alpaca(self, messages, tokenizer, gen, tools=None) -> list[Segment]:
         eot = tokenizer.id_to_token(tokenizer.eot_id)
         system = next((m["content"] for m in messages if m["role"] == "system"), None)
         segments: list[Segment] = []
@@ -56,12 +78,25 @@ class Template:
                 segments += [(m["content"], True, False), (eot, True, True)]
         return segments
 
-    def _render_chatml(self, messages, tokenizer, gen) -> list[Segment]:
+    def _render_chatml(self, messages, tokenizer, gen, tools=None) -> list[Segment]:
         segments: list[Segment] = []
+        if tools:  # the functions go in the system message, after its own text
+            system = messages[0]["content"] if messages and messages[0]["role"] == "system" else ""
+            messages = messages[1:] if messages and messages[0]["role"] == "system" else messages
+            segments += [("<|im_start|>system\n", False, True),
+                         ((system + "\n\n" if system else "") + tools_prompt(tools), False, False),
+                         ("<|im_end|>\n", False, True)]
         for m in messages:
             if m["role"] == "assistant":
-                segments += [("<|im_start|>assistant\n", False, True), (m["content"], True, False),
-                             ("<|im_end|>", True, True), ("\n", False, False)]
+                segments += [("<|im_start|>assistant\n", False, True), (m["content"], True, False)]
+                for c in m.get("tool_calls") or []:  # the JSON is plain text between special tokens
+                    call = {"name": c["function"]["name"], "arguments": c["function"]["arguments"]}
+                    segments += [(NATIVE.open, True, True), (json.dumps(call, ensure_ascii=False), True, False),
+                                 (NATIVE.close, True, True)]
+                segments += [("<|im_end|>", True, True), ("\n", False, False)]
+            elif m["role"] == "tool":  # untrusted: plain text fenced by special tokens it cannot forge
+                segments += [("<|im_start|>tool\n<|tool_result|>", False, True), (m["content"], False, False),
+                             ("<|/tool_result|><|im_end|>\n", False, True)]
             else:
                 content = user_text(m) if m["role"] == "user" else m["content"]
                 segments += [(f"<|im_start|>{m['role']}\n", False, True), (content, False, False),
@@ -70,30 +105,33 @@ class Template:
             segments.append(("<|im_start|>assistant\n", False, True))
         return segments
 
-    def _render_jinja(self, messages, tokenizer, gen) -> list[Segment]:
+    def _render_jinja(self, messages, tokenizer, gen, tools=None) -> list[Segment]:
         """The model's own chat template. Trainable spans come from rendering the conversation
         turn by turn: the text each assistant message adds is what the model must learn. Within
         every span, message content is plain text and only the template's own text is markup."""
-        msgs = [{"role": m["role"], "content": user_text(m) if m["role"] == "user" else m["content"]}
-                for m in messages]
+        msgs = [{**{k: v for k, v in m.items() if k in ("role", "content", "tool_calls", "tool_call_id")},
+                 "content": user_text(m) if m["role"] == "user" else m["content"]} for m in messages]
+        if tools or any(m.get("tool_calls") for m in msgs):
+            self._check_tool_text(tools, msgs, tokenizer)
+        fns = [t.to_json() for t in tools] if tools else None
         segments: list[Segment] = []
         done: list[Piece] = []
         for i, m in enumerate(msgs):
             if m["role"] != "assistant":
                 continue
-            prompt = self._jinja(msgs[:i], tokenizer, True)
-            full = self._jinja(msgs[:i + 1], tokenizer, False)
+            prompt = self._jinja(msgs[:i], tokenizer, True, fns)
+            full = self._jinja(msgs[:i + 1], tokenizer, False, fns)
             if not (_text(prompt).startswith(_text(done)) and _text(full).startswith(_text(prompt))):
                 raise LMForgeError("the model's chat_template does not render conversations incrementally, so "
                                    "the assistant's part cannot be isolated; use --template chatml or alpaca")
             segments += [(t, False, not c) for t, c in _cut(prompt, len(_text(done)))]
             segments += [(t, True, not c) for t, c in _cut(full, len(_text(prompt)))]
             done = full
-        rest = self._jinja(msgs, tokenizer, gen) if (gen or not segments) else done
+        rest = self._jinja(msgs, tokenizer, gen, fns) if (gen or not segments) else done
         segments += [(t, False, not c) for t, c in _cut(rest, len(_text(done)))]
         return segments
 
-    def _jinja(self, messages: list[dict], tokenizer: Tokenizer, gen: bool) -> list[Piece]:
+    def _jinja(self, messages: list[dict], tokenizer: Tokenizer, gen: bool, tools=None) -> list[Piece]:
         """The rendered conversation as (text, is_content) pieces.
 
         The template is rendered twice: with the real messages, and with each content replaced by a
@@ -101,10 +139,10 @@ class Template:
         between it is found in the real rendering, which templates may have trimmed or cut (Llama 3
         trims, Qwen3 drops past reasoning), so each span need only be part of its message.
         """
-        real = self._render_source(messages, tokenizer, gen)
+        real = self._render_source(messages, tokenizer, gen, tools)
         # Empty content stays empty: templates test `if message.content`, and it hides nothing.
         marked = [{**m, "content": _placeholder(i) if m["content"] else ""} for i, m in enumerate(messages)]
-        parts = _PLACEHOLDER.split(self._render_source(marked, tokenizer, gen))
+        parts = _PLACEHOLDER.split(self._render_source(marked, tokenizer, gen, tools))
         markup, order = parts[0::2], [int(i) for i in parts[1::2]]
         if not order:
             return [(real, False)] if real else []
@@ -123,14 +161,25 @@ class Template:
             raise _untraceable()
         return [p for p in pieces if p[0]]
 
-    def _render_source(self, messages: list[dict], tokenizer: Tokenizer, gen: bool) -> str:
+    def _render_source(self, messages: list[dict], tokenizer: Tokenizer, gen: bool, tools=None) -> str:
         from jinja2 import TemplateError
 
         special = {k: _token_text(tokenizer.config.get(k)) for k in ("bos_token", "eos_token", "pad_token")}
         try:
-            return self._compiled.render(messages=messages, add_generation_prompt=gen, tools=None, **special)
+            return self._compiled.render(messages=messages, add_generation_prompt=gen, tools=tools, **special)
         except TemplateError as e:
             raise LMForgeError(f"chat template failed to render: {e}") from None
+
+    def _check_tool_text(self, tools, msgs, tokenizer) -> None:
+        """Tool definitions and call arguments are rendered as the template's own text (markup), so
+        they must not spell a special token: a forged `<|im_end|>` would end the turn."""
+        if self.tool_markers() is None and tools:
+            raise LMForgeError("this model's chat template does not take tools (no Hermes-style <tool_call> "
+                               "format); use --template chatml")
+        text = json.dumps([t.to_json() for t in tools or []]) + json.dumps([m.get("tool_calls") for m in msgs])
+        forged = next((t for t in tokenizer.special_tokens() if t in text), None)
+        if forged:
+            raise LMForgeError(f"tool definitions and call arguments may not contain the special token {forged}")
 
     @cached_property
     def _compiled(self):
@@ -262,15 +311,5 @@ def encode_segments(tokenizer: Tokenizer, segments: list[Segment]) -> tuple[list
 
 
 def validate_messages(messages, where: str) -> list[dict]:
-    if not isinstance(messages, list) or not messages:
-        raise LMForgeError(f"{where}: 'messages' must be a non-empty list")
-    out = []
-    for m in messages:
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise LMForgeError(f"{where}: each message needs 'role' and 'content'")
-        if m["role"] not in ROLES:
-            raise LMForgeError(f"{where}: unknown role {m['role']!r} (use {', '.join(ROLES)})")
-        if not isinstance(m["content"], str):
-            raise LMForgeError(f"{where}: message content must be a string")
-        out.append({"role": m["role"], "content": m["content"]})
-    return out
+    """A record's conversation in the shape templates render (OpenAI's, tool calls included)."""
+    return normalize_messages(messages, f"{where}: messages")

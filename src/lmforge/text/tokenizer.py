@@ -214,6 +214,10 @@ class Tokenizer:
     def id_to_token(self, i: int) -> str | None:
         return self.hf.id_to_token(i)
 
+    def special_tokens(self) -> list[str]:
+        """The special tokens' strings (e.g. <|im_end|>)."""
+        return [t.content for t in self.hf.get_added_tokens_decoder().values() if t.special]
+
     @cached_property
     def special_ids(self) -> set[int]:
         return {i for i, t in self.hf.get_added_tokens_decoder().items() if t.special}

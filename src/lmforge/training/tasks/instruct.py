@@ -169,8 +169,9 @@ def _finetune_instruct(cfg: InstructConfig, ddp: tuple[Dist, torch.device], on_s
              f"validation, template {template.name}")
     out = Path(cfg.out)
     dist.on_main(start_run_dir, cfg, out)
+    tooled = any(m.get("tools") or m.get("tool_calls") for conv in convs for m in conv)
     save = make_saver(model, tokenizer, base, lora, chat_template=template.to_json(), stop_token_ids=stop,
-                      created_by="lmforge finetune instruct")
+                      created_by="lmforge finetune instruct", **({"tool_calls": True} if tooled else {}))
     task = InstructTask(train, val, val_convs, tokenizer, template, cfg.seed, cfg.batch_size, cfg.samples)
     cfg.lr = default_lr(cfg, "instruct", model, dist)  # recorded in train_config.yaml
     return fit(model, task, cfg, Run(out, save, title=f"{out.name}: instruction tuning"), cfg.lr,
