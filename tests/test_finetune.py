@@ -321,3 +321,38 @@ def test_lora_instruct_warns_when_the_frozen_head_cannot_learn_to_stop(ft_base, 
     im_end = tok.token_id("<|im_end|>")
     assert any(im_end in labels for _, labels in examples)
     assert frozen_head_warning(Knows(), examples, [im_end]) is None
+
+
+def test_instruct_learns_tool_calls_and_marks_the_model(ft_base, tmp_path):
+    """OpenAI-format tool conversations: loss on the assistant's call and answer, and the model
+    directory says it was tuned on tool calls (so `lmforge agent` calls tools natively)."""
+    from lmforge.formats.modeldir import save_model_dir
+    from lmforge.inference.client import LocalGenerator
+    from lmforge.models.config import ModelConfig
+    from lmforge.models.transformer import Transformer
+    from lmforge.text.tokenizer import Tokenizer
+
+    base = tmp_path / "base"  # room for the tools' description: ft_base's context is 64 tokens
+    tokenizer = Tokenizer.from_file(ft_base / "tokenizer.json")
+    save_model_dir(base, Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, context_length=512, n_layer=1,
+                                                 n_head=2, n_embd=32)), tokenizer)
+    tool = {"type": "function", "function": {"name": "calc", "parameters": {
+        "type": "object", "properties": {"e": {"type": "string"}}, "required": ["e"]}}}
+    rows = []
+    for i in range(24):
+        a, b = i % 7 + 1, i % 5 + 2
+        fn = {"name": "calc", "arguments": json.dumps({"e": f"{a}+{b}"})}
+        rows.append({"tools": [tool], "messages": [
+            {"role": "user", "content": f"{a}+{b}?"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": f"c{i}", "type": "function", "function": fn}]},
+            {"role": "tool", "tool_call_id": f"c{i}", "content": str(a + b)},
+            {"role": "assistant", "content": str(a + b)}]})
+    data = tmp_path / "tools.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "tooled"
+    finetune_instruct(InstructConfig(base=str(base), data=str(data), out=str(out), max_steps=4, batch_size=4,
+                                     eval_every=1000, samples=0, device="cpu"))
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["tool_calls"] is True and LocalGenerator(load(out, device="cpu")).native_tools
+    assert not LocalGenerator(load(ft_base, device="cpu")).native_tools

@@ -32,7 +32,8 @@ USER = [{"role": "user", "content": "What is 12 * 7?"}]
 
 
 @pytest.fixture(scope="module")
-def server(tiny_run, tmp_path_factory):
+def random_model(tiny_run, tmp_path_factory):
+    """An untrained model with lmforge's tokenizer (chatml and the tool-call tokens) and room for tools."""
     from lmforge.formats.modeldir import save_model_dir
     from lmforge.models.config import ModelConfig
     from lmforge.models.transformer import Transformer
@@ -43,7 +44,12 @@ def server(tiny_run, tmp_path_factory):
     cfg = ModelConfig(vocab_size=tokenizer.vocab_size, context_length=768, n_layer=2, n_head=2, n_embd=32)
     out = tmp_path_factory.mktemp("runs") / "random"
     save_model_dir(out, Transformer(cfg).eval(), tokenizer)
-    s = Server(out, "--slots", "4", "--name", "random")
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(random_model):
+    s = Server(random_model, "--slots", "4", "--name", "random")
     yield s
     s.close()
 
@@ -238,3 +244,34 @@ def test_agents_sdk_gets_typed_output(server, api):
                   model_settings=ModelSettings(max_tokens=200))
     result = Runner.run_sync(agent, "Report the crash.", run_config=RunConfig(tracing_disabled=True))
     assert isinstance(result.final_output, Report)
+
+
+def test_generate_json_schema_and_regex_from_the_cli(tiny_run, tmp_path, capsys):
+    from helpers import fails
+
+    from lmforge.cli import main
+
+    schema = tmp_path / "s.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}))
+    assert main(["generate", str(tiny_run), "-p", "A", "--json-schema", str(schema), "--no-echo", "--seed", "1",
+                 "--device", "cpu"]) == 0
+    assert json.loads(capsys.readouterr().out) in ({"ok": True}, {"ok": False})
+    assert main(["generate", str(tiny_run), "-p", "A", "--regex", "[0-9]{3}", "--no-echo", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out.strip()
+    assert len(out) == 3 and out.isdigit()
+    (tmp_path / "bad.json").write_text('{"type": "array", "uniqueItems": true}')
+    fails(capsys, "--json-schema: cannot enforce it: Unimplemented keys", "generate", str(tiny_run), "-p", "A",
+          "--json-schema", str(tmp_path / "bad.json"))
+    png = str(tiny_run / "loss.png")
+    fails(capsys, "is not valid JSON", "generate", str(tiny_run), "-p", "A", "--json-schema", png)
+
+
+def test_lm_chat_returns_openai_messages_with_calls(random_model):
+    from lmforge import load
+
+    lm = load(random_model, device="cpu")
+    m = lm.chat(USER, tools=[CALC], tool_choice="required", seed=0, max_new_tokens=200)
+    assert m["content"] is None and m["tool_calls"][0]["function"]["name"] == "calculator"
+    jsonschema.validate(json.loads(m["tool_calls"][0]["function"]["arguments"]), CALC["function"]["parameters"])
+    m = lm.chat(USER, json_schema=REPORT, seed=1, max_new_tokens=200)
+    jsonschema.validate(json.loads(m["content"]), REPORT)
