@@ -10,7 +10,7 @@ STAMP := $(VENV)/.lmforge-installed
 # pytest workers: 2 on a 2-core CI box; each worker's torch uses one thread (see tests/conftest.py).
 TEST_WORKERS ?= 2
 
-.PHONY: install demo test test-numerics test-gguf lint bench clean
+.PHONY: install demo test test-numerics test-gguf test-tool-agents lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(BIN)/lmforge demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "not llamacpp" tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "not llamacpp and not tool_agents" tests
 
 # The tests whose outcome rests on floating-point agreement (`-m numerics`), once under each setting
 # that changes which kernels MKL, oneDNN and ATen run: Intel CPUs take AVX-512/AMX paths that AMD
@@ -44,6 +44,11 @@ test-numerics: $(STAMP)
 test-gguf: $(STAMP)
 	$(BIN)/python tests/install_llamacpp.py
 	$(BIN)/python -m pytest -q -m llamacpp tests/test_gguf_llamacpp.py
+
+# Real agent frameworks (the OpenAI Agents SDK, LangChain) drive a model lmforge taught to call tools:
+# examples/tool_calling.py trains it first (~10-15 min on 2 cores).
+test-tool-agents: $(STAMP)
+	$(BIN)/python -m pytest -q -m tool_agents tests/test_tool_agents.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks examples

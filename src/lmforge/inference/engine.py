@@ -21,6 +21,7 @@ import queue
 import threading
 from collections import deque
 from collections.abc import Callable, Collection, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -30,7 +31,7 @@ from ..core.runtime import autocast
 from ..models.blas import blas_matmuls
 from ..models.quant import Int8Linear
 from ..models.transformer import InferenceLinear, KVCache, Transformer
-from .grammar import Grammar, allowed_tokens
+from .grammar import Grammar, forbidden_tokens
 from .sampling import filter_probs, penalize_counts, penalize_repeats, validate_sampling
 
 
@@ -213,6 +214,7 @@ class Engine:
         # (a server relays them to its event loop with one wake-up per step, not one per stream).
         self.on_step: Callable[[list[tuple[Handle, Event]]], None] | None = None
         self._batch: list[tuple[Handle, Event]] | None = None
+        self._mask_pool: ThreadPoolExecutor | None = None  # computes grammar masks beside the forward pass
 
     # -- submitting -------------------------------------------------------------------------
 
@@ -282,6 +284,9 @@ class Engine:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        if self._mask_pool is not None:
+            self._mask_pool.shutdown()
+            self._mask_pool = None
         with self._lock:
             for seq in list(self._active.values()):
                 self._finish(seq, "cancelled")
@@ -350,6 +355,10 @@ class Engine:
         if not self._active:
             return fed
         seqs = sorted(self._active.values(), key=lambda s: s.slot)
+        # The grammar masks depend only on what each sample has written so far: compute them in a
+        # worker thread while the model runs (llguidance and torch both release the GIL).
+        ruled = [s for s in seqs if s.matcher is not None]
+        masks = self._masker().submit(forbidden_tokens, [s.matcher for s in ruled], self.vocab) if ruled else None
         with autocast(self.device):
             if len(seqs) == 1:  # one sequence: the plain cache path, exactly as generate_ids runs
                 s = seqs[0]
@@ -369,8 +378,13 @@ class Engine:
                 rows = [s.slot for s in seqs]
         for s in seqs:
             s.length += 1
-        self._sample(seqs, logits, rows)
+        self._sample(seqs, logits, rows, dict(zip(map(id, ruled), masks.result())) if masks else None)
         return True
+
+    def _masker(self) -> ThreadPoolExecutor:
+        if self._mask_pool is None:
+            self._mask_pool = ThreadPoolExecutor(1, thread_name_prefix="lmforge-masks")
+        return self._mask_pool
 
     def _view(self, start: int, stop: int) -> KVCache:
         view = self._views.get((start, stop))
@@ -441,11 +455,13 @@ class Engine:
             self._free = sorted(self._free + p.slots)
             self._end(p.handle, reason, error)
 
-    def _sample(self, seqs: list[_Seq], logits: torch.Tensor, rows: list[int]) -> None:
-        """Draw each sample's next token from its row of `logits`, emit it, finish what ended."""
+    def _sample(self, seqs: list[_Seq], logits: torch.Tensor, rows: list[int],
+                masks: dict[int, torch.Tensor] | None = None) -> None:
+        """Draw each sample's next token from its row of `logits`, emit it, finish what ended.
+        `masks`: the forbidden tokens of constrained samples, by id(sample), when already computed."""
         logits = logits.float()
         if any(s.matcher is not None or s.r.logit_bias for s in seqs):  # unconstrained batches skip this
-            logits, rows = self._shape(seqs, logits, rows), list(range(len(seqs)))
+            logits, rows = self._shape(seqs, logits, rows, masks or {})
         greedy = [(s, r) for s, r in zip(seqs, rows) if s.greedy]
         picks: dict[int, tuple[int, float, int, list]] = {}
         if greedy:  # all greedy rows at once, on the device: one small transfer, no vocab-sized one
@@ -515,19 +531,24 @@ class Engine:
             elif s.emitted >= (s.r.max_tokens or self.max_len - len(s.r.prompt)):
                 self._finish(s, "length")
 
-    def _shape(self, seqs: list[_Seq], logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
-        """One row per sample, with its logit bias added and what its grammar forbids at -inf.
-        (Rows are copied: samples of one prompt share a prefill row but not their constraints.)"""
-        logits = logits[rows]
-        for i, s in enumerate(seqs):
+    def _shape(self, seqs: list[_Seq], logits: torch.Tensor, rows: list[int],
+               masks: dict[int, torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+        """Each sample's row with its logit bias added and what its grammar forbids at -inf, in place
+        (the step's logits are its own). Samples of one prompt share a prefill row but not their
+        constraints: they get a copy each."""
+        if len(set(rows)) < len(rows):
+            logits, rows = logits[rows], list(range(len(rows)))
+        for s, r in zip(seqs, rows):
             if s.r.logit_bias:
                 ids = torch.tensor(list(s.r.logit_bias), device=logits.device)
-                logits[i, ids] += torch.tensor(list(s.r.logit_bias.values()), device=logits.device)
-        ruled = [i for i, s in enumerate(seqs) if s.matcher is not None]
-        if ruled:
-            allowed = allowed_tokens([seqs[i].matcher for i in ruled], self.vocab).to(logits.device)
-            logits[ruled] = logits[ruled].masked_fill(~allowed, -math.inf)
-        return logits
+                logits[r, ids] += torch.tensor(list(s.r.logit_bias.values()), device=logits.device)
+        ruled = [(s, r) for s, r in zip(seqs, rows) if s.matcher is not None]
+        todo = [s for s, _ in ruled if id(s) not in masks]
+        if todo:  # new samples (just prefilled): not computed ahead
+            masks = {**masks, **dict(zip(map(id, todo), forbidden_tokens([s.matcher for s in todo], self.vocab)))}
+        for s, r in ruled:
+            logits[r].masked_fill_(masks[id(s)].to(logits.device), -math.inf)
+        return logits, rows
 
     def _finish(self, seq: _Seq, reason: str, error: str | None = None) -> None:
         del self._active[seq.slot]

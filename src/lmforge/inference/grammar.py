@@ -20,6 +20,7 @@ import time
 from collections import OrderedDict
 from functools import lru_cache
 
+import numpy as np
 import torch
 
 from ..core.errors import LMForgeError
@@ -131,11 +132,10 @@ def _first_line(message: str) -> str:
 
 # -- masks, inside the engine's batched step --------------------------------------------------------------
 
-_BITS = torch.arange(32, dtype=torch.int32)
 
-
-def allowed_tokens(matchers: list, vocab: int) -> torch.Tensor:
-    """[len(matchers), vocab] bool: which tokens each matcher allows next (one llguidance call for all)."""
+def forbidden_tokens(matchers: list, vocab: int) -> torch.Tensor:
+    """[len(matchers), vocab] bool: which tokens each matcher forbids next. One llguidance call fills
+    every row's bitmask (in parallel, without the GIL); numpy unpacks the bits in one pass."""
     words = (vocab + 31) // 32
     bits = torch.full((len(matchers), words), -1, dtype=torch.int32)
     if len(matchers) == 1:
@@ -143,7 +143,9 @@ def allowed_tokens(matchers: list, vocab: int) -> torch.Tensor:
     else:
         _executor().unsafe_compute_mask_ptr([(m, i) for i, m in enumerate(matchers)], bits.data_ptr(), words * 4,
                                             len(matchers))
-    return ((bits[:, :, None] >> _BITS) & 1).bool().reshape(len(matchers), words * 32)[:, :vocab]
+    # little-endian words, so bit i of the row's bytes (low bit first) is token i
+    allowed = np.unpackbits(bits.numpy().view(np.uint8), axis=1, count=vocab, bitorder="little")
+    return torch.from_numpy(allowed).view(torch.bool).logical_not_()
 
 
 @lru_cache(maxsize=1)
