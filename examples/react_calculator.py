@@ -54,6 +54,19 @@ def held_out(n: int = EVAL_N) -> list[tuple[str, str]]:
     return [question(rng) for _ in range(n)]
 
 
+def training_questions(rng: random.Random):
+    """A `fresh()` that draws questions whose expression is never a held-out one."""
+    banned = {expr for _, expr in held_out()}
+
+    def fresh() -> tuple[str, str]:
+        while True:
+            q, expr = question(rng)
+            if expr not in banned:
+                return q, expr
+
+    return fresh
+
+
 def tool_messages(q: str, expr: str, rng: random.Random) -> list[dict]:
     result = calculate(expr)
     return [{"role": "system", "content": system_prompt(make_tools("calculator"))}, {"role": "user", "content": q},
@@ -73,13 +86,7 @@ def plain_text(messages: list[dict], with_system: bool) -> str:
 
 def write_data(out: Path, n_chat: int = 4000, n_text: int = 20000, seed: int = 0) -> None:
     rng = random.Random(seed)
-    banned = {expr for _, expr in held_out()}
-
-    def fresh() -> tuple[str, str]:
-        while True:
-            q, expr = question(rng)
-            if expr not in banned:
-                return q, expr
+    fresh = training_questions(rng)
 
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "calc_train.jsonl", "w") as f:

@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from react_calculator import EVAL_N, held_out, question
+from react_calculator import EVAL_N, held_out, training_questions
 
 from lmforge.agents.tools import calculate
 
@@ -69,15 +69,7 @@ def plain_text(record: dict, with_system: bool) -> str:
 
 def write_data(out: Path, n_chat: int = 4000, n_text: int = 20000, seed: int = 0) -> tuple[Path, Path]:
     """OUT/tools_train.jsonl (chats) and OUT/tools_pretrain.jsonl (texts); no held-out question in either."""
-    rng = random.Random(seed)
-    banned = {expr for _, expr in held_out()}
-
-    def fresh() -> tuple[str, str]:
-        while True:
-            q, expr = question(rng)
-            if expr not in banned:
-                return q, expr
-
+    fresh = training_questions(random.Random(seed))
     out.mkdir(parents=True, exist_ok=True)
     chats, texts = out / "tools_train.jsonl", out / "tools_pretrain.jsonl"
     with open(chats, "w") as f:

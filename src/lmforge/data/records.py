@@ -86,7 +86,7 @@ def read_instructions(path: str | Path) -> list[list[dict]]:
             if not any(m["role"] == "assistant" for m in messages):
                 raise LMForgeError(f"{where}: the conversation has no assistant message to learn from")
             if r.get("tools"):  # OpenAI-format tool use: the conversation carries the tools it offered
-                messages[0]["tools"] = parse_tools(r["tools"], f"{where}: tools")
+                messages[0]["tools"] = [t.to_json() for t in parse_tools(r["tools"], f"{where}: tools")]
         elif "instruction" in r:
             if "output" not in r:
                 raise LMForgeError(f"{where}: record has no 'output'")

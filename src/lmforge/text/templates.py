@@ -15,7 +15,7 @@ from functools import cached_property
 
 from ..core.errors import LMForgeError
 from .tokenizer import Tokenizer
-from .toolcalls import HERMES, NATIVE, Markers, Tool, normalize_messages, tools_prompt
+from .toolcalls import HERMES, NATIVE, Markers, Tool, normalize_messages, parse_tools, tools_prompt
 
 Segment = tuple[str, bool, bool]  # (text, trainable, markup)
 ROLES = ("system", "user", "assistant")
@@ -43,8 +43,8 @@ class Template:
         """Segments for `messages` (with the functions in `tools` offered, if any). Assistant tool
         calls are trainable like the words around them; tool results, like user turns, are not.
         A conversation read from a record may carry its tools on its first message ("tools")."""
-        if tools is None and messages:
-            tools = messages[0].get("tools")
+        if tools is None and messages and messages[0].get("tools"):  # OpenAI's shape, validated when read
+            tools = parse_tools(messages[0]["tools"])
         if self.name != "jinja":
             tooled = tools or any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
             if tooled and self.name != "chatml":
