@@ -5,6 +5,7 @@ because the grammar guarantees it, not because a model learned it."""
 from __future__ import annotations
 
 import json
+import re
 from typing import Literal
 
 import httpx
@@ -275,3 +276,24 @@ def test_lm_chat_returns_openai_messages_with_calls(random_model):
     jsonschema.validate(json.loads(m["tool_calls"][0]["function"]["arguments"]), CALC["function"]["parameters"])
     m = lm.chat(USER, json_schema=REPORT, seed=1, max_new_tokens=200)
     jsonschema.validate(json.loads(m["content"]), REPORT)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2", "mistral"])
+def test_grammars_work_from_every_tokenizer_layout(family, tmp_path):
+    """The llguidance bridge reads any tokenizer.json lmforge loads: byte-level BPE (GPT-2, Llama 3,
+    Qwen's single digits) and SentencePiece-style with byte fallback (Llama 2, Mistral)."""
+    from hf_fixtures import tiny_hf_model
+
+    from lmforge import load
+
+    tiny_hf_model(family, tmp_path / family)
+    lm = load(tmp_path / family, device="cpu")
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 6},
+                                               "n": {"type": "integer", "minimum": 0, "maximum": 50},
+                                               "tag": {"enum": ["déjà vu", "你好", "😀"]}},
+              "required": ["name", "n", "tag"]}
+    for seed in range(3):
+        text = lm.generate("Hello", json_schema=schema, seed=seed, temperature=1.0, max_new_tokens=80)
+        jsonschema.validate(json.loads(text), schema)
+    assert re.fullmatch(r"[a-z]{2,4}-[0-9]{3}", lm.generate("Hello", regex="[a-z]{2,4}-[0-9]{3}", seed=1,
+                                                               max_new_tokens=20))

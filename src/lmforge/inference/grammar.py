@@ -44,9 +44,21 @@ def _llguidance():
     return llguidance
 
 
+_BYTE_TOKEN = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
+
+
 @lru_cache(maxsize=8)
 def _bridge(tokenizer_json: str, vocab: int, eos: tuple[int, ...]):
-    """llguidance's view of a tokenizer (~10-300 ms to build, so built once per tokenizer)."""
+    """llguidance's view of a tokenizer (~10-300 ms to build, so built once per tokenizer).
+
+    SentencePiece-style byte-fallback tokens (<0x22> is the byte '"') must reach llguidance as vocabulary
+    entries: where a tokenizer.json also lists them among its added tokens (some conversions do), it
+    reads them as added tokens, not as the bytes they stand for, and the mask and the parser disagree."""
+    data = json.loads(tokenizer_json)
+    if data.get("model", {}).get("byte_fallback"):
+        added = data.get("added_tokens") or []
+        data["added_tokens"] = [t for t in added if not _BYTE_TOKEN.match(t.get("content", ""))]
+        tokenizer_json = json.dumps(data)
     return _llguidance().LLTokenizer(tokenizer_json, n_vocab=vocab, eos_token=list(eos))
 
 
