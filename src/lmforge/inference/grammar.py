@@ -132,9 +132,6 @@ class Compiler:
                 self._cache.popitem(last=False)
         return compiled
 
-    def json_schema(self, schema: dict) -> Grammar:
-        return self.compile(json_schema_grammar(schema))
-
 
 def _first_line(message: str) -> str:
     lines = [line.strip() for line in str(message).splitlines() if line.strip()]
