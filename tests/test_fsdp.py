@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import shutil
 import textwrap
-import warnings
 
 import pytest
 import torch
@@ -41,14 +40,6 @@ def launch(tmp_path, cfg: dict, stop: int = 0) -> str:
     script = tmp_path / "run.py"
     script.write_text(textwrap.dedent(SCRIPT))
     proc = torchrun(str(script), json.dumps(cfg), str(stop))
-    done = f"stopped: checkpoint saved at step {stop}" if stop else "model directory:"
-    if proc.returncode != 0 and "terminate called without an active exception" in proc.stderr and done in proc.stderr:
-        # Known and intermittent (1 run in ~6 here after an interrupted --fsdp run; seen once after a full
-        # one under a loaded `make test`): rank 0 aborts at interpreter exit AFTER the checkpoint or model
-        # is complete. What follows still has to match exactly; the abort is reported in the closing
-        # notes as an open bug, not hidden.
-        warnings.warn("FSDP: rank 0 aborted at exit after its run completed (outputs intact)", stacklevel=2)
-        return proc.stderr
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stderr
 
