@@ -12,6 +12,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from make_data import NOUNS, make_docs, make_sentences, reverse_records, spam_rows  # noqa: E402,F401
 
 
+def random_model(tokenizer_file: Path, out: Path, context_length: int, n_layer: int = 2, n_embd: int = 32) -> Path:
+    """An untrained model directory (seed 0) with `tokenizer_file`'s tokenizer: for tests whose
+    outcome must not rest on what a model learned (long contexts, grammars, servers)."""
+    import torch
+
+    from lmforge.formats.modeldir import save_model_dir
+    from lmforge.models.config import ModelConfig
+    from lmforge.models.transformer import Transformer
+    from lmforge.text.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_file(tokenizer_file)
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, context_length=context_length, n_layer=n_layer, n_head=2,
+                      n_embd=n_embd)
+    save_model_dir(out, Transformer(cfg).eval(), tokenizer)
+    return out
+
+
 def run_cli(*args: str, timeout: int = 300, input: str | None = None, env: dict | None = None):
     """`lmforge ARGS...` in a subprocess; returns the CompletedProcess."""
     full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))

@@ -326,16 +326,12 @@ def test_lora_instruct_warns_when_the_frozen_head_cannot_learn_to_stop(ft_base, 
 def test_instruct_learns_tool_calls_and_marks_the_model(ft_base, tmp_path):
     """OpenAI-format tool conversations: loss on the assistant's call and answer, and the model
     directory says it was tuned on tool calls (so `lmforge agent` calls tools natively)."""
-    from lmforge.formats.modeldir import save_model_dir
-    from lmforge.inference.client import LocalGenerator
-    from lmforge.models.config import ModelConfig
-    from lmforge.models.transformer import Transformer
-    from lmforge.text.tokenizer import Tokenizer
+    from helpers import random_model
 
-    base = tmp_path / "base"  # room for the tools' description: ft_base's context is 64 tokens
-    tokenizer = Tokenizer.from_file(ft_base / "tokenizer.json")
-    save_model_dir(base, Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, context_length=512, n_layer=1,
-                                                 n_head=2, n_embd=32)), tokenizer)
+    from lmforge.inference.client import LocalGenerator
+
+    # room for the tools' description: ft_base's context is 64 tokens
+    base = random_model(ft_base / "tokenizer.json", tmp_path / "base", 512, n_layer=1)
     tool = {"type": "function", "function": {"name": "calc", "parameters": {
         "type": "object", "properties": {"e": {"type": "string"}}, "required": ["e"]}}}
     rows = []

@@ -122,16 +122,9 @@ def metric(server, name: str) -> float:
 @pytest.fixture(scope="module")
 def slow_server(tiny_run, tmp_path_factory):
     """A random model with a 4096-token context: a long greedy answer takes seconds to generate."""
-    from lmforge.formats.modeldir import save_model_dir
-    from lmforge.models.config import ModelConfig
-    from lmforge.models.transformer import Transformer
-    from lmforge.text.tokenizer import Tokenizer
+    from helpers import random_model
 
-    tokenizer = Tokenizer.from_file(tiny_run / "tokenizer.json")
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, context_length=4096, n_layer=2, n_head=2, n_embd=64)
-    out = tmp_path_factory.mktemp("runs") / "long"
-    save_model_dir(out, Transformer(cfg).eval(), tokenizer)
+    out = random_model(tiny_run / "tokenizer.json", tmp_path_factory.mktemp("runs") / "long", 4096, n_embd=64)
     s = Server(out, "--api-key", KEY, "--slots", "2")
     yield s
     s.close()

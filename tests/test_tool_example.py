@@ -43,7 +43,7 @@ def test_records_render_with_loss_on_the_call_and_the_answer_only(data):
         learned = tok.decode([i for i, t in zip(ids, trainable) if t])
         body = json.dumps({"name": "calculator", "arguments": {"expression": expr}})
         assert learned == f"<|tool_call|>{body}<|/tool_call|><|im_end|>{calculate(expr)}<|im_end|>"
-        assert "Evaluate an arithmetic expression." in tok.decode(ids)  # the tool is offered
+        assert TOOL["function"]["description"] in tok.decode(ids)  # the tool is offered
 
 
 def test_calls_fit_the_tool_schema_and_no_held_out_question_is_trained_on(data):

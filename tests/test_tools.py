@@ -11,7 +11,7 @@ from typing import Literal
 import httpx
 import jsonschema
 import pytest
-import torch
+from helpers import random_model
 from pydantic import BaseModel, Field
 from test_serve import Server
 
@@ -33,24 +33,14 @@ USER = [{"role": "user", "content": "What is 12 * 7?"}]
 
 
 @pytest.fixture(scope="module")
-def random_model(tiny_run, tmp_path_factory):
+def untrained(tiny_run, tmp_path_factory):
     """An untrained model with lmforge's tokenizer (chatml and the tool-call tokens) and room for tools."""
-    from lmforge.formats.modeldir import save_model_dir
-    from lmforge.models.config import ModelConfig
-    from lmforge.models.transformer import Transformer
-    from lmforge.text.tokenizer import Tokenizer
-
-    tokenizer = Tokenizer.from_file(tiny_run / "tokenizer.json")
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, context_length=768, n_layer=2, n_head=2, n_embd=32)
-    out = tmp_path_factory.mktemp("runs") / "random"
-    save_model_dir(out, Transformer(cfg).eval(), tokenizer)
-    return out
+    return random_model(tiny_run / "tokenizer.json", tmp_path_factory.mktemp("runs") / "random", 768)
 
 
 @pytest.fixture(scope="module")
-def server(random_model):
-    s = Server(random_model, "--slots", "4", "--name", "random")
+def server(untrained):
+    s = Server(untrained, "--slots", "4", "--name", "random")
     yield s
     s.close()
 
@@ -187,7 +177,7 @@ def test_responses_api_stateless(client, server):
     assert r.status in ("completed", "incomplete") and r.usage.output_tokens <= 4
     r = client.responses.create(model="random", input=USER, tools=[{
         "type": "function", "name": "calculator", "parameters": CALC["function"]["parameters"], "strict": True}],
-        tool_choice="required", max_output_tokens=200)
+        tool_choice="required", parallel_tool_calls=False, max_output_tokens=200)  # one call: bounded
     call = next(o for o in r.output if o.type == "function_call")
     jsonschema.validate(json.loads(call.arguments), CALC["function"]["parameters"])
     events = list(client.responses.create(model="random", input="Hi", max_output_tokens=4, stream=True))
@@ -267,10 +257,10 @@ def test_generate_json_schema_and_regex_from_the_cli(tiny_run, tmp_path, capsys)
     fails(capsys, "is not valid JSON", "generate", str(tiny_run), "-p", "A", "--json-schema", png)
 
 
-def test_lm_chat_returns_openai_messages_with_calls(random_model):
+def test_lm_chat_returns_openai_messages_with_calls(untrained):
     from lmforge import load
 
-    lm = load(random_model, device="cpu")
+    lm = load(untrained, device="cpu")
     m = lm.chat(USER, tools=[CALC], tool_choice="required", seed=0, max_new_tokens=200)
     assert m["content"] is None and m["tool_calls"][0]["function"]["name"] == "calculator"
     jsonschema.validate(json.loads(m["tool_calls"][0]["function"]["arguments"]), CALC["function"]["parameters"])
