@@ -30,6 +30,17 @@ def random_model(tokenizer_file: Path, out: Path, context_length: int, n_layer: 
     return out
 
 
+def agents_model(url: str, name: str, api: str):
+    """An OpenAI Agents SDK model on an lmforge server: its Chat Completions or Responses model
+    (tracing off: nothing leaves the machine)."""
+    from agents import OpenAIChatCompletionsModel, OpenAIResponsesModel, set_tracing_disabled
+    from openai import AsyncOpenAI
+
+    set_tracing_disabled(True)
+    client = AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+    return (OpenAIChatCompletionsModel if api == "chat" else OpenAIResponsesModel)(model=name, openai_client=client)
+
+
 def run_cli(*args: str, timeout: int = 300, input: str | None = None, env: dict | None = None):
     """`lmforge ARGS...` in a subprocess; returns the CompletedProcess."""
     full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))

@@ -48,19 +48,9 @@ def server(model_dir):
 
 @pytest.mark.parametrize("api", ["chat", "responses"])
 def test_an_agents_sdk_agent_answers_through_the_calculator(server, api):
-    from agents import (
-        Agent,
-        FunctionTool,
-        ModelSettings,
-        OpenAIChatCompletionsModel,
-        OpenAIResponsesModel,
-        RunConfig,
-        Runner,
-        set_tracing_disabled,
-    )
-    from openai import AsyncOpenAI
+    from agents import Agent, FunctionTool, ModelSettings, RunConfig, Runner
+    from helpers import agents_model
 
-    set_tracing_disabled(True)
     ran: list[str] = []
 
     async def run_calculator(ctx, arguments: str) -> str:
@@ -71,8 +61,7 @@ def test_an_agents_sdk_agent_answers_through_the_calculator(server, api):
     fn = TOOL["function"]
     tool = FunctionTool(name=fn["name"], description=fn["description"], params_json_schema=fn["parameters"],
                         on_invoke_tool=run_calculator, strict_json_schema=True)
-    client = AsyncOpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
-    model = (OpenAIChatCompletionsModel if api == "chat" else OpenAIResponsesModel)(model="calc", openai_client=client)
+    model = agents_model(server.url, "calc", api)
     agent = Agent(name="calc", model=model, tools=[tool], model_settings=ModelSettings(temperature=0))
     right = 0
     for q, expr in QUESTIONS:

@@ -11,7 +11,7 @@ from typing import Literal
 import httpx
 import jsonschema
 import pytest
-from helpers import random_model
+from helpers import agents_model, random_model
 from pydantic import BaseModel, Field
 from test_serve import Server
 
@@ -216,21 +216,8 @@ def test_langchain_binds_tools_and_gets_structured_output(server):
 
 @pytest.mark.parametrize("api", ["chat", "responses"])
 def test_agents_sdk_gets_typed_output(server, api):
-    from agents import (
-        Agent,
-        ModelSettings,
-        OpenAIChatCompletionsModel,
-        OpenAIResponsesModel,
-        RunConfig,
-        Runner,
-        set_tracing_disabled,
-    )
-    from openai import AsyncOpenAI
-
-    set_tracing_disabled(True)
-    client = AsyncOpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
-    model = (OpenAIChatCompletionsModel if api == "chat" else OpenAIResponsesModel)(model="random",
-                                                                                   openai_client=client)
+    from agents import Agent, ModelSettings, RunConfig, Runner
+    model = agents_model(server.url, "random", api)
     agent = Agent(name="reporter", instructions="File a report.", model=model, output_type=Report,
                   model_settings=ModelSettings(max_tokens=200))
     result = Runner.run_sync(agent, "Report the crash.", run_config=RunConfig(tracing_disabled=True))
