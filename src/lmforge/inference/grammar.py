@@ -115,7 +115,6 @@ class Compiler:
     `eos` are the ids a finished grammar allows (the model's end of text / end of turn)."""
 
     def __init__(self, tokenizer: Tokenizer, vocab: int, eos: list[int]) -> None:
-        self.vocab = vocab
         self._bridge = _bridge(tokenizer.hf.to_str(), vocab, tuple(sorted(set(eos))))
         self._cache: OrderedDict[str, Grammar] = OrderedDict()
         self._lock = threading.Lock()

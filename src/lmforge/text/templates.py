@@ -18,7 +18,6 @@ from .tokenizer import Tokenizer
 from .toolcalls import HERMES, NATIVE, Markers, Tool, normalize_messages, parse_tools, tools_prompt
 
 Segment = tuple[str, bool, bool]  # (text, trainable, markup)
-ROLES = ("system", "user", "assistant")
 ALPACA_PREAMBLE = ("Below is an instruction that describes a task. Write a response that appropriately "
                    "completes the request.")
 ALPACA_PREAMBLE_INPUT = ("Below is an instruction that describes a task, paired with an input that provides "

@@ -153,7 +153,6 @@ class Markers:
 
     open: str
     close: str
-    special: bool  # special tokens (native) rather than text
     newline: bool = False  # Hermes writes the JSON on its own line
 
     def terminal(self, tokenizer: Tokenizer, text: str) -> str:
@@ -163,8 +162,8 @@ class Markers:
         return json.dumps(text)
 
 
-NATIVE = Markers("<|tool_call|>", "<|/tool_call|>", special=True)
-HERMES = Markers("<tool_call>", "</tool_call>", special=False, newline=True)
+NATIVE = Markers("<|tool_call|>", "<|/tool_call|>")  # special tokens
+HERMES = Markers("<tool_call>", "</tool_call>", newline=True)  # text (added tokens in Qwen)
 
 
 def call_grammar(tools: list[Tool], choice: str, parallel: bool, markers: Markers, tokenizer: Tokenizer,
