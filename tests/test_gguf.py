@@ -15,7 +15,7 @@ from helpers import fails, make_docs
 from hf_fixtures import SAMPLE_TEXTS, gpt2_style, llama3_style, qwen_style, sentencepiece_style
 
 from lmforge.cli import main
-from lmforge.formats.gguf import load_gguf
+from lmforge.formats.gguf_load import load_gguf
 from lmforge.formats.load import load_model
 from lmforge.formats.modeldir import save_model_dir
 from lmforge.models.config import ModelConfig
@@ -159,7 +159,9 @@ def test_bad_files(tok, tmp_path, capsys):
 
     def write(path: Path, arch: str, qtype) -> Path:
         w = gguf.GGUFWriter(str(path), arch)
-        w.add_tensor("token_embd.weight", gguf.quants.quantize(np.ones((8, 64), np.float32), qtype), raw_dtype=qtype)
+        data = np.zeros(gguf.quant_shape_to_byte_shape((8, 64), qtype), np.uint8) if qtype.name.startswith("IQ") \
+            else gguf.quants.quantize(np.ones((8, 64), np.float32), qtype)
+        w.add_tensor("token_embd.weight", data, raw_dtype=qtype)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
@@ -168,5 +170,6 @@ def test_bad_files(tok, tmp_path, capsys):
 
     fails(capsys, "unsupported GGUF architecture 'falcon'", "import",
           str(write(tmp_path / "f.gguf", "falcon", gguf.GGMLQuantizationType.F32)), "--out", str(tmp_path / "o3"))
-    q4 = write(tmp_path / "q4.gguf", "llama", gguf.GGMLQuantizationType.Q4_0)
-    fails(capsys, "quantisation type Q4_0", "import", str(q4), "--out", str(tmp_path / "o4"))
+    iq4 = write(tmp_path / "iq4.gguf", "llama", gguf.GGMLQuantizationType.IQ4_NL)
+    fails(capsys, "quantisation type IQ4_NL, which lmforge cannot read", "import", str(iq4), "--out",
+          str(tmp_path / "o4"))

@@ -63,7 +63,7 @@ def test_cli_generates_with_int8(tiny_run, capsys):
                  "--quantize", "int8"]) in (0, None)
     assert capsys.readouterr().out.startswith("The")
     with pytest.raises(LMForgeError, match="unknown quantisation"):
-        quantize_model(nn.Sequential(nn.Linear(4, 4)), "int4")
+        quantize_model(nn.Sequential(nn.Linear(4, 4)), "int2")
 
 
 @pytest.mark.numerics

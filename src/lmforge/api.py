@@ -67,9 +67,11 @@ class LM(Loaded):
                 f"{self.model.num_params() / 1e6:.1f}M params, context {c.context_length})")
 
 
-def load(path: str | Path, device: str = "auto", dtype: str = "auto", quantize: str | None = None) -> LM:
+def load(path: str | Path, device: str = "auto", dtype: str = "auto", quantize: str | None = "auto") -> LM:
     """Load an lmforge model directory, an adapter directory, a Hugging Face checkpoint directory
     or a GGUF file directly. `dtype` (auto, float32, bfloat16, float16) applies to Hugging Face
-    checkpoints; auto keeps the stored precision. `quantize="int8"`: int8 weights for inference."""
+    checkpoints and unquantised GGUF weights; auto keeps the stored precision. `quantize`: "int8"
+    or "int4" weights for inference; "auto" (the default) keeps a GGUF file's own precision (Q4_K_M
+    stays 4-bit) and other models as stored; None or "none" dequantises everything."""
     loaded = load_model(path, device, dtype, quantize)
     return LM(loaded.model, loaded.tokenizer, loaded.meta, loaded.path)

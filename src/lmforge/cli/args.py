@@ -12,7 +12,10 @@ from ..core.config import arg
 from ..inference.params import SamplingParams
 
 DEVICE_HELP = "cpu, cuda, cuda:N, mps, or auto"
-QUANTIZE_HELP = "int8: int8 weights (per output channel) for the linear layers, a quarter of fp32's memory"
+QUANTIZE_HELP = ("weights in memory: int8 (per output row, a quarter of fp32's bytes), int4 (groups of 32, about a "
+                 "sixth), none (as stored, GGUF dequantised), or auto: a GGUF file keeps its own precision (4- and "
+                 "5-bit types int4, Q8_0/Q6_K int8), other models load as stored")
+QUANTIZE_CHOICES = ["auto", "none", "int8", "int4"]
 
 
 @dataclass
@@ -36,7 +39,7 @@ class GenerateArgs(SamplingArgs):
                               "and the rank of the one picked", ge=0)
     num_samples: int = arg(1, "how many completions to generate (seeds seed, seed+1, ...)", short="-n", ge=1)
     echo: bool = arg(True, "print the prompt before the completion")
-    quantize: str | None = arg(None, QUANTIZE_HELP, choices=["int8"])
+    quantize: str = arg("auto", QUANTIZE_HELP, choices=QUANTIZE_CHOICES)
     json_schema: str | None = arg(None, "a JSON Schema file: the output is JSON that validates against it (the "
                                   "grammar guarantees it, even for an untrained model)")
     regex: str | None = arg(None, "the output matches this regular expression, e.g. '[0-9]{3}-[0-9]{4}'")
@@ -53,7 +56,7 @@ class ChatArgs(SamplingArgs):
     max_new_tokens: int | None = arg(256, "longest answer in tokens", ge=1)
     temperature: float = arg(0.7, "randomness (0 = greedy)", ge=0)
     top_p: float | None = arg(0.9, "nucleus sampling threshold (0 < P <= 1)", gt=0, le=1)
-    quantize: str | None = arg(None, QUANTIZE_HELP, choices=["int8"])
+    quantize: str = arg("auto", QUANTIZE_HELP, choices=QUANTIZE_CHOICES)
 
 
 @dataclass
@@ -68,6 +71,7 @@ class EvaluateArgs:
     text_field: str = arg("text", "field holding the text in .jsonl files")
     batch_size: int = arg(8, "windows per forward pass", ge=1)
     device: str = arg("auto", DEVICE_HELP)
+    quantize: str = arg("auto", QUANTIZE_HELP, choices=QUANTIZE_CHOICES)
 
 
 @dataclass
@@ -198,5 +202,5 @@ class ServeArgs:
     name: str | None = arg(None, "model name clients use (default: the directory's name)")
     feedback: str | None = arg(None, "the chat page's compare mode appends {prompt, chosen, rejected} votes to this "
                                "JSONL file (the format `align reward` trains on); without it the mode is hidden")
-    quantize: str | None = arg(None, QUANTIZE_HELP, choices=["int8"])
+    quantize: str = arg("auto", QUANTIZE_HELP, choices=QUANTIZE_CHOICES)
     device: str = arg("auto", DEVICE_HELP)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from ..core.config import arg, from_namespace
 from ..core.errors import LMForgeError
-from .args import DEVICE_HELP
+from .args import DEVICE_HELP, QUANTIZE_CHOICES, QUANTIZE_HELP
 
 
 @dataclass
@@ -39,6 +39,7 @@ class EvalArgs:
     api_model: str | None = arg(None, "model name to ask the server for (default: its first)")
     api_key: str | None = arg(None, "bearer token for the server")
     device: str = arg("auto", DEVICE_HELP)
+    quantize: str = arg("auto", QUANTIZE_HELP, choices=QUANTIZE_CHOICES)
 
 
 def eval_(ns) -> None:
@@ -65,7 +66,7 @@ def eval_(ns) -> None:
     else:
         from ..formats.load import load_model
 
-        lm = load_model(a.model_dir, device=a.device)
+        lm = load_model(a.model_dir, device=a.device, quantize=a.quantize)
     results, samples = {}, []
     for t in tasks:
         print(f"{t.name}: {t.kind}, {min(len(t.docs), a.limit or len(t.docs)) or 'text'} documents ...",

@@ -150,8 +150,8 @@ def evaluate(ns) -> None:
 
     if not a.data:
         raise LMForgeError("--data is required")
-    print(json.dumps(evaluate(load_model(a.model_dir, device=a.device), a.data, a.text_field, a.batch_size),
-                     ensure_ascii=False))
+    lm = load_model(a.model_dir, device=a.device, quantize=a.quantize)
+    print(json.dumps(evaluate(lm, a.data, a.text_field, a.batch_size), ensure_ascii=False))
 
 
 def classify(ns) -> None:
@@ -184,7 +184,8 @@ def merge_lora(ns) -> None:
 def import_(ns) -> None:
     a = from_namespace(ImportArgs, ns)
 
-    from ..formats.gguf import import_gguf, is_gguf
+    from ..formats.gguf import is_gguf
+    from ..formats.gguf_load import import_gguf
     from ..formats.hf_dir import import_hf
     from ..formats.load import builtin_model
 

@@ -23,7 +23,6 @@ same with single digits (Qwen2) -> "qwen2".
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -31,25 +30,17 @@ import numpy as np
 import torch
 
 from ..core.errors import LMForgeError
-from ..core.fileio import atomic_path, atomic_write_json, staged_dir
+from ..core.fileio import atomic_path
 from ..models.config import ModelConfig
-from ..text.tokenizer import SPLIT_PATTERN, Tokenizer
+from ..text.tokenizer import Tokenizer
+from .gguf_vocab import tokenizer_metadata
 from .hf import expected_tensors
-from .kinds import Kind, is_adapter, kind_of
-from .modeldir import build_model, load_model_dir, model_config_json, read_config, save_weights, weights_for_saving
+from .kinds import is_adapter, kind_of
+from .modeldir import load_model_dir, read_config
 
 OUTTYPES = ("f32", "f16", "q8_0")
 ACTIVATION_KEY = "lmforge.activation"  # an lmforge GPT-2 with exact GELU (llama.cpp ignores the key)
 ARCHES = ("gpt2", "llama", "qwen2", "qwen3")
-QWEN_SPLIT = SPLIT_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")  # Qwen2: numbers one digit at a time
-PRE_PATTERNS = {"llama-bpe": SPLIT_PATTERN, "qwen2": QWEN_SPLIT}  # "gpt-2": ByteLevel's own regex
-# GGUF token types (llama.cpp's llama_token_type)
-NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
-CHATML = ("{%- for message in messages -%}"
-          "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
-          "{%- endfor -%}"
-          "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}")
-
 
 def is_gguf(path: str | Path) -> bool:
     """A file whose name ends in .gguf or that starts with GGUF's magic bytes."""
@@ -94,7 +85,7 @@ def gguf_arch(cfg: ModelConfig) -> str:
     return arch
 
 
-def _plan(cfg: ModelConfig, arch: str) -> list[tuple[str, tuple[str, ...]]]:
+def tensor_plan(cfg: ModelConfig, arch: str) -> list[tuple[str, tuple[str, ...]]]:
     """(lmforge tensor, GGUF tensors): several GGUF names mean lmforge's fused matrix split by rows."""
     plan = [("wte.weight", ("token_embd.weight",)), ("wpe.weight", ("position_embd.weight",))]
     for i in range(cfg.n_layer):
@@ -133,7 +124,7 @@ def _pairs_halves(t: torch.Tensor, heads: int) -> torch.Tensor:
 def tensors_to_gguf(cfg: ModelConfig, arch: str, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """lmforge's state dict under llama.cpp's names and layouts (fp32)."""
     out = {}
-    for ours, theirs in _plan(cfg, arch):
+    for ours, theirs in tensor_plan(cfg, arch):
         t = sd[ours].detach().float()
         parts = t.split(_split_sizes(cfg, ours)) if len(theirs) > 1 else (t,)
         for name, part in zip(theirs, parts):
@@ -143,133 +134,17 @@ def tensors_to_gguf(cfg: ModelConfig, arch: str, sd: dict[str, torch.Tensor]) ->
     return out
 
 
-def tensors_from_gguf(cfg: ModelConfig, arch: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The inverse of `tensors_to_gguf`."""
-    out = {}
-    for ours, theirs in _plan(cfg, arch):
-        missing = [t for t in theirs if t not in tensors]
-        if missing:
-            raise LMForgeError(f"the GGUF file lacks tensor {missing[0]}")
-        parts = []
-        for name in theirs:
-            t = tensors[name]
-            if arch == "llama" and (".attn_q." in name or ".attn_k." in name):
-                t = _pairs_halves(t, cfg.n_head if ".attn_q." in name else cfg.n_kv_head)
-            parts.append(t)
-        out[ours] = torch.cat(parts) if len(parts) > 1 else parts[0]
-    return out
-
-
-# --- tokenizer ---------------------------------------------------------------------------------------
-
-def _pre_identity(tok: dict) -> str:
-    """llama.cpp's name for this tokenizer's pre-tokenizer (how text is split before BPE)."""
-    pre, norm = tok.get("pre_tokenizer") or {}, tok.get("normalizer")
-    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not norm:
-        return "gpt-2"
-    parts = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else []
-    if len(parts) == 2 and parts[0].get("type") == "Split" and parts[1].get("type") == "ByteLevel" \
-            and not parts[1].get("use_regex", True) and parts[0].get("behavior") == "Isolated":
-        pattern = (parts[0].get("pattern") or {}).get("Regex")
-        if pattern == SPLIT_PATTERN and not norm:
-            return "llama-bpe"
-        if pattern == QWEN_SPLIT and (not norm or norm.get("type") == "NFC"):
-            return "qwen2"
-    raise LMForgeError("GGUF export: this tokenizer's pre-tokenizer is not one llama.cpp knows (supported: "
-                       "GPT-2's byte-level split, GPT-4/Llama 3's split, Qwen2's split)")
-
-
-def _chat_template(tokenizer: Tokenizer, meta: dict) -> str | None:
-    """Jinja text for tokenizer.chat_template: the model's own, or chatml written out as Jinja."""
-    mine = meta.get("chat_template") or {}
-    if mine.get("name") == "jinja":
-        return mine.get("source")
-    if mine.get("name") == "chatml":
-        return CHATML
-    if mine.get("name") == "alpaca":
-        print("note: the alpaca prompt format has no Jinja template in GGUF; the file carries none",
-              file=sys.stderr)
-        return None
-    source = tokenizer.config.get("chat_template")
-    if isinstance(source, list):
-        source = next((t["template"] for t in source if t.get("name") == "default"), source[0]["template"])
-    return source or None
-
-
-def tokenizer_metadata(tokenizer: Tokenizer, meta: dict, n_rows: int) -> dict:
-    """GGUF's tokenizer.* keys for a byte-level BPE tokenizer, the token list padded to the model's
-    `n_rows` embedding rows with unused `[PAD{i}]` entries (llama.cpp wants one token per row)."""
-    tok = json.loads(tokenizer.hf.to_str())
-    model = tok.get("model") or {}
-    if model.get("type") != "BPE" or model.get("byte_fallback") or model.get("continuing_subword_prefix") \
-            or tokenizer._byte_decoder is None:
-        raise LMForgeError("GGUF export supports byte-level BPE tokenizers (GPT-2, Llama 3, Qwen style); "
-                           f"this one is a {model.get('type')} tokenizer"
-                           f"{' with byte fallback (SentencePiece style)' if model.get('byte_fallback') else ''}")
-    pre = _pre_identity(tok)
-    added = {t["id"]: t for t in tok.get("added_tokens", [])}
-    tokens, types = [], []
-    for i in range(n_rows):
-        piece = tokenizer.id_to_token(i)
-        if piece is None:
-            tokens.append(f"[PAD{i}]")
-            types.append(UNUSED)
-        else:
-            tokens.append(piece)
-            types.append(NORMAL if i not in added else CONTROL if added[i]["special"] else USER_DEFINED)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    probe = tokenizer.encode("a", add_special_tokens=True)
-    add_bos = len(probe) > 1 and probe[0] in tokenizer.special_ids  # the post-processor prepends a BOS
-    stop = sorted({tokenizer.eot_id, *meta.get("stop_token_ids", [])})
-    out = {"model": "gpt2", "pre": pre, "tokens": tokens, "types": types, "merges": merges,
-           "bos": probe[0] if add_bos else tokenizer.eot_id, "eos": tokenizer.eot_id, "pad": tokenizer.pad_id,
-           "add_bos": add_bos, "template": _chat_template(tokenizer, meta)}
-    eot = [i for i in stop if i != tokenizer.eot_id]
-    if eot:  # a chat model's end-of-turn marker (e.g. <|im_end|>): llama.cpp stops there too
-        out["eot"] = eot[0]
-    return out
-
-
-def _tokenizer_from_gguf(f: dict) -> tuple[Tokenizer, list[int]]:
-    """An lmforge Tokenizer (as tokenizer.json + tokenizer_config.json would give) from GGUF's
-    tokenizer.* keys, and the ids that end a generation."""
-    from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
-    from tokenizers import Tokenizer as HFTokenizer
-
-    kind = f.get("tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise LMForgeError(f"unsupported GGUF tokenizer model {kind!r} (lmforge reads byte-level BPE: 'gpt2')")
-    pre = f.get("tokenizer.ggml.pre", "gpt-2")
-    if pre != "gpt-2" and pre not in PRE_PATTERNS:
-        raise LMForgeError(f"unsupported GGUF pre-tokenizer {pre!r} (supported: gpt-2, {', '.join(PRE_PATTERNS)})")
-    tokens, merges = f["tokenizer.ggml.tokens"], f.get("tokenizer.ggml.merges", [])
-    types = f.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
-    vocab = {t: i for i, (t, k) in enumerate(zip(tokens, types)) if k != UNUSED}
-    hf = HFTokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges]))
-    if pre == "gpt-2":
-        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    else:
-        hf.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(PRE_PATTERNS[pre]), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-        if pre == "qwen2":
-            hf.normalizer = normalizers.NFC()
-    hf.decoder = decoders.ByteLevel()
-    hf.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                           for t, k in zip(tokens, types) if k == CONTROL])
-    hf.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == USER_DEFINED])
-    name = lambda key: tokens[f[key]] if isinstance(f.get(key), int) and f[key] < len(tokens) else None  # noqa: E731
-    bos, eos = name("tokenizer.ggml.bos_token_id"), name("tokenizer.ggml.eos_token_id")
-    if f.get("tokenizer.ggml.add_bos_token") and bos:
-        hf.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                                          special_tokens=[(bos, vocab[bos])])
-    config = {"bos_token": bos, "eos_token": eos, "pad_token": name("tokenizer.ggml.padding_token_id"),
-              "add_bos_token": bool(f.get("tokenizer.ggml.add_bos_token"))}
-    if f.get("tokenizer.chat_template"):
-        config["chat_template"] = f["tokenizer.chat_template"]
-    stops = [f[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
-             if isinstance(f.get(k), int) and f[k] < len(vocab)]
-    return Tokenizer(hf, {k: v for k, v in config.items() if v is not None}), stops
+def from_gguf_parts(cfg: ModelConfig, arch: str, theirs: tuple[str, ...], get) -> torch.Tensor:
+    """One lmforge tensor from its GGUF parts (`get(name)` gives each, rows first): the inverse of
+    `tensors_to_gguf` for it. Works on anything laid out by rows: weights, biases, and int4 values
+    and group scales alike."""
+    parts = []
+    for name in theirs:
+        t = get(name)
+        if arch == "llama" and (".attn_q." in name or ".attn_k." in name):
+            t = _pairs_halves(t, cfg.n_head if ".attn_q." in name else cfg.n_kv_head)
+        parts.append(t)
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
 # --- writing -----------------------------------------------------------------------------------------
@@ -378,104 +253,3 @@ def write_gguf(model: torch.nn.Module, tokenizer: Tokenizer, meta: dict, out: st
         w.close()
     return arch
 
-
-# --- reading -----------------------------------------------------------------------------------------
-
-def _read(path: Path):
-    """(metadata dict, {name: ReaderTensor}) of a GGUF file, or a one-line error if it is not one."""
-    import gguf
-
-    if not path.is_file():
-        raise LMForgeError(f"no such GGUF file: {path}")
-    try:
-        reader = gguf.GGUFReader(path)
-        fields = {k: v.contents() for k, v in reader.fields.items()}
-        tensors = {t.name: t for t in reader.tensors}
-        for t in tensors.values():  # a truncated file maps short arrays
-            if t.data.size * t.data.itemsize < t.n_bytes:
-                raise ValueError(f"tensor {t.name} is cut short")
-    except Exception as e:  # the reader raises ValueError, IndexError, struct/numpy errors on bad files
-        raise LMForgeError(f"{path} is not a valid GGUF file (truncated or corrupt: {str(e).splitlines()[0]})") \
-            from None
-    kinds = gguf.GGMLQuantizationType
-    for t in tensors.values():
-        if t.tensor_type not in (kinds.F32, kinds.F16, kinds.BF16, kinds.Q8_0):
-            raise LMForgeError(f"{path}: tensor {t.name} has quantisation type {t.tensor_type.name}; lmforge reads "
-                               "F32, F16, BF16 and Q8_0")
-    return fields, tensors
-
-
-def _dequantize(t) -> torch.Tensor:
-    import gguf
-
-    a = gguf.quants.dequantize(t.data, t.tensor_type)
-    shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dimensions innermost first
-    return torch.from_numpy(np.array(a, dtype=np.float32)).reshape(shape)  # a copy: the reader's map is read-only
-
-
-def _f32(v) -> float:
-    """A float GGUF stored as float32, as the shortest decimal that rounds to it (1e-05, not 9.99e-06)."""
-    return float(str(np.float32(v)))
-
-
-def config_from_gguf(f: dict, tensors: dict) -> tuple[ModelConfig, str]:
-    arch = f.get("general.architecture")
-    if arch not in ARCHES:
-        raise LMForgeError(f"unsupported GGUF architecture {arch!r} (lmforge reads {', '.join(ARCHES)})")
-
-    def key(k: str, default=None):
-        v = f.get(f"{arch}.{k}", default)
-        if v is None:
-            raise LMForgeError(f"the GGUF file lacks {arch}.{k}")
-        return v
-
-    if "token_embd.weight" not in tensors:
-        raise LMForgeError("the GGUF file lacks tensor token_embd.weight")
-    n_embd, n_head = int(key("embedding_length")), int(key("attention.head_count"))
-    common = dict(vocab_size=int(tensors["token_embd.weight"].shape[1]), context_length=int(key("context_length")),
-                  n_layer=int(key("block_count")), n_head=n_head, n_embd=n_embd,
-                  intermediate_size=int(key("feed_forward_length")), tie_embeddings="output.weight" not in tensors)
-    if arch == "gpt2":
-        return ModelConfig(**common, norm="layernorm", norm_eps=_f32(key("attention.layer_norm_epsilon")),
-                           mlp="plain", activation="gelu" if f.get(ACTIVATION_KEY) == "gelu" else "gelu_tanh",
-                           pos_embedding="learned", bias=True), arch
-    scaling = None
-    if f.get(f"{arch}.rope.scaling.type", "none") not in ("none", "linear"):
-        raise LMForgeError(f"unsupported rope scaling {f[f'{arch}.rope.scaling.type']!r} (lmforge reads linear)")
-    if f.get(f"{arch}.rope.scaling.type") == "linear":
-        scaling = {"type": "linear", "factor": _f32(key("rope.scaling.factor"))}
-    if "rope_freqs.weight" in tensors:
-        raise LMForgeError("GGUF files with per-frequency rope factors (Llama 3.1 style) are not supported")
-    head_dim = int(f.get(f"{arch}.attention.key_length") or f.get(f"{arch}.rope.dimension_count") or n_embd // n_head)
-    return ModelConfig(**common, n_kv_head=int(f.get(f"{arch}.attention.head_count_kv") or n_head), head_dim=head_dim,
-                       norm="rmsnorm", norm_eps=_f32(key("attention.layer_norm_rms_epsilon")), mlp="gated",
-                       activation="silu", pos_embedding="rope", rope_theta=_f32(f.get(f"{arch}.rope.freq_base", 1e4)),
-                       rope_scaling=scaling, bias=False, qkv_bias="blk.0.attn_q.bias" in tensors,
-                       qk_norm="blk.0.attn_q_norm.weight" in tensors), arch
-
-
-def load_gguf(path: str | Path) -> tuple[torch.nn.Module, Tokenizer, dict]:
-    """(model, tokenizer, config.json contents) from a GGUF file, weights dequantised to fp32."""
-    path = Path(path)
-    f, readers = _read(path)
-    cfg, arch = config_from_gguf(f, readers)
-    tokenizer, stops = _tokenizer_from_gguf(f)
-    if tokenizer.vocab_size > cfg.vocab_size:
-        raise LMForgeError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the embedding only "
-                           f"{cfg.vocab_size} rows")
-    tensors = tensors_from_gguf(cfg, arch, {n: _dequantize(t) for n, t in readers.items()})
-    model = build_model(cfg, tensors, f"tensors in {path}")
-    meta = model_config_json(model, tokenizer, kind=Kind.CAUSAL_LM, created_by=f"lmforge import (gguf {arch})",
-                             stop_token_ids=stops)
-    return model.eval(), tokenizer, meta
-
-
-def import_gguf(src: str | Path, out: str | Path, overwrite: bool = False) -> Path:
-    """Convert a GGUF file into an lmforge model directory (tokenizer rebuilt as tokenizer.json)."""
-    model, tokenizer, meta = load_gguf(src)
-    with staged_dir(out, overwrite) as tmp:
-        atomic_write_json(tmp / "config.json", meta)
-        tokenizer.save(tmp / "tokenizer.json")
-        atomic_write_json(tmp / "tokenizer_config.json", tokenizer.config)
-        save_weights(weights_for_saving(model), tmp / "model.safetensors")
-    return Path(out)

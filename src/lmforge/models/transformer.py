@@ -352,7 +352,7 @@ class Transformer(nn.Module):
         if self.cfg.tie_embeddings and isinstance(self.lm_head, nn.Linear):
             self.lm_head.weight = self.wte.weight
         if self.cfg.pos_embedding == "rope":
-            with torch.device(self.wte.weight.device):
+            with torch.device(next(self.parameters()).device):  # not wte's: a quantised table has no .weight
                 self.rope_cos, self.rope_sin = self.rope_tables(self.cfg)
 
     def for_inference(self) -> Transformer:
@@ -365,7 +365,7 @@ class Transformer(nn.Module):
         return self
 
     def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
-        p = self.wte.weight
+        p = next(self.parameters())  # the activations' dtype (not wte's: an int8 table has no .weight)
         return KVCache(self.cfg, batch, max_len or self.cfg.context_length, p.device, p.dtype)
 
     def num_params(self, non_embedding: bool = False) -> int:

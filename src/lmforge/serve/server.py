@@ -17,9 +17,9 @@ from .generation import Backend
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           cors_origins: list[str] | None = None, max_body: int = 1 << 20, max_queue: int = 64, slots: int = 8,
           device: str = "auto", model_name: str | None = None, feedback: str | None = None,
-          quantize: str | None = None) -> None:
-    """Serve until Ctrl-C. The key may also come from LMFORGE_API_KEY; `quantize="int8"` serves int8
-    weights."""
+          quantize: str | None = "auto") -> None:
+    """Serve until Ctrl-C. The key may also come from LMFORGE_API_KEY; `quantize` (auto, none, int8,
+    int4) as `lmforge.load` takes it."""
     import uvicorn
 
     api_key = api_key or os.environ.get("LMFORGE_API_KEY") or None

@@ -1,0 +1,135 @@
+"""Tokenizers in GGUF files, both ways: an lmforge (Hugging Face `tokenizers`) tokenizer as GGUF's
+tokenizer.* keys for export, and back from them on import.
+
+Byte-level BPE travels as GGUF's "gpt2" vocabulary: tokens, merges, token types, special ids and
+the chat template, with the pre-tokenizer named by the identity llama.cpp knows: GPT-2's own
+split -> "gpt-2"; GPT-4's split (lmforge's tokenizer, Llama 3) -> "llama-bpe"; the same with
+single digits (Qwen2) -> "qwen2".
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from ..core.errors import LMForgeError
+from ..text.tokenizer import SPLIT_PATTERN, Tokenizer
+
+QWEN_SPLIT = SPLIT_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")  # Qwen2: numbers one digit at a time
+PRE_PATTERNS = {"llama-bpe": SPLIT_PATTERN, "qwen2": QWEN_SPLIT}  # "gpt-2": ByteLevel's own regex
+# GGUF token types (llama.cpp's llama_token_type)
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+CHATML = ("{%- for message in messages -%}"
+          "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+          "{%- endfor -%}"
+          "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}")
+
+
+def _pre_identity(tok: dict) -> str:
+    """llama.cpp's name for this tokenizer's pre-tokenizer (how text is split before BPE)."""
+    pre, norm = tok.get("pre_tokenizer") or {}, tok.get("normalizer")
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not norm:
+        return "gpt-2"
+    parts = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else []
+    if len(parts) == 2 and parts[0].get("type") == "Split" and parts[1].get("type") == "ByteLevel" \
+            and not parts[1].get("use_regex", True) and parts[0].get("behavior") == "Isolated":
+        pattern = (parts[0].get("pattern") or {}).get("Regex")
+        if pattern == SPLIT_PATTERN and not norm:
+            return "llama-bpe"
+        if pattern == QWEN_SPLIT and (not norm or norm.get("type") == "NFC"):
+            return "qwen2"
+    raise LMForgeError("GGUF export: this tokenizer's pre-tokenizer is not one llama.cpp knows (supported: "
+                       "GPT-2's byte-level split, GPT-4/Llama 3's split, Qwen2's split)")
+
+
+def _chat_template(tokenizer: Tokenizer, meta: dict) -> str | None:
+    """Jinja text for tokenizer.chat_template: the model's own, or chatml written out as Jinja."""
+    mine = meta.get("chat_template") or {}
+    if mine.get("name") == "jinja":
+        return mine.get("source")
+    if mine.get("name") == "chatml":
+        return CHATML
+    if mine.get("name") == "alpaca":
+        print("note: the alpaca prompt format has no Jinja template in GGUF; the file carries none",
+              file=sys.stderr)
+        return None
+    source = tokenizer.config.get("chat_template")
+    if isinstance(source, list):
+        source = next((t["template"] for t in source if t.get("name") == "default"), source[0]["template"])
+    return source or None
+
+
+def tokenizer_metadata(tokenizer: Tokenizer, meta: dict, n_rows: int) -> dict:
+    """GGUF's tokenizer.* keys for a byte-level BPE tokenizer, the token list padded to the model's
+    `n_rows` embedding rows with unused `[PAD{i}]` entries (llama.cpp wants one token per row)."""
+    tok = json.loads(tokenizer.hf.to_str())
+    model = tok.get("model") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback") or model.get("continuing_subword_prefix") \
+            or tokenizer._byte_decoder is None:
+        raise LMForgeError("GGUF export supports byte-level BPE tokenizers (GPT-2, Llama 3, Qwen style); "
+                           f"this one is a {model.get('type')} tokenizer"
+                           f"{' with byte fallback (SentencePiece style)' if model.get('byte_fallback') else ''}")
+    pre = _pre_identity(tok)
+    added = {t["id"]: t for t in tok.get("added_tokens", [])}
+    tokens, types = [], []
+    for i in range(n_rows):
+        piece = tokenizer.id_to_token(i)
+        if piece is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(UNUSED)
+        else:
+            tokens.append(piece)
+            types.append(NORMAL if i not in added else CONTROL if added[i]["special"] else USER_DEFINED)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    probe = tokenizer.encode("a", add_special_tokens=True)
+    add_bos = len(probe) > 1 and probe[0] in tokenizer.special_ids  # the post-processor prepends a BOS
+    stop = sorted({tokenizer.eot_id, *meta.get("stop_token_ids", [])})
+    out = {"model": "gpt2", "pre": pre, "tokens": tokens, "types": types, "merges": merges,
+           "bos": probe[0] if add_bos else tokenizer.eot_id, "eos": tokenizer.eot_id, "pad": tokenizer.pad_id,
+           "add_bos": add_bos, "template": _chat_template(tokenizer, meta)}
+    eot = [i for i in stop if i != tokenizer.eot_id]
+    if eot:  # a chat model's end-of-turn marker (e.g. <|im_end|>): llama.cpp stops there too
+        out["eot"] = eot[0]
+    return out
+
+
+def tokenizer_from_gguf(f: dict) -> tuple[Tokenizer, list[int]]:
+    """An lmforge Tokenizer (as tokenizer.json + tokenizer_config.json would give) from GGUF's
+    tokenizer.* keys, and the ids that end a generation."""
+    from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers import Tokenizer as HFTokenizer
+
+    kind = f.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise LMForgeError(f"unsupported GGUF tokenizer model {kind!r} (lmforge reads byte-level BPE: 'gpt2')")
+    pre = f.get("tokenizer.ggml.pre", "gpt-2")
+    if pre != "gpt-2" and pre not in PRE_PATTERNS:
+        raise LMForgeError(f"unsupported GGUF pre-tokenizer {pre!r} (supported: gpt-2, {', '.join(PRE_PATTERNS)})")
+    tokens, merges = f["tokenizer.ggml.tokens"], f.get("tokenizer.ggml.merges", [])
+    types = f.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
+    vocab = {t: i for i, (t, k) in enumerate(zip(tokens, types)) if k != UNUSED}
+    hf = HFTokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges]))
+    if pre == "gpt-2":
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
+        hf.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(PRE_PATTERNS[pre]), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        if pre == "qwen2":
+            hf.normalizer = normalizers.NFC()
+    hf.decoder = decoders.ByteLevel()
+    hf.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                           for t, k in zip(tokens, types) if k == CONTROL])
+    hf.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == USER_DEFINED])
+    name = lambda key: tokens[f[key]] if isinstance(f.get(key), int) and f[key] < len(tokens) else None  # noqa: E731
+    bos, eos = name("tokenizer.ggml.bos_token_id"), name("tokenizer.ggml.eos_token_id")
+    if f.get("tokenizer.ggml.add_bos_token") and bos:
+        hf.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                          special_tokens=[(bos, vocab[bos])])
+    config = {"bos_token": bos, "eos_token": eos, "pad_token": name("tokenizer.ggml.padding_token_id"),
+              "add_bos_token": bool(f.get("tokenizer.ggml.add_bos_token"))}
+    if f.get("tokenizer.chat_template"):
+        config["chat_template"] = f["tokenizer.chat_template"]
+    stops = [f[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
+             if isinstance(f.get(k), int) and f[k] < len(vocab)]
+    return Tokenizer(hf, {k: v for k, v in config.items() if v is not None}), stops
