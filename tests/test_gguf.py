@@ -173,3 +173,72 @@ def test_bad_files(tok, tmp_path, capsys):
     iq4 = write(tmp_path / "iq4.gguf", "llama", gguf.GGMLQuantizationType.IQ4_NL)
     fails(capsys, "quantisation type IQ4_NL, which lmforge cannot read", "import", str(iq4), "--out",
           str(tmp_path / "o4"))
+
+
+@pytest.mark.parametrize("qtype", ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "bf16"])
+def test_quantised_files_load_at_their_precision(qtype, tok, tmp_path):
+    """quantize="auto" keeps a file's own precision (4- and 5-bit -> int4, 8-bit -> int8, bf16 -> fp32);
+    Q4_0/Q4_1 load as exactly the file's 4-bit values (the quantised files are written by the gguf
+    package, as `export --outtype q4_0` does; llama.cpp's own k-quants are in test_gguf_llamacpp.py)."""
+    from lmforge.formats.gguf import write_gguf
+    from lmforge.models.quant import Int4Linear, Int8Embedding, Int8Linear
+
+    src = make_dir(tmp_path / "m", tok, **ARCHS["llama"])
+    lm = load_model(src, device="cpu", quantize="none")
+    path = tmp_path / f"m.{qtype}.gguf"
+    write_gguf(lm.model, lm.tokenizer, lm.meta, path, qtype)
+    auto, plain = load_model(path, device="cpu"), load_model(path, device="cpu", quantize="none")
+    want = {"q8_0": Int8Linear, "bf16": torch.nn.Linear}.get(qtype, Int4Linear)
+    assert isinstance(auto.model.blocks[0].attn.qkv, want) and isinstance(auto.model.blocks[1].mlp.proj, want)
+    assert isinstance(auto.model.wte, Int8Embedding if qtype != "bf16" else torch.nn.Embedding)
+    assert not any(isinstance(m, (Int4Linear, Int8Linear)) for m in plain.model.modules())
+    if qtype in ("q4_0", "q4_1"):  # the same 4-bit values: only the kernel's bf16 scales round (2^-9 relative)
+        for name, m in auto.model.named_modules():
+            if isinstance(m, Int4Linear):
+                w = plain.model.get_submodule(name).weight
+                assert (m.effective_weight() - w).abs().max() <= w.abs().max() * 2 ** -7, name
+    ids = torch.tensor([tok.encode("def f(x):\n    return x + 1  # naïve")])
+    with torch.no_grad():
+        a, b = auto.model(ids), plain.model(ids)
+    # bf16 activations in the quantised kernels (and, for 5-bit types, requantising to 4 bits)
+    tol = {"q5_0": 0.15, "q5_1": 0.15, "bf16": 1e-5}.get(qtype, 0.05)
+    assert (a - b).abs().max() <= tol * b.abs().max(), (qtype, (a - b).abs().max().item())
+    assert isinstance(load_model(path, device="cpu", quantize="int4").model.lm_head, Int4Linear)
+    assert isinstance(load_model(path, device="cpu", quantize="int8").model.blocks[0].attn.qkv, Int8Linear)
+
+
+def test_outtype_q4_0_and_quantised_bad_input(tok, tmp_path, capsys, monkeypatch):
+    from lmforge.formats import gguf_load
+
+    src = make_dir(tmp_path / "m", tok, **ARCHS["qwen2"])
+    out = tmp_path / "m.gguf"
+    main(["export", str(src), "--format", "gguf", "--outtype", "q4_0", "--out", str(out)])
+    f, infos = gguf_load._read(out)
+    assert infos["blk.0.attn_q.weight"].tensor_type.name == "Q4_0"
+    assert infos["token_embd.weight"].tensor_type.name == "Q8_0"
+    assert f["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q4_0
+    # more than the memory left: refused before anything is built
+    monkeypatch.setattr(gguf_load, "available_memory", lambda: 1000)
+    fails(capsys, "GiB of memory as loaded (none), and 0.0 GiB is available; try --quantize int4", "import",
+          str(out), "--out", str(tmp_path / "o"))
+    fails(capsys, "as loaded (auto)", "generate", str(out), "-p", "x")
+    assert not (tmp_path / "o").exists()
+    monkeypatch.undo()
+    # a tensor whose shape disagrees with the metadata
+    reader = gguf.GGUFReader(out)
+    bad = tmp_path / "bad.gguf"
+    w = gguf.GGUFWriter(str(bad), "qwen2")
+    for key, fld in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        value = fld.contents()
+        if key == "qwen2.feed_forward_length":
+            value += 32
+        w.add_key_value(key, value, fld.types[0], sub_type=fld.types[-1] if len(fld.types) > 1 else None)
+    for t in reader.tensors:
+        w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    fails(capsys, "disagrees with the file's metadata", "generate", str(bad), "-p", "x")

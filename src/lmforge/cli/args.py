@@ -127,8 +127,11 @@ class ExportArgs:
     model_dir: str = arg(None, "lmforge model directory", positional=True)
     format: str = arg("hf", "output format: hf (a directory) or gguf (one file)", choices=["hf", "gguf"])
     out: str = arg(None, "directory (hf) or file (gguf, e.g. model.gguf) to write")
-    outtype: str = arg("f16", "with --format gguf: weight type f32, f16 or q8_0 (8-bit blocks; vectors stay f32)",
-                       choices=["f32", "f16", "q8_0"])
+    outtype: str = arg("f16", "with --format gguf: weight type f32, f16, q8_0 (8-bit blocks) or q4_0 (4-bit "
+                       "blocks; embedding and output q8_0); vectors stay f32. For Q4_K_M, export f32 and run "
+                       "llama.cpp's llama-quantize", choices=["f32", "f16", "q8_0", "q4_0"])
+    ollama: bool = arg(False, "with --format gguf: also write an Ollama Modelfile beside the file (FROM, TEMPLATE "
+                       "in Ollama's Go-template syntax, stop tokens)")
     shard_size_mb: float = arg(2000.0, "split the weights into files of at most this many MB", gt=0)
     dtype: str = arg("auto", "weight precision: auto (as stored), float32, bfloat16 or float16",
                      choices=["auto", "float32", "bfloat16", "float16"])

@@ -38,7 +38,7 @@ from .hf import expected_tensors
 from .kinds import is_adapter, kind_of
 from .modeldir import load_model_dir, read_config
 
-OUTTYPES = ("f32", "f16", "q8_0")
+OUTTYPES = ("f32", "f16", "q8_0", "q4_0")
 ACTIVATION_KEY = "lmforge.activation"  # an lmforge GPT-2 with exact GELU (llama.cpp ignores the key)
 ARCHES = ("gpt2", "llama", "qwen2", "qwen3")
 
@@ -149,17 +149,23 @@ def from_gguf_parts(cfg: ModelConfig, arch: str, theirs: tuple[str, ...], get) -
 
 # --- writing -----------------------------------------------------------------------------------------
 
-def _encode(t: torch.Tensor, outtype: str):
+def _encode(name: str, t: torch.Tensor, outtype: str):
     """(array, GGML type) for one tensor: vectors stay f32 (as llama.cpp's converter keeps them);
-    matrices become f16 or q8_0 (q8_0 only where rows split into its blocks of 32, else f16)."""
+    matrices become f16, q8_0 or q4_0 where rows split into blocks of 32 (else f16). With q4_0 the
+    embedding and output matrices are q8_0: llama.cpp's own quantizer also keeps the output layer
+    finer (Q6_K, which the gguf package cannot write), since errors there reach every logit."""
     import gguf
 
+    T = gguf.GGMLQuantizationType
     a = t.numpy()
     if a.ndim == 1 or outtype == "f32":
-        return a.astype(np.float32), gguf.GGMLQuantizationType.F32
-    if outtype == "q8_0" and a.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0] == 0:
-        return gguf.quants.quantize(a, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
-    return a.astype(np.float16), gguf.GGMLQuantizationType.F16
+        return a.astype(np.float32), T.F32
+    qtype = None if outtype == "f16" else T[outtype.upper()]  # any type the gguf package quantises
+    if outtype.startswith(("q4", "q5")) and name in ("token_embd.weight", "output.weight"):
+        qtype = T.Q8_0
+    if qtype is not None and a.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0] == 0:
+        return gguf.quants.quantize(a, qtype), qtype
+    return a.astype(np.float16), T.F16
 
 
 def _write_metadata(w, cfg: ModelConfig, arch: str, name: str, outtype: str) -> None:
@@ -188,9 +194,7 @@ def _write_metadata(w, cfg: ModelConfig, arch: str, name: str, outtype: str) -> 
         if cfg.rope_scaling:  # linear (checked by gguf_arch)
             w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
             w.add_rope_scaling_factor(cfg.rope_scaling["factor"])
-    ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-             "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]
-    w.add_file_type(ftype)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32 if outtype == "f32" else gguf.LlamaFileType[f"MOSTLY_{outtype.upper()}"])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
@@ -245,7 +249,7 @@ def write_gguf(model: torch.nn.Module, tokenizer: Tokenizer, meta: dict, out: st
         _write_metadata(w, cfg, arch, name, outtype)
         _write_tokenizer(w, tok)
         for tensor_name, t in tensors.items():
-            data, qtype = _encode(t, outtype)
+            data, qtype = _encode(tensor_name, t, outtype)
             w.add_tensor(tensor_name, data, raw_dtype=qtype)
         w.write_header_to_file()
         w.write_kv_data_to_file()

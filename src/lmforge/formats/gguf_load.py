@@ -173,7 +173,8 @@ class _Source:
         offset = probe(0x00).reshape(n, k // GROUP, GROUP)[..., 0]
         step = probe(0x11).reshape(n, k // GROUP, GROUP)[..., 0] - offset
         w = self.dequantized(name, raw).reshape(n, k // GROUP, GROUP)
-        q = torch.round((w - offset[..., None]) / torch.where(step != 0, step, 1)[..., None]).clamp(0, 15)  # Q4_0 steps can be < 0
+        step_or_1 = torch.where(step != 0, step, 1)  # Q4_0's steps can be negative; an all-equal group has none
+        q = torch.round((w - offset[..., None]) / step_or_1[..., None]).clamp(0, 15)
         return q.reshape(n, k).to(torch.uint8), step, offset + 8 * step
 
 
