@@ -5,6 +5,7 @@ logits, the same greedy tokens, the same tokenization. `make test-gguf` runs the
 from __future__ import annotations
 
 import copy
+import ctypes
 
 import pytest
 import torch
@@ -144,3 +145,141 @@ def test_llamacpp_tokenizes_hf_style_tokenizers(style, tmp_path):
     for text in TOKENIZE_TEXTS:
         assert llm.tokenize(text.encode(), add_bos=True, special=True) == \
             tok.encode(text, add_special_tokens=True), text
+
+
+# --- files quantised by llama.cpp itself ---------------------------------------------------------------
+
+QTYPES = ["Q8_0", "Q6_K", "Q5_K_M", "Q5_1", "Q5_0", "Q4_K_M", "Q4_1", "Q4_0", "Q3_K_M", "Q2_K"]
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def trained_256(request, tmp_path_factory, corpus_dir):
+    """256 wide, so k-quants' 256-value super-blocks fit its rows (Llama's MLP, 704 wide, gets llama.cpp's
+    fallback types, as real models with odd widths do)."""
+    extra = {"arch": "llama", "n_kv_head": 1} if request.param == "llama" else {}
+    run = pretrained(tmp_path_factory, corpus_dir, f"gguf256-{request.param}", n_embd=256, context_length=96,
+                     **extra)
+    f32 = run.parent / f"{request.param}.f32.gguf"
+    main(["export", str(run), "--format", "gguf", "--outtype", "f32", "--out", str(f32)])
+    return run, f32
+
+
+def llama_quantize(f32, qtype: str, out) -> None:
+    """llama.cpp's own quantizer (what `llama-quantize model.gguf out.gguf Q4_K_M` runs)."""
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype}")
+    params.nthread = 2
+    assert llama_cpp.llama_model_quantize(str(f32).encode(), str(out).encode(), ctypes.byref(params)) == 0
+
+
+def agreement(llm, model, tokenizer) -> list[int]:
+    """Per prompt, how many of 32 greedy tokens agree with llama.cpp's before the first difference."""
+    out = []
+    for prompt in Q8_PROMPTS:
+        ids = tokenizer.encode(prompt)
+        theirs, ours = llama_greedy(llm, ids, 32), our_greedy(model, ids, 32)
+        out.append(next((i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b), 32))
+    return out
+
+
+# Max |logit error| / max |logit|, measured on both families (largest of gpt2, llama):
+#  - lmforge on the file's dequantised weights (quantize="none") against llama.cpp, which also rounds
+#    activations to 8 bits in quantised matmuls: 0.4% to 1.5% at every type;
+#  - lmforge as loaded by default (auto) against llama.cpp: Q4_0/Q4_1/Q4_K load exactly and add only the
+#    kernel's bf16 activations and scales (<= 1.8%); Q8_0/Q6_K become int8 rows (<= 1.4%); 5-bit types and
+#    Q2_K/Q3_K are requantised to int4 groups (3.5% to 11%).
+DEQ_TOL = 0.03
+AUTO_TOL = {"Q5_K_M": 0.15, "Q5_1": 0.15, "Q5_0": 0.15, "Q3_K_M": 0.15, "Q2_K": 0.15}
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_llamacpp_quantised_files_load(trained_256, qtype, tmp_path):
+    run, f32 = trained_256
+    path = tmp_path / f"m.{qtype}.gguf"
+    llama_quantize(f32, qtype, path)
+    auto, deq = load_model(path, device="cpu"), load_model(path, device="cpu", quantize="none")
+    llm = llama(path)
+    errs = {"none": [], "auto": []}
+    for prompt in Q8_PROMPTS:
+        ids = auto.tokenizer.encode(prompt)
+        theirs = llama_logits(llm, ids)
+        with torch.no_grad():
+            for mode, lm in (("none", deq), ("auto", auto)):
+                ours = as_ggml_computes(lm.model)(torch.tensor([ids]))[0]
+                errs[mode].append(((theirs - ours).abs().max() / theirs.abs().max()).item())
+    agree = agreement(llm, as_ggml_computes(auto.model), auto.tokenizer)
+    kinds = sorted({type(m).__name__ for m in auto.model.modules() if type(m).__name__.startswith("Int")})
+    print(f"{auto.config.pos_embedding} {qtype}: {kinds}; logit error / max logit: dequantised "
+          f"{max(errs['none']):.2%}, as loaded {max(errs['auto']):.2%}; greedy tokens agreeing {agree}")
+    assert max(errs["none"]) <= DEQ_TOL, errs["none"]
+    # greedy agreement is printed, not asserted per type: on a 150-step model, near ties that llama.cpp's 8-bit
+    # activations flip make it noisy (6 to 11 of 11 prompts agree for 16 tokens at the 4-bit types); the logits
+    # above are the check, and test_q4_k_m_from_lmforge holds greedy text to a bar
+    assert max(errs["auto"]) <= AUTO_TOL.get(qtype, 0.04), errs["auto"]
+
+
+def model_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+def test_q4_k_m_from_lmforge(trained_256, tmp_path):
+    """The issue's bar: llama.cpp makes Q4_K_M from an lmforge model; lmforge loads it 4-bit, writes the
+    same greedy text as llama.cpp on most prompts, in about a quarter of fp32's memory."""
+    run, f32 = trained_256
+    path = tmp_path / "m.Q4_K_M.gguf"
+    llama_quantize(f32, "Q4_K_M", path)
+    fp32, q4 = load_model(run, device="cpu"), load_model(path, device="cpu")
+    llm = llama(path)
+    agree = agreement(llm, as_ggml_computes(q4.model), q4.tokenizer)
+    ratio = model_bytes(q4.model) / model_bytes(fp32.model)
+    print(f"Q4_K_M {fp32.config.pos_embedding}: {sum(a >= 16 for a in agree)}/{len(agree)} prompts give llama.cpp's "
+          f"first 16 greedy tokens, {sum(a == 32 for a in agree)} all 32 ({agree}); memory {ratio:.3f} of fp32")
+    # A 150-step model has near-tied candidates that llama.cpp's 8-bit activations flip now and then; this is
+    # the bar test_llamacpp_q8_0 sets for llama.cpp's own 8-bit file against lmforge's fp32 model.
+    assert sum(a >= 16 for a in agree) >= 0.6 * len(agree), agree
+    assert ratio <= 0.3, ratio  # int4 groups (0.16 of fp32), the Q6_K output layer as int8 rows, norms in fp32
+
+
+PEAK_SCRIPT = """
+import json, os, sys
+import torch
+from lmforge.formats.load import load_model
+from lmforge.models.config import ModelConfig
+from lmforge.models.transformer import Transformer
+
+with torch.device("meta"):  # torch's one-time set-up for building modules (~70 MiB) before the baseline
+    Transformer(ModelConfig(vocab_size=64, context_length=8, n_layer=1, n_head=1, n_embd=32))
+
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+before = rss()
+lm = load_model(sys.argv[1], device="cpu")
+# VmHWM, not ru_maxrss: the latter carries the parent's size across fork and exec
+peak = next(int(x.split()[1]) * 1024 for x in open("/proc/self/status") if x.startswith("VmHWM:"))
+size = sum(t.numel() * t.element_size() for t in [*lm.model.parameters(), *lm.model.buffers()])
+print(json.dumps({"before": before, "peak": peak, "model": size}))
+"""
+
+
+def test_streamed_load_peak_memory(tmp_path):
+    """Loading a Q4_K_M file tensor by tensor, 256 rows at a time: the process grows by at most 1.3x the
+    loaded (mostly 4-bit) model plus a fixed 64 MiB; no fp32 copy of a whole matrix is ever made."""
+    import json
+    import subprocess
+    import sys
+
+    from hf_fixtures import gpt2_style
+
+    tok = Tokenizer(gpt2_style())
+    src = make_dir(tmp_path / "big", tok, **ARCHS["llama"], n_layer=6, n_embd=1024, n_head=16,
+                   intermediate_size=2816)  # 76M parameters: 300 MB in fp32
+    main(["export", str(src), "--format", "gguf", "--outtype", "f32", "--out", str(tmp_path / "big.gguf")])
+    llama_quantize(tmp_path / "big.gguf", "Q4_K_M", tmp_path / "big.q4.gguf")
+    out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(tmp_path / "big.q4.gguf")], capture_output=True,
+                         text=True, check=True)
+    m = json.loads(out.stdout.strip().splitlines()[-1])
+    grew = m["peak"] - m["before"]
+    print(f"streamed Q4_K_M load: the process grew {grew / 2**20:.0f} MiB for a {m['model'] / 2**20:.0f} MiB model "
+          f"(fp32: {76e6 * 4 / 2**20:.0f} MiB); bound {1.3 * m['model'] / 2**20 + 64:.0f} MiB")
+    assert grew <= 1.3 * m["model"] + 64 * 2**20

@@ -31,7 +31,7 @@ import torch
 from ..core.errors import LMForgeError
 from ..core.fileio import atomic_write_json, staged_dir
 from ..models.config import ModelConfig
-from ..models.quant import Int4Linear, Int8Embedding, Int8Linear
+from ..models.quant import Int4Linear, Int8Embedding, Int8Linear, quantize_groups, quantize_rows
 from ..models.transformer import Transformer
 from ..text.tokenizer import Tokenizer
 from .gguf import ACTIVATION_KEY, ARCHES, from_gguf_parts, tensor_plan
@@ -147,35 +147,57 @@ class _Source:
             raise LMForgeError(f"{self.path} is truncated inside tensor {name}")
         return data.reshape(gguf.quant_shape_to_byte_shape(self.shape(name), t.tensor_type))
 
-    def dequantized(self, name: str, raw: np.ndarray | None = None) -> torch.Tensor:
+    def dequantized(self, name: str) -> torch.Tensor:
         """fp32, rows first, through the gguf package's dequantiser."""
-        import gguf
-
-        a = gguf.quants.dequantize(self.raw(name) if raw is None else raw, self.infos[name].tensor_type)
-        return torch.from_numpy(np.array(a, dtype=np.float32).reshape(self.shape(name)))  # writable: a copy
+        return torch.from_numpy(_dequantize(self.raw(name), self.infos[name].tensor_type).reshape(self.shape(name)))
 
     def int4(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(q, scale, zero) as `Int4Linear` takes them: exact for Q4_0/Q4_1/Q4_K, else quantised from fp32."""
-        from ..models.quant import quantize_groups
-
         _, exact, _, _ = _types()
-        t = self.infos[name]
-        if t.tensor_type not in exact:
-            return quantize_groups(self.dequantized(name), GROUP)
-        import gguf
+        qtype = self.infos[name].tensor_type
+        if qtype in exact:
+            return self._by_rows(name, lambda rows: _nibbles(rows, qtype))
+        return self._by_rows(name, lambda rows: quantize_groups(torch.from_numpy(_dequantize(rows, qtype)), GROUP))
 
+    def int8(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q, scale) as `Int8Linear` and `Int8Embedding` take them."""
+        qtype = self.infos[name].tensor_type
+        return self._by_rows(name, lambda rows: quantize_rows(torch.from_numpy(_dequantize(rows, qtype))))
+
+    def _by_rows(self, name: str, convert) -> tuple[torch.Tensor, ...]:
+        """`convert` applied to 256 rows of the file's bytes at a time, so no fp32 copy of the whole matrix
+        is ever made."""
         raw = self.raw(name)
-        n, k = self.shape(name)
-        block, size = gguf.GGML_QUANT_SIZES[t.tensor_type]
-        blocks = raw.reshape(-1, size)
-        n_q = block // 2  # the 4-bit values: the last block/2 bytes of every block
-        probe = lambda byte: self.dequantized(name, _with(blocks, n_q, byte).reshape(raw.shape))  # noqa: E731
-        offset = probe(0x00).reshape(n, k // GROUP, GROUP)[..., 0]
-        step = probe(0x11).reshape(n, k // GROUP, GROUP)[..., 0] - offset
-        w = self.dequantized(name, raw).reshape(n, k // GROUP, GROUP)
-        step_or_1 = torch.where(step != 0, step, 1)  # Q4_0's steps can be negative; an all-equal group has none
-        q = torch.round((w - offset[..., None]) / step_or_1[..., None]).clamp(0, 15)
-        return q.reshape(n, k).to(torch.uint8), step, offset + 8 * step
+        out = [convert(rows) for rows in np.array_split(raw, max(1, len(raw) // 256))]
+        return tuple(torch.cat(parts) for parts in zip(*out))
+
+
+def _dequantize(raw: np.ndarray, qtype) -> np.ndarray:
+    """fp32 values of byte-shaped rows (a writable array torch can share)."""
+    import gguf
+
+    return np.require(gguf.quants.dequantize(raw, qtype), np.float32, ["C", "W"])
+
+
+def _nibbles(raw: np.ndarray, qtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The 4-bit values of Q4_0/Q4_1/Q4_K rows with each group's step and offset (w = step * q + offset),
+    the latter two found by decoding copies of the blocks whose values are all 0 and all 1."""
+    import gguf
+
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    n = raw.shape[0]
+    blocks = raw.reshape(-1, size)
+    n_q = block // 2  # the 4-bit values: the last block/2 bytes of every block
+
+    def decoded(byte: int | None) -> torch.Tensor:
+        b = blocks if byte is None else _with(blocks, n_q, byte)
+        return torch.from_numpy(_dequantize(b.reshape(raw.shape), qtype)).reshape(n, -1, GROUP)
+
+    offset = decoded(0x00)[..., 0]
+    step = decoded(0x11)[..., 0] - offset
+    step_or_1 = torch.where(step != 0, step, 1)  # Q4_0's steps can be negative; an all-equal group has none
+    q = torch.round((decoded(None) - offset[..., None]) / step_or_1[..., None]).clamp(0, 15)
+    return q.reshape(n, -1).to(torch.uint8), step, offset + 8 * step
 
 
 def _with(blocks: np.ndarray, n_q: int, byte: int) -> np.ndarray:
@@ -267,22 +289,17 @@ def _build(cfg: ModelConfig, arch: str, src: _Source, modes: dict) -> Transforme
         if mode is None:
             plain[ours] = from_gguf_parts(cfg, arch, theirs, src.dequantized)
             continue
-        if ours == "wte.weight":
-            _replace(model, module_name, Int8Embedding(from_gguf_parts(cfg, arch, theirs, src.dequantized)))
-            continue
+        four = mode == "int4" and ours != "wte.weight"  # an embedding table is looked up, not multiplied: int8
+        parts = {t: (src.int4 if four else src.int8)(t) for t in theirs}
+        q, *scales = [from_gguf_parts(cfg, arch, theirs, lambda t, i=i, p=parts: p[t][i])
+                      for i in range(3 if four else 2)]
+        del parts
         bias_name = module_name + ".bias"
         bias = from_gguf_parts(cfg, arch, plan[bias_name], src.dequantized) if bias_name in plan else None
-        if mode == "int4":
-            parts = {t: src.int4(t) for t in theirs}
-            q, scale, zero = (from_gguf_parts(cfg, arch, theirs, lambda t, i=i, p=parts: p[t][i]) for i in range(3))
-            layer = Int4Linear(q, scale, zero, bias, GROUP)
+        if ours == "wte.weight":
+            layer = Int8Embedding(rows=(q, *scales))
         else:
-            w = from_gguf_parts(cfg, arch, theirs, src.dequantized)
-            linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device="meta")
-            linear.weight = torch.nn.Parameter(w, requires_grad=False)
-            if bias is not None:
-                linear.bias = torch.nn.Parameter(bias, requires_grad=False)
-            layer = Int8Linear(linear)
+            layer = Int4Linear(q, *scales, bias, GROUP) if four else Int8Linear(rows=(q, *scales), bias=bias)
         _replace(model, module_name, layer)
     model.load_state_dict(plain, strict=False, assign=True)
     model.finish_loading()

@@ -34,13 +34,17 @@ INT4_GROUPS = (32, 128)
 
 
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int8 q, fp32 scale) with w ~= q * scale[:, None], per output row, symmetric."""
-    w = w.detach().float()
-    # Scales rounded to bf16 values, since the int8 kernel takes them in bf16: q * scale is then
-    # exactly the weight that kernel multiplies by.
-    scale = (w.abs().amax(dim=1).clamp(min=1e-12) / 127).to(torch.bfloat16).float()
-    # contiguous: the kernel needs it, and a weight stored transposed would not be
-    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+    """(int8 q, fp32 scale) with w ~= q * scale[:, None], per output row, symmetric. Computed 1024 rows at
+    a time, so the fp32 temporaries stay small beside a large matrix."""
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)  # contiguous: the kernel needs it
+    scale = torch.empty(w.shape[0], device=w.device)
+    for i in range(0, w.shape[0], 1024):
+        rows = w[i:i + 1024].detach().float()
+        # Scales rounded to bf16 values, since the int8 kernel takes them in bf16: q * scale is then
+        # exactly the weight that kernel multiplies by.
+        s = (rows.abs().amax(dim=1).clamp(min=1e-12) / 127).to(torch.bfloat16).float()
+        q[i:i + 1024] = torch.round(rows / s[:, None]).clamp(-127, 127)
+        scale[i:i + 1024] = s
     return q, scale
 
 
@@ -61,13 +65,16 @@ def _int8pack_dtype(device_type: str) -> torch.dtype | None:
 class Int8Linear(nn.Module):
     """A linear layer with int8 weights and per-output-row scales (inference only)."""
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear | None = None, *, rows: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 bias: torch.Tensor | None = None) -> None:
+        """From a float `linear`, or from already quantised `rows` ((q, scale) as `quantize_rows` gives)."""
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        q, scale = quantize_rows(linear.weight)
+        q, scale = quantize_rows(linear.weight) if linear is not None else rows
+        bias = linear.bias if linear is not None else bias
+        self.out_features, self.in_features = q.shape
         self.register_buffer("qweight", q)
         self.register_buffer("scale", scale)
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
         self._scale_act: torch.Tensor | None = None  # the scales in the kernel's dtype, made on first use
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -193,10 +200,11 @@ class Int8Embedding(nn.Module):
     """An embedding table with int8 rows and per-row scales: lookups return fp32 (a quarter of the
     memory of an fp32 table, which in a small model is a large share of all weights)."""
 
-    def __init__(self, weight: torch.Tensor) -> None:
+    def __init__(self, weight: torch.Tensor | None = None, *,
+                 rows: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         super().__init__()
-        self.num_embeddings, self.embedding_dim = weight.shape
-        q, scale = quantize_rows(weight)
+        q, scale = quantize_rows(weight) if weight is not None else rows
+        self.num_embeddings, self.embedding_dim = q.shape
         self.register_buffer("qweight", q)
         self.register_buffer("scale", scale)
 
