@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import fails, make_docs
-from hf_fixtures import SAMPLE_TEXTS, gpt2_style, llama3_style, qwen_style, sentencepiece_style
+from hf_fixtures import SAMPLE_TEXTS, gpt2_style, llama3_style, qwen_style, sentencepiece_style, wordpiece_style
 
 from lmforge.cli import main
 from lmforge.formats.gguf_load import load_gguf
@@ -86,22 +86,28 @@ def test_import_writes_a_model_directory(tok, tmp_path):
     assert b.tokenizer.eot_id == a.tokenizer.eot_id and b.stop_ids() == a.stop_ids()
 
 
-@pytest.mark.parametrize("style", [gpt2_style, llama3_style, qwen_style])
+@pytest.mark.parametrize("style", [gpt2_style, llama3_style, qwen_style, sentencepiece_style])
 def test_tokenizers_rebuilt_exactly(style, tmp_path):
-    """Hugging Face-style tokenizers (GPT-2's split; Llama 3's with a leading BOS; Qwen2's) come back
-    from GGUF's token list and merges as the same tokenizer."""
+    """Hugging Face-style tokenizers (GPT-2's split; Llama 3's with a leading BOS; Qwen2's; Llama 2's
+    SentencePiece layout with byte fallback) come back from GGUF's token list and merges (or scores)
+    as the same tokenizer."""
     tok = Tokenizer(style())
     src = make_dir(tmp_path / "m", tok, **(ARCHS["gpt2"] if style is gpt2_style else ARCHS["llama"]))
     main(["export", str(src), "--format", "gguf", "--out", str(tmp_path / "m.gguf")])
     _, back, _ = load_gguf(tmp_path / "m.gguf")
-    for text in SAMPLE_TEXTS:
+    for text in SAMPLE_TEXTS + ["naïve résumé über 東京 🙂", "  two  spaces\n\ttab"]:
         for special in (True, False):
             assert back.encode(text, special) == tok.encode(text, special), (text, special)
         assert back.encode(text, add_special_tokens=True) == tok.encode(text, add_special_tokens=True)
+        assert back.decode(tok.encode(text)) == tok.decode(tok.encode(text))
     fields = {k: v.contents() for k, v in gguf.GGUFReader(tmp_path / "m.gguf").fields.items()}
-    pre = {gpt2_style: "gpt-2", llama3_style: "llama-bpe", qwen_style: "qwen2"}[style]
-    assert fields["tokenizer.ggml.pre"] == pre
-    assert fields["tokenizer.ggml.add_bos_token"] == (style is llama3_style)
+    if style is sentencepiece_style:
+        assert fields["tokenizer.ggml.model"] == "llama" and fields["tokenizer.ggml.add_space_prefix"]
+        assert fields["tokenizer.ggml.token_type"][tok.hf.token_to_id("<0x41>")] == 6  # BYTE
+    else:
+        pre = {gpt2_style: "gpt-2", llama3_style: "llama-bpe", qwen_style: "qwen2"}[style]
+        assert fields["tokenizer.ggml.pre"] == pre
+    assert fields["tokenizer.ggml.add_bos_token"] == (style in (llama3_style, sentencepiece_style))
     assert fields["tokenizer.ggml.tokens"][-1].startswith("[PAD")  # padded to the embedding rows
 
 
@@ -137,8 +143,9 @@ def test_refusals(tok, tmp_path, capsys):
     fails(capsys, "merge it first", "export", str(adapter), "--format", "gguf", "--out", str(out))
     odd = make_dir(tmp_path / "odd", tok, activation="relu")
     fails(capsys, "gpt2 architecture needs GELU", "export", str(odd), "--format", "gguf", "--out", str(out))
-    spm = make_dir(tmp_path / "spm", Tokenizer(sentencepiece_style()))
-    fails(capsys, "byte fallback", "export", str(spm), "--format", "gguf", "--out", str(out))
+    wordpiece = make_dir(tmp_path / "wp", Tokenizer(wordpiece_style()))
+    fails(capsys, "WordPiece tokenizer of neither layout", "export", str(wordpiece), "--format", "gguf", "--out",
+          str(out))
     assert not out.exists() and not list(tmp_path.glob(".x.gguf*"))  # nothing half-written
     main(["export", str(src), "--format", "gguf", "--out", str(out)])
     fails(capsys, "exists", "export", str(src), "--format", "gguf", "--out", str(out))

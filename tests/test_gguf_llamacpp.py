@@ -10,7 +10,7 @@ import ctypes
 import pytest
 import torch
 from conftest import pretrained
-from hf_fixtures import SAMPLE_TEXTS, gpt2_style, llama3_style, qwen_style
+from hf_fixtures import SAMPLE_TEXTS, gpt2_style, llama3_style, qwen_style, sentencepiece_style
 from test_gguf import ARCHS, make_dir
 
 from lmforge.cli import main
@@ -135,9 +135,10 @@ def test_llamacpp_tokenizes_as_we_do(trained, tmp_path):
         assert llm.detokenize(tok.encode(text), special=True).decode() == text
 
 
-@pytest.mark.parametrize("style", [gpt2_style, llama3_style, qwen_style])
+@pytest.mark.parametrize("style", [gpt2_style, llama3_style, qwen_style, sentencepiece_style])
 def test_llamacpp_tokenizes_hf_style_tokenizers(style, tmp_path):
-    """GPT-2's split ("gpt-2"), Llama 3's with its leading BOS ("llama-bpe") and Qwen2's ("qwen2")."""
+    """GPT-2's split ("gpt-2"), Llama 3's with its leading BOS ("llama-bpe"), Qwen2's ("qwen2"), and
+    Llama 2's SentencePiece layout (GGUF's "llama" vocabulary: scores, byte fallback)."""
     tok = Tokenizer(style())
     src = make_dir(tmp_path / "m", tok, **(ARCHS["gpt2"] if style is gpt2_style else ARCHS["llama"]))
     main(["export", str(src), "--format", "gguf", "--out", str(tmp_path / "m.gguf")])

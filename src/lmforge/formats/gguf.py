@@ -200,10 +200,17 @@ def _write_metadata(w, cfg: ModelConfig, arch: str, name: str, outtype: str) -> 
 
 def _write_tokenizer(w, tok: dict) -> None:
     w.add_tokenizer_model(tok["model"])
-    w.add_tokenizer_pre(tok["pre"])
+    if tok.get("pre"):
+        w.add_tokenizer_pre(tok["pre"])
     w.add_token_list(tok["tokens"])
     w.add_token_types(tok["types"])
-    w.add_token_merges(tok["merges"])
+    if tok.get("merges") is not None:
+        w.add_token_merges(tok["merges"])
+    if tok.get("scores") is not None:
+        w.add_token_scores(tok["scores"])
+        w.add_add_space_prefix(tok["add_space_prefix"])
+    if tok.get("unk") is not None:
+        w.add_unk_token_id(tok["unk"])
     w.add_bos_token_id(tok["bos"])
     w.add_eos_token_id(tok["eos"])
     w.add_pad_token_id(tok["pad"])
