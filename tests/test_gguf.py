@@ -29,6 +29,12 @@ ARCHS = {
     "llama": dict(LLAMA, n_kv_head=2, tie_embeddings=False),  # grouped-query attention, separate output layer
     "qwen2": dict(LLAMA, n_kv_head=2, qkv_bias=True, rope_theta=1e6),
     "qwen3": dict(LLAMA, n_kv_head=2, qk_norm=True, head_dim=32),  # head_dim independent of the width
+    # Llama 3.1's rope scaling (here from a 16-token original context), and the per-frequency divisors a GGUF
+    # file from elsewhere carries it as (tensor rope_freqs)
+    "llama3-rope": dict(LLAMA, n_kv_head=2, rope_scaling={"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                          "high_freq_factor": 4.0,
+                                                          "original_max_position_embeddings": 16}),
+    "llama-factors": dict(LLAMA, rope_scaling={"type": "factors", "factors": [1.0, 1.0, 1.5, 2.0, 3.0, 5.0, 8.0, 8.0]}),
 }
 
 
@@ -69,7 +75,7 @@ def test_round_trip_logits(arch, tok, tmp_path, capsys):
             assert back.model.cfg.to_dict() == {**ref.model.cfg.to_dict(), "extra": {}}
             err = (back.model(ids) - want).abs().max().item()
             assert err <= tol, (outtype, err)
-    assert f"GGUF ({arch.split('-')[0]}, q8_0)" in capsys.readouterr().err
+    assert f"GGUF ({arch.split('-')[0].replace('llama3', 'llama')}, q8_0)" in capsys.readouterr().err
 
 
 def test_import_writes_a_model_directory(tok, tmp_path):

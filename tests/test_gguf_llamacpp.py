@@ -284,3 +284,25 @@ def test_streamed_load_peak_memory(tmp_path):
     print(f"streamed Q4_K_M load: the process grew {grew / 2**20:.0f} MiB for a {m['model'] / 2**20:.0f} MiB model "
           f"(fp32: {76e6 * 4 / 2**20:.0f} MiB); bound {1.3 * m['model'] / 2**20 + 64:.0f} MiB")
     assert grew <= 1.3 * m["model"] + 64 * 2**20
+
+
+@pytest.mark.parametrize("arch", ["llama3-rope", "llama-factors"])
+def test_llamacpp_rope_scaling(arch, tmp_path):
+    """Llama 3.1's rope scaling travels as llama.cpp's rope_freqs tensor: the same logits at positions past the
+    original context (16 here), where the scaling changes the rotation."""
+    tok = Tokenizer(gpt2_style())
+    src = make_dir(tmp_path / "m", tok, **ARCHS[arch])
+    main(["export", str(src), "--format", "gguf", "--outtype", "f32", "--out", str(tmp_path / "m.gguf")])
+    lm = load_model(src, device="cpu")
+    llm = llama(tmp_path / "m.gguf")
+    ids = tok.encode(" ".join(SAMPLE_TEXTS))[:60]
+    assert len(ids) == 60
+    with torch.no_grad():
+        ours = lm.model(torch.tensor([ids]))[0]
+        plain = load_model(src, device="cpu").model
+        plain.cfg.rope_scaling = None
+        plain.finish_loading()  # the rotary tables without the scaling: what a reader that ignored it would get
+        unscaled = plain(torch.tensor([ids]))[0]
+    theirs = llama_logits(llm, ids)
+    assert (theirs - ours).abs().max() <= 1e-3
+    assert (theirs - unscaled).abs().max() > 100 * (theirs - ours).abs().max()  # the check can tell

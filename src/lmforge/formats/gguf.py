@@ -23,6 +23,7 @@ same with single digits (Qwen2) -> "qwen2".
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -40,6 +41,7 @@ from .modeldir import load_model_dir, read_config
 
 OUTTYPES = ("f32", "f16", "q8_0", "q4_0")
 ACTIVATION_KEY = "lmforge.activation"  # an lmforge GPT-2 with exact GELU (llama.cpp ignores the key)
+ROPE_KEY = "lmforge.rope_scaling"  # Llama 3's rope scaling as lmforge states it (llama.cpp reads rope_freqs)
 ARCHES = ("gpt2", "llama", "qwen2", "qwen3")
 
 def is_gguf(path: str | Path) -> bool:
@@ -75,7 +77,8 @@ def gguf_arch(cfg: ModelConfig) -> str:
         need = [(cfg.norm == "rmsnorm", "RMSNorm"), (cfg.mlp == "gated", "a gated MLP"),
                 (cfg.activation == "silu", "SiLU"), (not cfg.proj_bias, "no output-projection bias"),
                 (not cfg.mlp_bias, "no MLP biases"), (not (cfg.qk_norm and cfg.qkv_bias), "no q/k/v biases"),
-                ((cfg.rope_scaling or {}).get("type", "linear") == "linear", "no rope scaling other than linear")]
+                ((cfg.rope_scaling or {}).get("type", "linear") in ("linear", "llama3", "factors"),
+                 "rope scaling that is linear, Llama 3's or per-frequency")]
     else:
         raise LMForgeError("GGUF export needs learned (gpt2) or rotary (llama) positions; this model has none")
     missing = [what for ok, what in common + need if not ok]
@@ -119,6 +122,15 @@ def _pairs_adjacent(t: torch.Tensor, heads: int) -> torch.Tensor:
 def _pairs_halves(t: torch.Tensor, heads: int) -> torch.Tensor:
     """The inverse of `_pairs_adjacent`."""
     return t.reshape(heads, t.shape[0] // heads // 2, 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
+
+
+def rope_factors(cfg: ModelConfig) -> torch.Tensor:
+    """llama.cpp's rope_freqs: per frequency, the divisor that turns the plain rotary frequency into
+    the scaled one (Llama 3.1's scaling, as llama.cpp's converter writes it)."""
+    from ..models.transformer import rope_frequencies
+
+    plain = rope_frequencies(ModelConfig(**{**cfg.to_dict(), "rope_scaling": None}))
+    return (plain / rope_frequencies(cfg)).float()
 
 
 def tensors_to_gguf(cfg: ModelConfig, arch: str, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -191,9 +203,11 @@ def _write_metadata(w, cfg: ModelConfig, arch: str, name: str, outtype: str) -> 
         w.add_rope_dimension_count(cfg.head_dim)
         w.add_rope_freq_base(cfg.rope_theta)
         w.add_layer_norm_rms_eps(cfg.norm_eps)
-        if cfg.rope_scaling:  # linear (checked by gguf_arch)
+        if (cfg.rope_scaling or {}).get("type") == "linear":
             w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
             w.add_rope_scaling_factor(cfg.rope_scaling["factor"])
+        elif cfg.rope_scaling:  # llama3 or factors: the tensor rope_freqs carries them; this key, the exact config
+            w.add_string(ROPE_KEY, json.dumps(cfg.rope_scaling))
     w.add_file_type(gguf.LlamaFileType.ALL_F32 if outtype == "f32" else gguf.LlamaFileType[f"MOSTLY_{outtype.upper()}"])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
@@ -251,6 +265,8 @@ def write_gguf(model: torch.nn.Module, tokenizer: Tokenizer, meta: dict, out: st
     arch = gguf_arch(cfg)
     tok = tokenizer_metadata(tokenizer, meta, cfg.vocab_size)
     tensors = tensors_to_gguf(cfg, arch, model.state_dict())
+    if (cfg.rope_scaling or {}).get("type") in ("llama3", "factors"):
+        tensors["rope_freqs.weight"] = rope_factors(cfg)
     with atomic_path(out) as tmp:
         w = gguf.GGUFWriter(str(tmp), arch)
         _write_metadata(w, cfg, arch, name, outtype)

@@ -22,6 +22,7 @@ plus the largest single tensor in fp32.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from ..models.config import ModelConfig
 from ..models.quant import Int4Linear, Int8Embedding, Int8Linear, quantize_groups, quantize_rows
 from ..models.transformer import Transformer
 from ..text.tokenizer import Tokenizer
-from .gguf import ACTIVATION_KEY, ARCHES, from_gguf_parts, tensor_plan
+from .gguf import ACTIVATION_KEY, ARCHES, ROPE_KEY, from_gguf_parts, tensor_plan
 from .gguf_vocab import tokenizer_from_gguf
 from .kinds import Kind
 from .modeldir import model_config_json, save_weights, weights_for_saving
@@ -87,7 +88,8 @@ def _f32(v) -> float:
     return float(str(np.float32(v)))
 
 
-def config_from_gguf(f: dict, tensors: dict) -> tuple[ModelConfig, str]:
+def config_from_gguf(f: dict, tensors: dict, rope_freqs: list[float] | None = None) -> tuple[ModelConfig, str]:
+    """The model config a GGUF file's metadata states (`rope_freqs`: the values of its rope_freqs tensor)."""
     arch = f.get("general.architecture")
     if arch not in ARCHES:
         raise LMForgeError(f"unsupported GGUF architecture {arch!r} (lmforge reads {', '.join(ARCHES)})")
@@ -113,8 +115,8 @@ def config_from_gguf(f: dict, tensors: dict) -> tuple[ModelConfig, str]:
         raise LMForgeError(f"unsupported rope scaling {f[f'{arch}.rope.scaling.type']!r} (lmforge reads linear)")
     if f.get(f"{arch}.rope.scaling.type") == "linear":
         scaling = {"type": "linear", "factor": _f32(key("rope.scaling.factor"))}
-    if "rope_freqs.weight" in tensors:
-        raise LMForgeError("GGUF files with per-frequency rope factors (Llama 3.1 style) are not supported")
+    if "rope_freqs.weight" in tensors:  # Llama 3.1's scaling: lmforge's own statement of it, else the factors
+        scaling = json.loads(f[ROPE_KEY]) if ROPE_KEY in f else {"type": "factors", "factors": rope_freqs}
     head_dim = int(f.get(f"{arch}.attention.key_length") or f.get(f"{arch}.rope.dimension_count") or n_embd // n_head)
     return ModelConfig(**common, n_kv_head=int(f.get(f"{arch}.attention.head_count_kv") or n_head), head_dim=head_dim,
                        norm="rmsnorm", norm_eps=_f32(key("attention.layer_norm_rms_epsilon")), mlp="gated",
@@ -327,14 +329,15 @@ def load_gguf(path: str | Path, quantize: str | None = "auto", dtype: str = "aut
     if quantize not in QUANTIZE:
         raise LMForgeError(f"unknown quantisation {quantize!r} (choose {', '.join(QUANTIZE)})")
     f, infos = _read(path)
-    cfg, arch = config_from_gguf(f, infos)
-    tokenizer, stops = tokenizer_from_gguf(f)
-    if tokenizer.vocab_size > cfg.vocab_size:
-        raise LMForgeError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the embedding only "
-                           f"{cfg.vocab_size} rows")
-    modes = _layer_modes(cfg, arch, infos, quantize)
     src = _Source(path, infos)
     try:
+        freqs = src.dequantized("rope_freqs.weight").tolist() if "rope_freqs.weight" in infos else None
+        cfg, arch = config_from_gguf(f, infos, freqs)
+        tokenizer, stops = tokenizer_from_gguf(f)
+        if tokenizer.vocab_size > cfg.vocab_size:
+            raise LMForgeError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the embedding only "
+                               f"{cfg.vocab_size} rows")
+        modes = _layer_modes(cfg, arch, infos, quantize)
         need, free = memory_needed(cfg, arch, src, modes), available_memory()
         if free is not None and need > free:
             raise LMForgeError(f"{path} needs about {need / 2**30:.1f} GiB of memory as loaded ({quantize}), and "

@@ -143,6 +143,9 @@ def config_to_hf(cfg: ModelConfig, family: str, bos_id: int | None, eos_id: int 
            "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_dim,
            "max_position_embeddings": cfg.context_length, "rms_norm_eps": cfg.norm_eps,
            "hidden_act": _ACT_TO_HF[cfg.activation], "rope_theta": cfg.rope_theta, "attention_dropout": 0.0}
+    if cfg.rope_scaling and cfg.rope_scaling["type"] == "factors":
+        raise LMForgeError("this model's rope scaling is a list of per-frequency factors (from a GGUF file), which "
+                           "Hugging Face's config cannot state; export it as GGUF instead")
     if cfg.rope_scaling:
         out["rope_scaling"] = {"rope_type": cfg.rope_scaling["type"],
                                **{k: v for k, v in cfg.rope_scaling.items() if k != "type"}}

@@ -36,6 +36,8 @@ def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
     kind = scaling.get("type", "default")
     if kind == "linear":
         inv_freq = inv_freq / scaling["factor"]
+    elif kind == "factors":  # one divisor per frequency, as GGUF files carry Llama 3's scaling (rope_freqs)
+        inv_freq = inv_freq / torch.tensor(scaling["factors"], dtype=torch.float32)
     elif kind == "llama3":
         factor = scaling["factor"]
         low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
@@ -47,7 +49,7 @@ def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
         medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
         inv_freq = torch.where(medium, smoothed, scaled)
     elif kind != "default":
-        raise LMForgeError(f"unsupported rope scaling type {kind!r} (supported: linear, llama3)")
+        raise LMForgeError(f"unsupported rope scaling type {kind!r} (supported: linear, llama3, factors)")
     return inv_freq
 
 
