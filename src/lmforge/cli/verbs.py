@@ -207,7 +207,7 @@ def export(ns) -> None:
     if not a.out:
         raise LMForgeError("--out is required")
     if a.format == "gguf":
-        export_gguf(a.model_dir, a.out, a.outtype, a.overwrite)
+        export_gguf(a.model_dir, a.out, a.outtype, a.overwrite, a.ollama)
         return
     export_hf(a.model_dir, a.out, a.shard_size_mb, a.overwrite, a.dtype)
 

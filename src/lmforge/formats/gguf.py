@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ..core.errors import LMForgeError
-from ..core.fileio import atomic_path
+from ..core.fileio import atomic_path, atomic_write
 from ..models.config import ModelConfig
 from ..text.tokenizer import Tokenizer
 from .gguf_vocab import tokenizer_metadata
@@ -236,8 +236,10 @@ def _write_tokenizer(w, tok: dict) -> None:
         w.add_chat_template(tok["template"])
 
 
-def export_gguf(model_dir: str | Path, out: str | Path, outtype: str = "f16", overwrite: bool = False) -> Path:
-    """Write an lmforge model directory as one GGUF file that llama.cpp runs unchanged."""
+def export_gguf(model_dir: str | Path, out: str | Path, outtype: str = "f16", overwrite: bool = False,
+                ollama: bool = False) -> Path:
+    """Write an lmforge model directory as one GGUF file that llama.cpp runs unchanged; with
+    `ollama`, also an Ollama Modelfile beside it (formats/ollama.py)."""
     model_dir, out = Path(model_dir), Path(out)
     if outtype not in OUTTYPES:
         raise LMForgeError(f"unknown --outtype {outtype!r} (choose {', '.join(OUTTYPES)})")
@@ -251,8 +253,22 @@ def export_gguf(model_dir: str | Path, out: str | Path, outtype: str = "f16", ov
     if not kind_of(meta).generates:
         raise LMForgeError(f"GGUF export needs a decoder (causal language model); {model_dir} is a {kind_of(meta)}")
     model, tokenizer, meta = load_model_dir(model_dir)
+    recipe = None
+    if ollama:  # before the GGUF file, so a template Ollama cannot state leaves nothing written
+        from ..text.templates import template_from_json
+        from .modeldir import stop_token_ids
+        from .ollama import modelfile
+
+        recipe = out.parent / "Modelfile"
+        if recipe.exists() and not overwrite:
+            raise LMForgeError(f"{recipe} exists (pass --overwrite to replace it)")
+        text = modelfile(out.name, template_from_json(meta.get("chat_template"), tokenizer), tokenizer,
+                         sorted(stop_token_ids(tokenizer, meta)))
     arch = write_gguf(model, tokenizer, meta, out, outtype, model_dir.resolve().name)
     print(f"exported {model_dir} as a GGUF ({arch}, {outtype}) to {out}", file=sys.stderr)
+    if recipe is not None:
+        atomic_write(recipe, text)
+        print(f"wrote {recipe}: ollama create NAME -f {recipe}", file=sys.stderr)
     return out
 
 

@@ -52,6 +52,13 @@ class Template:
             return getattr(self, f"_render_{self.name}")(messages, tokenizer, add_generation_prompt, tools)
         return self._render_jinja(messages, tokenizer, add_generation_prompt, tools)
 
+    def text(self, messages: list[dict], tokenizer: Tokenizer, add_generation_prompt: bool = False) -> str:
+        """The whole conversation as the template writes it, every message included (what Hugging
+        Face's apply_chat_template(tokenize=False) gives); `render` is for training spans."""
+        if self.name == "jinja":
+            return self._render_source(messages, tokenizer, add_generation_prompt)
+        return "".join(piece for piece, *_ in self.render(messages, tokenizer, add_generation_prompt))
+
     def tool_markers(self) -> Markers | None:
         """How this template's model writes a tool call (None: it cannot)."""
         if self.name == "chatml":
