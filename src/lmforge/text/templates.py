@@ -171,6 +171,7 @@ class Template:
         from jinja2 import TemplateError
 
         special = {k: _token_text(tokenizer.config.get(k)) for k in ("bos_token", "eos_token", "pad_token")}
+        special = {k: v for k, v in special.items() if v is not None}  # unset: undefined (""), as in transformers
         try:
             return self._compiled.render(messages=messages, add_generation_prompt=gen, tools=tools, **special)
         except TemplateError as e:
