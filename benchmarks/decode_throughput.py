@@ -1,4 +1,4 @@
-"""Decode throughput at batch 1: lmforge (fp32 and int8) vs transformers vs llama.cpp, same weights.
+"""Decode throughput at batch 1: lmforge (fp32, int8, int4) vs transformers vs llama.cpp, same weights.
 
 GPT-2 124M shapes (12 layers, width 768, 12 heads, vocabulary 50257 unpadded on both sides,
 context 1024), random weights, greedy decoding of --new-tokens tokens from a 16-token random
@@ -14,6 +14,9 @@ Sides, timed back to back in each round (the median over rounds is reported):
   lmforge int8    the same after `quantize_model` (what `--quantize int8` does)
   llama.cpp       llama-cpp-python on GGUF files lmforge writes from the same weights (f32, f16,
                   q8_0), n_threads = --threads, its default f16 KV cache; skipped if not installed
+  4-bit, one file for both sides: llama.cpp's own quantizer makes Q4_0 and Q4_K_M from lmforge's f32
+  file; "lmforge int4 Q4_0" loads that file with `lmforge.load` (quantize="auto": the Q4 matrices as
+  int4, the Q6_K tied embedding/output as int8) and "llama.cpp Q4_0" runs it
 
 Also printed: the fraction of the memory-bandwidth roofline, i.e. bytes of weight matrices read per
 token x tokens/s / measured copy bandwidth.
@@ -49,6 +52,11 @@ V, CTX, LAYERS, WIDTH, HEADS, PROMPT = 50257, 1024, 12, 768, 12, 16
 BYTES_PER_WEIGHT = {"transformers": 4, "lmforge fp32": 4, "lmforge int8": 1, "llama.cpp f32": 4,
                     "llama.cpp f16": 2, "llama.cpp q8_0": 34 / 32,  # q8_0: 32 int8 + one f16 scale per block
                     "llama.cpp q8_0 1 thread": 34 / 32, "lmforge fp32 1 thread": 4, "lmforge int8 1 thread": 1}
+# 4-bit files: the matrices' own bits (Q4_0 18 bytes / 32; Q4_K_M mostly Q4_K, 144 / 256, some Q6_K) and, on
+# lmforge's side, int4 groups of 32 (16 bytes + a bf16 scale and zero per group) and int8 for the Q6_K parts
+for _q, _llama, _ours in (("Q4_0", 18 / 32, 0.5 + 4 / 32), ("Q4_K_M", 0.6, 0.7)):
+    for _t in ("", " 1 thread"):
+        BYTES_PER_WEIGHT.update({f"llama.cpp {_q}{_t}": _llama, f"lmforge int4 {_q}{_t}": _ours})
 
 
 def copy_bandwidth(mb: int = 256, reps: int = 5) -> float:
@@ -93,6 +101,41 @@ def llama_cpp_sides(model, tmp: Path, prompt: list[int], n: int, threads: int) -
 
         sides[f"llama.cpp {outtype}" + (" 1 thread" if k != threads else "")] = run
     return sides
+
+
+def four_bit_sides(tmp: Path, prompt: list[int], n: int, threads: int, llama_threads: int, on) -> dict:
+    """lmforge int4 and llama.cpp on the same Q4_0 and Q4_K_M files, made by llama.cpp's quantizer."""
+    import ctypes
+
+    import llama_cpp
+
+    from lmforge.formats.load import load_model
+
+    sides = {}
+    for qtype in ("Q4_0", "Q4_K_M"):
+        path = tmp / f"gpt2-124m.{qtype}.gguf"
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype}")
+        assert llama_cpp.llama_model_quantize(str(tmp / "gpt2-124m.f32.gguf").encode(), str(path).encode(),
+                                              ctypes.byref(params)) == 0
+        engine = Engine(load_model(path, device="cpu").model, slots=1, max_len=PROMPT + n)
+        sides[f"lmforge int4 {qtype}"] = on(engine)
+        llm = llama_cpp.Llama(str(path), n_ctx=max(256, len(prompt) + n), n_threads=llama_threads,
+                              n_threads_batch=llama_threads, verbose=False)
+        sides[f"llama.cpp {qtype}"] = lambda llm=llm: list(_take(llm, prompt, n))
+        if threads > 1:
+            sides[f"lmforge int4 {qtype} 1 thread"] = on(engine, 1)
+            llm1 = llama_cpp.Llama(str(path), n_ctx=max(256, len(prompt) + n), n_threads=1, n_threads_batch=1,
+                                   verbose=False)
+            sides[f"llama.cpp {qtype} 1 thread"] = lambda llm=llm1: list(_take(llm, prompt, n))
+    return sides
+
+
+def _take(llm, prompt: list[int], n: int):
+    for i, t in enumerate(llm.generate(prompt, top_k=1, temp=0.0, reset=True)):
+        yield t
+        if i + 1 == n:
+            return
 
 
 def main() -> None:
@@ -146,7 +189,9 @@ def main() -> None:
         sides.update({"lmforge fp32 1 thread": on(engine, 1), "lmforge int8 1 thread": on(engine8, 1)})
     tmp = tempfile.TemporaryDirectory()
     if importlib.util.find_spec("llama_cpp") is not None:
-        sides.update(llama_cpp_sides(ours, Path(tmp.name), prompt[0].tolist(), N, args.llama_threads or args.threads))
+        llama_threads = args.llama_threads or args.threads
+        sides.update(llama_cpp_sides(ours, Path(tmp.name), prompt[0].tolist(), N, llama_threads))
+        sides.update(four_bit_sides(Path(tmp.name), prompt[0].tolist(), N, args.threads, llama_threads, on))
     if args.only:
         keep = {"transformers", *(name.strip() for name in args.only.split(","))}
         sides = {name: fn for name, fn in sides.items() if name in keep}
@@ -191,6 +236,10 @@ def main() -> None:
     ratio("lmforge int8", "llama.cpp q8_0")
     ratio("lmforge int8 1 thread", "lmforge fp32 1 thread")
     ratio("lmforge int8 1 thread", "llama.cpp q8_0 1 thread")
+    for qtype in ("Q4_0", "Q4_K_M"):
+        ratio(f"lmforge int4 {qtype}", f"llama.cpp {qtype}")
+        ratio(f"lmforge int4 {qtype} 1 thread", f"llama.cpp {qtype} 1 thread")
+        ratio(f"lmforge int4 {qtype}", "lmforge fp32")
     if importlib.util.find_spec("llama_cpp") is None:
         print("llama.cpp: skipped (llama-cpp-python is not installed: pip install 'lmforge[llamacpp]')")
 

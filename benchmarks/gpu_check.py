@@ -10,9 +10,9 @@ fsync'ed) as soon as it ends: a vanished machine loses only the step in flight.
   mfu_transformers  the same step in transformers' GPT2LMHeadModel (sdpa); the summary has lmforge/transformers
   pretrain          `lmforge pretrain --data pydocs --compile --max-minutes 2`; checks metrics.jsonl (mfu, val_bpb)
   serve             16 streams against `lmforge serve --device ...` (benchmarks/serve_throughput.py)
-  quant_decode      greedy decode tokens/s through the engine with fp32, bf16 and int8 weights (int4 once
-                    lmforge has it; on CUDA the engine computes in bf16 autocast), and whether int8 picks
-                    the tokens fp32 does
+  quant_decode      greedy decode tokens/s through the engine with fp32, bf16, int8 and int4 weights (on CUDA
+                    the engine computes in bf16 autocast), whether int8/int4 pick the tokens fp32 does, and
+                    whether int4 ran PyTorch's int4 kernel or fell back to dequantising (never run on a GPU yet)
 
 --out gets one JSON line per step after an "env" line (versions, GPU, CPU, time): {"step", "status": ok |
 failed | timeout | skipped, "seconds", "result", "reason" (skipped), "stderr_tail" (failed, timeout)}, and
@@ -182,10 +182,10 @@ def step_quant_decode(a: argparse.Namespace) -> dict:
     derail the rest of the comparison as it would a free-running decode)."""
     from serve_throughput import make_model_dir
 
-    from lmforge.core.errors import LMForgeError
     from lmforge.core.runtime import autocast
     from lmforge.formats.load import load_model
     from lmforge.inference.engine import Engine, Request
+    from lmforge.models.quant import _int4_kernel_ok
 
     device = torch.device(a.device)
     n_layer, n_embd, new, prompt_len = (2, 64, 16, 8) if a.smoke else (12, 768, 128, 16)
@@ -194,13 +194,7 @@ def step_quant_decode(a: argparse.Namespace) -> dict:
     out: dict = {"n_layer": n_layer, "n_embd": n_embd, "new_tokens": new}
     seqs, argmaxes = {}, {}
     for mode in ("fp32", "bf16", "int8", "int4"):
-        try:
-            lm = load_model(model_dir, a.device, quantize=mode if mode.startswith("int") else None)
-        except LMForgeError as e:
-            if mode != "int4":
-                raise
-            out[mode] = {"status": "skipped", "reason": f"lmforge has no int4 yet ({e})"}
-            continue
+        lm = load_model(model_dir, a.device, quantize=mode if mode.startswith("int") else None)
         if mode == "bf16":
             lm.model.to(torch.bfloat16)
         prompt = torch.randint(0, lm.tokenizer.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(0))
@@ -217,6 +211,8 @@ def step_quant_decode(a: argparse.Namespace) -> dict:
         out[mode] = {"tokens_per_sec": round(statistics.median(rates[1:]), 1),
                      "same_greedy_tokens_as_fp32": seqs[mode] == seqs["fp32"],
                      "argmax_agreement_with_fp32": round((argmaxes[mode] == argmaxes["fp32"]).float().mean().item(), 4)}
+        if mode == "int4":
+            out[mode]["kernel"] = "int4pack" if _int4_kernel_ok(device) else "dequantised per call"
     # Random weights leave near-ties (bf16 alone moves ~3% of argmaxes at 12 x 768 on CPU); a broken
     # int8 path agrees on ~1/vocab of them.
     agree = out["int8"]["argmax_agreement_with_fp32"]

@@ -119,3 +119,20 @@ def test_a_model_loaded_for_inference_quantises_too(tiny_run):
         quantize_model(lm.model, "int8")
         got = lm.model(ids)
     assert (got - want).abs().max() < 0.1 * want.abs().max()  # int8 weights, bf16 activations: quantisation error
+
+
+def test_int8_fallback_kernel_where_fbgemm_is_missing(monkeypatch):
+    """Without fbgemm (another CPU architecture, or a PyTorch that dropped its quantised tensors) int8 layers
+    use `_weight_int8pack_mm` with bf16 activations: the same function, to bf16's precision."""
+    from lmforge.models import quant
+
+    torch.manual_seed(0)
+    lin = nn.Linear(96, 200)
+    x = torch.randn(3, 96)
+    fast = Int8Linear(lin)
+    want = nn.functional.linear(x, fast.effective_weight(), lin.bias)
+    assert (fast(x) - want).abs().max() <= 1e-2 * want.abs().max()  # fbgemm here: 8-bit activations
+    assert (fast.effective_weight() - Int8Linear(lin).effective_weight()).abs().max() == 0  # unpacked back exactly
+    monkeypatch.setattr(quant, "_dynamic_int8", lambda device_type: None)
+    slow = Int8Linear(lin)
+    assert slow._packed is None and (slow(x) - want).abs().max() <= 1e-2 * want.abs().max()

@@ -29,7 +29,7 @@ import torch
 from ..core.errors import LMForgeError
 from ..core.runtime import autocast
 from ..models.blas import blas_matmuls
-from ..models.quant import Int8Linear
+from ..models.quant import Int4Linear, Int8Linear
 from ..models.transformer import InferenceLinear, KVCache, Transformer
 from .grammar import Grammar, forbidden_tokens
 from .sampling import filter_probs, penalize_counts, penalize_repeats, validate_sampling
@@ -197,8 +197,8 @@ class Engine:
         self.vocab, self.max_len = cfg.vocab_size, min(max_len or cfg.context_length, cfg.context_length)
         self.device = next(model.parameters()).device
         # A CPU float32 model set up by `for_inference` multiplies through numpy's BLAS (models/blas.py);
-        # not one with other linear layers (int8, LoRA), which need torch's threads.
-        linears = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, Int8Linear))]
+        # not one with other linear layers (int8, int4, LoRA), which need torch's threads.
+        linears = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, Int8Linear, Int4Linear))]
         self._blas = self.device.type == "cpu" and bool(linears) and all(
             type(m) is InferenceLinear and m.weight.dtype == torch.float32 for m in linears)
         self.cache = model.new_cache(slots, self.max_len)

@@ -62,6 +62,33 @@ def _int8pack_dtype(device_type: str) -> torch.dtype | None:
     return torch.bfloat16 if ok else None
 
 
+@functools.cache
+def _dynamic_int8(device_type: str) -> bool | None:
+    """Whether PyTorch's x86 int8 GEMM (fbgemm's `quantized.linear_dynamic`: activations quantised to 8
+    bits per call, as llama.cpp's q8_0 does) runs here, checked with a tiny call; None where it does not.
+    Its quantised-tensor API is deprecated in PyTorch, so its absence falls back to `_weight_int8pack_mm`."""
+    if device_type != "cpu" or "fbgemm" not in torch.backends.quantized.supported_engines:
+        return None
+    try:
+        q = torch.ones(8, 64, dtype=torch.int8)
+        layer = Int8Linear(rows=(q, torch.full((8,), 0.5)))
+        ok = torch.allclose(layer._fbgemm(torch.ones(2, 64)), torch.full((2, 8), 32.0), rtol=0.02)
+    except (RuntimeError, NotImplementedError, AttributeError):
+        return None
+    return ok or None
+
+
+@functools.cache
+def _vnni() -> bool:
+    """Whether this x86 CPU has VNNI: without it fbgemm's 8-bit activations must use 7 bits (reduce_range)
+    so its 16-bit intermediate sums cannot overflow."""
+    try:
+        flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
 class Int8Linear(nn.Module):
     """A linear layer with int8 weights and per-output-row scales (inference only)."""
 
@@ -76,8 +103,26 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale)
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
         self._scale_act: torch.Tensor | None = None  # the scales in the kernel's dtype, made on first use
+        self._packed = None  # fbgemm's packed weight, once used on an x86 CPU
+
+    def _fbgemm(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, K] fp32 -> [M, N] through fbgemm; the weight is packed once, and the packed copy is then
+        the only one kept (`effective_weight` unpacks it)."""
+        if self._packed is None:
+            import warnings
+
+            with warnings.catch_warnings():  # the quantised-tensor constructors warn that they are deprecated
+                warnings.simplefilter("ignore")
+                qt = torch._make_per_channel_quantized_tensor(self.qweight, self.scale.double(),
+                                                              torch.zeros(self.out_features, dtype=torch.long), 0)
+                self._packed = torch.ops.quantized.linear_prepack(qt, self.bias)
+            self.qweight = self.qweight.new_empty(0)
+        return torch.ops.quantized.linear_dynamic(x, self._packed, not _vnni())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._packed is not None or (x.device.type == "cpu" and _dynamic_int8("cpu")):
+            y = self._fbgemm(x.reshape(-1, self.in_features).float()).to(x.dtype)
+            return y.reshape(*x.shape[:-1], self.out_features)
         act = _int8pack_dtype(x.device.type)
         if act is None:
             return F.linear(x, self.effective_weight().to(x.dtype), self.bias)
@@ -91,7 +136,8 @@ class Int8Linear(nn.Module):
 
     def effective_weight(self) -> torch.Tensor:
         """The dequantised weight (what the loss path and checks use)."""
-        return self.qweight.float() * self.scale[:, None]
+        q = self.qweight if self._packed is None else torch.ops.quantized.linear_unpack(self._packed)[0].int_repr()
+        return q.float() * self.scale[:, None]
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
