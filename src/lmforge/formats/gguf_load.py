@@ -15,9 +15,9 @@ The step and offset of each group are read through the package's own dequantiser
 copies of the blocks whose 4-bit values are set to all 0s and all 1s (the values are each block's
 last bytes in all three layouts). Other types are dequantised and then quantised.
 
-The load streams: one tensor is read (`os.pread`, not a memory map, so file pages do not count
-against the process), converted and dropped before the next, so the peak is the loaded model
-plus the largest single tensor in fp32.
+The load streams: one tensor's bytes are read at a time (`os.pread`, not a memory map, so file
+pages do not count against the process) and converted 64 rows at a time, so no fp32 copy of a
+whole matrix is made and the peak is the loaded model plus one tensor's file bytes.
 """
 
 from __future__ import annotations
@@ -167,10 +167,10 @@ class _Source:
         return self._by_rows(name, lambda rows: quantize_rows(torch.from_numpy(_dequantize(rows, qtype))))
 
     def _by_rows(self, name: str, convert) -> tuple[torch.Tensor, ...]:
-        """`convert` applied to 256 rows of the file's bytes at a time, so no fp32 copy of the whole matrix
+        """`convert` applied to 64 rows of the file's bytes at a time, so no fp32 copy of the whole matrix
         is ever made."""
         raw = self.raw(name)
-        out = [convert(rows) for rows in np.array_split(raw, max(1, len(raw) // 256))]
+        out = [convert(rows) for rows in np.array_split(raw, max(1, len(raw) // 64))]
         return tuple(torch.cat(parts) for parts in zip(*out))
 
 
