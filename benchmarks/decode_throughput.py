@@ -103,6 +103,9 @@ def llama_cpp_sides(model, tmp: Path, prompt: list[int], n: int, threads: int) -
     return sides
 
 
+MEMORY: dict[str, tuple[int, int]] = {}  # file type -> (lmforge's weight bytes, llama.cpp's model size)
+
+
 def four_bit_sides(tmp: Path, prompt: list[int], n: int, threads: int, llama_threads: int, on) -> dict:
     """lmforge int4 and llama.cpp on the same Q4_0 and Q4_K_M files, made by llama.cpp's quantizer."""
     import ctypes
@@ -118,10 +121,13 @@ def four_bit_sides(tmp: Path, prompt: list[int], n: int, threads: int, llama_thr
         params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype}")
         assert llama_cpp.llama_model_quantize(str(tmp / "gpt2-124m.f32.gguf").encode(), str(path).encode(),
                                               ctypes.byref(params)) == 0
-        engine = Engine(load_model(path, device="cpu").model, slots=1, max_len=PROMPT + n)
+        model = load_model(path, device="cpu").model
+        engine = Engine(model, slots=1, max_len=PROMPT + n)
         sides[f"lmforge int4 {qtype}"] = on(engine)
         llm = llama_cpp.Llama(str(path), n_ctx=max(256, len(prompt) + n), n_threads=llama_threads,
                               n_threads_batch=llama_threads, verbose=False)
+        ours = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+        MEMORY[qtype] = (ours, llama_cpp.llama_model_size(llm._model.model))
         sides[f"llama.cpp {qtype}"] = lambda llm=llm: list(_take(llm, prompt, n))
         if threads > 1:
             sides[f"lmforge int4 {qtype} 1 thread"] = on(engine, 1)
@@ -230,6 +236,9 @@ def main() -> None:
             print(f"ratio {a} / {b}: {statistics.median(per_round):.2f}x "
                   f"(per round: {', '.join(f'{r:.2f}' for r in per_round)})")
 
+    for qtype, (ours, theirs) in MEMORY.items():
+        print(f"weights in memory, {qtype} file: lmforge {ours / 2**20:.0f} MiB (int4 groups of 32, int8 for Q6_K), "
+              f"llama.cpp {theirs / 2**20:.0f} MiB; fp32 {n_params * 4 / 2**20:.0f} MiB")
     ratio("lmforge fp32", "transformers")
     ratio("lmforge int8", "lmforge fp32")
     ratio("lmforge fp32", "llama.cpp f32")

@@ -270,8 +270,9 @@ def quantized_linear(linear: nn.Linear, mode: str, group: int = 32) -> nn.Module
 
 def quantize_model(model: nn.Module, mode: str = "int8", group: int = 32) -> nn.Module:
     """Swap every nn.Linear of `model` for an int8 or int4 one, in place (the output layer too: at
-    GPT-2 small's size it is a third of the weights). Embeddings and norms stay as they are.
-    `group`: int4's group size, 32 (finer, as GGUF's Q4 types) or 128 (less memory)."""
+    GPT-2 small's size it is a third of the weights), and the token embedding table for int8 rows.
+    Position embeddings and norms stay as they are. `group`: int4's group size, 32 (finer, as
+    GGUF's Q4 types) or 128 (less memory)."""
     if mode not in MODES:
         raise LMForgeError(f"unknown quantisation {mode!r} (choose {', '.join(MODES)})")
     if group not in INT4_GROUPS:
@@ -281,4 +282,6 @@ def quantize_model(model: nn.Module, mode: str = "int8", group: int = 32) -> nn.
     for name, linear in targets:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, quantized_linear(linear, mode, group))
+    if isinstance(getattr(model, "wte", None), nn.Embedding):
+        model.wte = Int8Embedding(model.wte.weight)
     return model
