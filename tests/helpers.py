@@ -58,8 +58,9 @@ def assert_clean_error(proc, fragment: str) -> None:
 
 
 
-def fails(capsys, fragment: str, *args: str) -> None:
-    """`lmforge ARGS` through the entry function: exit code 2, one error line mentioning `fragment`."""
+def fails(capsys, fragment: str, *args: str) -> str:
+    """`lmforge ARGS` through the entry function: exit code 2, one error line mentioning `fragment`
+    (returned)."""
     from lmforge.cli import main
 
     code = main(list(args))
@@ -67,3 +68,4 @@ def fails(capsys, fragment: str, *args: str) -> None:
     assert code == 2 and "Traceback" not in err, err
     lines = [x for x in err.splitlines() if x.startswith("error:")]
     assert len(lines) == 1 and fragment.lower() in lines[0].lower(), err
+    return lines[0]

@@ -238,7 +238,7 @@ def test_q4_k_m_from_lmforge(trained_256, tmp_path):
     # A 150-step model has near-tied candidates that llama.cpp's 8-bit activations flip now and then; this is
     # the bar test_llamacpp_q8_0 sets for llama.cpp's own 8-bit file against lmforge's fp32 model.
     assert sum(a >= 16 for a in agree) >= 0.6 * len(agree), agree
-    assert ratio <= 0.3, ratio
+    assert ratio <= 0.3, ratio  # int4 groups (0.16 of fp32), the Q6_K output layer as int8 rows, norms in fp32
     # quality on held-out text against the fp32 model lmforge trained
     from helpers import make_docs
 
@@ -251,7 +251,7 @@ def test_q4_k_m_from_lmforge(trained_256, tmp_path):
     ppl, top1 = (nll[1] - nll[0]).exp().item(), (a.argmax(-1) == b.argmax(-1)).float().mean().item()
     print(f"Q4_K_M as loaded vs fp32 on {x[:, 1:].numel()} held-out positions: perplexity x{ppl:.4f}, "
           f"top-1 agreement {top1:.1%}")
-    assert ppl <= 1.05 and top1 >= 0.85, (ppl, top1)  # int4 groups (0.16 of fp32), the Q6_K output layer as int8 rows, norms in fp32
+    assert ppl <= 1.05 and top1 >= 0.85, (ppl, top1)  # measured x1.0000 / 98.4% (gpt2), x0.9994 / 97.8% (llama)
 
 
 PEAK_SCRIPT = """

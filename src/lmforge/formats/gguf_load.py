@@ -68,9 +68,12 @@ def _read(path: Path):
         reader = gguf.GGUFReader(path)
         fields = {k: v.contents() for k, v in reader.fields.items()}
         tensors = {t.name: t for t in reader.tensors}
-    except Exception as e:  # the reader raises ValueError, IndexError, struct/numpy errors on bad files
-        first = (str(e).splitlines() or [type(e).__name__])[0]
-        raise LMForgeError(f"{path} is not a valid GGUF file (truncated or corrupt: {first[:120]})") from None
+    except Exception:  # the reader raises ValueError, IndexError, struct and numpy errors on bad files, whose
+        # wording (reshapes, dtypes) says nothing to the user; a cut-short download is the usual cause
+        magic = path.open("rb").read(4) == b"GGUF"
+        raise LMForgeError(f"{path} is not a valid GGUF file: " + (
+            f"its header or tensor table is cut short or corrupt ({size:,} bytes: an interrupted download or copy?)"
+            if magic else "it does not start with the GGUF magic bytes")) from None
     for t in tensors.values():
         if t.data_offset + t.n_bytes > size:
             raise LMForgeError(f"{path} is not a valid GGUF file: truncated (tensor {t.name} runs past the end of "
