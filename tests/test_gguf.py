@@ -241,22 +241,28 @@ def test_outtype_q4_0_and_quantised_bad_input(tok, tmp_path, capsys, monkeypatch
     monkeypatch.undo()
     # a tensor whose shape disagrees with the metadata
     reader = gguf.GGUFReader(out)
-    bad = tmp_path / "bad.gguf"
-    w = gguf.GGUFWriter(str(bad), "qwen2")
-    for key, fld in reader.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture":
-            continue
-        value = fld.contents()
-        if key == "qwen2.feed_forward_length":
-            value += 32
-        w.add_key_value(key, value, fld.types[0], sub_type=fld.types[-1] if len(fld.types) > 1 else None)
-    for t in reader.tensors:
-        w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    fails(capsys, "disagrees with the file's metadata", "generate", str(bad), "-p", "x")
+
+    def rewrite(path: Path, ffn_extra: int = 0, drop: str = "") -> Path:
+        w = gguf.GGUFWriter(str(path), "qwen2")
+        for key, fld in reader.fields.items():
+            if key.startswith("GGUF.") or key == "general.architecture":
+                continue
+            value = fld.contents()
+            if key == "qwen2.feed_forward_length":
+                value += ffn_extra
+            w.add_key_value(key, value, fld.types[0], sub_type=fld.types[-1] if len(fld.types) > 1 else None)
+        for t in reader.tensors:
+            if t.name != drop:
+                w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        return path
+
+    fails(capsys, "disagrees with the file's metadata", "generate", str(rewrite(tmp_path / "b1.gguf", 32)), "-p", "x")
+    fails(capsys, "lacks tensor blk.1.ffn_down.weight", "generate",
+          str(rewrite(tmp_path / "b2.gguf", drop="blk.1.ffn_down.weight")), "-p", "x")
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "qwen2", "qwen3", "llama3-rope"])

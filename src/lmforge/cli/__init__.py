@@ -97,12 +97,16 @@ EXAMPLES = {
     "import": """examples:
   lmforge import ~/models/SmolLM2-135M --out runs/smol
   lmforge generate runs/smol --prompt "The capital of France is" --temperature 0
-  lmforge import model.gguf --out runs/from-gguf                          # a GGUF file (F32/F16/BF16/Q8_0)""",
+  lmforge import model.Q4_K_M.gguf --out runs/from-gguf                   # a GGUF file of any common type, dequantised
+  lmforge generate model.Q4_K_M.gguf -p "def main"                        # or use it directly: 4-bit stays 4-bit""",
     "export": """examples:
   lmforge export runs/py --format hf --out hf/py
   # then, in Python: AutoModelForCausalLM.from_pretrained("hf/py"), AutoTokenizer.from_pretrained("hf/py")
   lmforge export runs/py --format gguf --outtype q8_0 --out py.gguf      # for llama.cpp, Ollama, LM Studio
-  llama-cli -m py.gguf -p "def main" -n 64                                # llama.cpp's own CLI""",
+  llama-cli -m py.gguf -p "def main" -n 64                                # llama.cpp's own CLI
+  lmforge export runs/py --format gguf --outtype f32 --out py.f32.gguf   # then: llama-quantize py.f32.gguf
+                                                                          #   py.Q4_K_M.gguf Q4_K_M
+  lmforge export runs/chat --format gguf --out out/chat.gguf --ollama    # plus out/Modelfile for Ollama""",
     "classify": """examples:
   lmforge classify runs/spam --text "WIN a FREE cruise, click now" "see you at lunch"
   lmforge classify runs/spam --file inbox.txt --json""",

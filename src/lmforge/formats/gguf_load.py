@@ -252,7 +252,7 @@ def _nbytes(shape: tuple[int, ...], mode: str | None) -> int:
 def memory_needed(cfg: ModelConfig, arch: str, src: _Source, modes: dict) -> int:
     plan = dict(tensor_plan(cfg, arch))
     total = sum(_nbytes((sum(src.shape(t)[0] for t in theirs), *src.shape(theirs[0])[1:]), modes.get(ours))
-                for ours, theirs in plan.items())
+                for ours, theirs in plan.items() if all(t in src.infos for t in theirs))  # missing: _build says
     if "lm_head.weight" in modes and "lm_head.weight" not in plan:
         total += _nbytes(src.shape("token_embd.weight"), modes["lm_head.weight"])
     return total
