@@ -68,6 +68,12 @@ def _chat_template(tokenizer: Tokenizer, meta: dict) -> str | None:
     return source or None
 
 
+def leading_bos(tokenizer: Tokenizer) -> int | None:
+    """The BOS id the tokenizer's post-processor puts before every text (Llama 2/3 style), or None."""
+    probe = tokenizer.encode("a", add_special_tokens=True)
+    return probe[0] if len(probe) > 1 and probe[0] in tokenizer.special_ids else None
+
+
 def _space_prefix(tok: dict) -> bool | None:
     """For a SentencePiece-style tokenizer ('▁' for spaces, by a normalizer as Llama 2's or a
     Metaspace pre-tokenizer as Mistral's): whether a '▁' is put before the text (llama.cpp's
@@ -112,12 +118,11 @@ def tokenizer_metadata(tokenizer: Tokenizer, meta: dict, n_rows: int) -> dict:
             tokens.append(piece)
             types.append(UNKNOWN if piece == unk and space_prefix is not None else NORMAL if i not in added
                          else CONTROL if added[i]["special"] else USER_DEFINED)
-    probe = tokenizer.encode("a", add_special_tokens=True)
-    add_bos = len(probe) > 1 and probe[0] in tokenizer.special_ids  # the post-processor prepends a BOS
+    bos = leading_bos(tokenizer)
     stop = sorted({tokenizer.eot_id, *meta.get("stop_token_ids", [])})
     out = {"model": "gpt2", "tokens": tokens, "types": types, "merges": merges,
-           "bos": probe[0] if add_bos else tokenizer.eot_id, "eos": tokenizer.eot_id, "pad": tokenizer.pad_id,
-           "add_bos": add_bos, "template": _chat_template(tokenizer, meta)}
+           "bos": tokenizer.eot_id if bos is None else bos, "eos": tokenizer.eot_id, "pad": tokenizer.pad_id,
+           "add_bos": bos is not None, "template": _chat_template(tokenizer, meta)}
     if space_prefix is None:
         out["pre"] = _pre_identity(tok)
     else:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from ..core.errors import LMForgeError
 from ..text.templates import Template
 from ..text.tokenizer import Tokenizer
+from .gguf_vocab import leading_bos
 
 MARK = "\u2063{}\u2063"  # probe contents: invisible separators no template writes
 
@@ -91,8 +92,8 @@ def modelfile(gguf_name: str, template: Template, tokenizer: Tokenizer, stop_ids
     """The Modelfile text: FROM the GGUF file beside it, the TEMPLATE, and one stop parameter per stop token
     (the model's own, and the special token that closes an assistant turn in its template)."""
     layout = read_layout(template, tokenizer)
-    probe = tokenizer.encode("a", add_special_tokens=True)
-    bos = tokenizer.id_to_token(probe[0]) if len(probe) > 1 and probe[0] in tokenizer.special_ids else None
+    bos_id = leading_bos(tokenizer)
+    bos = None if bos_id is None else tokenizer.id_to_token(bos_id)
     if bos and layout.head.startswith(bos):  # llama.cpp adds the BOS itself (add_bos_token): not twice
         layout.head = layout.head[len(bos):]
     go = layout.go_template()

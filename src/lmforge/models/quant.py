@@ -4,15 +4,17 @@ Each linear layer's weight W [out, in] becomes int8 values q and one fp32 scale 
 (symmetric, absmax / 127), so W ~= q * scale[:, None]: a quarter of fp32's bytes, and batch-1
 decoding is bound by the bytes of weights read per token.
 
-The matmul: PyTorch's `_weight_int8pack_mm` (int8 weights, per-row scales) where it is fast. On
-CPU (torch 2.13, x86) it has a vectorised kernel for bf16 activations only (its fp32 path is a
-slow reference loop), so activations enter it in bf16 and the result returns in the model's dtype.
-On other devices (not measured here), or where the kernel is missing, the weight is dequantised
-per call: correct, and a quarter of the memory, but not faster.
+The matmul: on x86 CPUs, fbgemm's int8 GEMM (`quantized.linear_dynamic`), which quantises the
+activations to 8 bits per call as llama.cpp's q8_0 does (3x faster than the next option on
+GPT-2's output layer). Elsewhere, or if a PyTorch drops it (its quantised-tensor API is
+deprecated), `_weight_int8pack_mm` (int8 weights, per-row scales): on CPU it is vectorised for
+bf16 activations only, so activations enter it in bf16. On other devices (not measured here), or
+where neither kernel runs, the weight is dequantised per call: correct, and a quarter of the
+memory, but not faster.
 
 Int4: groups of 32 (or 128) input columns share a scale and a zero point, w = (q - 8) * scale +
 zero with q in 0..15: an eighth of fp32's bytes plus 4 bytes a group. That is exactly the form of
-GGUF's Q4_0, Q4_1 and Q4_K blocks, so those files load without requantising (formats/gguf.py).
+GGUF's Q4_0, Q4_1 and Q4_K blocks, so those files load without requantising (formats/gguf_load.py).
 The matmul is PyTorch's `_weight_int4pack_mm_for_cpu` (bf16 activations, its fast path) or, on
 CUDA, `_weight_int4pack_mm`; each is checked once with a tiny call, and where it is missing or
 wrong the weight is dequantised per call instead.
@@ -162,9 +164,9 @@ def _int4_kernel_ok(device: torch.device) -> bool:
 @functools.cache
 def _int4_check(device_type: str) -> bool:
     try:
-        q = (torch.arange(16 * 64) % 16).reshape(16, 64).to(torch.uint8)
-        layer = Int4Linear(q, torch.full((16, 2), 0.5), torch.ones(16, 2), None, 32).to(device_type)
-        x = torch.eye(64, device=device_type)
+        q = (torch.arange(16 * 256) % 16).reshape(16, 256).to(torch.uint8)
+        layer = Int4Linear(q, torch.full((16, 8), 0.5), torch.ones(16, 8), None, 32).to(device_type)
+        x = torch.eye(256, device=device_type)
         want = (q.float() - 8) * 0.5 + 1
         return bool(torch.allclose(layer._kernel(x).t().float().cpu(), want))
     except (RuntimeError, NotImplementedError, AttributeError):
@@ -209,9 +211,10 @@ class Int4Linear(nn.Module):
         if self._packed != dev:
             if self._packed is not None:
                 raise LMForgeError("an int4 layer used on one device cannot move to another; load it there")
-            q = self._unpacked()
-            self.qweight = (torch._convert_weight_to_int4pack_for_cpu(q.int(), 1) if dev == "cpu"
-                            else torch._convert_weight_to_int4pack(self.qweight, 8))
+            # CUDA's packer tiles the input width by 16 x inner_k_tiles (8, 4 or 2; widths are multiples of 32)
+            tiles = next(t for t in (8, 4, 2) if self.in_features % (16 * t) == 0)
+            self.qweight = (torch._convert_weight_to_int4pack_for_cpu(self._unpacked().int(), 1) if dev == "cpu"
+                            else torch._convert_weight_to_int4pack(self.qweight, tiles))
             self._packed = dev
         x = x.to(torch.bfloat16)
         if dev == "cpu":
@@ -224,7 +227,7 @@ class Int4Linear(nn.Module):
             return F.linear(x, self.effective_weight().to(x.dtype), bias)
         y = self._kernel(x.reshape(-1, self.in_features))[:, :self.out_features].to(x.dtype)
         if self.bias is not None:
-            y = y + self.bias
+            y = y + self.bias.to(y.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def effective_weight(self) -> torch.Tensor:
