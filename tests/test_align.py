@@ -32,7 +32,8 @@ from lmforge.training.tasks.dpo import dpo_loss, train_dpo
 from lmforge.training.tasks.instruct import InstructConfig, finetune_instruct
 from lmforge.training.tasks.ppo import gae, whiten
 from lmforge.training.tasks.reward import bradley_terry_loss, train_reward
-from lmforge.training.tasks.rlhf import clipped_objective, group_advantages, k3_kl, kl_weight, train_rlhf
+from lmforge.training.tasks.rlhf import train_rlhf
+from lmforge.training.tasks.rollout import clipped_objective, group_advantages, k3_kl, kl_weight
 
 
 def _sigmoid(x: float) -> float:

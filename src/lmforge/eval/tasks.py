@@ -35,6 +35,7 @@ from pathlib import Path
 
 from ..core.errors import LMForgeError
 from ..data.records import read_records
+from .builtin import builtin_fields
 
 KINDS = ("choice", "generate", "perplexity")
 BUILTIN = ("arithmetic", "pydocs", "spam")
@@ -145,9 +146,7 @@ def read_task_file(path: str | Path, kind: str | None = None) -> tuple[str, list
 def load_task(spec: str) -> list[Task]:
     """The task(s) that `--task SPEC` names: a built-in name, `builtin`, a .jsonl/.json file or a .yaml."""
     if spec in BUILTIN or spec == "builtin":
-        from .builtin import builtin_task
-
-        return [builtin_task(n) for n in (BUILTIN if spec == "builtin" else (spec,))]
+        return [Task(**builtin_fields(n)) for n in (BUILTIN if spec == "builtin" else (spec,))]
     path = Path(spec)
     if not path.exists():
         raise LMForgeError(f"--task {spec!r}: no such file, and not a built-in task ({', '.join(BUILTIN)}, builtin)")

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from ...data.collate import IGNORE
 from ...models.transformer import Transformer
-from .rlhf import RolloutTask, clipped_objective, k3_kl
+from .rollout import RolloutTask, clipped_objective, k3_kl
 
 
 class PolicyWithValue(nn.Module):
