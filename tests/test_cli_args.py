@@ -107,3 +107,20 @@ def test_help_shows_zero_defaults_and_each_verbs_own_examples(capsys):
     with pytest.raises(SystemExit):
         main(["pretrain", "--help"])
     assert "dropout probability (default: 0.0)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_flag_errors_are_one_line_with_the_closest_flag(capsys):
+    """A mistyped flag or choice: one `error:` line naming the verb and the nearest spelling, exit 2, no usage."""
+    from helpers import fails
+
+    line = fails(capsys, "unrecognised argument '--temprature' (did you mean --temperature?)",
+                 "generate", "runs/x", "--temprature", "0.5")
+    assert line.startswith("error: lmforge generate:")
+    fails(capsys, "(did you mean --lora-rank?)", "finetune", "instruct", "runs/x", "--lora-rnk", "8")
+    fails(capsys, "unrecognised argument '--zzzz' (see lmforge generate --help)", "generate", "runs/x", "--zzzz")
+    fails(capsys, "invalid choice: 'q4_k' (choose from 'f32', 'f16', 'q8_0', 'q4_0') (did you mean 'q4_0'?)",
+          "export", "runs/x", "--outtype", "q4_k")
+    fails(capsys, "invalid choice: 'generat'", "generat", "runs/x")
+    assert main(["generate", "runs/x", "--quantize", "int3"]) == 2
+    err = capsys.readouterr().err
+    assert "usage:" not in err and len(err.strip().splitlines()) == 1, err

@@ -9,9 +9,12 @@ argument errors answer at once.
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import os
+import re
 import sys
+from typing import NoReturn
 
 from ..core.config import add_arguments
 from ..core.errors import LMForgeError, PeerFailed
@@ -234,13 +237,41 @@ def chosen_verb(argv: list[str]) -> str | None:
     return name if name in VERBS else None
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with lmforge's way of failing: one `error:` line naming the verb, exit status 2, and
+    no usage block (`--help` has it). Every verb's parser is one of these (subparsers take the class)."""
+
+    def error(self, message: str) -> NoReturn:
+        m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)$", message)
+        close = difflib.get_close_matches(m[1], re.findall(r"'([^']*)'", m[2]), n=1) if m else []
+        hint = f"did you mean {close[0]!r}?" if close else f"see {self.prog} --help"
+        self.exit(2, f"error: {self.prog}: {message} ({hint})\n")
+
+
+def _unknown_flag(parser: argparse.ArgumentParser, ns: argparse.Namespace, extras: list[str]) -> str:
+    """The error for arguments no flag takes, with the closest flag of the chosen verb when one is near."""
+    verb = parser
+    for key in ("command", "sub"):  # down to the verb's own parser
+        action = next((a for a in verb._actions if isinstance(a, argparse._SubParsersAction)), None)
+        if action is None or getattr(ns, key, None) not in action.choices:
+            break
+        verb = action.choices[getattr(ns, key)]
+    word = extras[0]
+    message = f"{verb.prog}: unrecognised argument {word!r}"
+    if word.startswith("-"):
+        flags = [f for f in verb._option_string_actions if f.startswith("--")]
+        close = difflib.get_close_matches(word.split("=")[0], flags, n=1, cutoff=0.6)
+        message += f" (did you mean {close[0]}?)" if close else f" (see {verb.prog} --help)"
+    return message
+
+
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The `lmforge` parser. With `argv`, only the verb it names gets its flags (the others need not
     import their modules); without, every verb does."""
     from .. import __version__
 
     chosen = chosen_verb(argv) if argv is not None else None
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="lmforge", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="lmforge: train, run and adapt language models, end to end.",
         epilog="Run `lmforge VERB --help` for each verb's options. Start with `lmforge demo`.")
@@ -263,7 +294,15 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv)
-    ns = parser.parse_args(argv)
+    try:
+        ns, extras = parser.parse_known_args(argv)
+    except SystemExit as e:  # --help and --version end here (0); argparse's errors, already one line (2)
+        if e.code in (0, None):
+            raise
+        return int(e.code)
+    if extras:
+        print(f"error: {_unknown_flag(parser, ns, extras)}", file=sys.stderr)
+        return 2
     if not getattr(ns, "func", None):
         parser.print_help()
         return 2
