@@ -181,7 +181,10 @@ def test_long_text_is_truncated_with_a_warning_or_refused(minilm_lm, capsys):
 
 def test_bad_encoder_input(tiny_run, tmp_path, capsys):
     fails(capsys, "empty text", "embed", "minilm", "--text", "")
-    fails(capsys, "needs an encoder", "embed", str(tiny_run), "--text", "hello")
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    fails(capsys, "empty.txt has no non-blank lines", "embed", "minilm", "--file", str(tmp_path / "empty.txt"))
+    line = fails(capsys, "needs an encoder", "embed", str(tiny_run), "--text", "hello")
+    assert "is a language model (causal-lm) (a decoder predicts the next token" in line
     fails(capsys, "needs an encoder", "fill-mask", str(tiny_run), "The [MASK] is here.")
     fails(capsys, "no masked-LM head", "fill-mask", "minilm", "The [MASK] is here.")
     fails(capsys, "text generation needs a decoder", "generate", "minilm", "--prompt", "Hello")

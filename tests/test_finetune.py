@@ -352,3 +352,22 @@ def test_instruct_learns_tool_calls_and_marks_the_model(ft_base, tmp_path):
     meta = json.loads((out / "config.json").read_text())
     assert meta["tool_calls"] is True and LocalGenerator(load(out, device="cpu")).native_tools
     assert not LocalGenerator(load(ft_base, device="cpu")).native_tools
+
+
+def test_a_classifier_adapter_is_no_base_and_merging_would_not_help(tmp_path, capsys):
+    import json
+    import shutil
+
+    from test_gguf import make_dir
+
+    src = make_dir(tmp_path / "m")
+    clf = tmp_path / "clf-adapter"
+    shutil.copytree(src, clf)
+    meta = json.loads((clf / "config.json").read_text())
+    (clf / "config.json").write_text(json.dumps({**meta, "kind": "classifier", "lora": {"rank": 4}}))
+    (clf / "adapter.safetensors").write_bytes(b"")
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"instruction": "Say hi", "output": "hi"}) + "\n")
+    line = fails(capsys, "is a classifier; this fine-tuning needs a causal-lm base", "finetune", "instruct", str(clf),
+                 "--data", str(data), "--out", str(tmp_path / "o"))
+    assert "merge" not in line

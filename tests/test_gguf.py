@@ -141,7 +141,8 @@ def test_refusals(tok, tmp_path, capsys):
     enc = make_dir(tmp_path / "enc", tok, causal=False, norm_position="post", embedding_norm=True)
     meta = json.loads((enc / "config.json").read_text())
     (enc / "config.json").write_text(json.dumps({**meta, "kind": "encoder"}))
-    fails(capsys, "needs a decoder", "export", str(enc), "--format", "gguf", "--out", str(out))
+    fails(capsys, "needs a decoder (causal language model); " + str(enc) + " is an encoder", "export", str(enc),
+          "--format", "gguf", "--out", str(out))
     adapter = tmp_path / "adapter"
     shutil.copytree(src, adapter)
     meta = json.loads((adapter / "config.json").read_text())

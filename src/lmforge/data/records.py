@@ -127,5 +127,6 @@ def read_texts(texts: list[str], file: str | Path | None, text_field: str = "tex
             texts += [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines()
                       if line.strip()]
     if not texts:
-        raise LMForgeError(f"nothing to {what}: give --text or --file")
+        raise LMForgeError(f"nothing to {what}: {file} has no non-blank lines" if file
+                           else f"nothing to {what}: give --text or --file")
     return texts

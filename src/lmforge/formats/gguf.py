@@ -251,7 +251,8 @@ def export_gguf(model_dir: str | Path, out: str | Path, outtype: str = "f16", ov
     if is_adapter(meta):
         raise LMForgeError(f"{model_dir} is a LoRA adapter: merge it first (lmforge merge-lora {model_dir} --out DIR)")
     if not kind_of(meta).generates:
-        raise LMForgeError(f"GGUF export needs a decoder (causal language model); {model_dir} is a {kind_of(meta)}")
+        raise LMForgeError(f"GGUF export needs a decoder (causal language model); {model_dir} is "
+                           f"{kind_of(meta).phrase}")
     model, tokenizer, meta = load_model_dir(model_dir)
     recipe = None
     if ollama:  # before the GGUF file, so a template Ollama cannot state leaves nothing written

@@ -166,7 +166,8 @@ def export_hf(model_dir: str | Path, out: str | Path, shard_size_mb: float = 200
     model_dir, out = Path(model_dir), Path(out)
     meta = read_config(model_dir)
     if not kind_of(meta).generates:
-        raise LMForgeError(f"only language models can be exported to Hugging Face format (this is a {kind_of(meta)})")
+        raise LMForgeError("only language models can be exported to Hugging Face format "
+                           f"(this is {kind_of(meta).phrase})")
     if is_adapter(meta):
         raise LMForgeError(f"{model_dir} is a LoRA adapter: merge it first (lmforge merge-lora {model_dir} --out DIR)")
     model, tokenizer, meta = load_model_dir(model_dir)

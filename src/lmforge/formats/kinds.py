@@ -38,6 +38,12 @@ class Kind(str, Enum):
     def __str__(self) -> str:
         return self.value
 
+    @property
+    def phrase(self) -> str:
+        """The kind in words, with its article, for messages: "an encoder", "a reward model"."""
+        return {Kind.CAUSAL_LM: "a language model (causal-lm)", Kind.MASKED_LM: "a masked language model",
+                Kind.ENCODER: "an encoder", Kind.CLASSIFIER: "a classifier", Kind.REWARD: "a reward model"}[self]
+
 
 def kind_of(meta: dict) -> Kind:
     """The kind recorded in a config.json (older directories without one hold a causal LM)."""
@@ -57,5 +63,5 @@ def require(meta: dict, where: str, what: str, ok) -> Kind:
     """The kind, or a one-line error saying that `what` needs a model for which `ok(kind)` holds."""
     kind = kind_of(meta)
     if not ok(kind):
-        raise LMForgeError(f"{what}: {where} is a {kind}")
+        raise LMForgeError(f"{what}: {where} is {kind.phrase}")
     return kind

@@ -99,7 +99,7 @@ def chat(lm: Loaded, system: str | None = None, max_new_tokens: int = 256, tempe
          stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> list[dict]:
     """Read user turns from `stdin` until /exit or end of input; returns the final history."""
     if not lm.kind.generates:
-        raise LMForgeError(f"{lm.path} is a {lm.kind}, not a model that can chat")
+        raise LMForgeError(f"{lm.path} is {lm.kind.phrase}, not a model that can chat")
     validate_sampling(temperature, top_k, top_p, repetition_penalty, max_new_tokens)
     if not lm.meta.get("chat_template") and not lm.tokenizer.config.get("chat_template"):
         # A base model only continues text: it runs, but says nothing about why answers ramble.

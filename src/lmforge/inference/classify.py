@@ -39,7 +39,7 @@ def predict_probs(model: Classifier, seqs: list[list[int]], pad_id: int, batch_s
 def classify_texts(lm: Loaded, texts: list[str]) -> list[dict]:
     """[{"label": best, "probs": {label: p, ...}}] per text, for a classifier model directory."""
     if lm.kind is not Kind.CLASSIFIER:
-        raise LMForgeError(f"{lm.path} is not a classifier (it is a {lm.kind})")
+        raise LMForgeError(f"{lm.path} is not a classifier (it is {lm.kind.phrase})")
     labels = lm.meta["labels"]
     if any(not t.strip() for t in texts):
         raise LMForgeError("empty text: nothing to classify")

@@ -48,7 +48,7 @@ class LocalGenerator:
 
     def __init__(self, lm: Loaded) -> None:
         if not lm.kind.generates:
-            raise LMForgeError(f"{lm.path} is a {lm.kind}, not a model that generates text")
+            raise LMForgeError(f"{lm.path} is {lm.kind.phrase}, not a model that generates text")
         self.lm, self.name = lm, str(lm.path)
         self._chat = None  # (template, stop ids), built on first use: base models have no chat format
 

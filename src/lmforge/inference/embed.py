@@ -26,8 +26,9 @@ MASK_ALIASES = ("[MASK]", "<mask>", "<|mask|>")
 
 def require_encoder(lm: Loaded, what: str) -> None:
     if not lm.kind.is_encoder:
-        raise LMForgeError(f"{what} needs an encoder (BERT-style) model; {lm.path} is a {lm.kind} "
-                           "(a decoder predicts the next token and does not read both ways)")
+        why = (" (a decoder predicts the next token and does not read both ways)" if lm.config.causal else
+               " with its own head; use the encoder it was tuned from")
+        raise LMForgeError(f"{what} needs an encoder (BERT-style) model; {lm.path} is {lm.kind.phrase}{why}")
 
 
 def encode_for_encoder(lm: Loaded, texts: list[str], truncate: bool = True) -> list[list[int]]:

@@ -15,7 +15,8 @@ from .classify import head_outputs
 
 def check_reward_model(lm: Loaded) -> None:
     if lm.kind is not Kind.REWARD:
-        raise LMForgeError(f"{lm.path} is not a reward model (it is a {lm.kind}); train one with lmforge align reward")
+        raise LMForgeError(f"{lm.path} is not a reward model (it is {lm.kind.phrase}); train one with lmforge align "
+                           "reward")
 
 
 def rewards(model: Classifier, seqs: list[list[int]], pad_id: int, batch_size: int = 16) -> torch.Tensor:

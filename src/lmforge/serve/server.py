@@ -29,7 +29,7 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: st
                       max_queue=max_queue, feedback=feedback)
     engine = Engine(lm.model, slots=slots) if lm.kind.generates else None
     if engine is None and not lm.kind.is_encoder:
-        raise LMForgeError(f"{model_dir} is a {lm.kind}: serve needs a language model or an encoder")
+        raise LMForgeError(f"{model_dir} is {lm.kind.phrase}: serve needs a language model or an encoder")
     app = create_app(lm, cfg, Backend(lm, engine, name, max_queue))
     print(f"serving {name} ({lm.kind}) on http://{host}:{port}  (OpenAI API under /v1; "
           f"{'API key required' if api_key else 'no API key'})", file=sys.stderr, flush=True)

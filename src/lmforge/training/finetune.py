@@ -14,7 +14,7 @@ from ..core.runtime import Dist
 from ..formats.hf_dir import copy_side_files
 from ..formats.kinds import Kind, kind_of
 from ..formats.load import builtin_model, load_parts
-from ..formats.modeldir import model_config_json, save_model_dir, save_weights
+from ..formats.modeldir import model_config_json, read_config, save_model_dir, save_weights
 from ..models.lora import adapter_state, apply_lora, count_parameters, freeze_for_lora
 from ..text.tokenizer import Tokenizer
 from .config import FinetuneConfig
@@ -50,12 +50,13 @@ def prepare(cfg: FinetuneConfig, dist: Dist, kinds: tuple[Kind, ...] = (Kind.CAU
         cfg.epochs = 3.0
     check_budget(cfg)
     base = builtin_model(cfg.base) or Path(cfg.base).expanduser()
-    if (base / "adapter.safetensors").exists():
+    adapter = (base / "adapter.safetensors").exists()
+    model, tokenizer, meta = (None, None, read_config(base)) if adapter else load_parts(base)
+    if kind_of(meta) not in kinds:  # before the adapter's advice: merging would not make it a fitting base
+        raise LMForgeError(f"{base} is {kind_of(meta).phrase}; this fine-tuning needs a "
+                           f"{' or '.join(map(str, kinds))} base")
+    if adapter:
         raise LMForgeError(f"{base} is a LoRA adapter: merge it first (lmforge merge-lora {base} --out DIR)")
-    model, tokenizer, meta = load_parts(base)
-    if kind_of(meta) not in kinds:
-        raise LMForgeError(f"{base} is a {kind_of(meta)}; this fine-tuning needs a {' or '.join(map(str, kinds))} "
-                           "base")
     model = model.float()  # train in fp32 (AdamW state and small updates need the precision)
     cfg.context_length = min(cfg.context_length or model.cfg.context_length, model.cfg.context_length)
     return cfg, model, tokenizer, base
