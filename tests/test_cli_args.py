@@ -124,3 +124,14 @@ def test_flag_errors_are_one_line_with_the_closest_flag(capsys):
     assert main(["generate", "runs/x", "--quantize", "int3"]) == 2
     err = capsys.readouterr().err
     assert "usage:" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_pretrain_and_tokenizer_train_share_the_vocabulary_bound(tmp_path, capsys):
+    """Every byte and every special token: `pretrain --vocab-size 3` is refused as `tokenizer train` refuses it
+    (it used to train silently with 320 tokens)."""
+    from helpers import fails
+
+    for argv in (["pretrain", "--data", "pydocs", "--out", str(tmp_path / "p")],
+                 ["tokenizer", "train", "--data", "pydocs", "--out", str(tmp_path / "t")]):
+        fails(capsys, "--vocab-size must be >= 272 (got 3)", *argv, "--vocab-size", "3")
+    assert not (tmp_path / "p").exists() and not (tmp_path / "t").exists()

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from ..core.config import arg
 from ..inference.params import SamplingParams
+from ..text.tokenizer import MIN_VOCAB
 
 DEVICE_HELP = "cpu, cuda, cuda:N, mps, or auto"
 QUANTIZE_HELP = ("weights in memory: int8 (per output row, a quarter of fp32's bytes), int4 (groups of 32, about a "
@@ -91,7 +92,7 @@ class TokenizerTrainArgs:
 
     data: list[str] = arg(["pydocs"], "text files, directories, .jsonl files, or 'pydocs'")
     out: str = arg("tokenizer.json", "where to write tokenizer.json")
-    vocab_size: int | None = arg(None, "vocabulary size (default: from the corpus size)", ge=272)
+    vocab_size: int | None = arg(None, "vocabulary size (default: from the corpus size)", ge=MIN_VOCAB)
     text_field: str = arg("text", "field holding the text in .jsonl files")
 
 

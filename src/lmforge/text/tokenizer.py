@@ -20,6 +20,7 @@ EOT = "<|endoftext|>"
 SPECIAL_TOKENS = [EOT, "<|pad|>", "<|im_start|>", "<|im_end|>", "<|tool_call|>", "<|/tool_call|>",
                   "<|tool_result|>", "<|/tool_result|>", "<|mask|>"]
 SPECIAL_TOKENS += [f"<|reserved_{i}|>" for i in range(16 - len(SPECIAL_TOKENS))]
+MIN_VOCAB = 256 + len(SPECIAL_TOKENS)  # every byte and every special token: the smallest vocabulary to train
 # End-of-text markers used by common open tokenizers, in order of preference.
 _EOT_CANDIDATES = [EOT, "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>", "[SEP]"]
 # GPT-4's split pattern: words, numbers in groups of up to 3 digits, punctuation, whitespace runs.

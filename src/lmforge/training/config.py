@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..core.config import arg
+from ..text.tokenizer import MIN_VOCAB
 from .rates import AT_768
 
 
@@ -71,7 +72,8 @@ class PretrainConfig(TrainConfig):
     text_field: str = arg("text", "field holding the text in .jsonl files")
     out: str = arg("runs/pretrain", "model directory to write")
     tokenizer: str | None = arg(None, "use this tokenizer.json (or a directory with one) instead of training one")
-    vocab_size: int | None = arg(None, "vocabulary size of a newly trained tokenizer (default: from corpus size)", ge=1)
+    vocab_size: int | None = arg(None, "vocabulary size of a newly trained tokenizer (default: from corpus size)",
+                                 ge=MIN_VOCAB)
     objective: str = arg("clm", "clm: predict the next token (decoders); mlm: predict masked tokens, BERT-style "
                          "(encoders; implies --arch bert)", choices=["clm", "mlm"])
     arch: str = arg("gpt2", "architecture family: gpt2 (learned positions, LayerNorm, GELU), llama "
