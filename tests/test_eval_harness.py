@@ -36,7 +36,8 @@ def test_acc_and_acc_norm_by_hand(monkeypatch):
     task = Task("t", "choice", [{"context": "Q", "choices": ["a", "bbbb"], "answer": 1},
                                 {"context": "R", "choices": ["cc", "d"], "answer": 0}])
     monkeypatch.setattr(harness, "loglikelihoods", lambda lm, pairs, bs: [-2.0, -4.0, -3.0, -2.0])
-    no_model = SimpleNamespace(meta={"kind": "causal-lm"}, path="m")  # the scores are given: no model runs
+    no_model = SimpleNamespace(meta={"kind": "causal-lm"}, path="m", config=SimpleNamespace(context_length=64),
+                               tokenizer=SimpleNamespace(encode=lambda text, special: list(text)))  # no model runs
     metrics, samples = run_task(task, lm=no_model)
     # doc 1: acc -> 0 (wrong), norm: -2/1 vs -4/4 -> 1 (right); doc 2: acc -> 1 (wrong), norm: -3/2 vs -2/1 -> 0 (right)
     assert metrics["acc"] == 0.0 and metrics["acc_norm"] == 1.0
@@ -184,3 +185,14 @@ def test_bad_tasks_are_one_line_errors(tiny_run, tmp_path, capsys):
     with pytest.raises(LMForgeError, match="needs a causal language model"):
         run_task(load_task("spam")[0], SimpleNamespace(meta={"kind": "classifier"}, path="m"))
     fails(capsys, "not both", "eval", str(tiny_run), "--api", "http://127.0.0.1:9/v1")
+
+
+def test_prompts_cut_to_the_context_are_reported(lm, capsys):
+    """5-shot arithmetic prompts overflow the 32-token test model: said on stderr, not silently cut."""
+    [task] = load_task("arithmetic")
+    run_task(task, lm, shots=5, limit=4)
+    err = capsys.readouterr().err
+    assert "warning: task arithmetic: 4 of 4 prompts are longer than the model's context (32 tokens)" in err
+    assert "fewer than 5 examples are seen" in err
+    run_task(Task("short", "generate", [{"prompt": "2+2=", "target": "4"}], max_tokens=4), lm)
+    assert "warning" not in capsys.readouterr().err  # a prompt that fits

@@ -16,6 +16,7 @@ Standard errors are the harness's: the sample standard deviation over documents 
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -155,6 +156,8 @@ def run_task(task: Task, lm: Loaded | None = None, generator=None, shots: int = 
                 lambda k: k.generates)
     contexts = task.contexts(shots, seed, limit)
     docs = task.docs[:limit]
+    if lm is not None:
+        _warn_if_cut(task, lm, contexts, shots)
     if task.kind == "choice":
         if lm is None:
             raise LMForgeError(f"task {task.name}: multiple choice needs a local model (log-likelihoods); --api "
@@ -168,6 +171,17 @@ def run_task(task: Task, lm: Loaded | None = None, generator=None, shots: int = 
                    for c in contexts]
         metrics, samples = score_generate(answers, task, docs, contexts)
     return {**head, "examples": len(docs), **metrics}, samples
+
+
+def _warn_if_cut(task: Task, lm: Loaded, contexts: list[str], shots: int) -> None:
+    """Say so when prompts are longer than the model's window: they lose their oldest tokens, which
+    with --shots are the first examples (lm-evaluation-harness cuts the same way, also silently)."""
+    room = lm.config.context_length - (task.max_tokens if task.kind == "generate" else 1)
+    cut = sum(len(lm.tokenizer.encode(c, special=False)) > room for c in contexts)
+    if cut:
+        print(f"warning: task {task.name}: {cut} of {len(contexts)} prompts are longer than the model's context "
+              f"({lm.config.context_length} tokens) and lose their oldest tokens"
+              + (f", so fewer than {shots} examples are seen (try fewer --shots)" if shots else ""), file=sys.stderr)
 
 
 def aggregate(results: dict[str, dict]) -> dict | None:
