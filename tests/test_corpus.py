@@ -77,3 +77,18 @@ def test_the_corpus_says_what_it_read(tmp_path):
     (tmp_path / "a.txt").write_text("one document")
     (tmp_path / "b.jsonl").write_text('{"text": "two"}\n{"text": "three"}\n')
     assert load_corpus([str(tmp_path)]).describe() == "2 files: 3 documents, 0.00 MB"
+
+
+def test_files_that_are_not_text_are_counted_not_skipped_silently(tmp_path, capsys):
+    """`rag index docs/` with pictures beside the text (it used to pass over them without a word)."""
+    from lmforge.rag.chunking import read_sources
+
+    (tmp_path / "guide.md").write_text("# Guide\n\nRead me.\n")
+    (tmp_path / "shot.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    (tmp_path / "logo.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    (tmp_path / "manual.pdf").write_bytes(b"%PDF-1.4")
+    assert list(read_sources([str(tmp_path)])) == [str(tmp_path / "guide.md")]
+    err = capsys.readouterr().err
+    assert f"warning: skipped 3 file(s) under {tmp_path} that are not text (2 .png, 1 .pdf)" in err
+    load_corpus([str(tmp_path)])  # pretraining data reads the same way
+    assert "(2 .png, 1 .pdf)" in capsys.readouterr().err

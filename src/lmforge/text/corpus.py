@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -92,14 +93,23 @@ def read_jsonl(path: Path, text_field: str) -> list[tuple[int, str]]:
 
 
 def text_files(directory: Path) -> list[Path]:
-    """Text files under a directory, recursively, in sorted order; hidden entries skipped."""
-    found = []
+    """Text files under a directory, recursively, in sorted order; hidden entries skipped, and the
+    other files (images, PDFs, archives) skipped with one warning that counts them by suffix."""
+    found, others = [], Counter()
     for root, dirs, files in os.walk(directory):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
             p = Path(root) / name
-            if not name.startswith(".") and p.suffix.lower() in TEXT_SUFFIXES | JSONL_SUFFIXES:
+            if name.startswith("."):
+                continue
+            if p.suffix.lower() in TEXT_SUFFIXES | JSONL_SUFFIXES:
                 found.append(p)
+            else:
+                others[p.suffix.lower() or "(no suffix)"] += 1
+    if others:
+        kinds = ", ".join(f"{n} {suffix}" for suffix, n in others.most_common())
+        warn(f"skipped {sum(others.values())} file(s) under {directory} that are not text ({kinds}); the text "
+             f"suffixes read are {', '.join(sorted(TEXT_SUFFIXES | JSONL_SUFFIXES))}")
     return found
 
 
