@@ -74,6 +74,15 @@ def test_pretrain_sizes_by_a_fitted_rule(tmp_path):
     plain = choose_depth("gpt2", 512, 128, 1024, **kw)[0]
     fitted, report = choose_depth("gpt2", 512, 128, 1024, tokens_per_param=ratio, **kw)
     assert fitted < plain and "by the scaling fit" in report[-1]  # this law wants ~hundreds of tokens/param
+    # a fit from runs with another vocabulary or context says so (it used to be used silently)
+    from lmforge.models.sizing import fit_mismatch
+
+    assert fit_mismatch(str(path), 512, 128) is None  # no record of what the runs used: nothing to compare
+    path.write_text(json.dumps({**json.loads(path.read_text()), "trained_on": {"vocab_size": 512,
+                                                                               "context_length": 16}}))
+    assert fit_mismatch(str(path), 512, 16) is None
+    assert "runs with context 16 (this run: 128)" in fit_mismatch(str(path), 512, 128)
+    assert "vocabulary 512 (this run: 1024) and context 16" in fit_mismatch(str(path), 1024, 128)
 
 
 def tiny_sweep(corpus_dir, out, *extra):
@@ -124,6 +133,7 @@ def test_tiny_real_sweep_runs_is_interrupted_and_resumes(corpus_dir, tmp_path, c
     assert "skipped C2e09_d2: exit code 1: boom" in io.err
     summary = json.loads(io.out)
     assert summary["points"] == 8 and summary["skipped"] == ["C2e09_d2"]
+    assert json.loads((out / "fit.json").read_text())["trained_on"]["context_length"] == 16
     assert (out / "fit.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["scaling", "predict", str(out / "fit.json"), "--flops", "1e12"]) == 0
     assert json.loads(capsys.readouterr().out)["n_opt"] > 0

@@ -176,6 +176,11 @@ def scaling_fit(ns) -> None:
         runs = [r for r in runs if r.get("planned_flops", r["flops"]) <= a.max_flops]
     fit = fit_sweep(runs, a.bootstrap)
     fit["skipped"] = [r["name"] for r in failed]
+    plan = Path(a.sweep) / "sweep.json"
+    if plan.exists():  # what the runs were trained with, so a run sized by this fit can say if it differs
+        saved = json.loads(plan.read_text())
+        fit["trained_on"] = {"vocab_size": saved.get("vocab_size"),
+                             "context_length": saved.get("settings", {}).get("context_length")}
     out = Path(a.out or Path(a.sweep) / "fit.json")
     atomic_write_json(out, fit)
     print("\n".join(comparison(fit)), file=sys.stderr)

@@ -100,7 +100,7 @@ def plan(settings: SweepSettings, sizes: list[str], budgets: list[float], out: P
                          "tokens": int(tokens), "flops_per_token": flops_per_token(cfg)})
     known = {r["name"]: r for r in (json.loads(saved.read_text())["runs"] if saved.exists() else [])}
     known.update({r["name"]: r for r in runs})
-    atomic_write_json(saved, {"settings": asdict(settings), "runs": list(known.values())})
+    atomic_write_json(saved, {"settings": asdict(settings), "vocab_size": vocab, "runs": list(known.values())})
     return runs
 
 

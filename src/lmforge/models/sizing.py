@@ -125,6 +125,22 @@ def fitted_tokens_per_param(path: str) -> Callable[[float], float]:
     return lambda c: (c / 6) ** (1 - 2 * a) / g ** 2
 
 
+def fit_mismatch(path: str, vocab_size: int, context_length: int) -> str | None:
+    """A warning when the fit's runs had another vocabulary or context than this run (its loss
+    curves, and so the compute-optimal ratio, depend on both), or None."""
+    import json
+
+    seen = json.loads(open(path).read()).get("trained_on") or {}
+    differ = [f"{what} {theirs} (this run: {ours})" for what, theirs, ours in
+              (("vocabulary", seen.get("vocab_size"), vocab_size), ("context", seen.get("context_length"),
+                                                                    context_length))
+              if theirs is not None and theirs != ours]
+    if not differ:
+        return None
+    return (f"--scaling-fit {path} was fitted on runs with {' and '.join(differ)}; its compute-optimal ratio "
+            "may not carry over (sweep with this run's settings to be sure)")
+
+
 def choose_depth(arch: str, vocab_size: int, context_length: int, tokens_per_step: int, *,
                  max_tokens: float | None, seconds: float | None,
                  step_seconds: Callable[[ModelConfig], float],

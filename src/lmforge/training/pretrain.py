@@ -20,6 +20,7 @@ from ..models.sizing import (
     arch_config,
     choose_depth,
     depth_of,
+    fit_mismatch,
     fitted_tokens_per_param,
     measure_step_seconds,
     passes_warning,
@@ -80,6 +81,9 @@ def build_model_config(cfg: PretrainConfig, vocab: int, out: Path, tokens_per_st
             tokens_per_param=fitted_tokens_per_param(cfg.scaling_fit) if cfg.scaling_fit else None)
         for line in report:
             dist_info.say(f"size auto: {line}")
+        mismatch = fit_mismatch(cfg.scaling_fit, vocab, cfg.context_length) if cfg.scaling_fit else None
+        if mismatch:
+            dist_info.say(f"warning: {mismatch}")
     else:
         depth = depth_of(cfg.size)
     base = sized_config(cfg.arch, depth, vocab, cfg.context_length) if depth else None
