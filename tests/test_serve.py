@@ -157,6 +157,13 @@ def test_tokenize_and_metrics(server):
     assert r.status_code == 200 and r.json()["count"] == len(r.json()["tokens"]) > 0
     text = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
     assert "lmforge_requests_total" in text and "lmforge_queue_depth" in text
+    # refused requests are counted by status (they used to be invisible here)
+    before = {s: metric(server, f'lmforge_rejected_total{{status="{s}"}}') if f'status="{s}"' in text else 0
+              for s in (400, 404)}
+    assert post(server, "/v1/completions", {"prompt": "a", "max_tokens": -1}).status_code == 400
+    assert httpx.get(server.url + "/v1/nothing", headers={"Authorization": f"Bearer {KEY}"}).status_code == 404
+    for status in (400, 404):
+        assert metric(server, f'lmforge_rejected_total{{status="{status}"}}') == before[status] + 1
 
 
 def test_stream_errors_and_done_marker(server):

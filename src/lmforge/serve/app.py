@@ -121,10 +121,12 @@ def create_app(lm: Loaded, cfg: ServeConfig, backend: Backend) -> FastAPI:
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):
+        backend.metrics.rejected[e.status] += 1
         return error_response(e)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException):  # FastAPI's own 404/405, in OpenAI's shape
+        backend.metrics.rejected[e.status_code] += 1
         what = {404: f"no such endpoint: {request.method} {request.url.path}",
                 405: f"method {request.method} is not allowed on {request.url.path}"}.get(e.status_code, str(e.detail))
         response = error_response(APIError(e.status_code, what, code={404: "not_found", 405: "method_not_allowed"}

@@ -13,6 +13,7 @@ import json
 import math
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -67,6 +68,7 @@ class Shape:
 class Metrics:
     def __init__(self) -> None:
         self.requests = self.errors = self.cancelled = self.prompt_tokens = self.completion_tokens = 0
+        self.rejected: Counter[int] = Counter()  # replies refused with an error status (400, 404, 413, 503 ...)
 
 
 class Backend:
@@ -383,7 +385,10 @@ class Backend:
                 ("lmforge_completion_tokens_total", "counter", m.completion_tokens),
                 ("lmforge_queue_depth", "gauge", waiting), ("lmforge_active_slots", "gauge", active),
                 ("lmforge_completion_tokens_per_second", "gauge", round(m.completion_tokens / max(uptime, 1e-9), 3))]
-        return "".join(f"# TYPE {name} {kind}\n{name} {value}\n" for name, kind, value in rows)
+        text = "".join(f"# TYPE {name} {kind}\n{name} {value}\n" for name, kind, value in rows)
+        text += "# TYPE lmforge_rejected_total counter\n"  # by status: bad requests as well as failed generations
+        return text + "".join(f'lmforge_rejected_total{{status="{status}"}} {n}\n'
+                              for status, n in sorted(m.rejected.items()))
 
 
 async def _sse(chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
