@@ -188,6 +188,11 @@ def test_bad_encoder_input(tiny_run, tmp_path, capsys):
     fails(capsys, "needs an encoder", "fill-mask", str(tiny_run), "The [MASK] is here.")
     fails(capsys, "no masked-LM head", "fill-mask", "minilm", "The [MASK] is here.")
     fails(capsys, "text generation needs a decoder", "generate", "minilm", "--prompt", "Hello")
+    # the built-in name works everywhere, and messages name it, not its site-packages path
+    fails(capsys, "minilm is an encoder (all-MiniLM-L6-v2, built in)", "export", "minilm", "--out", str(tmp_path / "x"))
+    line = fails(capsys, "minilm is an encoder; this fine-tuning needs a causal-lm base", "finetune", "instruct",
+                 "minilm", "--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "o"))
+    assert "site-packages" not in line
     tiny_bert(tmp_path)
     fails(capsys, "has no mask token", "fill-mask", str(tmp_path), "nothing is missing here")
 

@@ -206,6 +206,11 @@ def export(ns) -> None:
 
     if not a.out:
         raise LMForgeError("--out is required")
+    from ..formats.load import builtin_model
+
+    if builtin_model(a.model_dir):  # found by name, as embed, import and finetune find it
+        raise LMForgeError(f"{a.model_dir} is an encoder (all-MiniLM-L6-v2, built in); export writes language "
+                           "models (decoders) for transformers and llama.cpp")
     if a.format == "gguf":
         export_gguf(a.model_dir, a.out, a.outtype, a.overwrite, a.ollama)
         return

@@ -53,7 +53,7 @@ def prepare(cfg: FinetuneConfig, dist: Dist, kinds: tuple[Kind, ...] = (Kind.CAU
     adapter = (base / "adapter.safetensors").exists()
     model, tokenizer, meta = (None, None, read_config(base)) if adapter else load_parts(base)
     if kind_of(meta) not in kinds:  # before the adapter's advice: merging would not make it a fitting base
-        raise LMForgeError(f"{base} is {kind_of(meta).phrase}; this fine-tuning needs a "
+        raise LMForgeError(f"{cfg.base} is {kind_of(meta).phrase}; this fine-tuning needs a "
                            f"{' or '.join(map(str, kinds))} base")
     if adapter:
         raise LMForgeError(f"{base} is a LoRA adapter: merge it first (lmforge merge-lora {base} --out DIR)")
