@@ -195,3 +195,21 @@ def test_only_json_bodies(server):
     r = httpx.post(server.url + "/v1/completions", content='{"prompt": "a", "max_tokens": 1}',
                    headers={"Authorization": f"Bearer {KEY}", "Content-Type": "text/plain"})
     assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type"
+
+
+def test_the_client_fits_max_tokens_to_the_context_left(server):
+    """`agent --api` / `eval --api` against a small model: the prompt plus the default 256 new tokens overflow
+    the 32-token context; lmforge's client sends the request again with the max_tokens that fit."""
+    from lmforge.inference.client import RemoteGenerator, context_room
+
+    gen = RemoteGenerator(server.url, api_key=KEY)
+    prompt = "The module returns the value of the"  # ~10 tokens of a 32-token context
+    assert post(server, "/v1/completions", {"prompt": prompt, "max_tokens": 256}).status_code == 400
+    assert isinstance(gen.complete(prompt, max_tokens=256, temperature=0), str)
+    chunks = []
+    gen.complete(prompt, max_tokens=256, temperature=0, on_text=chunks.append)  # streamed too
+    gen.close()
+    assert context_room("the prompt's 257 tokens plus max_tokens 256 exceed the model's context of 512 tokens") == 255
+    assert context_room("This model's maximum context length is 4096 tokens. However, you requested 5000 tokens "
+                        "(4000 in the messages, 1000 in the completion).") == 96
+    assert context_room("the server is busy") is None

@@ -9,6 +9,7 @@ encodes prompts and renders chats exactly as the local path does.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Sequence
 from typing import Protocol
 from urllib.parse import urlsplit
@@ -139,7 +140,22 @@ class RemoteGenerator:
         except ValueError:
             raise LMForgeError(f"{self.base}{path} did not answer with JSON") from None
 
+    @staticmethod
+    def _fitting(send: Callable[[dict], object], body: dict):
+        """`send(body)`; a request whose max_tokens overflows the model's context is sent once more with
+        the max_tokens that fit (the server's error says how many tokens the prompt took)."""
+        try:
+            return send(body)
+        except LMForgeError as e:
+            room = context_room(str(e))
+            if room is None or not 1 <= room < body.get("max_tokens", 0):
+                raise
+            return send({**body, "max_tokens": room})
+
     def _generate(self, path: str, body: dict, on_text: Callable[[str], None] | None) -> str:
+        return self._fitting(lambda b: self._generate_once(path, b, on_text), body)
+
+    def _generate_once(self, path: str, body: dict, on_text: Callable[[str], None] | None) -> str:
         body = {"model": self.name, **body}
         if on_text is None:
             data = self._call("POST", path, body)
@@ -195,7 +211,7 @@ class RemoteGenerator:
         body = _body(model=self.name, messages=messages, tools=tools, max_tokens=max_tokens, temperature=temperature,
                      stop=(), seed=seed)
         try:
-            data = self._call("POST", "/chat/completions", body)
+            data = self._fitting(lambda b: self._call("POST", "/chat/completions", b), body)
         except LMForgeError as e:
             if "answered 400" in str(e) and "tool" in str(e):  # this server cannot: the ReAct text loop instead
                 return None
@@ -246,6 +262,16 @@ def _message(data) -> str:
     err = data.get("error") if isinstance(data, dict) else None
     msg = err.get("message") if isinstance(err, dict) else err
     return str(msg or data)[:300]
+
+
+def context_room(message: str) -> int | None:
+    """From a server's "prompt plus max_tokens is too long" error, the max_tokens that would fit: lmforge's
+    wording, and OpenAI's and vLLM's ("maximum context length is C tokens ... (P in the messages, ...")."""
+    m = re.search(r"prompt's (\d+) tokens plus max_tokens \d+ exceed the model's context of (\d+)", message)
+    if m:
+        return int(m[2]) - int(m[1])
+    m = re.search(r"maximum context length is (\d+) tokens.*?\((\d+) in the messages", message, flags=re.S)
+    return int(m[1]) - int(m[2]) if m else None
 
 
 def _raise_for_error(status: int, content: bytes) -> None:
