@@ -131,6 +131,7 @@ def test_tiny_real_sweep_runs_is_interrupted_and_resumes(corpus_dir, tmp_path, c
     assert main(["scaling", "fit", str(out), "--bootstrap", "0"]) == 0
     io = capsys.readouterr()
     assert "skipped C2e09_d2: exit code 1: boom" in io.err
+    assert "scaling fit: 8 runs; fitting L(N, D)" in io.err  # it says what the minutes ahead are for
     summary = json.loads(io.out)
     assert summary["points"] == 8 and summary["skipped"] == ["C2e09_d2"]
     assert json.loads((out / "fit.json").read_text())["trained_on"]["context_length"] == 16
@@ -145,3 +146,12 @@ def test_bad_scaling_input(tmp_path, capsys):
     fails(capsys, "unknown --size", "scaling", "sweep", "--out", str(tmp_path / "s"), "--sizes", "big")
     (tmp_path / "fit.json").write_text("{}")
     fails(capsys, "not a fit", "scaling", "predict", str(tmp_path / "fit.json"), "--n", "1e6", "--d", "1e8")
+
+
+def test_a_running_grid_point_reports_its_progress(tmp_path):
+    from lmforge.eval.sweep import run_progress
+
+    run = {"name": "C1e09_d1", "tokens": 4000}
+    assert run_progress(run, tmp_path) is None  # nothing logged yet
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 10, "tokens": 1000, "loss": 4.25}) + "\n")
+    assert run_progress(run, tmp_path) == "C1e09_d1: 25% of its 4,000 tokens, loss 4.250"

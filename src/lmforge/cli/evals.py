@@ -174,6 +174,8 @@ def scaling_fit(ns) -> None:
         print(f"skipped {r['name']}: {r.get('error', 'no validation loss')}", file=sys.stderr)
     if a.max_flops:
         runs = [r for r in runs if r.get("planned_flops", r["flops"]) <= a.max_flops]
+    print(f"scaling fit: {len(runs)} runs; fitting L(N, D) from a grid of starts, then {a.bootstrap} bootstrap "
+          "refits for the intervals (minutes; --bootstrap 0 skips them)", file=sys.stderr)
     fit = fit_sweep(runs, a.bootstrap)
     fit["skipped"] = [r["name"] for r in failed]
     plan = Path(a.sweep) / "sweep.json"

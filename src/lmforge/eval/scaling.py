@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import itertools
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from ..core.errors import LMForgeError
 
@@ -105,7 +107,9 @@ def bootstrap(n, d, loss, point: dict, samples: int, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     x0 = np.array([np.log(point["A"]), np.log(point["B"]), np.log(point["E"]), point["alpha"], point["beta"]])
     fits = []
-    for _ in range(samples):
+    # a hundred refits take minutes: a bar on stderr (every 30 s in a log file) instead of silence
+    for _ in tqdm(range(samples), desc="bootstrap refits", file=sys.stderr, leave=False, disable=samples < 10,
+                  mininterval=0.5 if sys.stderr.isatty() else 30):
         idx = rng.integers(0, len(n), len(n))
         if len(set(n[idx])) < 2 or len(set(d[idx])) < 2:
             continue

@@ -29,6 +29,7 @@ from pathlib import Path
 from ..core.errors import LMForgeError
 from ..core.fileio import atomic_write_json
 
+HEARTBEAT = 30.0  # seconds between progress lines while a run trains
 SAVE_EVERY = 25  # steps between checkpoints, so that a killed run loses little
 
 
@@ -128,6 +129,18 @@ def final_metrics(rundir: Path) -> dict:
             "trained_tokens": evals[-1]["tokens"]}
 
 
+def run_progress(run: dict, rundir: Path) -> str | None:
+    """How far a running grid point is, from the last row of its metrics.jsonl (None before the first)."""
+    try:
+        lines = (rundir / "metrics.jsonl").read_text().strip().splitlines()
+        row = json.loads(lines[-1]) if lines else None
+    except (OSError, ValueError):  # not written yet, or a row being written
+        return None
+    if not row or "tokens" not in row:
+        return None
+    return f"{run['name']}: {row['tokens'] / run['tokens']:.0%} of its {run['tokens']:,} tokens, loss {row['loss']:.3f}"
+
+
 def run_one(settings: SweepSettings, run: dict, out: Path, device: str, threads: int) -> dict:
     """Run (or resume) one grid point to the end; its result (also written to results/NAME.json)."""
     (out / "logs").mkdir(exist_ok=True)
@@ -135,7 +148,22 @@ def run_one(settings: SweepSettings, run: dict, out: Path, device: str, threads:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     start = time.time()
     with open(out / "logs" / f"{run['name']}.log", "a") as log:
-        proc = subprocess.run(_command(settings, run, out, device), stdout=log, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(_command(settings, run, out, device), stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            while proc.poll() is None:
+                try:
+                    proc.wait(timeout=HEARTBEAT)
+                except subprocess.TimeoutExpired:  # a run takes minutes: say how far it is, not only in its log
+                    line = run_progress(run, out / "runs" / run["name"])
+                    if line:
+                        print(f"  {line} ({time.time() - start:.0f} s)", file=sys.stderr, flush=True)
+        except BaseException:  # Ctrl-C reaches the run too (one process group): let it checkpoint, then go
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            raise
     result = {**run, "seconds": round(time.time() - start, 1)}
     metrics = final_metrics(out / "runs" / run["name"]) if proc.returncode == 0 else {}
     if proc.returncode != 0:
