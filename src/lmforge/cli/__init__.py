@@ -9,16 +9,14 @@ argument errors answer at once.
 from __future__ import annotations
 
 import argparse
-import difflib
 import importlib
 import os
-import re
 import sys
-from typing import NoReturn
 
 from ..core.config import add_arguments
 from ..core.errors import LMForgeError, PeerFailed
 from . import verbs
+from .parsing import Parser, unknown_flag
 
 # verb: (its dataclass as "module:Class", its function: a name in verbs.py or "module:function", one line of help)
 VERBS = {
@@ -237,34 +235,6 @@ def chosen_verb(argv: list[str]) -> str | None:
     return name if name in VERBS else None
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse with lmforge's way of failing: one `error:` line naming the verb, exit status 2, and
-    no usage block (`--help` has it). Every verb's parser is one of these (subparsers take the class)."""
-
-    def error(self, message: str) -> NoReturn:
-        m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)$", message)
-        close = difflib.get_close_matches(m[1], re.findall(r"'([^']*)'", m[2]), n=1) if m else []
-        hint = f"did you mean {close[0]!r}?" if close else f"see {self.prog} --help"
-        self.exit(2, f"error: {self.prog}: {message} ({hint})\n")
-
-
-def _unknown_flag(parser: argparse.ArgumentParser, ns: argparse.Namespace, extras: list[str]) -> str:
-    """The error for arguments no flag takes, with the closest flag of the chosen verb when one is near."""
-    verb = parser
-    for key in ("command", "sub"):  # down to the verb's own parser
-        action = next((a for a in verb._actions if isinstance(a, argparse._SubParsersAction)), None)
-        if action is None or getattr(ns, key, None) not in action.choices:
-            break
-        verb = action.choices[getattr(ns, key)]
-    word = extras[0]
-    message = f"{verb.prog}: unrecognised argument {word!r}"
-    if word.startswith("-"):
-        flags = [f for f in verb._option_string_actions if f.startswith("--")]
-        close = difflib.get_close_matches(word.split("=")[0], flags, n=1, cutoff=0.6)
-        message += f" (did you mean {close[0]}?)" if close else f" (see {verb.prog} --help)"
-    return message
-
-
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The `lmforge` parser. With `argv`, only the verb it names gets its flags (the others need not
     import their modules); without, every verb does."""
@@ -301,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         return int(e.code)
     if extras:
-        print(f"error: {_unknown_flag(parser, ns, extras)}", file=sys.stderr)
+        print(f"error: {unknown_flag(parser, ns, extras)}", file=sys.stderr)
         return 2
     if not getattr(ns, "func", None):
         parser.print_help()
