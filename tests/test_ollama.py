@@ -144,3 +144,9 @@ def test_template_without_a_per_message_layout_is_refused(tmp_path, capsys):
     fails(capsys, "folds the system message", "export", str(src), "--format", "gguf", "--ollama", "--out",
           str(tmp_path / "m.gguf"))
     assert not list(tmp_path.glob("*.gguf*")) and not (tmp_path / "Modelfile").exists()  # nothing written
+    braces = ("{% for m in messages %}{{ '{{' }}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+              "{% if add_generation_prompt %}{{ '{{' }}assistant: {% endif %}")
+    (src / "config.json").write_text(json.dumps({**meta, "chat_template": {"name": "jinja", "source": braces}}))
+    fails(capsys, "writes '{{', which Ollama's Go template would read as an action", "export", str(src), "--format",
+          "gguf", "--ollama", "--out", str(tmp_path / "m.gguf"))
+    assert not list(tmp_path.glob("*.gguf*"))

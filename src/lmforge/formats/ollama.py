@@ -96,6 +96,9 @@ def modelfile(gguf_name: str, template: Template, tokenizer: Tokenizer, stop_ids
     bos = None if bos_id is None else tokenizer.id_to_token(bos_id)
     if bos and layout.head.startswith(bos):  # llama.cpp adds the BOS itself (add_bos_token): not twice
         layout.head = layout.head[len(bos):]
+    fixed = [layout.head, layout.reply, *(t for pair in layout.roles.values() for t in pair)]
+    if any("{{" in t for t in fixed):
+        raise LMForgeError("the chat template writes '{{', which Ollama's Go template would read as an action")
     go = layout.go_template()
     if '"""' in go:
         raise LMForgeError('the chat template contains """, which a Modelfile TEMPLATE cannot hold')
