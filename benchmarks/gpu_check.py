@@ -212,7 +212,7 @@ def step_quant_decode(a: argparse.Namespace) -> dict:
                      "same_greedy_tokens_as_fp32": seqs[mode] == seqs["fp32"],
                      "argmax_agreement_with_fp32": round((argmaxes[mode] == argmaxes["fp32"]).float().mean().item(), 4)}
         if mode == "int4":
-            out[mode]["kernel"] = "int4pack" if _int4_kernel_ok(device) else "dequantised per call"
+            out[mode]["kernel"] = "int4pack" if _int4_kernel_ok(device.type) else "dequantised per call"
     # Random weights leave near-ties (bf16 alone moves ~3% of argmaxes at 12 x 768 on CPU); a broken
     # int8 path agrees on ~1/vocab of them.
     agree = out["int8"]["argmax_agreement_with_fp32"]

@@ -211,15 +211,23 @@ def _with(blocks: np.ndarray, n_q: int, byte: int) -> np.ndarray:
     return out
 
 
-def _layer_modes(cfg: ModelConfig, arch: str, infos: dict, quantize: str) -> dict[str, str | None]:
+def _plan(cfg: ModelConfig, arch: str, infos: dict) -> dict[str, tuple[str, ...]]:
+    """{lmforge tensor: its GGUF tensors}, a tied output layer included (read from token_embd), or a
+    one-line error naming a tensor the file lacks."""
+    plan = dict(tensor_plan(cfg, arch))
+    if cfg.tie_embeddings:
+        plan["lm_head.weight"] = ("token_embd.weight",)
+    missing = next((t for theirs in plan.values() for t in theirs if t not in infos), None)
+    if missing:
+        raise LMForgeError(f"the GGUF file lacks tensor {missing}")
+    return plan
+
+
+def _layer_modes(cfg: ModelConfig, plan: dict, infos: dict, quantize: str) -> dict[str, str | None]:
     """{lmforge weight name: "int4" | "int8" | None} for the linear layers and the embedding."""
     T, _, four, eight = _types()
-    plan = dict(tensor_plan(cfg, arch))
     linears = [n for n in plan if n.endswith(".weight") and len(infos[plan[n][0]].shape) == 2
-               and n not in ("wte.weight", "wpe.weight")] if all(t in infos for ts in plan.values() for t in ts) else []
-    if cfg.tie_embeddings:
-        linears.append("lm_head.weight")
-        plan["lm_head.weight"] = ("token_embd.weight",)
+               and n not in ("wte.weight", "wpe.weight")]
     modes = {}
     for name in linears + ["wte.weight"]:
         types = {infos[t].tensor_type for t in plan[name]}
@@ -230,8 +238,6 @@ def _layer_modes(cfg: ModelConfig, arch: str, infos: dict, quantize: str) -> dic
         if mode == "int4" and cfg_width(cfg, name) % GROUP:
             mode = "int8"
         modes[name] = mode
-    if cfg.tie_embeddings and modes["lm_head.weight"] is None:
-        modes.pop("lm_head.weight")  # tied to the fp32 embedding, as in training
     return modes
 
 
@@ -249,13 +255,13 @@ def _nbytes(shape: tuple[int, ...], mode: str | None) -> int:
     return {"int4": n // 2 + n // GROUP * 4, "int8": n + shape[0] * 4}.get(mode, 4 * n)
 
 
-def memory_needed(cfg: ModelConfig, arch: str, src: _Source, modes: dict) -> int:
-    plan = dict(tensor_plan(cfg, arch))
-    total = sum(_nbytes((sum(src.shape(t)[0] for t in theirs), *src.shape(theirs[0])[1:]), modes.get(ours))
-                for ours, theirs in plan.items() if all(t in src.infos for t in theirs))  # missing: _build says
-    if "lm_head.weight" in modes and "lm_head.weight" not in plan:
-        total += _nbytes(src.shape("token_embd.weight"), modes["lm_head.weight"])
-    return total
+def _shape(src: _Source, theirs: tuple[str, ...]) -> tuple[int, ...]:
+    """The shape of the lmforge tensor made of these GGUF tensors (fused ones are stacked by rows)."""
+    return (sum(src.shape(t)[0] for t in theirs), *src.shape(theirs[0])[1:])
+
+
+def memory_needed(plan: dict, src: _Source, modes: dict) -> int:
+    return sum(_nbytes(_shape(src, theirs), modes.get(ours)) for ours, theirs in plan.items())
 
 
 def available_memory() -> int | None:
@@ -269,20 +275,14 @@ def available_memory() -> int | None:
     return None
 
 
-def _build(cfg: ModelConfig, arch: str, src: _Source, modes: dict) -> Transformer:
+def _build(cfg: ModelConfig, arch: str, plan: dict, src: _Source, modes: dict) -> Transformer:
     """The model, its quantised layers built tensor by tensor and the rest assigned in fp32."""
     with torch.device("meta"):
         model = Transformer(cfg)
     expected = weights_for_saving(model)
-    plan = dict(tensor_plan(cfg, arch))
-    if "lm_head.weight" in modes and "lm_head.weight" not in plan:
-        plan["lm_head.weight"] = ("token_embd.weight",)
     plain = {}
     for ours, theirs in plan.items():
-        missing = [t for t in theirs if t not in src.infos]
-        if missing:
-            raise LMForgeError(f"the GGUF file lacks tensor {missing[0]}")
-        shape = (sum(src.shape(t)[0] for t in theirs), *src.shape(theirs[0])[1:])
+        shape = _shape(src, theirs)
         want = tuple(model.get_parameter(ours).shape) if ours == "lm_head.weight" else tuple(expected[ours].shape)
         if shape != want:
             raise LMForgeError(f"tensor {theirs[0]} has shape {src.shape(theirs[0])}, which disagrees with the "
@@ -340,13 +340,16 @@ def load_gguf(path: str | Path, quantize: str | None = "auto", dtype: str = "aut
         if tokenizer.vocab_size > cfg.vocab_size:
             raise LMForgeError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the embedding only "
                                f"{cfg.vocab_size} rows")
-        modes = _layer_modes(cfg, arch, infos, quantize)
-        need, free = memory_needed(cfg, arch, src, modes), available_memory()
+        plan = _plan(cfg, arch, infos)
+        modes = _layer_modes(cfg, plan, infos, quantize)
+        if cfg.tie_embeddings and modes["lm_head.weight"] is None:  # tied to the fp32 embedding, as in training
+            del plan["lm_head.weight"], modes["lm_head.weight"]
+        need, free = memory_needed(plan, src, modes), available_memory()
         if free is not None and need > free:
             raise LMForgeError(f"{path} needs about {need / 2**30:.1f} GiB of memory as loaded ({quantize}), and "
                                f"{free / 2**30:.1f} GiB is available" +
                                ("; try --quantize int4" if quantize in ("none", "int8") else ""))
-        model = _build(cfg, arch, src, modes)
+        model = _build(cfg, arch, plan, src, modes)
     finally:
         src.close()
     if dtype not in ("auto", "float32"):

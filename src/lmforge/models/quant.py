@@ -156,13 +156,9 @@ def quantize_groups(w: torch.Tensor, group: int = 32) -> tuple[torch.Tensor, tor
     return q.reshape(n, k).to(torch.uint8), scale, lo + 8 * scale
 
 
-def _int4_kernel_ok(device: torch.device) -> bool:
-    """Whether PyTorch's int4 matmul runs on this device and computes (q - 8) * scale + zero (a tiny call)."""
-    return _int4_check(device.type)
-
-
 @functools.cache
-def _int4_check(device_type: str) -> bool:
+def _int4_kernel_ok(device_type: str) -> bool:
+    """Whether PyTorch's int4 matmul runs on this device and computes (q - 8) * scale + zero (a tiny call)."""
     try:
         q = (torch.arange(16 * 256) % 16).reshape(16, 256).to(torch.uint8)
         layer = Int4Linear(q, torch.full((16, 8), 0.5), torch.ones(16, 8), None, 32).to(device_type)
@@ -222,7 +218,7 @@ class Int4Linear(nn.Module):
         return torch._weight_int4pack_mm(x, self.qweight, self.group, self.scales_zeros)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._packed is None and not _int4_kernel_ok(x.device):
+        if self._packed is None and not _int4_kernel_ok(x.device.type):
             bias = None if self.bias is None else self.bias.to(x.dtype)
             return F.linear(x, self.effective_weight().to(x.dtype), bias)
         y = self._kernel(x.reshape(-1, self.in_features))[:, :self.out_features].to(x.dtype)
