@@ -182,3 +182,39 @@ def test_per_token_backward_outside_autocast():
     assert torch.allclose(ours, ref, atol=0.1) and h.grad.dtype == torch.bfloat16
     for a, r in zip((w.grad, b.grad), ref_grads):
         assert a.dtype == torch.float32 and torch.allclose(a, r, atol=0.05 * r.abs().max().item())
+
+
+@pytest.mark.numerics
+def test_mlm_evaluation_scores_masked_positions_through_the_loss_path():
+    """evaluate_mlm's loss and accuracy equal those of the full logits of a BERT-style model (head
+    transform, biased output layer, bidirectional), yet no [B, T, vocab] logits are ever formed."""
+    import numpy as np
+
+    from lmforge.training.tasks.lm import evaluate_mlm, masked_eval_batches
+
+    V, T, B = 33000, 128, 8  # ~150 masked rows per batch: more than one chunk of rows (128) at this vocabulary
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=V, context_length=T, n_layer=2, n_head=2, n_embd=32, causal=False,
+                                    norm_position="post", embedding_norm=True, type_vocab_size=2,
+                                    head_transform=True, activation="gelu", tie_embeddings=True,
+                                    lm_head_bias=True)).eval()
+    with torch.no_grad():
+        model.lm_head.bias.normal_()  # not all zero: the bias must reach the scores
+        model.lm_head.bias[5:15] += 4  # top predictions among the data's tokens: some right, most wrong
+    data = np.random.default_rng(0).integers(5, 15, 2 * B * T + 10)  # 2 full batches and a short window
+    special = torch.tensor([0, 1, 2, 3])
+    with ShapeLog() as log:
+        result = evaluate_mlm(model, data, T, 3, V, special, batch_size=B, seed=7)
+    assert not [s for s in log.shapes if len(s) == 3 and s[-1] == V]
+    nats, correct, n = 0.0, 0, 0
+    with torch.no_grad():
+        for inputs, targets in masked_eval_batches(data, T, 3, V, special, batch_size=B, seed=7):
+            sel = targets != -100
+            logits = model(inputs)[sel]  # the direct way: every position's logits, then the masked rows
+            nats += F.cross_entropy(logits, targets[sel], reduction="sum").item()
+            correct += int((logits.argmax(-1) == targets[sel]).sum())
+            n += int(sel.sum())
+    assert result["masked_tokens"] == n > 2 * 128
+    # fp32 log-sum-exps over 33,000 logits, chunked vs whole: other summation orders (as for the LM loss above)
+    assert result["masked_loss"] == pytest.approx(nats / n, abs=1e-5)
+    assert result["masked_accuracy"] == correct / n and 0 < correct < n

@@ -11,10 +11,11 @@ REDUCTIONS = ("mean", "sum", "none")
 
 
 def _chunks(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-            ignore_index: int, acc: torch.dtype, softcap: float | None) -> Iterator[tuple]:
+            ignore_index: int, acc: torch.dtype, softcap: float | None, argmax: bool = False) -> Iterator[tuple]:
     """Row chunks of the output layer: (start, h rows, clamped targets, valid rows, exp(logits - max),
-    its row sums z, per-row loss (0 where ignored), the matmul dtype, and with `softcap` the
-    derivative of the cap, 1 - tanh^2, else None). Logits are in `acc`.
+    its row sums z, per-row loss (0 where ignored), the matmul dtype, with `softcap` the derivative
+    of the cap, 1 - tanh^2, else None, and with `argmax` each row's top logit's index, else None).
+    Logits are in `acc`.
 
     A few rows at a time keep each chunk's logits in cache (~16 MB of fp32 per chunk), so neither
     the forward nor a backward ever holds [tokens, vocab]. A GPU wants fewer, larger kernels: there
@@ -34,12 +35,13 @@ def _chunks(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ta
         valid = tc != ignore_index
         tgt = tc.clamp(min=0)
         target_logit = logits.gather(1, tgt[:, None]).squeeze(1)
+        top = logits.argmax(dim=-1) if argmax else None  # before the in-place softmax below
         # log-sum-exp by hand, in place: torch.logsumexp is several times slower on CPU.
         m = logits.amax(dim=-1, keepdim=True)
         p = logits.sub_(m).exp_()
         z = p.sum(dim=-1)
         loss = (m.squeeze(1) + z.log() - target_logit) * valid
-        yield s, hc, tgt, valid, p, z, loss, cdt, dcap
+        yield s, hc, tgt, valid, p, z, loss, cdt, dcap, top
 
 
 def _add_grads(p, z, tgt, row_weight, hc, weight, cdt, acc, dcap, s, grad_h, grad_w, grad_b) -> None:
@@ -90,7 +92,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grads = _grad_buffers(h, weight, bias, acc, need)
         want_grad = any(g is not None for g in grads)
         total = torch.zeros((), dtype=acc, device=h.device)
-        for s, hc, tgt, valid, p, z, loss, cdt, dcap in _chunks(h, weight, bias, targets, ignore_index, acc, softcap):
+        chunks = _chunks(h, weight, bias, targets, ignore_index, acc, softcap)
+        for s, hc, tgt, valid, p, z, loss, cdt, dcap, _ in chunks:
             total += loss.sum()
             if want_grad:
                 _add_grads(p, z, tgt, valid.to(acc) / denom, hc, weight, cdt, acc, dcap, s, *grads)
@@ -112,7 +115,7 @@ class _TokenLosses(torch.autograd.Function):
     def forward(ctx, h, weight, bias, targets, ignore_index: int, softcap: float | None):
         acc = torch.promote_types(weight.dtype, torch.float32)
         out = torch.empty(h.shape[0], dtype=acc, device=h.device)
-        for s, _, _, _, _, _, loss, _, _ in _chunks(h, weight, bias, targets, ignore_index, acc, softcap):
+        for s, _, _, _, _, _, loss, _, _, _ in _chunks(h, weight, bias, targets, ignore_index, acc, softcap):
             out[s:s + len(loss)] = loss
         ctx.save_for_backward(h, weight, bias, targets)
         ctx.ignore_index, ctx.softcap = ignore_index, softcap
@@ -127,7 +130,7 @@ class _TokenLosses(torch.autograd.Function):
         grad_h, grad_w, grad_b = _grad_buffers(h, weight, bias, acc, ctx.needs_input_grad[:3])
         device, amp_dtype, amp = ctx.amp
         with torch.autocast(device, dtype=amp_dtype, enabled=amp):
-            for s, hc, tgt, valid, p, z, _, cdt, dcap in _chunks(h, weight, bias, targets, ctx.ignore_index, acc,
+            for s, hc, tgt, valid, p, z, _, cdt, dcap, _ in _chunks(h, weight, bias, targets, ctx.ignore_index, acc,
                                                                   ctx.softcap):
                 row_weight = grad_out[s:s + len(tgt)].to(acc) * valid
                 _add_grads(p, z, tgt, row_weight, hc, weight, cdt, acc, dcap, s, grad_h, grad_w, grad_b)
@@ -151,3 +154,18 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     grad = torch.is_grad_enabled()  # forward runs with grad off, so the caller must ask
     need = tuple(grad and t is not None and t.requires_grad for t in (h, weight, bias))
     return _LinearCrossEntropy.apply(h, weight, bias, targets, ignore_index, reduction == "mean", need, softcap)
+
+
+@torch.no_grad()
+def token_losses_and_predictions(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                                 targets: torch.Tensor, ignore_index: int = -100,
+                                 softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token cross-entropy [N] (fp32, 0 where ignored) of `F.linear(h, weight, bias)` against
+    `targets` [N], and each row's top prediction (the logits' argmax) [N]: an evaluation's loss and
+    accuracy from the same chunks, so the [N, vocab] logits never exist. No gradient."""
+    acc = torch.promote_types(weight.dtype, torch.float32)
+    losses = torch.empty(h.shape[0], dtype=acc, device=h.device)
+    top = torch.empty(h.shape[0], dtype=torch.long, device=h.device)
+    for s, _, _, _, _, _, loss, _, _, best in _chunks(h, weight, bias, targets, ignore_index, acc, softcap, True):
+        losses[s:s + len(loss)], top[s:s + len(loss)] = loss, best
+    return losses, top

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from ..core.errors import LMForgeError
 from . import blas
 from .config import ACTIVATIONS, ModelConfig
-from .loss import linear_cross_entropy
+from .loss import linear_cross_entropy, token_losses_and_predictions
 
 
 def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
@@ -315,9 +315,7 @@ class Transformer(nn.Module):
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Hidden states -> vocabulary logits."""
-        if self.cfg.head_transform:
-            h = self.head_norm(ACTIVATIONS[self.cfg.activation](self.head_dense(h)))
-        logits = self.lm_head(h)
+        logits = self.lm_head(self._head_input(h))
         cap = self.cfg.logit_softcap
         return cap * torch.tanh(logits / cap) if cap else logits
 
@@ -332,12 +330,24 @@ class Transformer(nn.Module):
         h = self.hidden(idx, attention_mask=attention_mask, token_type_ids=token_type_ids, cache=cache)
         if targets is None:
             return self.head(h[:, -1:] if last_only else h)
+        weight, bias = self.head_weight_and_bias()
+        loss = linear_cross_entropy(self._head_input(h).flatten(0, 1), weight, bias, targets.flatten(),
+                                    reduction=reduction, softcap=self.cfg.logit_softcap)
+        return loss.view(targets.shape) if reduction == "none" else loss
+
+    def _head_input(self, h: torch.Tensor) -> torch.Tensor:
+        """What the output layer multiplies: h, after BERT's head transform where there is one."""
         if self.cfg.head_transform:
             h = self.head_norm(ACTIVATIONS[self.cfg.activation](self.head_dense(h)))
+        return h
+
+    def score_targets(self, h: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token losses [N] (fp32) and top predictions [N] of the output layer at hidden states
+        h [N, n_embd] (from `hidden`) for `targets` [N]: the loss path's chunks, so evaluating
+        (masked-token loss and accuracy) never holds the [N, vocab] logits."""
         weight, bias = self.head_weight_and_bias()
-        loss = linear_cross_entropy(h.flatten(0, 1), weight, bias, targets.flatten(), reduction=reduction,
-                                    softcap=self.cfg.logit_softcap)
-        return loss.view(targets.shape) if reduction == "none" else loss
+        return token_losses_and_predictions(self._head_input(h), weight, bias, targets,
+                                            softcap=self.cfg.logit_softcap)
 
     def head_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The output layer's effective weight and bias, for the fused loss (which needs the matrix,

@@ -4,10 +4,10 @@ with their validation metrics (loss, bits per byte, masked accuracy)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ...core.errors import LMForgeError
 from ...data.collate import mask_tokens
@@ -42,30 +42,40 @@ def evaluate_lm(model: torch.nn.Module, data: np.ndarray, context_length: int, t
             "bits_per_byte": nats_bpb.item() / math.log(2) / max(n_bytes, 1), "tokens": n_tokens}
 
 
+def masked_eval_batches(data: np.ndarray, context_length: int, mask_id: int, vocab: int, special: torch.Tensor,
+                        batch_size: int = 8, max_windows: int | None = None,
+                        seed: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(inputs, targets) of `eval_batches`' windows, masked the same (seeded) way every time."""
+    g = torch.Generator().manual_seed(seed)
+    for x, _ in eval_batches(data, context_length, batch_size, max_windows):
+        yield mask_tokens(x, g, mask_id, vocab, special)
+
+
 @torch.no_grad()
 def evaluate_mlm(model: torch.nn.Module, data: np.ndarray, context_length: int, mask_id: int, vocab: int,
                  special: torch.Tensor, batch_size: int = 8, max_windows: int | None = None, seed: int = 0) -> dict:
-    """Masked-token loss and accuracy, with the same (seeded) masking every time it is run."""
+    """Masked-token loss and accuracy, with the same (seeded) masking every time it is run. Only the
+    masked positions reach the output layer, and through the loss path's chunks (`score_targets`):
+    no [B, T, vocab] logits, nor even [masked, vocab]."""
     device = next(model.parameters()).device
-    g = torch.Generator().manual_seed(seed)
-    nats, correct, n = 0.0, 0, 0
+    nats = torch.zeros((), dtype=torch.float64, device=device)
+    correct, n = torch.zeros((), dtype=torch.long, device=device), 0
     was_training = model.training
     model.eval()
-    for x, _ in eval_batches(data, context_length, batch_size, max_windows):
-        inputs, targets = mask_tokens(x, g, mask_id, vocab, special)
+    for inputs, targets in masked_eval_batches(data, context_length, mask_id, vocab, special, batch_size,
+                                               max_windows, seed):
         sel = targets != -100
         if not sel.any():
             continue
-        h = model.hidden(inputs.to(device))[sel.to(device)]
-        logits = model.head(h).float()
         t = targets[sel].to(device)
-        nats += F.cross_entropy(logits, t, reduction="sum").item()
-        correct += int((logits.argmax(-1) == t).sum())
+        losses, top = model.score_targets(model.hidden(inputs.to(device))[sel.to(device)], t)
+        nats += losses.sum().double()
+        correct += (top == t).sum()
         n += int(sel.sum())
     model.train(was_training)
     if n == 0:
         raise LMForgeError("nothing to evaluate: no maskable tokens in the data")
-    return {"masked_loss": nats / n, "masked_accuracy": correct / n, "masked_tokens": n}
+    return {"masked_loss": nats.item() / n, "masked_accuracy": int(correct) / n, "masked_tokens": n}
 
 
 class LMTask:
