@@ -10,12 +10,12 @@ STAMP := $(VENV)/.lmforge-installed
 # pytest workers: 2 on a 2-core CI box; each worker's torch uses one thread (see tests/conftest.py).
 TEST_WORKERS ?= 2
 
-.PHONY: install demo test test-numerics test-gguf test-tool-agents lint bench clean
+.PHONY: install demo test test-numerics test-gguf test-tool-agents test-docs docs lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,docs]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(BIN)/lmforge demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "not llamacpp and not tool_agents" tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "not llamacpp and not tool_agents and not docs_walkthrough" tests
 
 # The tests whose outcome rests on floating-point agreement (`-m numerics`), once under each setting
 # that changes which kernels MKL, oneDNN and ATen run: Intel CPUs take AVX-512/AMX paths that AMD
@@ -50,6 +50,16 @@ test-gguf: $(STAMP)
 test-tool-agents: $(STAMP)
 	$(BIN)/python -m pytest -q -m tool_agents tests/test_tool_agents.py
 
+# The documentation site in site/: --strict fails on a broken link, a missing page or a bad reference.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
+# Every guide's commands, in the guides' order, on a fresh clone of this repository (outputs of one
+# guide feed the next); blocks marked `<!-- docs-test: skip ... -->` say why they cannot run here.
+# DOCS_SLOW=1 also runs the blocks marked slow (the agent's and the scaling sweep's budgets: ~25 min more).
+test-docs: $(STAMP)
+	LMFORGE_DOCS_SLOW=$(DOCS_SLOW) $(BIN)/python -m pytest -q -x -s -m docs_walkthrough tests/test_docs_walkthrough.py
+
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks examples
 	$(BIN)/lint-imports
@@ -58,4 +68,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/train_throughput.py
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build dist site src/*.egg-info .pytest_cache .ruff_cache

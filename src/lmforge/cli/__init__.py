@@ -112,7 +112,7 @@ EXAMPLES = {
   lmforge classify runs/spam --text "WIN a FREE cruise, click now" "see you at lunch"
   lmforge classify runs/spam --file inbox.txt --json""",
     "chat": """example:
-  lmforge chat runs/assistant --system "You are a concise assistant."
+  lmforge chat runs/reverse --system "You are a concise assistant."
   you> What does zip() do?""",
     "merge-lora": """example:
   lmforge merge-lora runs/spam-lora --out runs/spam-merged""",
@@ -138,7 +138,7 @@ EXAMPLES = {
   lmforge tokenizer encode runs/demo --text "def f(x): return x" """,
     "serve": """examples:
   lmforge serve runs/demo                       # http://127.0.0.1:8000/v1, for any OpenAI client
-  lmforge serve runs/assistant --port 9000 --api-key "$(openssl rand -hex 16)" --slots 16
+  lmforge serve runs/reverse --port 9000 --api-key "$(openssl rand -hex 16)" --slots 16
   curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
        -d '{"prompt": "Return the", "max_tokens": 20, "temperature": 0}'""",
     "demo": """example:
@@ -151,9 +151,9 @@ EXAMPLES = {
   lmforge rag search runs/pydocs-index "serialize an object to a JSON string" -k 3
   lmforge rag search runs/pydocs-index "json.dumps" --mode bm25 --json""",
     "rag ask": """examples:
-  lmforge rag ask runs/pydocs-index "How do I read a CSV file?" --model runs/assistant
+  lmforge rag ask runs/pydocs-index "How do I read a CSV file?" --model runs/py1k
   lmforge rag ask runs/pydocs-index "How do I read a CSV file?" --api http://127.0.0.1:8000/v1 --json
-  lmforge rag ask runs/notes-index "When is the deadline?" --model runs/assistant --min-score 0.4""",
+  lmforge rag ask runs/notes-index "When is the deadline?" --model runs/py1k --min-score 0.4""",
     "rag eval": """example:
   lmforge rag eval runs/notes-index --qa qa.jsonl -k 5 --mode all
   # qa.jsonl: {"question": "how do I reset my password?", "path": "faq.md"}""",
