@@ -4,6 +4,10 @@ A template renders messages ({"role": system|user|assistant, "content": ...}) in
 (text, trainable, markup). Trainable segments are the assistant's words and end-of-turn marker:
 instruction tuning puts loss on them only. Markup segments may contain special tokens; message
 content never does, so a user cannot forge a turn boundary by typing `<|im_end|>`.
+
+An assistant message may carry its reasoning ("reasoning_content", or inline `<think>...</think>`
+before the answer). A model template that reads reasoning_content (Qwen3's) decides where it shows,
+typically only in the turns after the last user message; every other template shows it inline.
 """
 
 from __future__ import annotations
@@ -38,26 +42,35 @@ class Template:
 
     # -- rendering ------------------------------------------------------------------------------
     def render(self, messages: list[dict], tokenizer: Tokenizer, add_generation_prompt: bool = False,
-               tools: list[Tool] | None = None) -> list[Segment]:
+               tools: list[Tool] | None = None, variables: dict | None = None) -> list[Segment]:
         """Segments for `messages` (with the functions in `tools` offered, if any). Assistant tool
         calls are trainable like the words around them; tool results, like user turns, are not.
-        A conversation read from a record may carry its tools on its first message ("tools")."""
+        A conversation read from a record may carry its tools on its first message ("tools").
+        `variables` go to a model's Jinja template as they are (e.g. Qwen3's enable_thinking)."""
         if tools is None and messages and messages[0].get("tools"):  # OpenAI's shape, validated when read
             tools = parse_tools(messages[0]["tools"])
+        messages = _reasoning_shaped(messages, self.takes_reasoning)
         if self.name != "jinja":
             tooled = tools or any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
             if tooled and self.name != "chatml":
                 raise LMForgeError(f"the {self.name} template cannot express tool calls; use chatml or a model "
                                    "whose chat template takes tools")
             return getattr(self, f"_render_{self.name}")(messages, tokenizer, add_generation_prompt, tools)
-        return self._render_jinja(messages, tokenizer, add_generation_prompt, tools)
+        return self._render_jinja(messages, tokenizer, add_generation_prompt, tools, variables)
 
-    def text(self, messages: list[dict], tokenizer: Tokenizer, add_generation_prompt: bool = False) -> str:
+    def text(self, messages: list[dict], tokenizer: Tokenizer, add_generation_prompt: bool = False,
+             variables: dict | None = None) -> str:
         """The whole conversation as the template writes it, every message included (what Hugging
         Face's apply_chat_template(tokenize=False) gives); `render` is for training spans."""
         if self.name == "jinja":
-            return self._render_source(messages, tokenizer, add_generation_prompt)
+            messages = _reasoning_shaped(messages, self.takes_reasoning)
+            return self._render_source(messages, tokenizer, add_generation_prompt, variables=variables)
         return "".join(piece for piece, *_ in self.render(messages, tokenizer, add_generation_prompt))
+
+    @property
+    def takes_reasoning(self) -> bool:
+        """Whether the template places reasoning itself (reads reasoning_content, as Qwen3's does)."""
+        return self.name == "jinja" and "reasoning_content" in self.source
 
     def tool_markers(self) -> Markers | None:
         """How this template's model writes a tool call (None: it cannot)."""
@@ -111,15 +124,28 @@ class Template:
             segments.append(("<|im_start|>assistant\n", False, True))
         return segments
 
-    def _render_jinja(self, messages, tokenizer, gen, tools=None) -> list[Segment]:
+    def _render_jinja(self, messages, tokenizer, gen, tools=None, variables=None) -> list[Segment]:
         """The model's own chat template. Trainable spans come from rendering the conversation
         turn by turn: the text each assistant message adds is what the model must learn. Within
-        every span, message content is plain text and only the template's own text is markup."""
-        msgs = [{**{k: v for k, v in m.items() if k in ("role", "content", "tool_calls", "tool_call_id")},
+        every span, message content is plain text and only the template's own text is markup.
+        The turn-by-turn renderings leave `variables` out (Qwen3's enable_thinking=False would make
+        every turn's generation prompt an empty think block); the whole conversation has them, and
+        those renderings must line up with it."""
+        keep = ("role", "content", "reasoning_content", "tool_calls", "tool_call_id")
+        msgs = [{**{k: v for k, v in m.items() if k in keep},
                  "content": user_text(m) if m["role"] == "user" else m["content"]} for m in messages]
         if tools or any(m.get("tool_calls") for m in msgs):
             self._check_tool_text(tools, msgs, tokenizer)
-        fns = [t.to_json() for t in tools] if tools else None
+        answers = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+        if answers and not gen:  # without a generation prompt the conversation ends with its last answer
+            msgs = msgs[:answers[-1] + 1]
+        args = (tokenizer, [t.to_json() for t in tools] if tools else None, variables)
+        segments = self._incremental(msgs, gen, *args)
+        return segments if segments is not None else self._anchored(msgs, gen, *args)
+
+    def _incremental(self, msgs, gen, tokenizer, fns, variables) -> list[Segment] | None:
+        """Spans for templates whose rendering of a conversation extends that of its beginning; None
+        for the others (Qwen3's: it drops earlier turns' reasoning once the user speaks again)."""
         segments: list[Segment] = []
         done: list[Piece] = []
         for i, m in enumerate(msgs):
@@ -128,52 +154,96 @@ class Template:
             prompt = self._jinja(msgs[:i], tokenizer, True, fns)
             full = self._jinja(msgs[:i + 1], tokenizer, False, fns)
             if not (_text(prompt).startswith(_text(done)) and _text(full).startswith(_text(prompt))):
-                raise LMForgeError("the model's chat_template does not render conversations incrementally, so "
-                                   "the assistant's part cannot be isolated; use --template chatml or alpaca")
-            segments += [(t, False, not c) for t, c in _cut(prompt, len(_text(done)))]
-            segments += [(t, True, not c) for t, c in _cut(full, len(_text(prompt)))]
+                return None
+            segments += _segments(prompt, len(_text(done)), False) + _segments(full, len(_text(prompt)), True)
             done = full
-        rest = self._jinja(msgs, tokenizer, gen, fns) if (gen or not segments) else done
-        segments += [(t, False, not c) for t, c in _cut(rest, len(_text(done)))]
-        return segments
+        rest = self._jinja(msgs, tokenizer, gen, fns, variables) if (gen or not segments) else done
+        if not _text(rest).startswith(_text(done)):
+            return None
+        return segments + _segments(rest, len(_text(done)), False)
 
-    def _jinja(self, messages: list[dict], tokenizer: Tokenizer, gen: bool, tools=None) -> list[Piece]:
-        """The rendered conversation as (text, is_content) pieces.
+    def _anchored(self, msgs, gen, tokenizer, fns, variables) -> list[Segment]:
+        """Spans cut from one rendering of the whole conversation, for templates that render a turn
+        differently once later turns follow. Each assistant turn starts after its generation prompt
+        (found after the content before it) and ends with the text that closes it when it is last:
+        right after its own content, or (content-free) at the template's end-of-turn marker."""
+        full = self._jinja(msgs, tokenizer, gen, fns, variables)
+        text = _text(full)
+        owned, pos = [], 0  # (start, end, message) of each content piece
+        for piece, owner in full:
+            if owner >= 0:
+                owned.append((pos, pos + len(piece), owner))
+            pos += len(piece)
+        spans: list[tuple[int, int]] = []
+        for i, m in enumerate(msgs):
+            if m["role"] != "assistant":
+                continue
+            before = self._render_source(msgs[:i], tokenizer, False, fns)
+            prompt = self._render_source(msgs[:i], tokenizer, True, fns)
+            turn = self._jinja(msgs[:i + 1], tokenizer, False, fns)
+            opener = prompt[len(before):]
+            if not (opener and prompt.startswith(before)):
+                raise _unaligned()
+            own = [(a, b) for a, b, o in owned if o == i]
+            low = max([spans[-1][1] if spans else 0] + [b for _, b, o in owned if o < i])
+            high = min([a for a, _, o in owned if o > i], default=len(text))
+            start = text.find(opener, low)
+            if start < 0 or start + len(opener) > (own[0][0] if own else high):
+                raise _unaligned()
+            start += len(opener)
+            close = _closing(turn, i, bool(own), opener, _end_markers(tokenizer))
+            at = own[-1][1] if own else start
+            end = text.find(close, at)
+            if end < 0 or (own and end != at) or end + len(close) > high:
+                raise _unaligned()
+            spans.append((start, end + len(close)))
+        return _marked(full, spans)
 
-        The template is rendered twice: with the real messages, and with each content replaced by a
-        placeholder. The placeholder rendering shows which text is the template's own; the content
-        between it is found in the real rendering, which templates may have trimmed or cut (Llama 3
-        trims, Qwen3 drops past reasoning), so each span need only be part of its message.
+    def _jinja(self, messages: list[dict], tokenizer: Tokenizer, gen: bool, tools=None,
+               variables=None) -> list[Piece]:
+        """The rendered conversation as (text, owner) pieces: owner is the index of the message whose
+        content or reasoning the text is, -1 for the template's own text.
+
+        The template is rendered twice: with the real messages, and with each content (and
+        reasoning) replaced by a placeholder. The placeholder rendering shows which text is the
+        template's own; the content between it is found in the real rendering, which templates may
+        have trimmed or cut (Llama 3 trims), so each span need only be part of its message.
         """
-        real = self._render_source(messages, tokenizer, gen, tools)
+        real = self._render_source(messages, tokenizer, gen, tools, variables)
+        fields = [(m, key) for m in messages for key in ("content", "reasoning_content")]
         # Empty content stays empty: templates test `if message.content`, and it hides nothing.
-        marked = [{**m, "content": _placeholder(i) if m["content"] else ""} for i, m in enumerate(messages)]
-        parts = _PLACEHOLDER.split(self._render_source(marked, tokenizer, gen, tools))
+        marked = [{**m, **{key: _placeholder(2 * i + k) if m[key] else ""
+                           for k, key in enumerate(("content", "reasoning_content")) if key in m}}
+                  for i, m in enumerate(messages)]
+        parts = _PLACEHOLDER.split(self._render_source(marked, tokenizer, gen, tools, variables))
         markup, order = parts[0::2], [int(i) for i in parts[1::2]]
         if not order:
-            return [(real, False)] if real else []
+            return [(real, -1)] if real else []
         pieces: list[Piece] = []
         if not real.startswith(markup[0]):
             raise _untraceable()
         pos = len(markup[0])
-        pieces.append((markup[0], False))
+        pieces.append((markup[0], -1))
         for k, i in enumerate(order):
             after = markup[k + 1]
             last = k == len(order) - 1
-            end = _content_end(real, pos, after, messages[i]["content"], last)
-            pieces += [(real[pos:end], True), (after, False)]
+            message, key = fields[i]
+            end = _content_end(real, pos, after, message[key], last)
+            pieces += [(real[pos:end], i // 2), (after, -1)]
             pos = end + len(after)
         if pos != len(real):
             raise _untraceable()
         return [p for p in pieces if p[0]]
 
-    def _render_source(self, messages: list[dict], tokenizer: Tokenizer, gen: bool, tools=None) -> str:
+    def _render_source(self, messages: list[dict], tokenizer: Tokenizer, gen: bool, tools=None,
+                       variables: dict | None = None) -> str:
         from jinja2 import TemplateError
 
         special = {k: _token_text(tokenizer.config.get(k)) for k in ("bos_token", "eos_token", "pad_token")}
         special = {k: v for k, v in special.items() if v is not None}  # unset: undefined (""), as in transformers
         try:
-            return self._compiled.render(messages=messages, add_generation_prompt=gen, tools=tools, **special)
+            return self._compiled.render({**(variables or {}), **special, "messages": messages,
+                                          "add_generation_prompt": gen, "tools": tools})
         except TemplateError as e:
             raise LMForgeError(f"chat template failed to render: {e}") from None
 
@@ -197,7 +267,13 @@ class Template:
         def raise_exception(msg):
             raise LMForgeError(f"chat template: {msg}")
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+            # transformers' tojson, which models were trained on: Jinja's own sorts keys and escapes <>&'
+            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])  # as transformers
+        env.filters["tojson"] = tojson
         env.globals["raise_exception"] = raise_exception
         try:
             return env.from_string(self.source)
@@ -227,7 +303,7 @@ class Template:
         return {"name": self.name, **({"source": self.source} if self.source else {})}
 
 
-Piece = tuple[str, bool]  # (text, is message content)
+Piece = tuple[str, int]  # (text, index of the message whose content it is; -1: the template's own text)
 # Private-use characters: no template alters them, and they survive trim/strip/split.
 _PLACEHOLDER = re.compile("\ue000([0-9]+)\ue001")
 
@@ -240,14 +316,46 @@ def _text(pieces: list[Piece]) -> str:
     return "".join(t for t, _ in pieces)
 
 
-def _cut(pieces: list[Piece], start: int) -> list[Piece]:
-    """The pieces from character `start` on."""
+def _segments(pieces: list[Piece], start: int, trainable: bool) -> list[Segment]:
+    """The pieces from character `start` on, as segments."""
     out, pos = [], 0
-    for text, content in pieces:
+    for text, owner in pieces:
         if pos + len(text) > start:
-            out.append((text[max(start - pos, 0):], content))
+            out.append((text[max(start - pos, 0):], trainable, owner < 0))
         pos += len(text)
     return out
+
+
+def _marked(pieces: list[Piece], spans: list[tuple[int, int]]) -> list[Segment]:
+    """The pieces as segments, trainable within the character `spans`."""
+    out: list[Segment] = []
+    pos = 0
+    for text, owner in pieces:
+        cuts = sorted({0, len(text)} | {b - pos for span in spans for b in span if pos < b < pos + len(text)})
+        out += [(text[a:b], any(s <= pos + a < e for s, e in spans), owner < 0) for a, b in zip(cuts, cuts[1:])]
+        pos += len(text)
+    return out
+
+
+def _closing(turn: list[Piece], i: int, has_content: bool, opener: str, markers: list[str]) -> str:
+    """The text that closes message `i`, the last of `turn`: what follows its content, or, for a turn
+    whose content the whole rendering does not show, its answer from its last end-of-turn marker on."""
+    text = _text(turn)
+    pos, ends = 0, -1
+    for piece, owner in turn:
+        pos += len(piece)
+        ends = pos if owner == i else ends
+    if has_content and ends >= 0:
+        return text[ends:]
+    answer = text[text.rfind(opener) + len(opener):] if opener in text else ""
+    at = max(answer.rfind(m) for m in markers)
+    if at < 0:
+        raise _unaligned()
+    return answer[at:]
+
+
+def _end_markers(tokenizer: Tokenizer) -> list[str]:
+    return [m for m in [_token_text(tokenizer.config.get("eos_token"))] + _END_OF_TURN if m]
 
 
 def _content_end(real: str, pos: int, after: str, content: str, last: bool) -> int:
@@ -269,6 +377,12 @@ def _content_end(real: str, pos: int, after: str, content: str, last: bool) -> i
     return best
 
 
+def _unaligned() -> LMForgeError:
+    return LMForgeError("the model's chat_template renders earlier turns differently once later ones follow, in a "
+                        "way lmforge cannot line up, so the assistant's part cannot be isolated; use --template "
+                        "chatml or alpaca")
+
+
 def _untraceable() -> LMForgeError:
     return LMForgeError("the model's chat_template rewrites message content, so lmforge cannot tell the "
                         "content from the template's own markup; use --template chatml or alpaca")
@@ -276,6 +390,25 @@ def _untraceable() -> LMForgeError:
 
 def _token_text(value) -> str | None:
     return value.get("content") if isinstance(value, dict) else value
+
+
+def _reasoning_shaped(messages: list[dict], takes_reasoning: bool) -> list[dict]:
+    """Assistant reasoning in the shape the template reads. One that reads reasoning_content gets
+    inline `<think>...</think>` split into it, the way Qwen3's template splits it (so the placeholder
+    rendering, whose content has no `</think>`, takes the same branch); any other gets it inline."""
+    out = []
+    for m in messages:
+        reasoning, content = m.get("reasoning_content"), m.get("content") or ""
+        if m["role"] == "assistant" and takes_reasoning and reasoning is None and "</think>" in content:
+            head, _, tail = content.partition("</think>")
+            m = {**m, "reasoning_content": head.rstrip("\n").split("<think>")[-1].lstrip("\n"),
+                 "content": tail.split("</think>")[-1].lstrip("\n")}
+        elif m["role"] == "assistant" and not takes_reasoning and reasoning is not None:
+            m = {k: v for k, v in m.items() if k != "reasoning_content"}
+            if reasoning:  # laid out as Qwen3 lays it out
+                m["content"] = "<think>\n" + reasoning.strip("\n") + "\n</think>\n\n" + content.lstrip("\n")
+        out.append(m)
+    return out
 
 
 def get_template(name: str, tokenizer: Tokenizer) -> Template:

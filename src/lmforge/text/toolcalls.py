@@ -293,8 +293,9 @@ ROLES = ("system", "developer", "user", "assistant", "tool")
 
 def normalize_messages(messages: object, where: str = "messages") -> list[dict]:
     """OpenAI chat messages, validated, in the shape templates render: {"role", "content": str}, plus
-    "tool_calls" ([{"id", "type", "function": {"name", "arguments": dict}}]) on assistant messages
-    and "tool_call_id" on tool results. `developer` becomes `system`; text content parts are joined."""
+    "tool_calls" ([{"id", "type", "function": {"name", "arguments": dict}}]) and "reasoning_content"
+    (vLLM's and Qwen's name for the thinking before the answer) on assistant messages, and
+    "tool_call_id" on tool results. `developer` becomes `system`; text content parts are joined."""
     if not isinstance(messages, list) or not messages:
         raise LMForgeError(f"{where} must be a non-empty list")
     out: list[dict] = []
@@ -308,9 +309,14 @@ def normalize_messages(messages: object, where: str = "messages") -> list[dict]:
         role = "system" if m["role"] == "developer" else m["role"]
         content = _text_content(m.get("content"), here)
         msg = {"role": role, "content": content if content is not None else ""}
+        reasoning = m.get("reasoning_content") if role == "assistant" else None
+        if reasoning is not None:
+            if not isinstance(reasoning, str):
+                raise LMForgeError(f"{here}.reasoning_content must be a string")
+            msg["reasoning_content"] = reasoning
         if role == "assistant" and m.get("tool_calls"):
             msg["tool_calls"] = _calls(m["tool_calls"], here, ids)
-        elif content is None:
+        elif content is None and reasoning is None:  # a reply cut off while thinking has reasoning only
             raise LMForgeError(f"{here}.content must be a string")
         if role == "tool":
             call_id = m.get("tool_call_id")
