@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..core.fileio import atomic_write
+from ..core.fileio import append_line, atomic_write
 from .plot import read_metrics
 
 
@@ -66,8 +66,7 @@ class MetricsLog:
 
     def write(self, row: dict) -> None:
         if self.main:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_line(self.path, json.dumps(row))  # a kill mid-write leaves the row whole or absent
             post = {"step": row["step"], "loss": f"{row['loss']:.3f}", "tok/s": f"{row['tokens_per_sec']:,.0f}"}
             if "mfu" in row:
                 post["mfu"] = f"{100 * row['mfu']:.0f}%"

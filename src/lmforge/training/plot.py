@@ -15,7 +15,7 @@ def read_metrics(path: Path) -> list[dict]:
     for line in path.read_text().splitlines():
         try:
             rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut short by a kill
+        except json.JSONDecodeError:  # cut short by a power loss (or a kill, in a file from before append_line)
             continue
     return rows
 
