@@ -1,18 +1,28 @@
-"""Retrieval quality on text we did not write: the built-in `pydocs` corpus with the bundled MiniLM.
+"""Retrieval quality on text we did not write, with the bundled MiniLM, on three query sets:
 
-The query set is generated deterministically: for standard-library functions, the first line of
-the docstring with the function's name removed; the right answer is that function's entry
-(pydocs:module.function). Prints recall@1, recall@5 and MRR for dense, BM25 and hybrid, the index
-time and the query latency of each mode. Then the same for a query set written by hand
-(`benchmarks/data/pydocs_paraphrases.jsonl`): questions in other words than the docs', the case
-where the encoder is needed.
+1. generated: the built-in `pydocs` corpus, queried with the first line of standard-library
+   function docstrings, the function's name removed (deterministic; the right answer is that
+   function's entry, pydocs:module.function). These queries copy the documents' words.
+2. pydocs paraphrases (`benchmarks/data/pydocs_paraphrases.jsonl`): questions about the same
+   corpus written by hand in other words than the docs'.
+3. click questions (`benchmarks/data/click_questions.jsonl`): questions written by hand, in other
+   words than the docs', about a second documentation set: the docstrings of the `click`
+   package's public API (functions, classes and their documented methods, ~140 entries), one
+   Markdown file per entry (`click.NAME.md`), built from the click installed here (found with
+   importlib: nothing is downloaded).
 
-    python benchmarks/rag_retrieval.py [--every 8] [--out runs/pydocs-index] [--qa more.jsonl]
+For each set it prints recall@1, recall@5 and MRR of every search mode (dense, bm25, rrf, hybrid);
+for the generated set also the query latency of each mode, end to end.
+
+    python benchmarks/rag_retrieval.py [--every 8] [--out runs/rag-bench] [--qa more.jsonl]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.metadata
+import inspect
 import re
 import tempfile
 import time
@@ -20,10 +30,14 @@ from pathlib import Path
 
 from lmforge.rag.chunking import read_sources
 from lmforge.rag.evaluate import evaluate, read_qa
-from lmforge.rag.index import Encoder, Index, build_index
+from lmforge.rag.index import MODES, Encoder, Index, build_index
 
-PARAPHRASES = Path(__file__).parent / "data" / "pydocs_paraphrases.jsonl"
+DATA = Path(__file__).parent / "data"
+PARAPHRASES = DATA / "pydocs_paraphrases.jsonl"
+CLICK_QUESTIONS = DATA / "click_questions.jsonl"
 FUNCTION = re.compile(r"^([A-Za-z_][\w.]*\.(\w+))\(")
+REPORTED = ("dense", "bm25", "rrf", "hybrid")
+MIN_DOC_CHARS = 40  # as pydocs: shorter docstrings are mostly boilerplate
 
 
 def make_queries(every: int) -> list[dict]:
@@ -47,10 +61,55 @@ def make_queries(every: int) -> list[dict]:
     return [{"question": q, "paths": [p], "answer": None} for q, p in entries[::every]]
 
 
+def _signature(obj) -> str:
+    """The call signature without annotations (they are long and say little to a reader)."""
+    try:
+        sig = inspect.signature(obj)
+    except (TypeError, ValueError):
+        return ""
+    params = [p.replace(annotation=inspect.Parameter.empty) for p in sig.parameters.values()]
+    return str(sig.replace(parameters=params, return_annotation=inspect.Signature.empty))
+
+
+def click_docs(out: Path) -> int:
+    """Write the installed click's API docstrings to `out`, one `click.NAME.md` per entry: the
+    public names of the package and the public methods and properties that their classes define
+    with a docstring of their own. Returns the number of entries."""
+    click = importlib.import_module("click")
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("click.*.md"):  # a previous run's, perhaps of another click
+        old.unlink()
+    entries: dict[str, str] = {}
+
+    def add(name: str, title: str, doc: str | None) -> None:
+        if doc and len(doc := inspect.cleandoc(doc)) >= MIN_DOC_CHARS:
+            entries[name] = f"# {title}\n\n{doc}\n"
+
+    for name in sorted(n for n in dir(click) if not n.startswith("_")):
+        obj = getattr(click, name)
+        if inspect.ismodule(obj) or not getattr(obj, "__module__", "").startswith("click"):
+            continue
+        kind = "class " if inspect.isclass(obj) else ""
+        add(name, f"{kind}click.{name}{_signature(obj)}", obj.__doc__)
+        if not inspect.isclass(obj):
+            continue
+        for member, value in sorted(vars(obj).items()):
+            if member.startswith("_"):
+                continue
+            value = value.__func__ if isinstance(value, (classmethod, staticmethod)) else value
+            if inspect.isfunction(value):
+                add(f"{name}.{member}", f"click.{name}.{member}{_signature(value)}", value.__doc__)
+            elif isinstance(value, property):
+                add(f"{name}.{member}", f"click.{name}.{member}", value.__doc__)
+    for name, text in entries.items():
+        (out / f"click.{name}.md").write_text(text, encoding="utf-8")
+    return len(entries)
+
+
 def report(index: Index, name: str, qa: list[dict], latency: bool = False) -> None:
     print(f"\n{name}: {len(qa)} queries")
     print(f"{'mode':8} {'recall@1':>9} {'recall@5':>9} {'MRR':>7}" + (f" {'ms/query':>9}" if latency else ""))
-    for mode in ("dense", "bm25", "hybrid"):
+    for mode in REPORTED:
         r = evaluate(index, qa, 5, mode)
         line = f"{mode:8} {r['recall@1']:9.3f} {r['recall@5']:9.3f} {r['mrr']:7.3f}"
         if latency:
@@ -63,26 +122,32 @@ def report(index: Index, name: str, qa: list[dict], latency: bool = False) -> No
 
 
 def main() -> None:
+    assert set(REPORTED) <= set(MODES)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--every", type=int, default=8, help="use every N-th function as a query")
-    ap.add_argument("--out", help="index directory (default: a temporary one)")
+    ap.add_argument("--out", help="directory for the indexes (default: a temporary one); rebuilt incrementally")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--qa", action="append", default=[str(PARAPHRASES)],
-                    help="more query files (JSONL, as `lmforge rag eval --qa`) to score; repeatable")
+    ap.add_argument("--qa", action="append", default=[], help="more query files about pydocs (JSONL, as "
+                                                              "`lmforge rag eval --qa`) to score; repeatable")
     a = ap.parse_args()
-    out = Path(a.out) if a.out else Path(tempfile.mkdtemp()) / "pydocs-index"
+    out = Path(a.out) if a.out else Path(tempfile.mkdtemp())
     encoder = Encoder("minilm", a.device)
     start = time.perf_counter()
-    stats = build_index(["pydocs"], out, encoder)
+    stats = build_index(["pydocs"], out / "pydocs-index", encoder)
     index_s = time.perf_counter() - start
-    index = Index(out, encoder)
+    index = Index(out / "pydocs-index", encoder)
     qa = make_queries(a.every)
     print(f"pydocs: {stats['files']:,} entries, {stats['chunks']:,} chunks, indexed in {index_s:.1f} s "
-          f"({stats['chunks'] / index_s:.1f} chunks/s); {len(qa)} queries")
-    report(index, "generated (first docstring lines, name removed)", qa, latency=True)
-    for path in a.qa:
-        report(index, path, read_qa(path))
-    print("example queries:", *[f"  {q['question']!r} -> {q['paths'][0]}" for q in qa[:3]], sep="\n")
+          f"({stats['chunks'] / index_s:.1f} chunks/s)")
+    report(index, "pydocs, generated (first docstring lines, name removed)", qa, latency=True)
+    for path in [str(PARAPHRASES), *a.qa]:
+        report(index, f"pydocs, {Path(path).name}", read_qa(path))
+    print("example generated queries:", *[f"  {q['question']!r} -> {q['paths'][0]}" for q in qa[:3]], sep="\n")
+
+    entries = click_docs(out / "click-docs")
+    stats = build_index([str(out / "click-docs")], out / "click-index", encoder)
+    print(f"\nclick {importlib.metadata.version('click')}: {entries} entries, {stats['chunks']:,} chunks")
+    report(Index(out / "click-index", encoder), f"click, {CLICK_QUESTIONS.name}", read_qa(CLICK_QUESTIONS))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from helpers import fails
@@ -10,7 +11,7 @@ from helpers import fails
 from lmforge.core.errors import LMForgeError
 from lmforge.rag.chunking import Document, chunk_document, headings, read_sources
 from lmforge.rag.evaluate import evaluate, read_qa
-from lmforge.rag.index import Encoder, Index, build_index
+from lmforge.rag.index import LOOKUP_WEIGHTS, QUESTION_WEIGHTS, RRF_K, Encoder, Index, build_index, rrf
 
 
 def words(texts: list[str]) -> list[int]:
@@ -103,22 +104,77 @@ def small_index(tmp_path_factory, encoder):
 def test_hybrid_beats_each_retriever_alone(small_index, encoder):
     index = Index(small_index / "index", encoder)
     qa = read_qa(small_index / "qa.jsonl")
-    r = {m: evaluate(index, qa, 1, m)["recall@1"] for m in ("hybrid", "dense", "bm25")}
-    assert r["hybrid"] == 1.0 and r["dense"] < 1.0 and r["bm25"] < 1.0, r
+    r = {m: evaluate(index, qa, 1, m)["recall@1"] for m in ("hybrid", "rrf", "dense", "bm25")}
+    assert r["hybrid"] == r["rrf"] == 1.0 and r["dense"] < 1.0 and r["bm25"] < 1.0, r
     hit = index.search("order 7713", 1)[0]
     assert (hit.chunk.path.endswith("p2.txt"), hit.chunk.start_line, hit.chunk.end_line) == (True, 1, 1)
 
 
-def test_hybrid_weights_bm25_by_the_share_of_query_words_its_best_chunk_holds(small_index, encoder):
+def test_hybrid_follows_bm25_on_lookups_and_the_encoder_on_questions(small_index, encoder):
     index = Index(small_index / "index", encoder)
     top = lambda q, mode: [h.chunk.path for h in index.search(q, 3, mode)]  # noqa: E731
     # Every word of the query is in one chunk: a lexical lookup, and the hybrid follows BM25.
     for q in ("order form 7713 steel finish", "form 3177 white", "7731 brass"):
-        assert index._coverage(q, index._bm25(q, 1)[0][0]) == 1.0
+        assert index.hybrid_weights(q, index._bm25(q, 1)) == LOOKUP_WEIGHTS
         assert top(q, "hybrid")[0] == top(q, "bm25")[0]
+    # Some words shared, but no chunk holds them all: a question, and the encoder leads.
+    q = "a replacement hinge for my kitchen cupboard"
+    assert 0 < index._coverage(q, index._bm25(q, 1)[0][0]) < 1
+    assert index.hybrid_weights(q, index._bm25(q, 1)) == QUESTION_WEIGHTS
+    n, v = len(index.chunks), encoder.embed([q])[0]
+    fused = rrf([index._dense(v, n), index._bm25(q, n)], list(QUESTION_WEIGHTS))
+    assert [h.n for h in index.search(q, 3)] == [i for i, _ in fused[:3]]
     # No shared word: BM25 has no evidence, and the hybrid is the encoder's ranking.
     q = "a cat sleeping on a carpet"
     assert index._bm25(q, 5) == [] and top(q, "hybrid") == top(q, "dense")
+
+
+def test_rrf_matches_a_hand_computation():
+    assert RRF_K == 60
+    dense, sparse = [(7, 0.9), (3, 0.8), (5, 0.1)], [(3, 12.0), (9, 4.0)]
+    plain = rrf([dense, sparse])
+    assert [i for i, _ in plain] == [3, 7, 9, 5]
+    assert [s for _, s in plain] == pytest.approx([1 / 62 + 1 / 61, 1 / 61, 1 / 62, 1 / 63])
+    weighted = rrf([dense, sparse], [1.0, 0.25])
+    assert [i for i, _ in weighted] == [3, 7, 5, 9]
+    assert [s for _, s in weighted] == pytest.approx([1 / 62 + 0.25 / 61, 1 / 61, 1 / 63, 0.25 / 62])
+    assert rrf([[(4, 0.0)], [(2, 0.0)]]) == [(2, 1 / 61), (4, 1 / 61)]  # a tie goes to the lower id
+    assert rrf([dense, []]) == [(i, 1 / (60 + r)) for r, (i, _) in enumerate(dense, 1)]
+
+
+def test_question_weights_keep_the_encoders_answer_above_shared_word_noise():
+    """The failure plain RRF has on paraphrased questions, in numbers: the encoder's first chunk
+    (0) shares no word with the question, while BM25 returns chunks that share a common word,
+    which the encoder ranked low (its 30th to 50th). Every chunk in both lists beats one in a
+    single list under plain RRF; the hybrid's question weights keep the encoder's answer first,
+    yet still let BM25 promote a chunk the encoder also ranked high."""
+    dense = [(i, 1.0 - i / 100) for i in range(50)]
+    noise = [(i, 5.0) for i in range(49, 29, -1)]
+    assert rrf([dense, noise])[0][0] != 0
+    assert rrf([dense, noise], list(QUESTION_WEIGHTS))[0][0] == 0
+    assert rrf([dense, [(15, 9.0), *noise]], list(QUESTION_WEIGHTS))[0][0] == 15  # BM25's pick, the encoder's 16th
+    assert rrf([dense, [(60, 9.0)]], list(QUESTION_WEIGHTS))[49][0] == 49  # BM25 alone never outranks the encoder
+    # On lookups BM25's order stands; the encoder only breaks its ties.
+    lookup = rrf([dense, [(40, 9.0), (41, 8.0), (7, 3.0)]], list(LOOKUP_WEIGHTS))
+    assert [i for i, _ in lookup[:4]] == [40, 41, 7, 0]
+
+
+def test_click_questions_name_entries_of_the_click_corpus(tmp_path):
+    """benchmarks/data/click_questions.jsonl: every expected path is an entry the benchmark
+    builds from the installed click, and the questions are words, not identifiers."""
+    pytest.importorskip("click")
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "rag_retrieval.py"
+    spec = importlib.util.spec_from_file_location("rag_retrieval", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert 100 <= bench.click_docs(tmp_path) <= 200
+    names = {f.name for f in tmp_path.iterdir()}
+    qa = read_qa(bench.CLICK_QUESTIONS)
+    assert len(qa) >= 40 and all(set(q["paths"]) <= names for q in qa), [q for q in qa if not set(q["paths"]) <= names]
+    assert not [q["question"] for q in qa if re.search(r"click|\w[._]\w|\(", q["question"])]
 
 
 def test_incremental_reindex_touches_only_changed_files(tmp_path, encoder):
@@ -183,6 +239,7 @@ def test_search_and_eval_cli(small_index, capsys):
                  "--mode", "all", "--device", "cpu"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["hybrid"]["recall@1"] == 1.0 and out["hybrid"]["mrr"] == 1.0 and out["bm25"]["recall@1"] == 0.5
+    assert set(out) == {"hybrid", "rrf", "dense", "bm25"}
 
 
 def test_large_indexes_use_hnsw_with_the_same_answers(small_index, encoder, tmp_path, monkeypatch):

@@ -13,7 +13,9 @@ from ..core.config import arg, from_namespace
 from ..core.errors import LMForgeError
 from .args import DEVICE_HELP
 
-MODE_HELP = "hybrid (dense + BM25, fused by reciprocal rank), dense (embeddings), or bm25 (words)"
+MODE_HELP = ("hybrid (dense + BM25 fused by weighted reciprocal rank: BM25 leads when one chunk holds every "
+             "query word, the encoder otherwise), rrf (plain reciprocal-rank fusion), dense (embeddings), or "
+             "bm25 (words)")
 
 
 @dataclass
@@ -39,7 +41,7 @@ class RagSearchArgs:
     index: str = arg(None, "index directory (from `lmforge rag index`)", positional=True)
     query: str = arg(None, "what to look for", positional=True)
     k: int = arg(5, "how many chunks", short="-k", ge=1, le=1000)
-    mode: str = arg("hybrid", MODE_HELP, choices=["hybrid", "dense", "bm25"])
+    mode: str = arg("hybrid", MODE_HELP, choices=["hybrid", "rrf", "dense", "bm25"])
     encoder: str | None = arg(None, "check that this encoder is the one that built the index (default: its own)")
     json: bool = arg(False, "print one JSON object")
     device: str = arg("auto", DEVICE_HELP)
@@ -74,7 +76,7 @@ class RagAskArgs(GeneratorArgs):
     index: str = arg(None, "index directory (from `lmforge rag index`)", positional=True)
     question: str = arg(None, "the question", positional=True)
     k: int = arg(4, "how many chunks to give the model", short="-k", ge=1, le=50)
-    mode: str = arg("hybrid", MODE_HELP, choices=["hybrid", "dense", "bm25"])
+    mode: str = arg("hybrid", MODE_HELP, choices=["hybrid", "rrf", "dense", "bm25"])
     min_score: float | None = arg(None, "refuse to answer when the best chunk's cosine similarity is below this "
                                   "(a guard against answers the sources do not support)", ge=-1, le=1)
     json: bool = arg(False, "print one JSON object: {answer, citations, retrieved}")
@@ -88,7 +90,7 @@ class RagEvalArgs:
     index: str = arg(None, "index directory", positional=True)
     qa: str = arg(None, "query set (.jsonl)")
     k: int = arg(5, "depth for recall@k and MRR", short="-k", ge=1, le=1000)
-    mode: str = arg("hybrid", MODE_HELP + "; all: each of them", choices=["hybrid", "dense", "bm25", "all"])
+    mode: str = arg("hybrid", MODE_HELP + "; all: each of them", choices=["hybrid", "rrf", "dense", "bm25", "all"])
     device: str = arg("auto", DEVICE_HELP)
 
 
@@ -149,7 +151,7 @@ def rag_eval(ns) -> None:
     qa = read_qa(a.qa)
     index = Index(a.index, device=a.device)
     if a.mode == "all":
-        print(json.dumps({m: evaluate(index, qa, a.k, m) for m in ("hybrid", "dense", "bm25")}))
+        print(json.dumps({m: evaluate(index, qa, a.k, m) for m in ("hybrid", "rrf", "dense", "bm25")}))
     else:
         print(json.dumps(evaluate(index, qa, a.k, a.mode)))
 
