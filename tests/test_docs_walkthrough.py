@@ -41,7 +41,8 @@ def guide_pages() -> list[str]:
 
 def blocks(page: str) -> list[tuple[str, str, str]]:
     """(mode, reason, script) for each bash block of a page; mode is run, skip, background or slow."""
-    return [(mode or "run", reason or "", code) for mode, reason, code in BLOCK.findall((ROOT / "docs" / page).read_text())]
+    text = (ROOT / "docs" / page).read_text()
+    return [(mode or "run", reason or "", code) for mode, reason, code in BLOCK.findall(text)]
 
 
 @pytest.fixture(scope="module")

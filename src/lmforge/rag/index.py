@@ -300,7 +300,7 @@ class Index:
           encoder's best answer.
 
         Chosen on benchmarks/rag_retrieval.py (two corpora, three query sets; the results are
-        in docs/retrieval.md); the rule has two settings and neither was fitted finely: any BM25
+        in docs/rag.md); the rule has two settings and neither was fitted finely: any BM25
         share from 0.15 to 0.3 scores within 0.015 MRR of 0.25 on every set.
         """
         if sparse and self._coverage(query, sparse[0][0]) >= 1.0:
