@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..core.errors import LMForgeError
 from ..core.fileio import atomic_write_json
-from ..core.runtime import Dist
+from ..core.runtime import Dist, distributed
 from ..formats.hf_dir import copy_side_files
 from ..formats.kinds import Kind, kind_of
 from ..formats.load import builtin_model, load_parts
 from ..formats.modeldir import model_config_json, read_config, save_model_dir, save_weights
 from ..models.lora import adapter_state, apply_lora, count_parameters, freeze_for_lora
+from ..text.templates import Template, get_template
 from ..text.tokenizer import Tokenizer
-from .config import FinetuneConfig
+from .align_config import PreferenceConfig
+from .config import FinetuneConfig, InstructConfig
 from .rates import describe, finetune_lr
 from .rundir import check_out, resume_config
 from .schedule import BUDGETS, check_budget
@@ -32,6 +35,14 @@ def default_lr(cfg: FinetuneConfig, method: str, model: torch.nn.Module, dist: D
     lr = finetune_lr(method, mcfg.n_embd, adapter, "gpt2" if mcfg.causal else "bert")
     dist.say(f"lr {lr:g} ({describe(method, mcfg.n_embd, adapter)}; set --lr to choose)")
     return lr
+
+
+def run_distributed(body: Callable[[FinetuneConfig, tuple[Dist, torch.device], Callable | None], dict],
+                    cfg: FinetuneConfig, on_step: Callable | None) -> dict:
+    """`body(cfg, (dist, device), on_step)` on each rank under torchrun (alone: once), the ranks but
+    the first quiet: how every fine-tuning and alignment task runs."""
+    with distributed(cfg.device) as ddp, ddp[0].quiet():
+        return body(cfg, ddp, on_step)
 
 
 def prepare(cfg: FinetuneConfig, dist: Dist, kinds: tuple[Kind, ...] = (Kind.CAUSAL_LM,)):
@@ -69,13 +80,36 @@ def hold_out(items: list, fraction: float, seed: int) -> tuple[list, list]:
     return [items[i] for i in perm[n_val:]], [items[i] for i in perm[:n_val]]
 
 
-def read_split(read: Callable[[str], list], data: str, val_data: str | None, fraction: float,
-               seed: int) -> tuple[list, list]:
-    """(training, validation) records: `val_data` read as a file of its own, or `hold_out` of `data`."""
-    records = read(data)
-    if val_data:
-        return records, read(val_data)
-    return hold_out(records, fraction, seed)
+@dataclass
+class Examples:
+    """Records read and encoded: what instruction tuning, reward models and DPO learn from."""
+
+    template: Template
+    records: list  # training records as read, for what a task shows or checks beyond their encoding
+    val_records: list
+    train: list  # encoded
+    val: list
+
+
+def read_examples(cfg: InstructConfig | PreferenceConfig, val_data: str | None, tokenizer: Tokenizer, max_len: int,
+                  read: Callable[[str], list], encode: Callable[..., tuple[list, int]], what: str, dropped_why: str,
+                  dist: Dist) -> Examples:
+    """--data (`what` it holds, said when it is missing) read and encoded under --template, and
+    validation records: `val_data` read as a file of its own, or a held-out share of --data.
+    `encode(records, tokenizer, template, max_len)` -> (encoded, dropped) leaves out the records
+    with nothing left to learn from; a warning says how many and why."""
+    if not cfg.data:
+        raise LMForgeError(f"--data is required ({what})")
+    template = get_template(cfg.template, tokenizer)
+    records = read(cfg.data)
+    records, val_records = (records, read(val_data)) if val_data else hold_out(records, cfg.val_fraction, cfg.seed)
+    train, dropped = encode(records, tokenizer, template, max_len)
+    val, _ = encode(val_records, tokenizer, template, max_len)
+    if dropped:
+        dist.say(f"warning: {dropped} record(s) dropped: {dropped_why}")
+    if not train:
+        raise LMForgeError("no training records left to learn from")
+    return Examples(template, records, val_records, train, val)
 
 
 def setup_lora(model: torch.nn.Module, cfg: FinetuneConfig, train_also: tuple[str, ...] = ()) -> dict | None:

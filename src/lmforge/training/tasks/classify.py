@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ...core.errors import LMForgeError
-from ...core.runtime import Dist, distributed
+from ...core.runtime import Dist
 from ...data.collate import pad_batch
 from ...data.records import read_labelled
 from ...data.tokens import EpochOrder
@@ -21,7 +21,7 @@ from ...formats.kinds import Kind
 from ...inference.classify import encode_texts, predict_probs
 from ...models.transformer import Classifier
 from ..config import ClassifyConfig
-from ..finetune import default_lr, make_saver, prepare, report_parameters, setup_lora
+from ..finetune import default_lr, make_saver, prepare, report_parameters, run_distributed, setup_lora
 from ..loop import fit
 from ..rundir import Run, start_run_dir
 
@@ -101,8 +101,7 @@ def _freeze(model: Classifier, train_layers: str) -> None:
 
 
 def finetune_classify(cfg: ClassifyConfig, on_step=None) -> dict:
-    with distributed(cfg.device) as ddp, ddp[0].quiet():
-        return _finetune_classify(cfg, ddp, on_step)
+    return run_distributed(_finetune_classify, cfg, on_step)
 
 
 def _finetune_classify(cfg: ClassifyConfig, ddp: tuple[Dist, torch.device], on_step) -> dict:

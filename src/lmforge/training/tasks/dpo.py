@@ -18,12 +18,12 @@ import torch
 import torch.nn.functional as F
 
 from ...core.errors import LMForgeError
-from ...core.runtime import Dist, autocast, distributed
+from ...core.runtime import Dist, autocast
 from ...data.collate import IGNORE
 from ...formats.modeldir import load_weights, save_weights
 from ...models.lora import adapters_off
 from ..align_config import DPOConfig
-from ..finetune import default_lr, make_saver, prepare, report_parameters, setup_lora
+from ..finetune import default_lr, make_saver, prepare, report_parameters, run_distributed, setup_lora
 from ..loop import fit
 from ..rundir import Run, start_run_dir
 from .preference import Encoded, PreferenceTask, load_preferences, preference_batch
@@ -137,8 +137,7 @@ def load_or_compute_references(model, train: list[Encoded], val: list[Encoded], 
 
 
 def train_dpo(cfg: DPOConfig, on_step=None) -> dict:
-    with distributed(cfg.device) as ddp, ddp[0].quiet():
-        return _train_dpo(cfg, ddp, on_step)
+    return run_distributed(_train_dpo, cfg, on_step)
 
 
 def _train_dpo(cfg: DPOConfig, ddp: tuple[Dist, torch.device], on_step) -> dict:

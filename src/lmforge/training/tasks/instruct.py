@@ -13,17 +13,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ...core.errors import LMForgeError
-from ...core.runtime import Dist, distributed
+from ...core.runtime import Dist
 from ...data.collate import IGNORE, collate, pack
 from ...data.records import read_instructions
 from ...data.tokens import EpochOrder
 from ...inference.generate import generate_text
 from ...models.lora import expand_targets
-from ...text.templates import Template, encode_segments, get_template, user_text
+from ...text.templates import Template, encode_segments, user_text
 from ...text.tokenizer import Tokenizer
 from ..config import InstructConfig
-from ..finetune import default_lr, make_saver, prepare, read_split, report_parameters, setup_lora
+from ..finetune import default_lr, make_saver, prepare, read_examples, report_parameters, run_distributed, setup_lora
 from ..loop import fit
 from ..rundir import Run, start_run_dir
 
@@ -137,24 +136,17 @@ def frozen_head_warning(model: torch.nn.Module, examples: list[tuple[list[int], 
 
 
 def finetune_instruct(cfg: InstructConfig, on_step=None) -> dict:
-    with distributed(cfg.device) as ddp, ddp[0].quiet():
-        return _finetune_instruct(cfg, ddp, on_step)
+    return run_distributed(_finetune_instruct, cfg, on_step)
 
 
 def _finetune_instruct(cfg: InstructConfig, ddp: tuple[Dist, torch.device], on_step) -> dict:
     dist = ddp[0]
     cfg, model, tokenizer, base = prepare(cfg, dist)
-    if not cfg.data:
-        raise LMForgeError("--data is required (JSONL records to learn from)")
-    template = get_template(cfg.template, tokenizer)
-    convs, val_convs = read_split(read_instructions, cfg.data, cfg.val_data, cfg.val_fraction, cfg.seed)
     max_len = cfg.context_length + 1  # inputs and targets are this shifted by one
-    train, dropped = encode_conversations(convs, tokenizer, template, max_len)
-    val, _ = encode_conversations(val_convs, tokenizer, template, max_len)
-    if dropped:
-        dist.say(f"warning: {dropped} record(s) dropped: nothing of the response fits in {cfg.context_length} tokens")
-    if not train:
-        raise LMForgeError("no training records left to learn from")
+    data = read_examples(cfg, cfg.val_data, tokenizer, max_len, read_instructions, encode_conversations,
+                         "JSONL records to learn from",
+                         f"nothing of the response fits in {cfg.context_length} tokens", dist)
+    template, convs, val_convs, train, val = data.template, data.records, data.val_records, data.train, data.val
     if cfg.pack:
         train = pack(train, max_len)
     torch.manual_seed(cfg.seed)

@@ -11,15 +11,14 @@ from dataclasses import dataclass
 
 import torch
 
-from ...core.errors import LMForgeError
 from ...core.runtime import Dist
 from ...data.collate import IGNORE, collate, pad_batch
 from ...data.preferences import Ranking, encode_answer, read_preferences
 from ...data.tokens import EpochOrder
-from ...text.templates import Template, get_template
+from ...text.templates import Template
 from ...text.tokenizer import Tokenizer
 from ..align_config import PreferenceConfig
-from ..finetune import read_split
+from ..finetune import read_examples
 from ..metrics import TaskMetrics
 
 
@@ -67,16 +66,9 @@ def preference_batch(items: list[Encoded], pad_id: int) -> dict[str, torch.Tenso
 def load_preferences(cfg: PreferenceConfig, tokenizer: Tokenizer, max_len: int,
                      dist: Dist) -> tuple[Template, list[Encoded], list[Encoded]]:
     """Read, split (when --val is not given) and encode the preference records."""
-    if not cfg.data:
-        raise LMForgeError("--data is required (JSONL preference records)")
-    template = get_template(cfg.template, tokenizer)
-    rankings, val_rankings = read_split(read_preferences, cfg.data, cfg.val, cfg.val_fraction, cfg.seed)
-    train, dropped = encode_rankings(rankings, tokenizer, template, max_len)
-    val, _ = encode_rankings(val_rankings, tokenizer, template, max_len)
-    if dropped:
-        dist.say(f"warning: {dropped} record(s) dropped: an answer has no token left within {max_len} tokens")
-    if not train:
-        raise LMForgeError("no training records left to learn from")
+    data = read_examples(cfg, cfg.val, tokenizer, max_len, read_preferences, encode_rankings,
+                         "JSONL preference records", f"an answer has no token left within {max_len} tokens", dist)
+    template, train, val = data.template, data.train, data.val
     n_pairs = sum(len(e.pairs) for e in train)
     dist.say(f"preferences: {len(train)} training prompts ({n_pairs} pairs), {len(val)} validation, "
              f"template {template.name}")

@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ...core.runtime import Dist, distributed
+from ...core.runtime import Dist
 from ...formats.kinds import Kind
 from ...models.transformer import Classifier
 from ..align_config import RewardConfig
-from ..finetune import default_lr, make_saver, prepare, report_parameters, setup_lora
+from ..finetune import default_lr, make_saver, prepare, report_parameters, run_distributed, setup_lora
 from ..loop import fit
 from ..rundir import Run, start_run_dir
 from .preference import PreferenceTask, load_preferences
@@ -69,8 +69,7 @@ class RewardTask(PreferenceTask):
 
 
 def train_reward(cfg: RewardConfig, on_step=None) -> dict:
-    with distributed(cfg.device) as ddp, ddp[0].quiet():
-        return _train_reward(cfg, ddp, on_step)
+    return run_distributed(_train_reward, cfg, on_step)
 
 
 def _train_reward(cfg: RewardConfig, ddp: tuple[Dist, torch.device], on_step) -> dict:

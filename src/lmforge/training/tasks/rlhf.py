@@ -11,11 +11,11 @@ from pathlib import Path
 import torch
 
 from ...core.errors import LMForgeError
-from ...core.runtime import Dist, distributed
+from ...core.runtime import Dist
 from ...data.preferences import read_prompts
 from ...text.templates import get_template
 from ..align_config import RLHFConfig
-from ..finetune import default_lr, make_saver, prepare, report_parameters, setup_lora
+from ..finetune import default_lr, make_saver, prepare, report_parameters, run_distributed, setup_lora
 from ..loop import fit
 from ..rundir import Run, start_run_dir
 from .ppo import PolicyWithValue, PPOTask
@@ -23,8 +23,7 @@ from .rollout import RolloutTask, make_reference, reward_function, reward_model_
 
 
 def train_rlhf(cfg: RLHFConfig, on_step=None) -> dict:
-    with distributed(cfg.device) as ddp, ddp[0].quiet():
-        return _train_rlhf(cfg, ddp, on_step)
+    return run_distributed(_train_rlhf, cfg, on_step)
 
 
 def _train_rlhf(cfg: RLHFConfig, ddp: tuple[Dist, torch.device], on_step) -> dict:
