@@ -180,16 +180,20 @@ def _encode(name: str, t: torch.Tensor, outtype: str):
     return a.astype(np.float16), T.F16
 
 
+def _add(w, values: dict) -> None:
+    """Each `key: value` through the writer's add_<key> (GGUF's typed key for it), in order; a None
+    value is left out (the key does not apply)."""
+    for key, value in values.items():
+        if value is not None:
+            getattr(w, f"add_{key}")(value)
+
+
 def _write_metadata(w, cfg: ModelConfig, arch: str, name: str, outtype: str) -> None:
     import gguf
 
-    w.add_name(name)
-    w.add_context_length(cfg.context_length)
-    w.add_embedding_length(cfg.n_embd)
-    w.add_block_count(cfg.n_layer)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.n_head)
-    w.add_vocab_size(cfg.vocab_size)
+    _add(w, {"name": name, "context_length": cfg.context_length, "embedding_length": cfg.n_embd,
+             "block_count": cfg.n_layer, "feed_forward_length": cfg.intermediate_size, "head_count": cfg.n_head,
+             "vocab_size": cfg.vocab_size})
     if arch == "gpt2":
         w.add_layer_norm_eps(cfg.norm_eps)
         if cfg.activation == "gelu":  # llama.cpp computes GELU's tanh form; lmforge reads this key back
@@ -197,12 +201,9 @@ def _write_metadata(w, cfg: ModelConfig, arch: str, name: str, outtype: str) -> 
             print("note: llama.cpp's gpt2 computes GELU in its tanh form (from an f16 table), this model the exact "
                   "one: llama.cpp's logits differ by about 1e-4 of their size", file=sys.stderr)
     else:
-        w.add_head_count_kv(cfg.n_kv_head)
-        w.add_key_length(cfg.head_dim)
-        w.add_value_length(cfg.head_dim)
-        w.add_rope_dimension_count(cfg.head_dim)
-        w.add_rope_freq_base(cfg.rope_theta)
-        w.add_layer_norm_rms_eps(cfg.norm_eps)
+        _add(w, {"head_count_kv": cfg.n_kv_head, "key_length": cfg.head_dim, "value_length": cfg.head_dim,
+                 "rope_dimension_count": cfg.head_dim, "rope_freq_base": cfg.rope_theta,
+                 "layer_norm_rms_eps": cfg.norm_eps})
         if (cfg.rope_scaling or {}).get("type") == "linear":
             w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
             w.add_rope_scaling_factor(cfg.rope_scaling["factor"])
@@ -213,27 +214,13 @@ def _write_metadata(w, cfg: ModelConfig, arch: str, name: str, outtype: str) -> 
 
 
 def _write_tokenizer(w, tok: dict) -> None:
-    w.add_tokenizer_model(tok["model"])
-    if tok.get("pre"):
-        w.add_tokenizer_pre(tok["pre"])
-    w.add_token_list(tok["tokens"])
-    w.add_token_types(tok["types"])
-    if tok.get("merges") is not None:
-        w.add_token_merges(tok["merges"])
-    if tok.get("scores") is not None:
-        w.add_token_scores(tok["scores"])
-        w.add_add_space_prefix(tok["add_space_prefix"])
-    if tok.get("unk") is not None:
-        w.add_unk_token_id(tok["unk"])
-    w.add_bos_token_id(tok["bos"])
-    w.add_eos_token_id(tok["eos"])
-    w.add_pad_token_id(tok["pad"])
-    if "eot" in tok:
-        w.add_eot_token_id(tok["eot"])
-    w.add_add_bos_token(tok["add_bos"])
-    w.add_add_eos_token(False)
-    if tok["template"]:
-        w.add_chat_template(tok["template"])
+    scored = tok.get("scores") is not None  # a SentencePiece-style vocabulary: scores, no merges
+    _add(w, {"tokenizer_model": tok["model"], "tokenizer_pre": tok.get("pre") or None, "token_list": tok["tokens"],
+             "token_types": tok["types"], "token_merges": tok.get("merges"), "token_scores": tok.get("scores"),
+             "add_space_prefix": tok["add_space_prefix"] if scored else None, "unk_token_id": tok.get("unk"),
+             "bos_token_id": tok["bos"], "eos_token_id": tok["eos"], "pad_token_id": tok["pad"],
+             "eot_token_id": tok.get("eot"), "add_bos_token": tok["add_bos"], "add_eos_token": False,
+             "chat_template": tok["template"] or None})
 
 
 def export_gguf(model_dir: str | Path, out: str | Path, outtype: str = "f16", overwrite: bool = False,
