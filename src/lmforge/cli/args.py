@@ -7,6 +7,7 @@ Numbers carry their bounds (`ge=`, `gt=`, ...), checked by `core.config.check` f
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from ..core.config import arg
 from ..inference.params import SamplingParams
@@ -19,11 +20,39 @@ QUANTIZE_HELP = ("weights in memory: int8 (per output row, a quarter of fp32's b
 QUANTIZE_CHOICES = ["auto", "none", "int8", "int4"]
 
 
+# The flags many verbs share, stated once: each call makes the field anew (a field belongs to one class).
+def device_flag() -> Any:
+    return arg("auto", DEVICE_HELP)
+
+
+def quantize_flag() -> Any:
+    return arg("auto", QUANTIZE_HELP, choices=QUANTIZE_CHOICES)
+
+
+def jsonl_text_flag() -> Any:
+    """--text-field of verbs that read text files and .jsonl."""
+    return arg("text", "field holding the text in .jsonl files")
+
+
+def table_text_flag() -> Any:
+    """--text-field of verbs that read one text per row (.csv/.tsv/.jsonl)."""
+    return arg("text", "column / field holding the text in .csv/.tsv/.jsonl files")
+
+
+def dtype_flag() -> Any:
+    return arg("auto", "weight precision: auto (as stored), float32, bfloat16 or float16",
+               choices=["auto", "float32", "bfloat16", "float16"])
+
+
+def overwrite_flag() -> Any:
+    return arg(False, "replace --out if it exists")
+
+
 @dataclass
 class SamplingArgs(SamplingParams):
     """Sampling: how each next token is chosen"""
 
-    device: str = arg("auto", DEVICE_HELP)
+    device: str = device_flag()
 
 
 @dataclass
@@ -40,7 +69,7 @@ class GenerateArgs(SamplingArgs):
                               "and the rank of the one picked", ge=0)
     num_samples: int = arg(1, "how many completions to generate (seeds seed, seed+1, ...)", short="-n", ge=1)
     echo: bool = arg(True, "print the prompt before the completion")
-    quantize: str = arg("auto", QUANTIZE_HELP, choices=QUANTIZE_CHOICES)
+    quantize: str = quantize_flag()
     json_schema: str | None = arg(None, "a JSON Schema file: the output is JSON that validates against it (the "
                                   "grammar guarantees it, even for an untrained model)")
     regex: str | None = arg(None, "the output matches this regular expression, e.g. '[0-9]{3}-[0-9]{4}'")
@@ -57,7 +86,7 @@ class ChatArgs(SamplingArgs):
     max_new_tokens: int | None = arg(256, "longest answer in tokens", ge=1)
     temperature: float = arg(0.7, "randomness (0 = greedy)", ge=0)
     top_p: float | None = arg(0.9, "nucleus sampling threshold (0 < P <= 1)", gt=0, le=1)
-    quantize: str = arg("auto", QUANTIZE_HELP, choices=QUANTIZE_CHOICES)
+    quantize: str = quantize_flag()
 
 
 @dataclass
@@ -69,10 +98,10 @@ class EvaluateArgs:
 
     model_dir: str = arg(None, "model directory", positional=True)
     data: list[str] = arg([], "text files, directories, .jsonl files, or 'pydocs'")
-    text_field: str = arg("text", "field holding the text in .jsonl files")
+    text_field: str = jsonl_text_flag()
     batch_size: int = arg(8, "windows per forward pass", ge=1)
-    device: str = arg("auto", DEVICE_HELP)
-    quantize: str = arg("auto", QUANTIZE_HELP, choices=QUANTIZE_CHOICES)
+    device: str = device_flag()
+    quantize: str = quantize_flag()
 
 
 @dataclass
@@ -83,7 +112,7 @@ class DemoArgs:
     out: str = arg("runs/demo", "model directory to write (replaced if it exists)")
     arch: str = arg("gpt2", "gpt2 or llama", choices=["gpt2", "llama"])
     seed: int = arg(1337, "random seed")
-    device: str = arg("auto", DEVICE_HELP)
+    device: str = device_flag()
 
 
 @dataclass
@@ -93,7 +122,7 @@ class TokenizerTrainArgs:
     data: list[str] = arg(["pydocs"], "text files, directories, .jsonl files, or 'pydocs'")
     out: str = arg("tokenizer.json", "where to write tokenizer.json")
     vocab_size: int | None = arg(None, "vocabulary size (default: from the corpus size)", ge=MIN_VOCAB)
-    text_field: str = arg("text", "field holding the text in .jsonl files")
+    text_field: str = jsonl_text_flag()
 
 
 @dataclass
@@ -114,9 +143,8 @@ class ImportArgs:
 
     hf_dir: str = arg(None, "Hugging Face model directory, or a .gguf file", positional=True)
     out: str = arg(None, "lmforge model directory to write")
-    dtype: str = arg("auto", "weight precision: auto (as stored), float32, bfloat16 or float16",
-                     choices=["auto", "float32", "bfloat16", "float16"])
-    overwrite: bool = arg(False, "replace --out if it exists")
+    dtype: str = dtype_flag()
+    overwrite: bool = overwrite_flag()
 
 
 @dataclass
@@ -134,9 +162,8 @@ class ExportArgs:
     ollama: bool = arg(False, "with --format gguf: also write an Ollama Modelfile beside the file (FROM, TEMPLATE "
                        "in Ollama's Go-template syntax, stop tokens)")
     shard_size_mb: float = arg(2000.0, "split the weights into files of at most this many MB", gt=0)
-    dtype: str = arg("auto", "weight precision: auto (as stored), float32, bfloat16 or float16",
-                     choices=["auto", "float32", "bfloat16", "float16"])
-    overwrite: bool = arg(False, "replace --out if it exists")
+    dtype: str = dtype_flag()
+    overwrite: bool = overwrite_flag()
 
 
 @dataclass
@@ -146,9 +173,9 @@ class ClassifyArgs:
     model_dir: str = arg(None, "classifier model directory (from `lmforge finetune classify`)", positional=True)
     text: list[str] = arg([], "text(s) to classify")
     file: str | None = arg(None, "classify each line of this file (or each row of a .csv/.tsv/.jsonl)")
-    text_field: str = arg("text", "column / field holding the text in .csv/.tsv/.jsonl files")
+    text_field: str = table_text_flag()
     json: bool = arg(False, "print one JSON object per text: {text, label, probs}")
-    device: str = arg("auto", DEVICE_HELP)
+    device: str = device_flag()
 
 
 @dataclass
@@ -157,7 +184,7 @@ class MergeLoraArgs:
 
     model_dir: str = arg(None, "adapter directory (from fine-tuning with --lora-rank)", positional=True)
     out: str = arg(None, "model directory to write")
-    overwrite: bool = arg(False, "replace --out if it exists")
+    overwrite: bool = overwrite_flag()
 
 
 @dataclass
@@ -169,13 +196,13 @@ class EmbedArgs:
     model_dir: str = arg(None, "encoder model directory, Hugging Face checkpoint, or minilm", positional=True)
     text: list[str] = arg([], "text(s) to embed")
     file: str | None = arg(None, "embed each non-empty line of this file (or the text column of a .csv/.tsv/.jsonl)")
-    text_field: str = arg("text", "column / field holding the text in .csv/.tsv/.jsonl files")
+    text_field: str = table_text_flag()
     query: str | None = arg(None, "rank the texts by cosine similarity to this query instead of printing vectors")
     top_k: int = arg(10, "with --query: how many of the best matches to show", ge=1)
     out: str | None = arg(None, "write the embeddings to FILE.npy (numpy) or FILE.json instead of stdout")
     batch_size: int = arg(32, "texts per forward pass", ge=1)
     truncate: bool = arg(True, "cut texts longer than the model reads (with a warning); --no-truncate: error")
-    device: str = arg("auto", DEVICE_HELP)
+    device: str = device_flag()
 
 
 @dataclass
@@ -186,7 +213,7 @@ class FillMaskArgs:
     text: str = arg(None, "text with [MASK] where a word is missing", positional=True)
     top_k: int = arg(5, "how many candidates to show per mask", ge=1)
     json: bool = arg(False, "print one JSON object")
-    device: str = arg("auto", DEVICE_HELP)
+    device: str = device_flag()
 
 
 @dataclass
@@ -206,5 +233,5 @@ class ServeArgs:
     name: str | None = arg(None, "model name clients use (default: the directory's name)")
     feedback: str | None = arg(None, "the chat page's compare mode appends {prompt, chosen, rejected} votes to this "
                                "JSONL file (the format `align reward` trains on); without it the mode is hidden")
-    quantize: str = arg("auto", QUANTIZE_HELP, choices=QUANTIZE_CHOICES)
-    device: str = arg("auto", DEVICE_HELP)
+    quantize: str = quantize_flag()
+    device: str = device_flag()

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from ..core.config import arg, from_namespace
 from ..core.errors import LMForgeError
-from .args import DEVICE_HELP, QUANTIZE_CHOICES, QUANTIZE_HELP
+from .args import device_flag, quantize_flag
 
 
 @dataclass
@@ -38,8 +38,8 @@ class EvalArgs:
                           "http://127.0.0.1:8000/v1")
     api_model: str | None = arg(None, "model name to ask the server for (default: its first)")
     api_key: str | None = arg(None, "bearer token for the server")
-    device: str = arg("auto", DEVICE_HELP)
-    quantize: str = arg("auto", QUANTIZE_HELP, choices=QUANTIZE_CHOICES)
+    device: str = device_flag()
+    quantize: str = quantize_flag()
 
 
 def eval_(ns) -> None:
@@ -129,7 +129,7 @@ class ScalingSweepArgs:
     vocab_size: int | None = arg(None, "tokenizer size (default: from the corpus size)", ge=256)
     eval_batches: int = arg(16, "validation batches for each run's final loss", ge=1)
     seed: int = arg(1337, "seed of every run")
-    device: str = arg("auto", DEVICE_HELP)
+    device: str = device_flag()
 
 
 def scaling_sweep(ns) -> None:
@@ -240,7 +240,7 @@ class JudgeArgs:
     out: str | None = arg(None, "JSONL of every judgement (default: ANSWERS with .judged.jsonl)")
     max_tokens: int = arg(256, "longest judgement in tokens", ge=1)
     timeout: float = arg(120.0, "seconds to wait for the judge", gt=0)
-    device: str = arg("auto", DEVICE_HELP)
+    device: str = device_flag()
 
 
 def judge(ns) -> None:

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 from ..core.config import arg, from_namespace
 from ..core.errors import LMForgeError
-from .args import DEVICE_HELP
+from .args import device_flag, jsonl_text_flag
 
+MODES = ["hybrid", "rrf", "dense", "bm25"]
 MODE_HELP = ("hybrid (dense + BM25 fused by weighted reciprocal rank: BM25 leads when one chunk holds every "
              "query word, the encoder otherwise), rrf (plain reciprocal-rank fusion), dense (embeddings), or "
              "bm25 (words)")
@@ -29,9 +30,9 @@ class RagIndexArgs:
     encoder: str = arg("minilm", "encoder model directory, or minilm (the bundled all-MiniLM-L6-v2)")
     chunk_tokens: int = arg(200, "target chunk size in encoder tokens", ge=8)
     overlap: int = arg(32, "tokens shared by consecutive chunks of one section", ge=0)
-    text_field: str = arg("text", "field holding the text in .jsonl files")
+    text_field: str = jsonl_text_flag()
     rebuild: bool = arg(False, "re-embed everything (e.g. to switch encoders)")
-    device: str = arg("auto", DEVICE_HELP)
+    device: str = device_flag()
 
 
 @dataclass
@@ -41,10 +42,10 @@ class RagSearchArgs:
     index: str = arg(None, "index directory (from `lmforge rag index`)", positional=True)
     query: str = arg(None, "what to look for", positional=True)
     k: int = arg(5, "how many chunks", short="-k", ge=1, le=1000)
-    mode: str = arg("hybrid", MODE_HELP, choices=["hybrid", "rrf", "dense", "bm25"])
+    mode: str = arg("hybrid", MODE_HELP, choices=MODES)
     encoder: str | None = arg(None, "check that this encoder is the one that built the index (default: its own)")
     json: bool = arg(False, "print one JSON object")
-    device: str = arg("auto", DEVICE_HELP)
+    device: str = device_flag()
 
 
 @dataclass
@@ -59,7 +60,7 @@ class GeneratorArgs:
     max_tokens: int = arg(256, "longest answer (per step for agents), in tokens", ge=1)
     temperature: float = arg(0.0, "randomness (0 = greedy)", ge=0)
     seed: int | None = arg(None, "sampling seed")
-    device: str = arg("auto", DEVICE_HELP)
+    device: str = device_flag()
 
     def generator(self):
         from ..inference.client import open_generator
@@ -76,7 +77,7 @@ class RagAskArgs(GeneratorArgs):
     index: str = arg(None, "index directory (from `lmforge rag index`)", positional=True)
     question: str = arg(None, "the question", positional=True)
     k: int = arg(4, "how many chunks to give the model", short="-k", ge=1, le=50)
-    mode: str = arg("hybrid", MODE_HELP, choices=["hybrid", "rrf", "dense", "bm25"])
+    mode: str = arg("hybrid", MODE_HELP, choices=MODES)
     min_score: float | None = arg(None, "refuse to answer when the best chunk's cosine similarity is below this "
                                   "(a guard against answers the sources do not support)", ge=-1, le=1)
     json: bool = arg(False, "print one JSON object: {answer, citations, retrieved}")
@@ -90,8 +91,8 @@ class RagEvalArgs:
     index: str = arg(None, "index directory", positional=True)
     qa: str = arg(None, "query set (.jsonl)")
     k: int = arg(5, "depth for recall@k and MRR", short="-k", ge=1, le=1000)
-    mode: str = arg("hybrid", MODE_HELP + "; all: each of them", choices=["hybrid", "rrf", "dense", "bm25", "all"])
-    device: str = arg("auto", DEVICE_HELP)
+    mode: str = arg("hybrid", MODE_HELP + "; all: each of them", choices=[*MODES, "all"])
+    device: str = device_flag()
 
 
 def rag_index(ns) -> None:
@@ -151,7 +152,7 @@ def rag_eval(ns) -> None:
     qa = read_qa(a.qa)
     index = Index(a.index, device=a.device)
     if a.mode == "all":
-        print(json.dumps({m: evaluate(index, qa, a.k, m) for m in ("hybrid", "rrf", "dense", "bm25")}))
+        print(json.dumps({m: evaluate(index, qa, a.k, m) for m in MODES}))
     else:
         print(json.dumps(evaluate(index, qa, a.k, a.mode)))
 
