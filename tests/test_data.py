@@ -63,5 +63,18 @@ def test_batch_stream_needs_one_window():
 
 def test_eval_batches_predict_every_token_once():
     data = np.arange(95, dtype=np.uint16)
-    targets = torch.cat([y.flatten() for _, y in eval_batches(data, 10, batch_size=4)])
+    targets = torch.cat([b.y.flatten() for b in eval_batches(data, 10, batch_size=4)])
     assert targets.tolist() == list(range(1, 95))
+
+
+def test_eval_batches_share_the_same_windows_between_ranks():
+    """Ranks take disjoint shares of one list of windows; each runs as many batches (FSDP's forward
+    passes are collective), a rank short of one padding with an uncounted repeat."""
+    data = np.arange(95, dtype=np.uint16)  # 9 full windows of 10 (3 batches of 4, 4, 1) and a short one: 4 batches
+    alone = [(b.starts, b.x.tolist()) for b in eval_batches(data, 10, batch_size=4)]
+    ranks = [list(eval_batches(data, 10, batch_size=4, rank=r, world=3)) for r in range(3)]
+    assert [len(r) for r in ranks] == [2, 2, 2]
+    counted = [(b.starts, b.x.tolist()) for r in ranks for b in r if b.counted]
+    assert sorted(counted) == sorted(alone) and len(counted) == 4
+    assert [b.counted for r in ranks for b in r] == [True, True, True, False, True, False]
+    assert [len(list(eval_batches(data, 10, 4, max_windows=3, rank=r, world=2))) for r in (0, 1)] == [1, 1]

@@ -208,7 +208,7 @@ def test_mlm_evaluation_scores_masked_positions_through_the_loss_path():
     assert not [s for s in log.shapes if len(s) == 3 and s[-1] == V]
     nats, correct, n = 0.0, 0, 0
     with torch.no_grad():
-        for inputs, targets in masked_eval_batches(data, T, 3, V, special, batch_size=B, seed=7):
+        for inputs, targets, _ in masked_eval_batches(data, T, 3, V, special, batch_size=B, seed=7):
             sel = targets != -100
             logits = model(inputs)[sel]  # the direct way: every position's logits, then the masked rows
             nats += F.cross_entropy(logits, targets[sel], reduction="sum").item()

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -165,16 +167,28 @@ class BatchStream:
         return xy[:, :-1], xy[:, 1:]
 
 
-def eval_batches(data: np.ndarray, context_length: int, batch_size: int, max_windows: int | None = None):
-    """Non-overlapping (inputs, targets) windows covering `data`, each token predicted once,
-    stacked `batch_size` at a time (a shorter final window comes alone)."""
+class EvalBatch(NamedTuple):
+    x: torch.Tensor  # inputs [B, T]
+    y: torch.Tensor  # targets [B, T]
+    starts: list[int]  # where each window starts in the data: its identity, whatever the batching
+    counted: bool  # False for a rank's padding batch: run it, leave it out of the sums
+
+
+def eval_batches(data: np.ndarray, context_length: int, batch_size: int, max_windows: int | None = None,
+                 rank: int = 0, world: int = 1) -> Iterator[EvalBatch]:
+    """Non-overlapping windows covering `data` (its first `max_windows`), each token predicted once,
+    stacked `batch_size` at a time (a shorter final window comes alone).
+
+    Under torchrun, rank `rank` of `world` gets every world-th batch of that same list, so the
+    windows evaluated do not depend on the number of processes. Every rank gets as many batches,
+    since a sharded (FSDP) forward pass needs them all: a rank short of one repeats the first,
+    marked not counted."""
     starts = list(range(0, max(len(data) - 1, 0), context_length))[:max_windows]
     full = [s for s in starts if s + context_length + 1 <= len(data)]
-    rest = [s for s in starts if s + context_length + 1 > len(data)]
-    for i in range(0, len(full), batch_size):
-        xy = torch.from_numpy(np.stack([data[s:s + context_length + 1] for s in full[i:i + batch_size]])
-                              .astype(np.int64))
-        yield xy[:, :-1], xy[:, 1:]
-    for s in rest:
-        xy = torch.from_numpy(np.asarray(data[s:]).astype(np.int64))[None]
-        yield xy[:, :-1], xy[:, 1:]
+    groups = [full[i:i + batch_size] for i in range(0, len(full), batch_size)]
+    groups += [[s] for s in starts if s + context_length + 1 > len(data)]
+    for k in range(-(-len(groups) // world)):
+        i = k * world + rank
+        group = groups[i] if i < len(groups) else groups[0]
+        xy = torch.from_numpy(np.stack([data[s:s + context_length + 1] for s in group]).astype(np.int64))
+        yield EvalBatch(xy[:, :-1], xy[:, 1:], group, i < len(groups))

@@ -341,12 +341,14 @@ class Transformer(nn.Module):
             h = self.head_norm(ACTIVATIONS[self.cfg.activation](self.head_dense(h)))
         return h
 
-    def score_targets(self, h: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token losses [N] (fp32) and top predictions [N] of the output layer at hidden states
-        h [N, n_embd] (from `hidden`) for `targets` [N]: the loss path's chunks, so evaluating
-        (masked-token loss and accuracy) never holds the [N, vocab] logits."""
+    def score_targets(self, idx: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token losses (fp32) and top predictions [N] at the N positions where `targets` [B, T]
+        is not -100: only those reach the output layer, through the loss path's chunks, so scoring
+        masked tokens never holds [B, T, vocab] logits (nor even [N, vocab]). One call (under FSDP
+        registered as a forward pass: see training.sharded)."""
+        sel = targets != -100
         weight, bias = self.head_weight_and_bias()
-        return token_losses_and_predictions(self._head_input(h), weight, bias, targets,
+        return token_losses_and_predictions(self._head_input(self.hidden(idx)[sel]), weight, bias, targets[sel],
                                             softcap=self.cfg.logit_softcap)
 
     def head_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:

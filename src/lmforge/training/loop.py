@@ -52,7 +52,9 @@ class Task(Protocol):
         read (for --max-tokens and tokens/s). The loop weights each micro-batch by its weight."""
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
-        """Validation metrics, keys prefixed `val_` (run on rank 0 under no_grad)."""
+        """Validation metrics, keys prefixed `val_`, run under no_grad: on rank 0, or on every rank
+        for a task with `shares_evaluation = True` (each rank a share of the same examples, the
+        sums all-reduced: the same metrics on every rank, whatever their number) or under FSDP."""
 
 
 class StopRequest:
@@ -273,9 +275,10 @@ class Trainer:
 
     def evaluate(self) -> dict:
         """Validation metrics, computed on rank 0 and shared, so every rank decides alike (and a
-        failure there stops them all instead of leaving them waiting). A sharded model needs every
-        rank for its forward passes: each computes the same metrics."""
-        if self.cfg.fsdp:
+        failure there stops them all instead of leaving them waiting). A task that shares its
+        evaluation between the ranks, and a sharded model (whose forward passes need every rank),
+        are evaluated on every rank, each ending with the same metrics."""
+        if self.cfg.fsdp or getattr(self.task, "shares_evaluation", False):
             return self._evaluate_here()
         return self.dist.on_main(self._evaluate_here)
 

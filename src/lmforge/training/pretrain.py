@@ -153,12 +153,14 @@ def _pretrain(cfg: PretrainConfig, dist_info: Dist, device: torch.device, on_ste
 
     torch.manual_seed(cfg.seed)
     model = Transformer(mcfg)
+    # --eval-batches counts batches of every process together: the same windows whatever their number
+    eval_windows = cfg.eval_batches * cfg.batch_size * dist_info.world
     if cfg.objective == "mlm":
-        task = MLMTask(data, mcfg.context_length, cfg.seed, tokenizer, cfg.mask_rate, cfg.eval_batches * cfg.batch_size,
-                       cfg.batch_size)
+        task = MLMTask(data, mcfg.context_length, cfg.seed, tokenizer, cfg.mask_rate, eval_windows, cfg.batch_size,
+                       dist_info)
     else:
-        task = LMTask(data, mcfg.context_length, cfg.seed, tokenizer.token_bytes(), cfg.eval_batches * cfg.batch_size,
-                      cfg.batch_size)
+        task = LMTask(data, mcfg.context_length, cfg.seed, tokenizer.token_bytes(), eval_windows, cfg.batch_size,
+                      dist_info)
     dist_info.say(f"model: {cfg.arch} {mcfg.n_layer} layers x {mcfg.n_embd} wide, {mcfg.n_head} heads "
                   f"({mcfg.n_kv_head} k/v), context {mcfg.context_length}, vocab {mcfg.vocab_size}: "
                   f"{model.num_params() / 1e6:.2f}M parameters; {len(data.train):,} training tokens; "

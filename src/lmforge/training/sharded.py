@@ -19,7 +19,7 @@ from torch.distributed.checkpoint.state_dict import (
     get_state_dict,
     set_state_dict,
 )
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
 from ..core.errors import LMForgeError
 from ..core.runtime import Dist
@@ -43,6 +43,8 @@ def shard(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
         if isinstance(module, Block):
             fully_shard(module, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
+    if hasattr(model, "score_targets"):  # masked-token evaluation: gathers the root's weights as forward does
+        register_fsdp_forward_method(model, "score_targets")
     return model
 
 
