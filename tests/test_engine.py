@@ -156,8 +156,11 @@ def test_stop_ids_and_max_tokens_finish_reasons():
     assert [e.token for e in events[:-1]] == cut
     last = events[-1]
     assert (last.finish_reason, last.prompt_tokens, last.completion_tokens) == ("stop", 3, len(cut))
+    assert last.stop_token == stop  # which of the stop ids ended it
+    sample = Engine(model).generate([Request(PROMPTS[0], max_tokens=10, temperature=0, stop={96, stop})])[0][0]
+    assert (sample.finish_reason, sample.stop_token, sample.tokens) == ("stop", stop, cut)
     full = Engine(model).generate([Request(PROMPTS[0], max_tokens=10, temperature=0)])[0][0]
-    assert full.finish_reason == "length" and full.tokens == plain
+    assert full.finish_reason == "length" and full.tokens == plain and full.stop_token is None
 
 
 @pytest.mark.parametrize("bad, fragment", [
@@ -268,3 +271,25 @@ def test_on_step_gets_each_steps_events_in_one_call():
     for h, p in zip(handles, PROMPTS):
         assert [e.token for g, e in sum(calls, []) if g is h and e.finish_reason is None] == \
             reference(model, p, 4, temperature=0)
+
+
+def test_the_engine_leaves_train_and_eval_modes_as_it_found_them():
+    """A policy being trained (RL rollouts) is in train mode; generation must neither leave it in eval
+    mode nor sample through its dropout."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=97, context_length=64, n_layer=2, n_head=4, n_embd=32, dropout=0.5,
+                      **SHAPES["llama"])
+    model = Transformer(cfg)
+    want = reference(model.eval(), PROMPTS[3], 10, temperature=0)
+    model.train()
+    model.blocks[0].eval()  # a mix: each module's own mode comes back
+    modes = [m.training for m in model.modules()]
+    assert any(modes) and not all(modes)
+    engine = Engine(model, slots=2)
+    reqs = [Request(PROMPTS[3], max_tokens=10, temperature=0), Request(PROMPTS[3], max_tokens=10, temperature=0)]
+    for _ in range(2):  # deterministic: dropout stays off while the engine runs
+        assert [s[0].tokens for s in engine.generate(reqs)] == [want, want]
+        assert [m.training for m in model.modules()] == modes
+    with engine:  # the background thread too
+        assert engine.submit(reqs[0]).result()[0].tokens == want
+    assert [m.training for m in model.modules()] == modes

@@ -53,6 +53,24 @@ def test_openai_client_gets_what_generate_gives(client, tiny_run):
     assert [m.id for m in client.models.list().data] == ["tiny"]
 
 
+def test_stop_reason_names_what_stopped_each_choice(server, tiny_run):
+    """vLLM's `stop_reason`: the stop string (or stop token id) that ended a choice, null otherwise."""
+    want = greedy(tiny_run, "The new", 8)
+    stop = want[3:6]
+    body = {"prompt": "The new", "max_tokens": 8, "temperature": 0}
+    choice = post(server, "/v1/completions", {**body, "stop": [stop, "zzzz"]}).json()["choices"][0]
+    assert (choice["text"], choice["finish_reason"], choice["stop_reason"]) == (want[:want.find(stop)], "stop", stop)
+    with httpx.stream("POST", server.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                      json={**body, "stop": stop, "stream": True}, timeout=60) as r:
+        last = [json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: {")][-1]["choices"][0]
+    assert (last["finish_reason"], last["stop_reason"]) == ("stop", stop)
+    choice = post(server, "/v1/completions", body).json()["choices"][0]
+    if choice["finish_reason"] == "length":
+        assert choice["stop_reason"] is None
+    else:  # the model wrote its end-of-text token
+        assert isinstance(choice["stop_reason"], int)
+
+
 def test_chat_completions_stream_and_usage(client):
     msgs = [{"role": "user", "content": "The path"}]  # the tiny model's context is 32 tokens
     r = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=4, temperature=0)
@@ -150,6 +168,20 @@ def test_a_client_that_goes_away_frees_its_slot(slow_server, stream):
     assert metric(slow_server, "lmforge_active_slots") == 0
     assert metric(slow_server, "lmforge_cancelled_total") == cancelled + 1
     assert metric(slow_server, "lmforge_completion_tokens_total") - tokens < 4000  # stopped early, not run out
+
+
+def test_a_small_prefill_chunk_gives_the_same_greedy_output(tiny_run):
+    import subprocess
+    import sys
+
+    prompt = "The module returns the value of the"
+    with Server(tiny_run, "--prefill-chunk", "2", "--slots", "2") as s:  # the prompt goes in over 5 steps
+        got = [httpx.post(s.url + "/v1/completions", json={"prompt": prompt, "max_tokens": 8, "temperature": 0},
+                          timeout=60).json()["choices"][0]["text"] for _ in range(2)]
+    assert got == [greedy(tiny_run, prompt, 8)] * 2
+    bad = subprocess.run([sys.executable, "-m", "lmforge", "serve", str(tiny_run), "--prefill-chunk", "0"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "--prefill-chunk must be >= 1" in bad.stderr
 
 
 def test_tokenize_and_metrics(server):

@@ -230,6 +230,9 @@ class ServeArgs:
     max_body: int = arg(1 << 20, "largest request body in bytes (413 above it)", ge=1)
     max_queue: int = arg(64, "most requests waiting for a slot (503 above it)", ge=1)
     slots: int = arg(8, "requests decoded together in one batch", ge=1, le=256)
+    prefill_chunk: int = arg(512, "prompt tokens fed per engine step: a long prompt joins over several steps, so "
+                             "the streams in flight keep decoding meanwhile (smaller: shorter stalls, slower "
+                             "prefill)", ge=1, le=65536)
     name: str | None = arg(None, "model name clients use (default: the directory's name)")
     feedback: str | None = arg(None, "the chat page's compare mode appends {prompt, chosen, rejected} votes to this "
                                "JSONL file (the format `align reward` trains on); without it the mode is hidden")

@@ -65,8 +65,9 @@ class Event:
     token: its id; logprob: log of its probability in the distribution it was drawn from (after
     temperature/top-k/top-p; for greedy, the model's own); rank: its rank there (1 = most likely;
     only with logprobs, else 0); top: [(token, logprob)] of the K most likely, best first.
-    Last event: finish_reason "stop" (a stop id, not emitted), "length" (max_tokens), "cancelled"
-    or "error" (with `error`); prompt_tokens and completion_tokens (tokens emitted) are set.
+    Last event: finish_reason "stop" (a stop id, not emitted, in `stop_token`; or a grammar
+    complete, stop_token None), "length" (max_tokens), "cancelled" or "error" (with `error`);
+    prompt_tokens and completion_tokens (tokens emitted) are set.
     """
 
     index: int = 0
@@ -78,14 +79,19 @@ class Event:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    stop_token: int | None = None
 
 
 @dataclass
 class Sample:
+    """One finished sample: its tokens with their logprobs and candidates, why it ended, and for
+    finish_reason "stop" the stop id that ended it (None when a grammar completed it)."""
+
     tokens: list[int]
     logprobs: list[float]
     top: list[list[tuple[int, float]]]
     finish_reason: str
+    stop_token: int | None = None
 
 
 class Handle:
@@ -136,7 +142,7 @@ class Handle:
             elif e.finish_reason == "error":
                 raise LMForgeError(e.error or "the engine failed")
             else:
-                s.finish_reason = e.finish_reason
+                s.finish_reason, s.stop_token = e.finish_reason, e.stop_token
         return samples
 
 
@@ -193,7 +199,10 @@ class Engine:
                                f"(got {slots}, {prefill_chunk})")
         self.prefill_chunk = prefill_chunk
         self._prefilling: _Prefill | None = None  # a prompt partly fed into its slot
-        self.model, self.slots = model.eval(), slots
+        self.model, self.slots = model, slots
+        # Each step runs the model in eval mode and then puts back the modes it found: a policy being
+        # trained (RL rollouts) stays in train mode between steps, and its dropout never touches a draw.
+        self._modules = list(model.modules())
         self.vocab, self.max_len = cfg.vocab_size, min(max_len or cfg.context_length, cfg.context_length)
         self.device = next(model.parameters()).device
         # A CPU float32 model set up by `for_inference` multiplies through numpy's BLAS (models/blas.py);
@@ -328,7 +337,7 @@ class Engine:
 
     def step(self) -> bool:
         """Admit what fits, then decode one token for every occupied slot. False when idle."""
-        with self._lock, (blas_matmuls() if self._blas else contextlib.nullcontext()):
+        with self._lock, (blas_matmuls() if self._blas else contextlib.nullcontext()), _eval_mode(self._modules):
             if self.on_step is None:
                 return self._step()
             self._batch = []
@@ -514,7 +523,7 @@ class Engine:
         for s in seqs:
             t, q, rank, top = picks[id(s)]
             if t in s.r.stop:
-                self._finish(s, "stop")
+                self._finish(s, "stop", stop_token=t)
                 continue
             if s.matcher is not None and not s.matcher.consume_token(t):  # masked out, so never expected
                 self._finish(s, "error", f"the grammar refused token {t}: {s.matcher.get_error()}")
@@ -550,14 +559,27 @@ class Engine:
             logits[r].masked_fill_(masks[id(s)].to(logits.device), -math.inf)
         return logits, rows
 
-    def _finish(self, seq: _Seq, reason: str, error: str | None = None) -> None:
+    def _finish(self, seq: _Seq, reason: str, error: str | None = None, stop_token: int | None = None) -> None:
         del self._active[seq.slot]
         self._free.append(seq.slot)
         self._free.sort()
         self._emit(seq.handle, Event(seq.index, finish_reason=reason, prompt_tokens=len(seq.r.prompt),
-                                     completion_tokens=seq.emitted, error=error))
+                                     completion_tokens=seq.emitted, error=error, stop_token=stop_token))
 
     def _end(self, h: Handle, reason: str, error: str | None = None) -> None:
         """Final events for a request that never ran."""
         for i in range(h.request.n):
             self._emit(h, Event(i, finish_reason=reason, prompt_tokens=len(h.request.prompt), error=error))
+
+
+@contextlib.contextmanager
+def _eval_mode(modules: list[torch.nn.Module]) -> Iterator[None]:
+    """Eval mode for the duration, then each module's own mode back (a model may mix them)."""
+    training = [m for m in modules if m.training]
+    for m in training:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m in training:
+            m.training = True

@@ -19,7 +19,8 @@ def held_back(text: str, stops: list[str]) -> int:
 
 class TextStream:
     """Feed token ids with `add`; each call returns the text that is now safe to show. `stopped` is
-    set once a stop string appears (the text ends before it); `flush` returns what was held back.
+    set once a stop string appears (the text ends before it; `stop` is that string); `flush`
+    returns what was held back.
 
     Decoding is incremental, so a long answer costs O(length), not O(length²): each step decodes a
     short window of ids twice, with and without the new token, and keeps the difference (which
@@ -31,6 +32,7 @@ class TextStream:
         self.longest_stop = max((len(s) for s in self.stops), default=0)
         self.ids: list[int] = []
         self.text, self.emitted, self.stopped = "", 0, False
+        self.stop: str | None = None
         self._start = self._read = 0  # the window: ids[_start:_read] are decoded into the text already
 
     def add(self, token: int) -> str:
@@ -44,8 +46,9 @@ class TextStream:
         self.text += after[len(before):]
         # a stop string can only appear where it overlaps the new text
         since = max(0, grown - self.longest_stop + 1)
-        hit = min((i for s in self.stops if (i := self.text.find(s, since)) >= 0), default=-1)
-        if hit >= 0:
+        hits = [(i, s) for s in self.stops if (i := self.text.find(s, since)) >= 0]
+        if hits:
+            hit, self.stop = min(hits)
             self.text, self.stopped = self.text[:hit], True
             return self.flush()
         safe = len(self.text) - held_back(self.text, self.stops)

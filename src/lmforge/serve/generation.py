@@ -46,13 +46,15 @@ from .protocol import (
 @dataclass
 class Piece:
     """What one choice gained from a batch of engine events: text (whole characters, stop strings
-    held back), logprob entries, tokens generated, and its finish reason when it ended."""
+    held back), logprob entries, tokens generated, and its finish reason when it ended, with what
+    stopped it (vLLM's `stop_reason`: the stop token id or the stop string; None otherwise)."""
 
     index: int
     text: str = ""
     logprobs: list[dict] = field(default_factory=list)
     tokens: int = 0
     finish: str | None = None
+    stop_reason: int | str | None = None
 
 
 @dataclass
@@ -194,6 +196,7 @@ class Backend:
         texts = [""] * s.n
         logprobs: list[list[dict]] = [[] for _ in range(s.n)]
         finish: list[str | None] = [None] * s.n
+        stopped_by: list[int | str | None] = [None] * s.n
         completion = 0
 
         async def collect() -> None:
@@ -205,6 +208,7 @@ class Backend:
                         logprobs[p.index] += p.logprobs
                         completion += p.tokens
                         finish[p.index] = p.finish or finish[p.index]
+                        stopped_by[p.index] = p.stop_reason if p.finish else stopped_by[p.index]
 
         task = asyncio.ensure_future(collect())
         while not task.done():  # a client that hangs up has its request cancelled (the slots freed)
@@ -222,8 +226,8 @@ class Backend:
             raise APIError(500, f"generation failed: {e}", type="server_error") from None
         finally:
             self.metrics.completion_tokens += completion
-        choices = [self._choice(i, texts[i], logprobs[i] if s.logprobs else None, finish[i], chat, shape)
-                   for i in range(s.n)]
+        choices = [self._choice(i, texts[i], logprobs[i] if s.logprobs else None, finish[i], chat, shape,
+                                stopped_by[i]) for i in range(s.n)]
         usage = {"prompt_tokens": len(ids), "completion_tokens": completion, "total_tokens": len(ids) + completion}
         body = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
                 "model": self.model_name, "choices": choices, "usage": usage}
@@ -255,7 +259,7 @@ class Backend:
                     if e.finish_reason is not None:
                         done[i] = True
                         p.text += streams[i].flush()
-                        p.finish = e.finish_reason
+                        p.finish, p.stop_reason = e.finish_reason, e.stop_token
                         continue
                     p.text += streams[i].add(e.token)
                     p.tokens += 1
@@ -263,7 +267,7 @@ class Backend:
                         p.logprobs.append(self._logprob_info(e))
                     if streams[i].stopped:  # a stop string: this choice is over (its text ends before it)
                         done[i] = True
-                        p.finish = "stop"
+                        p.finish, p.stop_reason = "stop", streams[i].stop
                         handle.cancel(i)  # its slot goes back at once; the other choices go on
                 if pieces:
                     yield list(pieces.values())
@@ -280,7 +284,7 @@ class Backend:
                 "top_logprobs": top}
 
     def _choice(self, i: int, text: str, logprobs: list[dict] | None, finish: str | None, chat: bool,
-                shape: Shape) -> dict:
+                shape: Shape, stop_reason: int | str | None = None) -> dict:
         if chat:
             lp = {"content": logprobs} if logprobs is not None else None
             message: dict = {"role": "assistant", "content": text}
@@ -290,12 +294,12 @@ class Backend:
                     message = {"role": "assistant", "content": content or None,
                                "tool_calls": [c.to_json() for c in calls]}
                     finish = "tool_calls" if finish == "stop" else finish
-            return {"index": i, "message": message, "logprobs": lp, "finish_reason": finish}
+            return {"index": i, "message": message, "logprobs": lp, "finish_reason": finish, "stop_reason": stop_reason}
         lp = None
         if logprobs is not None:
             lp = {"tokens": [x["token"] for x in logprobs], "token_logprobs": [x["logprob"] for x in logprobs],
                   "top_logprobs": [{t["token"]: t["logprob"] for t in x["top_logprobs"]} for x in logprobs]}
-        return {"index": i, "text": text, "logprobs": lp, "finish_reason": finish}
+        return {"index": i, "text": text, "logprobs": lp, "finish_reason": finish, "stop_reason": stop_reason}
 
     async def _chunks(self, rid: str, req: EngineRequest, s: Sampling, chat: bool, prompt_tokens: int,
                       shape: Shape) -> AsyncIterator[dict]:
@@ -323,7 +327,8 @@ class Backend:
                         lp = p.logprobs if s.logprobs else None
                         if not chat:
                             if p.text or p.finish is not None or p.logprobs:
-                                yield chunk([self._choice(p.index, p.text, lp, p.finish, False, shape)])
+                                yield chunk([self._choice(p.index, p.text, lp, p.finish, False, shape,
+                                                          p.stop_reason)])
                             continue
                         text, made, finish = p.text, [], p.finish
                         if calls is not None:
@@ -340,7 +345,8 @@ class Backend:
                                 {"index": k, **c.to_json()} for k, c in enumerate(made)]}, "logprobs": None,
                                 "finish_reason": None}])
                         if finish is not None:
-                            yield chunk([{"index": p.index, "delta": {}, "logprobs": None, "finish_reason": finish}])
+                            yield chunk([{"index": p.index, "delta": {}, "logprobs": None, "finish_reason": finish,
+                                          "stop_reason": p.stop_reason}])
             if s.include_usage:
                 yield chunk([], {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                                  "total_tokens": prompt_tokens + completion})

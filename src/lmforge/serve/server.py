@@ -17,9 +17,9 @@ from .generation import Backend
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           cors_origins: list[str] | None = None, max_body: int = 1 << 20, max_queue: int = 64, slots: int = 8,
           device: str = "auto", model_name: str | None = None, feedback: str | None = None,
-          quantize: str | None = "auto") -> None:
+          quantize: str | None = "auto", prefill_chunk: int = 512) -> None:
     """Serve until Ctrl-C. The key may also come from LMFORGE_API_KEY; `quantize` (auto, none, int8,
-    int4) as `lmforge.load` takes it."""
+    int4) as `lmforge.load` takes it; `prefill_chunk`: prompt tokens the engine feeds per step."""
     import uvicorn
 
     api_key = api_key or os.environ.get("LMFORGE_API_KEY") or None
@@ -27,7 +27,7 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: st
     name = model_name or Path(model_dir).name
     cfg = ServeConfig(model_name=name, api_key=api_key, cors_origins=list(cors_origins or []), max_body=max_body,
                       max_queue=max_queue, feedback=feedback)
-    engine = Engine(lm.model, slots=slots) if lm.kind.generates else None
+    engine = Engine(lm.model, slots=slots, prefill_chunk=prefill_chunk) if lm.kind.generates else None
     if engine is None and not lm.kind.is_encoder:
         raise LMForgeError(f"{model_dir} is {lm.kind.phrase}: serve needs a language model or an encoder")
     app = create_app(lm, cfg, Backend(lm, engine, name, max_queue))
