@@ -405,16 +405,29 @@ def test_rlhf_with_a_reward_function_and_bad_input(sft, data, tmp_path, capsys):
 
 
 def test_rlhf_warns_when_the_reward_carries_no_signal(sft, data, tmp_path, capsys):
-    """A reward function that returns a constant gives every answer the same reward: the run says so."""
-    (tmp_path / "flat_reward.py").write_text("def zero(prompt, completion):\n    return 0.0\n")
+    """A reward function that returns a constant: one line says so after the first batch (8 rewards),
+    not after 3 flat ones. One that varies only between prompts leaves every group flat: that warning
+    comes after 3 batches, and does not blame the function for giving no signal at all."""
+    (tmp_path / "flat_reward.py").write_text("def zero(prompt, completion):\n    return 0.0\n\n\n"
+                                             "def by_prompt(prompt, completion):\n"
+                                             "    return sum(map(ord, prompt)) % 97\n")
+    base = ["align", "rlhf", str(sft), "--prompts", str(data / "prompts.jsonl"), "--device", "cpu",
+            "--max-new-tokens", "4"]
     sys.path.insert(0, str(tmp_path))
     try:
-        assert main(["align", "rlhf", str(sft), "--prompts", str(data / "prompts.jsonl"), "--device", "cpu",
-                     "--reward-fn", "flat_reward:zero", "--out", str(tmp_path / "flat"), "--max-steps", "3",
-                     "--batch-size", "1", "--group-size", "2", "--max-new-tokens", "4"]) == 0
+        assert main([*base, "--reward-fn", "flat_reward:zero", "--out", str(tmp_path / "zero"), "--max-steps", "1",
+                     "--batch-size", "2", "--group-size", "4"]) == 0
+        err = capsys.readouterr().err
+        assert main([*base, "--reward-fn", "flat_reward:by_prompt", "--out", str(tmp_path / "by_prompt"),
+                     "--max-steps", "3", "--batch-size", "2", "--group-size", "2"]) == 0
+        err_by_prompt = capsys.readouterr().err
     finally:
         sys.path.remove(str(tmp_path))
-    assert "no learning signal" in capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: --reward-fn flat_reward:zero gave all 8 completions of the first batches the same "
+                        "reward (0): it gives no signal (every advantage is zero). Check that it scores different "
+                        "answers differently"], err
+    assert "gives no signal" not in err_by_prompt and "no learning signal" in err_by_prompt, err_by_prompt
 
 
 # -- rank: the human in the loop ------------------------------------------------------------------

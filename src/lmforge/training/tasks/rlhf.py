@@ -42,7 +42,7 @@ def _train_rlhf(cfg: RLHFConfig, ddp: tuple[Dist, torch.device], on_step) -> dic
     lora = setup_lora(model, cfg)
     model.to(device)
     reference = make_reference(model, lora, cfg.temperature)
-    task_args = (reference, scorer, convs, tokenizer, template, cfg, dist.say)
+    task_args = (reference, scorer, convs, tokenizer, template, cfg)  # warnings: the task's own, above the bar
     if cfg.algo == "ppo":
         trained = PolicyWithValue(model)
         task: RolloutTask = PPOTask(trained, *task_args)

@@ -33,6 +33,7 @@ import sys
 from collections.abc import Callable
 
 import torch
+from tqdm import tqdm
 
 from ...core.errors import LMForgeError
 from ...data.collate import IGNORE, collate
@@ -47,6 +48,7 @@ from ..align_config import RLHFConfig
 from ..metrics import TaskMetrics
 
 Scorer = Callable[[list[list[dict]], list[str]], list[float]]
+OPENING = 8  # rewards: the first batches' (at least this many) show a reward that never varies
 
 
 # -- the formulas ---------------------------------------------------------------------------------
@@ -138,9 +140,12 @@ class RolloutTask(TaskMetrics):
                  tokenizer: Tokenizer, template: Template, cfg: RLHFConfig,
                  say: Callable[[str], None] | None = None) -> None:
         self.policy, self.reference, self.scorer, self.cfg = policy, reference, scorer, cfg
-        self.say = say or (lambda message: print(message, file=sys.stderr))  # warnings: stdout is for results
+        # warnings on stderr (stdout is for results), each a line of its own above the progress bar (ranks
+        # but the first are quiet under torchrun)
+        self.say = say or (lambda message: tqdm.write(message, file=sys.stderr))
         self.warned: set[str] = set()
         self.flat_batches = 0
+        self.opening: list[float] | None = []  # the first rewards, until there are OPENING of them
         self.tokenizer, self.template = tokenizer, template
         self.stop = template.stop_tokens(tokenizer)
         self.end = end_of_turn(tokenizer, template)
@@ -210,6 +215,11 @@ class RolloutTask(TaskMetrics):
         self.note(reward=rewards, reward_std=rewards.std(1), completions__mean_length=lengths)
         spread = float((rewards.max(1).values - rewards.min(1).values).max())
         self.flat_batches = self.flat_batches + 1 if spread <= 1e-6 * max(1.0, float(rewards.abs().max())) else 0
+        if self.opening is not None:
+            self.opening += rewards.flatten().tolist()
+            if len(self.opening) >= OPENING:
+                self.check_opening(self.opening)
+                self.opening = None
         if self.flat_batches == 3:
             self.warn("flat", f"the last 3 batches gave every completion of each prompt the same reward "
                       f"({float(rewards.flatten()[0]):g}...): no learning signal. Check the reward function or "
@@ -217,6 +227,18 @@ class RolloutTask(TaskMetrics):
         if self.cfg.max_new_tokens > 4 and float((lengths <= 2).float().mean()) > 0.5:
             self.warn("short", "most completions end within 2 tokens: the policy may be collapsing to the "
                       "shortest answer. Lower --lr, raise --kl-coef, or lower --temperature")
+
+    def check_opening(self, rewards: list[float]) -> None:
+        """The first batches' rewards all one value: the reward itself tells no answer from another
+        (a function that always returns 0, say). Said at once rather than after 3 flat batches."""
+        if max(rewards) - min(rewards) > 1e-6 * max(1.0, max(abs(r) for r in rewards)):
+            return
+        source = f"--reward-fn {self.cfg.reward_fn}" if self.cfg.reward_fn else "the reward model"
+        why = "every advantage is zero" if self.cfg.algo == "grpo" else "only the KL penalty trains"
+        self.warn("constant", f"{source} gave all {len(rewards)} completions of the first batches the same reward "
+                  f"({rewards[0]:g}): it gives no signal ({why}). Check that it scores different answers "
+                  "differently")
+        self.warned.add("flat")  # the flat-batches warning would say it again
 
     def warn(self, key: str, message: str) -> None:
         if key not in self.warned:
