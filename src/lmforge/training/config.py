@@ -42,7 +42,7 @@ class TrainConfig:
     max_minutes: float | None = arg(None, "stop after this many minutes of training", gt=0)
     epochs: float | None = arg(None, "stop after this many passes over the training data", gt=0)
     eval_every: int = arg(100, "evaluate on the validation data every N steps (and at the end)", ge=1)
-    eval_batches: int = arg(20, "validation batches per evaluation", ge=1)
+    eval_batches: int = arg(20, "validation batches per evaluation, each of --batch-size windows per process", ge=1)
     save_every: int = arg(500, "write a checkpoint every N steps (and at the end, and on Ctrl-C)", ge=0)
     keep: str = arg("auto", "weights in the model directory: best (the lowest validation loss so far), last (the "
                     "last step's), or auto (best when there is validation data); state/ always holds the last "
