@@ -131,7 +131,7 @@ class _TokenLosses(torch.autograd.Function):
         device, amp_dtype, amp = ctx.amp
         with torch.autocast(device, dtype=amp_dtype, enabled=amp):
             for s, hc, tgt, valid, p, z, _, cdt, dcap, _ in _chunks(h, weight, bias, targets, ctx.ignore_index, acc,
-                                                                  ctx.softcap):
+                                                                     ctx.softcap):
                 row_weight = grad_out[s:s + len(tgt)].to(acc) * valid
                 _add_grads(p, z, tgt, row_weight, hc, weight, cdt, acc, dcap, s, grad_h, grad_w, grad_b)
         return _cast(grad_h, h), _cast(grad_w, weight), _cast(grad_b, bias), None, None, None
