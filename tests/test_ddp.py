@@ -50,6 +50,7 @@ def test_two_processes_match_one_with_the_same_global_batch(corpus_dir, tmp_path
     # only rank 0 speaks
     assert ddp.stderr.count("model: gpt2") == 1 and ddp.stderr.count("model directory:") == 1, ddp.stderr
     assert "tokenized data" not in ddp.stderr.split("model: gpt2")[1]
+    assert len(list((tmp_path / "two" / "tb").glob("events.out.tfevents.*"))) == 1  # only rank 0 writes TensorBoard
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(one) == len(two) == 6
     # two half-batch gradients all-reduced (gloo) vs one batch: fp32 summation order only; measured <=1e-6,

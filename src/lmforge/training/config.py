@@ -58,6 +58,8 @@ class TrainConfig:
                        "it keeps the run's budget; with a different one, the rest of the LR schedule is stretched "
                        "or squeezed from where the run stands to end with the new budget")
     overwrite: bool = arg(False, "replace an existing model directory at --out")
+    tensorboard: bool = arg(True, "write TensorBoard event files beside metrics.jsonl, in OUT/tb/ (view them with "
+                            "`tensorboard --logdir runs/`)")
 
 
 @dataclass

@@ -33,6 +33,7 @@ from .rundir import Run, record_config
 from .schedule import Budget, Schedule
 from .sharded import check_fsdp, no_sync, shard
 from .state import load_state
+from .tracking import TB_DIR
 
 
 class Task(Protocol):
@@ -111,7 +112,8 @@ class Trainer:
         self.record: dict = {"step": 0, "tokens": 0, "elapsed": 0.0, "windows": 0, "last_saved_step": 0}
         cfg_model = getattr(self.model, "cfg", None)
         self.log = MetricsLog(run.out / "metrics.jsonl", dist.main, task.windows_per_epoch, dist.world,
-                              flops_per_token(cfg_model) if cfg_model is not None else None, peak_flops(device))
+                              flops_per_token(cfg_model) if cfg_model is not None else None, peak_flops(device),
+                              board=run.out / TB_DIR if cfg.tensorboard else None)
         self.batches = Prefetcher(task.batch, device, getattr(task, "prefetch", False))
         self.checkpoints = Checkpointer(run, self.model, self.optimizer, dist, cfg.keep)
         self.train_model: torch.nn.Module = self.model

@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from ..core.fileio import append_line, atomic_write
 from .plot import read_metrics
+from .tracking import Board
 
 
 class MetricsLog:
@@ -19,12 +20,16 @@ class MetricsLog:
 
     tokens_per_sec counts every process's tokens; tokens_per_sec_per_process is its share; and
     where the device's peak is known (CUDA), mfu is the model FLOPs utilisation of each process:
-    training FLOPs per token x its tokens/s / its GPU's dense bf16 peak."""
+    training FLOPs per token x its tokens/s / its GPU's dense bf16 peak.
+
+    With `board` (a directory), the main rank writes each row to TensorBoard event files there too."""
 
     def __init__(self, path: Path, main: bool, windows_per_epoch: int, world: int = 1,
-                 flops_per_token: float | None = None, peak_flops: float | None = None) -> None:
+                 flops_per_token: float | None = None, peak_flops: float | None = None,
+                 board: Path | None = None) -> None:
         self.path, self.main, self.per_epoch = path, main, max(windows_per_epoch, 1)
         self.world, self.flops_per_token, self.peak = world, flops_per_token, peak_flops
+        self.board = Board(board) if board is not None and main else None
         self.bar: tqdm | None = None
         self._reset()
 
@@ -34,11 +39,14 @@ class MetricsLog:
     def start(self, resumed_step: int | None) -> None:
         """A fresh run starts an empty file; a resumed one drops the rows logged after its
         checkpoint (those steps run, and are logged, again). Call on the main rank only."""
+        rows: list[dict] = []
         if resumed_step is None:
             self.path.unlink(missing_ok=True)
-            return
-        rows = [r for r in read_metrics(self.path) if r.get("step", 0) <= resumed_step]
-        atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in rows))
+        else:
+            rows = [r for r in read_metrics(self.path) if r.get("step", 0) <= resumed_step]
+            atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in rows))
+        if self.board is not None:
+            self.board.start(resumed_step, rows)
 
     def open_bar(self, progress: float) -> None:
         # initial=: the bar starts where the run stands, so its rate and ETA count new progress only
@@ -67,6 +75,8 @@ class MetricsLog:
     def write(self, row: dict) -> None:
         if self.main:
             append_line(self.path, json.dumps(row))  # a kill mid-write leaves the row whole or absent
+            if self.board is not None:
+                self.board.write(row)
             post = {"step": row["step"], "loss": f"{row['loss']:.3f}", "tok/s": f"{row['tokens_per_sec']:,.0f}"}
             if "mfu" in row:
                 post["mfu"] = f"{100 * row['mfu']:.0f}%"
@@ -84,6 +94,8 @@ class MetricsLog:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+        if self.board is not None:
+            self.board.close()
 
 
 class TaskMetrics:

@@ -26,7 +26,7 @@ class Run:
 
 
 RESUMABLE = {*BUDGETS, "eval_every", "eval_batches", "save_every", "log_every", "keep", "device", "compile",
-             "fsdp", "resume", "overwrite", "out"}
+             "fsdp", "resume", "overwrite", "out", "tensorboard"}
 
 
 def _given(cfg) -> set[str]:
