@@ -68,6 +68,10 @@ VERBS = {
                     "fit the scaling law to a sweep (approaches 2 and 3), with a plot"),
     "scaling predict": ("lmforge.cli.evals:ScalingPredictArgs", "lmforge.cli.evals:scaling_predict",
                         "predict a loss, or the compute-optimal size for a budget, from a fit"),
+    "inspect attention": ("lmforge.cli.inspect:InspectAttentionArgs", "lmforge.cli.inspect:attention",
+                          "draw what each layer and head attends to (heat maps, or --json)"),
+    "inspect lens": ("lmforge.cli.inspect:InspectLensArgs", "lmforge.cli.inspect:lens",
+                     "the logit lens: what the model would predict after each layer (a table and a heat map)"),
 }
 GROUPS = {  # verbs with sub-verbs: (one line of help, description)
     "finetune": ("fine-tune a model: classify (labelled texts) or instruct (instructions)",
@@ -80,6 +84,8 @@ GROUPS = {  # verbs with sub-verbs: (one line of help, description)
               "Alignment: a reward model from preferences, DPO from preferences directly, or RLHF (GRPO/PPO)."),
     "scaling": ("scaling laws: sweep (IsoFLOP runs), fit (Chinchilla approaches 2 and 3), predict",
                 "Measure how loss falls with parameters and data, fit the law, and size a model for a budget."),
+    "inspect": ("see inside a model: attention (maps per layer and head) or lens (predictions layer by layer)",
+                "Inspection: what a model attends to, and how its prediction forms layer by layer."),
 }
 
 EXAMPLES = {
@@ -201,6 +207,13 @@ EXAMPLES = {
   lmforge scaling predict runs/sweep/fit.json --n 3e6 --d 1e8
   lmforge scaling predict runs/sweep/fit.json --flops 1e15       # the compute-optimal N and D
   lmforge pretrain --size auto --scaling-fit runs/sweep/fit.json --max-tokens 5e7 --out runs/sized""",
+    "inspect attention": """examples:
+  lmforge inspect attention runs/demo --text "def add(a, b): return a + b" --out attn.png   # every layer and head
+  lmforge inspect attention runs/demo --text "def add(a, b): return a + b" --layer 1 --head 0 --out l1h0.png
+  lmforge inspect attention minilm --text "A man is eating food." --json                     # an encoder, as JSON""",
+    "inspect lens": """examples:
+  lmforge inspect lens runs/demo --text "Return a new list of the"           # a table; lens.png beside it
+  lmforge inspect lens runs/bert --text "Return a new [MASK] of the items." --json --top 3""",
 }
 
 

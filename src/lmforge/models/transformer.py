@@ -131,6 +131,7 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             self.q_norm = nn.RMSNorm(hd, eps=cfg.norm_eps)
             self.k_norm = nn.RMSNorm(hd, eps=cfg.norm_eps)
+        self.record: list[torch.Tensor] | None = None  # set by Transformer.inspect: keep explicit weights
 
     def forward(self, x, rope, mask, cache: KVCache | None) -> torch.Tensor:
         cfg = self.cfg
@@ -151,11 +152,25 @@ class Attention(nn.Module):
             k = k[:, :, None].expand(B, nkv, rep, k.shape[2], hd).reshape(B, nh, k.shape[2], hd)
             v = v[:, :, None].expand(B, nkv, rep, v.shape[2], hd).reshape(B, nh, v.shape[2], hd)
         drop = cfg.dropout if self.training else 0.0
-        if isinstance(mask, str):  # "causal": let the kernel build it (fastest path)
+        if self.record is not None:  # inspection: the math path, whose weights can be kept
+            y = self._explicit(q, k, v, mask)
+        elif isinstance(mask, str):  # "causal": let the kernel build it (fastest path)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
         return self.proj(y.transpose(1, 2).reshape(B, T, nh * hd))
+
+    def _explicit(self, q, k, v, mask) -> torch.Tensor:
+        """softmax(q k^T / sqrt(d) + mask) v, as SDPA computes it, keeping the weights [B, H, T, S]."""
+        att = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+        if isinstance(mask, str):  # "causal" from position 0
+            T, S = q.shape[2], k.shape[2]
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        if mask is not None:
+            att = att.masked_fill(~mask, float("-inf"))
+        att = att.softmax(dim=-1)
+        self.record.append(att)
+        return att @ v
 
 
 class MLP(nn.Module):
@@ -303,6 +318,28 @@ class Transformer(nn.Module):
         if cache is not None and rows is None:
             cache.pos += T
         return self.norm(x)
+
+    @torch.no_grad()
+    def inspect(self, idx: torch.Tensor, *, token_type_ids: torch.Tensor | None = None,
+                ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """What happens inside, for `lmforge inspect`: each layer's attention weights [B, H, T, T]
+        (on the math path; every other call keeps SDPA's fused kernels), and the residual stream
+        [B, T, C] after the embeddings and after each block (n_layer + 1 entries; the final norm is
+        not applied, so `head(norm(x))` of an entry is the logit lens at that depth)."""
+        attention: list[torch.Tensor] = []
+        stream: list[torch.Tensor] = []
+        hooks = [self.blocks[0].register_forward_pre_hook(lambda _m, args: stream.append(args[0]))]
+        hooks += [b.register_forward_hook(lambda _m, _a, out: stream.append(out)) for b in self.blocks]
+        for block in self.blocks:
+            block.attn.record = attention
+        try:
+            self.hidden(idx, token_type_ids=token_type_ids)
+        finally:
+            for block in self.blocks:
+                block.attn.record = None
+            for h in hooks:
+                h.remove()
+        return attention, stream
 
     def _row_mask(self, rows: torch.Tensor, span: int) -> torch.Tensor:
         """[B, 1, 1, span]: row b's query (at position rows[b]) sees keys 0..rows[b] (and, with a

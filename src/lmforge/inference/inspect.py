@@ -1,0 +1,155 @@
+"""Seeing inside a model: attention maps and the logit lens (`lmforge inspect`).
+
+Attention maps are each head's weights, softmax(q k^T / sqrt(d)), for every query and key token.
+The logit lens (nostalgebraist, 2020) applies the final norm and the output layer to the residual
+stream after each block, so you see which tokens the model would predict if it stopped there, and
+how the prediction forms layer by layer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..core.errors import LMForgeError
+from ..core.fileio import atomic_path
+from ..formats.load import Loaded
+from ..text.tokenizer import printable
+
+
+def _body(lm: Loaded):
+    """The transformer inside: the model itself, or a classifier's or reward model's backbone."""
+    return lm.model.backbone if lm.kind.pooled_head else lm.model
+
+
+def encode(lm: Loaded, text: str) -> list[int]:
+    """The text's token ids as the model reads it (with its own special tokens), within its context."""
+    ids = lm.tokenizer.encode(text, add_special_tokens=True)
+    if not ids:
+        raise LMForgeError("empty text: nothing to inspect")
+    context = _body(lm).cfg.context_length
+    if len(ids) > context:
+        raise LMForgeError(f"the text is {len(ids)} tokens; the model's context is {context} (shorten it)")
+    return ids
+
+
+def _piece(lm: Loaded, i: int) -> str:
+    """A token for display; embedding rows past the tokenizer (checkpoints pad them) by their id."""
+    return lm.tokenizer.piece(i) if i < lm.tokenizer.vocab_size else f"<unused {i}>"
+
+
+def _check_index(name: str, value: int | None, count: int) -> None:
+    if value is not None and not 0 <= value < count:
+        raise LMForgeError(f"--{name} {value} is out of range: the model has {count} {name}s (0..{count - 1})")
+
+
+def attention(lm: Loaded, text: str, layer: int | None = None, head: int | None = None) -> dict:
+    """{"tokens": [...], "layers": [l...], "heads": [h...], "attention": [layer][head][query][key]},
+    for the chosen layer/head or all of them."""
+    body = _body(lm)
+    cfg = body.cfg
+    _check_index("layer", layer, cfg.n_layer)
+    _check_index("head", head, cfg.n_head)
+    ids = encode(lm, text)
+    weights, _ = body.inspect(torch.tensor([ids], device=lm.device))
+    layers = [layer] if layer is not None else list(range(cfg.n_layer))
+    heads = [head] if head is not None else list(range(cfg.n_head))
+    maps = [[weights[li][0, h].float().cpu().tolist() for h in heads] for li in layers]
+    return {"tokens": [lm.tokenizer.piece(i) for i in ids], "layers": layers, "heads": heads, "attention": maps}
+
+
+def lens(lm: Loaded, text: str, top: int = 5) -> dict:
+    """{"tokens": [...], "lens": [depth][position] -> [[token, prob], ...] (top `top`)}; depth 0 is
+    the embeddings, depth L the last block (the model's own prediction)."""
+    if not lm.kind.has_lm_head:
+        raise LMForgeError(f"the logit lens needs an output layer over tokens; {lm.path} is {lm.kind.phrase}")
+    body = _body(lm)
+    ids = encode(lm, text)
+    _, stream = body.inspect(torch.tensor([ids], device=lm.device))
+    rows = []
+    with torch.no_grad():
+        for x in stream:
+            probs = body.head(body.norm(x))[0].float().softmax(-1)
+            p, t = probs.topk(min(top, probs.shape[-1]), dim=-1)
+            rows.append([[[_piece(lm, int(i)), round(float(q), 6)] for i, q in zip(ti, pi)]
+                         for ti, pi in zip(t.tolist(), p.tolist())])
+    # A decoder's position p predicts token p + 1; a masked LM's predicts the token at p.
+    return {"tokens": [lm.tokenizer.piece(i) for i in ids], "predicts": "next" if lm.kind.generates else "same",
+            "lens": rows}
+
+
+def lens_table(result: dict, width: int = 10) -> str:
+    """One row per input position, one column per depth: the top token there and its probability."""
+    depths = len(result["lens"])
+    cell = width + 5
+    head = f"{'position':<{width + 6}}" + "".join(f"{('emb' if d == 0 else f'L{d}'):>{cell}}" for d in range(depths))
+    lines = [head]
+    for pos, tok in enumerate(result["tokens"]):
+        cells = []
+        for d in range(depths):
+            piece, prob = result["lens"][d][pos][0]
+            cells.append(f"{printable(piece)[:width]:>{width}} {prob:.2f}")
+        lines.append(f"{pos:>3} {printable(tok)[:width + 2]:<{width + 3}}" + "".join(f"{c:>{cell}}" for c in cells))
+    return "\n".join(lines)
+
+
+def _save(fig, out: str | Path) -> None:
+    import matplotlib.pyplot as plt
+
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_attention(result: dict, out: str | Path) -> None:
+    """A grid of heat maps, one row per layer and one column per head (key tokens across, queries
+    down); token labels on a single map, or when the text is short."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers, heads, tokens = result["layers"], result["heads"], [printable(t) for t in result["tokens"]]
+    size = 6.0 if len(layers) * len(heads) == 1 else max(1.6, min(3.0, 14 / max(len(heads), 1)))
+    fig, axes = plt.subplots(len(layers), len(heads), figsize=(size * len(heads), size * len(layers)), squeeze=False)
+    labels = len(layers) * len(heads) == 1 or len(tokens) <= 12
+    for r, li in enumerate(layers):
+        for c, h in enumerate(heads):
+            ax = axes[r][c]
+            ax.imshow(result["attention"][r][c], cmap="viridis", vmin=0, vmax=1)
+            ax.set_title(f"layer {li} head {h}", fontsize=8)
+            if labels:
+                ax.set_xticks(range(len(tokens)), tokens, rotation=90, fontsize=7)
+                ax.set_yticks(range(len(tokens)), tokens, fontsize=7)
+            else:
+                ax.set_xticks([])
+                ax.set_yticks([])
+    _save(fig, out)
+
+
+def plot_lens(result: dict, out: str | Path) -> None:
+    """The lens as a heat map: depth down, position across, colour = the top token's probability,
+    each cell labelled with that token."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tokens = [printable(t) for t in result["tokens"]]
+    depths = len(result["lens"])
+    probs = [[result["lens"][d][p][0][1] for p in range(len(tokens))] for d in range(depths)]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(tokens)), max(2.5, 0.45 * depths + 1)))
+    ax.imshow(probs, cmap="Blues", vmin=0, vmax=1, aspect="auto")
+    for d in range(depths):
+        for p in range(len(tokens)):
+            piece, prob = result["lens"][d][p][0]
+            ax.text(p, d, printable(piece)[:8], ha="center", va="center", fontsize=7,
+                    color="white" if prob > 0.6 else "black")
+    ax.set_xticks(range(len(tokens)), tokens, rotation=90, fontsize=7)
+    ax.set_yticks(range(depths), ["emb"] + [f"L{d}" for d in range(1, depths)], fontsize=7)
+    ax.set_xlabel("input token (the prediction is for the " +
+                  ("next token)" if result.get("predicts") == "next" else "token at that position)"))
+    ax.set_title("logit lens: top token after each block")
+    _save(fig, out)
+
