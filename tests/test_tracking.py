@@ -1,14 +1,17 @@
-"""Tracking runs: TensorBoard event files beside metrics.jsonl, read back with tensorboard's own reader."""
+"""Tracking runs: TensorBoard event files beside metrics.jsonl (read back with tensorboard's own
+reader), and `lmforge runs compare`."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
-from helpers import reverse_records
+from helpers import fails, reverse_records
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lmforge.cli import main
+from lmforge.core.errors import LMForgeError
+from lmforge.training.compare import compare_runs
 from lmforge.training.pretrain import PretrainConfig, pretrain
 from lmforge.training.tasks.instruct import InstructConfig, finetune_instruct
 from lmforge.training.tracking import scalars
@@ -103,3 +106,43 @@ def test_nested_metrics_are_flattened_and_lists_left_out():
     row = {"step": 3, "val_loss": 0.5, "val_per_class": {"spam": {"f1": 0.9, "support": 12}}, "ok": True,
            "val_confusion": [[1, 0], [0, 1]], "val_samples": [{"prompt": "a", "response": "b"}]}
     assert dict(scalars(row)) == {"val_loss": 0.5, "val_per_class/spam/f1": 0.9, "val_per_class/spam/support": 12.0}
+
+
+def test_runs_compare_plots_and_tabulates_both_runs(resumed, corpus_dir, tmp_path, capsys):
+    other = tmp_path / "other"
+    pretrain(tiny(corpus_dir, other, max_steps=6, eval_every=3, lr=1e-2, tensorboard=False))
+    png = tmp_path / "charts" / "val.png"
+    assert main(["runs", "compare", str(resumed), str(other), "--metric", "val_bpb", "--out", str(png)]) == 0
+    out, err = capsys.readouterr()
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    lines = out.splitlines()
+    assert lines[0].split()[:4] == ["run", "steps", "tokens", "time"] and len(lines) == 3
+    assert lines[1].startswith(str(resumed)) and lines[2].startswith(str(other))
+    assert lines[1].split()[1] == "12" and lines[2].split()[1] == "6"
+    assert f"chart: {png}" in err
+
+    assert main(["runs", "compare", str(resumed), str(other), "--metric", "lr", "--x", "tokens", "--out",
+                 str(tmp_path / "lr.png"), "--json"]) == 0
+    table = json.loads(capsys.readouterr().out)
+    first = table["runs"][0]
+    assert table["metric"] == "lr" and table["x"] == "tokens" and [r["run"] for r in table["runs"]] == \
+        [str(resumed), str(other)]
+    assert first["steps"] == 12 and first["final_loss"] == rows(resumed)[-1]["loss"]
+    assert first["best_val_loss"] == min(r["val_loss"] for r in rows(resumed) if "val_loss" in r)
+    assert first["final_lr"] == rows(resumed)[-1]["lr"] and first["final_val_bpb"] == rows(resumed)[-1]["val_bpb"]
+
+
+def test_runs_compare_bad_input_is_one_line(resumed, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    fails(capsys, "has no metrics.jsonl", "runs", "compare", str(resumed), str(empty), "--out", str(tmp_path / "a.png"))
+    fails(capsys, "no run logged 'val_accuracy'", "runs", "compare", str(resumed), "--metric", "val_accuracy",
+          "--out", str(tmp_path / "b.png"))
+    fails(capsys, "missing required argument", "runs", "compare")
+    fails(capsys, "invalid choice", "runs", "compare", str(resumed), "--x", "epochs")
+    fails(capsys, "given twice", "runs", "compare", str(resumed), str(resumed))
+    (empty / "metrics.jsonl").write_text("")
+    fails(capsys, "has no rows", "runs", "compare", str(empty))
+    assert not (tmp_path / "a.png").exists() and not (tmp_path / "b.png").exists()
+    with pytest.raises(LMForgeError, match="x axis"):
+        compare_runs([resumed], x="wall")

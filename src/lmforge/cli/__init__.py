@@ -72,6 +72,8 @@ VERBS = {
                           "draw what each layer and head attends to (heat maps, or --json)"),
     "inspect lens": ("lmforge.cli.inspect:InspectLensArgs", "lmforge.cli.inspect:lens",
                      "the logit lens: what the model would predict after each layer (a table and a heat map)"),
+    "runs compare": ("lmforge.cli.runs:RunsCompareArgs", "lmforge.cli.runs:compare",
+                     "plot a metric of several training runs on one chart, with a table of their final figures"),
 }
 GROUPS = {  # verbs with sub-verbs: (one line of help, description)
     "finetune": ("fine-tune a model: classify (labelled texts) or instruct (instructions)",
@@ -86,6 +88,8 @@ GROUPS = {  # verbs with sub-verbs: (one line of help, description)
                 "Measure how loss falls with parameters and data, fit the law, and size a model for a budget."),
     "inspect": ("see inside a model: attention (maps per layer and head) or lens (predictions layer by layer)",
                 "Inspection: what a model attends to, and how its prediction forms layer by layer."),
+    "runs": ("training runs side by side: compare (one metric of each on one chart, and their final figures)",
+             "Read training runs' metrics.jsonl (every training verb writes one; TensorBoard files are in RUN/tb/)."),
 }
 
 EXAMPLES = {
@@ -214,6 +218,9 @@ EXAMPLES = {
     "inspect lens": """examples:
   lmforge inspect lens runs/demo --text "Return a new list of the"           # a table; lens.png beside it
   lmforge inspect lens runs/bert --text "Return a new [MASK] of the items." --json --top 3""",
+    "runs compare": """examples:
+  lmforge runs compare runs/py runs/demo --metric val_bpb        # compare.png, and a table of final figures
+  lmforge runs compare runs/sft runs/dpo --metric loss --x tokens --out sft-vs-dpo.png --json""",
 }
 
 

@@ -20,12 +20,25 @@ def read_metrics(path: Path) -> list[dict]:
     return rows
 
 
-def plot_metrics(metrics_file: Path, png: Path, title: str = "") -> None:
+def pyplot():
+    """matplotlib.pyplot drawing to files only (no display needed), imported when first drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_png(fig, png: Path) -> None:
+    """Write a figure atomically (a reader never sees half a PNG) and free it."""
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    pyplot().close(fig)
+
+
+def plot_metrics(metrics_file: Path, png: Path, title: str = "") -> None:
+    plt = pyplot()
     rows = read_metrics(metrics_file)
     if not rows:
         return
@@ -53,6 +66,4 @@ def plot_metrics(metrics_file: Path, png: Path, title: str = "") -> None:
         ax2.grid(alpha=0.3)
         ax2.legend()
     fig.tight_layout()
-    with atomic_path(png) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_png(fig, png)
