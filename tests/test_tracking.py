@@ -4,6 +4,7 @@ reader), and `lmforge runs compare`."""
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 from helpers import fails, reverse_records
@@ -14,7 +15,7 @@ from lmforge.core.errors import LMForgeError
 from lmforge.training.compare import compare_runs
 from lmforge.training.pretrain import PretrainConfig, pretrain
 from lmforge.training.tasks.instruct import InstructConfig, finetune_instruct
-from lmforge.training.tracking import scalars
+from lmforge.training.tracking import Board, scalars
 
 
 def tiny(corpus_dir, out, **kw) -> PretrainConfig:
@@ -106,6 +107,12 @@ def test_nested_metrics_are_flattened_and_lists_left_out():
     row = {"step": 3, "val_loss": 0.5, "val_per_class": {"spam": {"f1": 0.9, "support": 12}}, "ok": True,
            "val_confusion": [[1, 0], [0, 1]], "val_samples": [{"prompt": "a", "response": "b"}]}
     assert dict(scalars(row)) == {"val_loss": 0.5, "val_per_class/spam/f1": 0.9, "val_per_class/spam/support": 12.0}
+
+
+def test_a_missing_tensorboard_package_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
+    with pytest.raises(LMForgeError, match="pip install tensorboard, or train with --no-tensorboard"):
+        Board(tmp_path / "tb").start(None, [])
 
 
 def test_runs_compare_plots_and_tabulates_both_runs(resumed, corpus_dir, tmp_path, capsys):

@@ -13,6 +13,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..core.errors import LMForgeError
+
 TB_DIR = "tb"
 _EVENT_TIME = re.compile(r"events\.out\.tfevents\.(\d+)\.")
 
@@ -50,7 +52,11 @@ class Board:
         (resumed_step + 1) makes TensorBoard drop what earlier files logged after the checkpoint,
         since those steps run, and are logged, again: each step shows once. A resumed run without
         event files (it ran with --no-tensorboard) first gets the rows it kept (`kept`)."""
-        from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package; slow to import
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # imports the tensorboard package: slow, so here
+        except ImportError:  # an environment installed before tensorboard became a dependency
+            raise LMForgeError("TensorBoard event files need the tensorboard package: pip install tensorboard, "
+                               "or train with --no-tensorboard") from None
 
         if resumed_step is None:
             shutil.rmtree(self.dir, ignore_errors=True)
