@@ -32,6 +32,7 @@ from ..models.blas import blas_matmuls
 from ..models.quant import Int4Linear, Int8Linear
 from ..models.transformer import InferenceLinear, KVCache, Transformer
 from .grammar import Grammar, forbidden_tokens
+from .prefix_cache import PrefixCache
 from .sampling import filter_probs, penalize_counts, penalize_repeats, validate_sampling
 
 
@@ -155,6 +156,7 @@ class _Seq:
         self.length = len(r.prompt)  # entries in the cache
         self.last = -1  # the token to feed next
         self.emitted = 0
+        self.out: list[int] = []  # the tokens emitted (the cache holds (prompt + out)[:length])
         self.gen = torch.Generator().manual_seed(r.seed + index) if r.seed is not None else None
         self.greedy = r.temperature <= 0
         self.seen = self.counts = None
@@ -192,12 +194,15 @@ class Engine:
     """Continuous batching over `slots` sequences of up to `max_len` tokens (default: the context)."""
 
     def __init__(self, model: Transformer, slots: int = 8, max_len: int | None = None,
-                 prefill_chunk: int = 512) -> None:
+                 prefill_chunk: int = 512, prefix_cache: PrefixCache | None = None) -> None:
         cfg = model.cfg
         if slots < 1 or prefill_chunk < 1:
             raise LMForgeError(f"the engine needs at least one slot and a prefill chunk of at least one token "
                                f"(got {slots}, {prefill_chunk})")
         self.prefill_chunk = prefill_chunk
+        # Keys and values of prefixes seen before (see prefix_cache.py). Only for fixed weights: a
+        # cache outlives the step that filled it, so a model being trained must not have one.
+        self.prefix_cache = prefix_cache
         self._prefilling: _Prefill | None = None  # a prompt partly fed into its slot
         self.model, self.slots = model, slots
         # Each step runs the model in eval mode and then puts back the modes it found: a policy being
@@ -379,6 +384,10 @@ class Engine:
             else:
                 hi = seqs[-1].slot + 1
                 tokens, pos = [0] * hi, [0] * hi  # empty slots decode a dummy token at 0
+                if self._prefilling is not None:  # ...but a prompt part-fed keeps what it has so far:
+                    for slot in self._prefilling.slots:  # its dummy goes where its next chunk will write
+                        if slot < hi:
+                            pos[slot] = self._prefilling.fed
                 for s in seqs:
                     tokens[s.slot], pos[s.slot] = s.last, s.length
                 ids = torch.tensor(tokens, device=self.device)[:, None]
@@ -421,7 +430,9 @@ class Engine:
                 h = self._next_waiting()
                 if h is None:
                     break
-                self._prefilling = _Prefill(h, [self._free.pop(0) for _ in range(h.request.n)])
+                p = self._prefilling = _Prefill(h, [self._free.pop(0) for _ in range(h.request.n)])
+                if self.prefix_cache is not None:  # start after the longest prefix already computed
+                    p.fed = self.prefix_cache.load(h.request.prompt, self.cache, p.slots[0])
             p = self._prefilling
             if p.handle.cancelled:
                 self._drop_prefill("cancelled")
@@ -449,6 +460,8 @@ class Engine:
     def _place(self, p: _Prefill, logits: torch.Tensor) -> None:
         """A fully fed prompt: copy its cache to its other n - 1 slots, start its samples."""
         L = len(p.handle.request.prompt)
+        if self.prefix_cache is not None:
+            self.prefix_cache.store(p.handle.request.prompt, self.cache, p.slots[0])
         for other in p.slots[1:]:  # n samples share one prefill
             for k, v in zip(self.cache.k, self.cache.v):
                 k[other, :, :L] = k[p.slots[0], :, :L]
@@ -533,6 +546,7 @@ class Engine:
             self._emit(s.handle, Event(s.index, t, lp if lp is not None else math.log(q) if q > 0 else -math.inf,
                                        rank, top))
             s.emitted += 1
+            s.out.append(t)
             s.last = t
             s.record(t)
             if s.matcher is not None and s.matcher.is_stopped():  # the grammar is complete: nothing may follow
@@ -560,6 +574,8 @@ class Engine:
         return logits, rows
 
     def _finish(self, seq: _Seq, reason: str, error: str | None = None, stop_token: int | None = None) -> None:
+        if self.prefix_cache is not None and reason in ("stop", "length"):  # the answer too: the next turn resends it
+            self.prefix_cache.store((seq.r.prompt + seq.out)[:seq.length], self.cache, seq.slot)
         del self._active[seq.slot]
         self._free.append(seq.slot)
         self._free.sort()
