@@ -220,6 +220,78 @@ def test_a_full_queue_is_a_503(tiny_run):
     with pytest.raises(APIError) as e:
         asyncio.run(backend.completion({"prompt": "The", "max_tokens": 2}, None))
     assert e.value.status == 503 and e.value.body()["error"]["code"] == "queue_full"
+    # Retry-After: the 4 queued requests over the recent rate (10 finished over the last 4 s: 2.5/s)
+    assert backend.retry_after() == 4  # nothing finished yet: one a second
+    now = time.monotonic()
+    backend.finished.extend(now - 4 + i * 0.4 for i in range(10))
+    assert backend.retry_after() == 2  # ceil(4 / 2.5)
+    backend.finished.clear()
+    backend.finished.extend([now - 120] * 5 + [now - 0.1] * 200)  # old ones drop out; at least 1 s
+    assert backend.retry_after() == 1
+
+
+def test_default_slots_follow_memory_and_cores(tiny_run, monkeypatch):
+    from lmforge.serve import server
+
+    model = load(tiny_run, device="cpu").model
+    cfg = model.cfg
+    per_slot = 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * cfg.context_length * 4  # fp32 keys and values
+    monkeypatch.setattr(server, "cpu_cores", lambda: 2)
+    monkeypatch.setattr(server, "available_memory", lambda: 4 * 10 * per_slot + 5)
+    assert server.default_slots(model) == 10  # what a quarter of the free memory holds
+    monkeypatch.setattr(server, "available_memory", lambda: 1 << 40)
+    assert server.default_slots(model) == 16  # 8 per core
+    monkeypatch.setattr(server, "available_memory", lambda: 100)
+    assert server.default_slots(model) == 1
+
+
+@pytest.fixture(scope="module")
+def busy_server(tiny_run, tmp_path_factory):
+    """One slot, a queue of one: two long streams fill both (4000 tokens take ~13 s on 2 cores)."""
+    from helpers import random_model
+
+    out = random_model(tiny_run / "tokenizer.json", tmp_path_factory.mktemp("runs") / "busy", 4096, n_layer=4,
+                       n_embd=128)
+    s = Server(out, "--slots", "1", "--max-queue", "1", "--name", "busy")
+    yield s
+    s.close()
+
+
+def test_overload_is_shed_with_503_and_retry_after(busy_server):
+    """A full queue sheds load with 503s that carry Retry-After (OpenAI's SDKs wait that long) in
+    OpenAI's error shape, and a client with retries gets through once the load is gone."""
+    from openai import OpenAI
+
+    url = busy_server.url
+    long = {"prompt": "The", "max_tokens": 4000, "temperature": 0, "stream": True}
+    with httpx.Client(timeout=60) as c, c.stream("POST", url + "/v1/completions", json=long) as first:
+        lines = first.iter_lines()  # kept: a closed line iterator would close the connection (a hang-up)
+        while not next(lines).startswith("data: {"):  # in the slot
+            pass
+        with c.stream("POST", url + "/v1/completions", json=long) as second:  # in the queue
+            deadline = time.time() + 30
+            while metric(busy_server, "lmforge_queue_depth") < 1 and time.time() < deadline:
+                time.sleep(0.05)
+            with concurrent.futures.ThreadPoolExecutor(8) as pool:  # the flood
+                floods = list(pool.map(lambda i: c.post(url + "/v1/completions", json={
+                    "prompt": f"The {i}", "max_tokens": 4, "stream": i % 2 == 0}), range(8)))
+            assert [r.status_code for r in floods] == [503] * 8
+            for r in floods:
+                assert r.headers["Retry-After"].isdigit() and 1 <= int(r.headers["Retry-After"]) <= 60
+                err = r.json()["error"]
+                assert set(err) == {"message", "type", "param", "code"} and err["code"] == "queue_full"
+            rejected = metric(busy_server, 'lmforge_rejected_total{status="503"}')
+            client = OpenAI(base_url=url + "/v1", api_key="none", max_retries=6)
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                answer = pool.submit(client.completions.create, model="busy", prompt="The", max_tokens=4)
+                while metric(busy_server, 'lmforge_rejected_total{status="503"}') == rejected:
+                    assert time.time() < deadline and not answer.done()
+                    time.sleep(0.05)
+                refused_at = time.time()
+                second.close()  # the load goes away: both long streams hang up
+                first.close()
+                assert answer.result(timeout=60).choices[0].finish_reason in ("length", "stop")
+    assert time.time() - refused_at < 30
 
 
 def test_only_json_bodies(server):

@@ -228,8 +228,11 @@ class ServeArgs:
     api_key: str | None = arg(None, "require 'Authorization: Bearer KEY' (default: $LMFORGE_API_KEY, if set)")
     cors_origin: list[str] = arg([], "allow browser pages from this origin (repeatable; default: same origin only)")
     max_body: int = arg(1 << 20, "largest request body in bytes (413 above it)", ge=1)
-    max_queue: int = arg(64, "most requests waiting for a slot (503 above it)", ge=1)
-    slots: int = arg(8, "requests decoded together in one batch", ge=1, le=256)
+    max_queue: int | None = arg(None, "most requests waiting for a slot; above it, 503 with Retry-After (default: 4 "
+                                "per slot)", ge=1)
+    slots: int | None = arg(None, "requests decoded together in one batch, each with a KV cache of the whole context "
+                            "(default: as many as a quarter of the free memory holds, at most 8 per CPU core on a "
+                            "CPU and 64 on a GPU)", ge=1, le=256)
     prefill_chunk: int = arg(512, "prompt tokens fed per engine step: a long prompt joins over several steps, so "
                              "the streams in flight keep decoding meanwhile (smaller: shorter stalls, slower "
                              "prefill)", ge=1, le=65536)

@@ -7,6 +7,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 import torch
@@ -48,6 +49,17 @@ BF16_PEAKS = [("H200", 989e12), ("GH200", 989e12), ("H100 PCIe", 756e12), ("H100
               ("H800", 989e12), ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12),
               ("L40", 181e12), ("A6000", 155e12), ("A10G", 70e12), ("A10", 125e12), ("L4", 121e12),
               ("4090", 165e12), ("3090", 71e12)]
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel says can be allocated without swapping (MemAvailable), or None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def cpu_name() -> str:

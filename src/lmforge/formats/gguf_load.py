@@ -31,6 +31,7 @@ import torch
 
 from ..core.errors import LMForgeError
 from ..core.fileio import atomic_write_json, staged_dir
+from ..core.runtime import available_memory
 from ..models.config import ModelConfig
 from ..models.quant import Int4Linear, Int8Embedding, Int8Linear, quantize_groups, quantize_rows
 from ..models.transformer import Transformer
@@ -262,17 +263,6 @@ def _shape(src: _Source, theirs: tuple[str, ...]) -> tuple[int, ...]:
 
 def memory_needed(plan: dict, src: _Source, modes: dict) -> int:
     return sum(_nbytes(_shape(src, theirs), modes.get(ours)) for ours, theirs in plan.items())
-
-
-def available_memory() -> int | None:
-    """Bytes the kernel says can be allocated without swapping (MemAvailable), or None where unknown."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def _build(cfg: ModelConfig, arch: str, plan: dict, src: _Source, modes: dict) -> Transformer:

@@ -119,18 +119,24 @@ def create_app(lm: Loaded, cfg: ServeConfig, backend: Backend) -> FastAPI:
     if cfg.api_key:
         app.add_middleware(KeyGuard, key=cfg.api_key)
 
+    def refuse(e: APIError) -> JSONResponse:
+        """The error reply, counted; every 503 says when to come back (the OpenAI SDKs wait that long)."""
+        backend.metrics.rejected[e.status] += 1
+        response = error_response(e)
+        if e.status == 503:
+            response.headers["Retry-After"] = str(backend.retry_after())
+        return response
+
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):
-        backend.metrics.rejected[e.status] += 1
-        return error_response(e)
+        return refuse(e)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException):  # FastAPI's own 404/405, in OpenAI's shape
-        backend.metrics.rejected[e.status_code] += 1
         what = {404: f"no such endpoint: {request.method} {request.url.path}",
                 405: f"method {request.method} is not allowed on {request.url.path}"}.get(e.status_code, str(e.detail))
-        response = error_response(APIError(e.status_code, what, code={404: "not_found", 405: "method_not_allowed"}
-                                           .get(e.status_code)))
+        response = refuse(APIError(e.status_code, what, code={404: "not_found", 405: "method_not_allowed"}
+                                   .get(e.status_code)))
         for k, v in (e.headers or {}).items():  # e.g. 405's Allow
             response.headers[k] = v
         return response

@@ -13,7 +13,8 @@ import json
 import math
 import time
 import uuid
-from collections import Counter
+import weakref
+from collections import Counter, deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -67,6 +68,10 @@ class Shape:
     logit_bias: dict[int, float] | None = None
 
 
+RETRY_WINDOW = 60.0  # seconds of finished requests that make the recent rate, for Retry-After
+MAX_RETRY_AFTER = 60  # the OpenAI SDKs honour a Retry-After up to 60 s (newer ones 120); beyond, they stop retrying
+
+
 class Metrics:
     def __init__(self) -> None:
         self.requests = self.errors = self.cancelled = self.prompt_tokens = self.completion_tokens = 0
@@ -85,6 +90,7 @@ class Backend:
             engine.on_step = self._relay
         self.ctx = lm.config.context_length
         self.metrics = Metrics()
+        self.finished: deque[float] = deque(maxlen=256)  # when recent requests left the engine (monotonic)
         self.template = None
         if lm.kind.generates:
             self.template = template_from_json(lm.meta.get("chat_template"), lm.tokenizer)
@@ -171,9 +177,6 @@ class Backend:
         if len(ids) + max_tokens > self.ctx:
             raise APIError(400, f"the prompt's {len(ids)} tokens plus max_tokens {max_tokens} exceed the model's "
                            f"context of {self.ctx} tokens", param="max_tokens", code="context_length_exceeded")
-        if self.engine.waiting() >= self.max_queue:
-            raise APIError(503, "the server is busy: too many requests waiting; retry later", type="server_error",
-                           code="queue_full")
         return EngineRequest(prompt=ids, max_tokens=max_tokens, temperature=s.temperature, top_k=s.top_k,
                              top_p=s.top_p, seed=s.seed, repetition_penalty=s.repetition_penalty,
                              presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
@@ -181,14 +184,42 @@ class Backend:
                              logprobs=s.top_logprobs if s.logprobs else 0, n=s.n, grammar=shape.grammar,
                              logit_bias=shape.logit_bias)
 
+    def retry_after(self) -> int:
+        """Seconds a refused client should wait (Retry-After): the requests queued over the rate at
+        which requests left the engine in the last minute (one a second before any has), 1 to 60."""
+        now = time.monotonic()
+        while self.finished and now - self.finished[0] > RETRY_WINDOW:
+            self.finished.popleft()
+        rate = len(self.finished) / max(now - self.finished[0], 1.0) if self.finished else 1.0
+        waiting = self.engine.waiting() if self.engine is not None else 0
+        return max(1, min(MAX_RETRY_AFTER, math.ceil(waiting / rate)))
+
+    def _submit(self, req: EngineRequest) -> Handle:
+        """Queue the request in the engine, or refuse it (503) when the queue is full. Synchronous, so
+        no other request is checked between this one's check and its submission: the bound holds."""
+        if self.engine.waiting() >= self.max_queue:
+            raise APIError(503, "the server is busy: too many requests waiting; retry later", type="server_error",
+                           code="queue_full")
+        self.loop = asyncio.get_running_loop()
+        try:
+            handle = self.engine.submit(req)
+        except LMForgeError as e:
+            raise APIError(400, str(e)) from None
+        handle.sink = asyncio.Queue()  # before any await: `_deliver` runs on this loop, so it cannot come first
+        return handle
+
     async def _respond(self, ids: list[int], s: Sampling, request: Request, chat: bool, shape: Shape,
                        raw: bool = False):
         req = self._engine_request(ids, s, chat, shape)
+        handle = self._submit(req)
         self.metrics.requests += 1
         self.metrics.prompt_tokens += len(ids)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         if s.stream:
-            chunks = self._chunks(rid, req, s, chat, len(ids), shape)
+            chunks = self._chunks(rid, handle, s, chat, len(ids), shape)
+            # A stream whose response never starts (its client left first) never runs `_chunks`, whose
+            # closing would cancel the request: cancel it when the generator is dropped instead.
+            weakref.finalize(chunks, handle.cancel)
             if raw:
                 return chunks
             return StreamingResponse(_sse(chunks), media_type="text/event-stream",
@@ -201,7 +232,7 @@ class Backend:
 
         async def collect() -> None:
             nonlocal completion
-            async with contextlib.aclosing(self._choices(req, s)) as batches:
+            async with contextlib.aclosing(self._choices(handle, s)) as batches:
                 async for batch in batches:
                     for p in batch:
                         texts[p.index] += p.text
@@ -215,6 +246,7 @@ class Backend:
             await asyncio.wait({task}, timeout=0.25)
             if not task.done() and await request.is_disconnected():
                 task.cancel()
+                handle.cancel()  # also if the task had not started (its closing cancels it otherwise)
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
                 self.metrics.completion_tokens += completion
@@ -234,16 +266,10 @@ class Backend:
         return body if raw else JSONResponse(body)
 
     # -- engine events -> text --------------------------------------------------------------------------
-    async def _choices(self, req: EngineRequest, s: Sampling) -> AsyncIterator[list[Piece]]:
+    async def _choices(self, handle: Handle, s: Sampling) -> AsyncIterator[list[Piece]]:
         """The request's output as it arrives: per batch of ready engine events, one `Piece` per
         choice that moved. Closing this generator cancels the request (frees its slots)."""
-        self.loop = asyncio.get_running_loop()
-        try:
-            handle = self.engine.submit(req)
-        except LMForgeError as e:
-            raise APIError(400, str(e)) from None
-        ready: asyncio.Queue[list[Event]] = asyncio.Queue()
-        handle.sink = ready  # before any await: `_deliver` runs on this loop, so it cannot come first
+        req, ready = handle.request, handle.sink
         streams = [TextStream(self.lm.tokenizer, s.stop) for _ in range(req.n)]
         done = [False] * req.n
         try:
@@ -272,6 +298,7 @@ class Backend:
                 if pieces:
                     yield list(pieces.values())
         finally:
+            self.finished.append(time.monotonic())
             if not all(done):  # the client went away (or an error): free its slots now
                 self.metrics.cancelled += 1
                 handle.cancel()
@@ -301,14 +328,15 @@ class Backend:
                   "top_logprobs": [{t["token"]: t["logprob"] for t in x["top_logprobs"]} for x in logprobs]}
         return {"index": i, "text": text, "logprobs": lp, "finish_reason": finish, "stop_reason": stop_reason}
 
-    async def _chunks(self, rid: str, req: EngineRequest, s: Sampling, chat: bool, prompt_tokens: int,
+    async def _chunks(self, rid: str, handle: Handle, s: Sampling, chat: bool, prompt_tokens: int,
                       shape: Shape) -> AsyncIterator[dict]:
         """The streamed response as chunk dicts (an error mid-stream becomes a last {"error": ...}).
         With tools, text streams until a call may be starting; each call then comes whole, as one
         `delta.tool_calls` entry, so the deltas assemble into exactly the non-streamed calls."""
         created, obj = int(time.time()), "chat.completion.chunk" if chat else "text_completion"
         completion = 0
-        calls = [CallStream(shape.markers, shape.tools) for _ in range(req.n)] if chat and shape.markers else None
+        n = handle.request.n
+        calls = [CallStream(shape.markers, shape.tools) for _ in range(n)] if chat and shape.markers else None
 
         def chunk(choices: list[dict], usage: dict | None = None) -> dict:
             body = {"id": rid, "object": obj, "created": created, "model": self.model_name, "choices": choices}
@@ -319,8 +347,8 @@ class Backend:
         try:
             if chat:
                 yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                              "finish_reason": None} for i in range(req.n)])
-            async with contextlib.aclosing(self._choices(req, s)) as batches:
+                              "finish_reason": None} for i in range(n)])
+            async with contextlib.aclosing(self._choices(handle, s)) as batches:
                 async for batch in batches:  # what is ready goes out together: one chunk per choice
                     for p in batch:
                         completion += p.tokens

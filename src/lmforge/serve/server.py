@@ -7,31 +7,59 @@ import os
 import sys
 from pathlib import Path
 
+import torch
+
 from ..core.errors import LMForgeError
+from ..core.runtime import available_memory
 from ..formats.load import load_model
 from ..inference.engine import Engine
+from ..models.transformer import Transformer
 from .app import ServeConfig, create_app
 from .generation import Backend
 
+# The default --slots and --max-queue, from the machine (docs/serve.md explains the rule).
+KV_SHARE = 0.25  # of the memory free after loading: the most the default slots' KV cache may take
+SLOTS_PER_CORE = 8  # on a CPU: a batch step's arithmetic grows with its rows, so more slots only slow each stream
+MAX_SLOTS = 64
+QUEUE_PER_SLOT = 4  # a request queued behind four rounds of the batch is better told to come back later
+
+
+def cpu_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def default_slots(model: Transformer) -> int:
+    """As many slots as a quarter of the free memory holds KV caches for (each slot preallocates the
+    whole context), at most 8 per CPU core on a CPU and 64 on a GPU."""
+    cfg, p = model.cfg, next(model.parameters())  # the cache takes the parameters' dtype (Transformer.new_cache)
+    per_slot = 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * cfg.context_length * p.element_size()
+    free = torch.cuda.mem_get_info(p.device)[0] if p.device.type == "cuda" else available_memory()
+    cap = min(MAX_SLOTS, SLOTS_PER_CORE * cpu_cores()) if p.device.type == "cpu" else MAX_SLOTS
+    return max(1, min(cap, int(KV_SHARE * free) // per_slot if free else cap))
+
 
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          cors_origins: list[str] | None = None, max_body: int = 1 << 20, max_queue: int = 64, slots: int = 8,
-          device: str = "auto", model_name: str | None = None, feedback: str | None = None,
-          quantize: str | None = "auto", prefill_chunk: int = 512) -> None:
+          cors_origins: list[str] | None = None, max_body: int = 1 << 20, max_queue: int | None = None,
+          slots: int | None = None, device: str = "auto", model_name: str | None = None,
+          feedback: str | None = None, quantize: str | None = "auto", prefill_chunk: int = 512) -> None:
     """Serve until Ctrl-C. The key may also come from LMFORGE_API_KEY; `quantize` (auto, none, int8,
-    int4) as `lmforge.load` takes it; `prefill_chunk`: prompt tokens the engine feeds per step."""
+    int4) as `lmforge.load` takes it; `prefill_chunk`: prompt tokens the engine feeds per step.
+    `slots` and `max_queue` left out are sized from the machine (`default_slots`, 4 per slot)."""
     import uvicorn
 
     api_key = api_key or os.environ.get("LMFORGE_API_KEY") or None
     lm = load_model(model_dir, device=device, quantize=quantize)
     name = model_name or Path(model_dir).name
+    if not lm.kind.generates and not lm.kind.is_encoder:
+        raise LMForgeError(f"{model_dir} is {lm.kind.phrase}: serve needs a language model or an encoder")
+    slots = slots or (default_slots(lm.model) if lm.kind.generates else 1)
+    max_queue = max_queue or QUEUE_PER_SLOT * slots
     cfg = ServeConfig(model_name=name, api_key=api_key, cors_origins=list(cors_origins or []), max_body=max_body,
                       max_queue=max_queue, feedback=feedback)
     engine = Engine(lm.model, slots=slots, prefill_chunk=prefill_chunk) if lm.kind.generates else None
-    if engine is None and not lm.kind.is_encoder:
-        raise LMForgeError(f"{model_dir} is {lm.kind.phrase}: serve needs a language model or an encoder")
     app = create_app(lm, cfg, Backend(lm, engine, name, max_queue))
-    print(f"serving {name} ({lm.kind}) on http://{host}:{port}  (OpenAI API under /v1; "
+    batch = f"{slots} slots, queue of {max_queue}; " if engine is not None else ""
+    print(f"serving {name} ({lm.kind}) on http://{host}:{port}  (OpenAI API under /v1; {batch}"
           f"{'API key required' if api_key else 'no API key'})", file=sys.stderr, flush=True)
     with engine if engine is not None else contextlib.nullcontext():
         uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=2)
