@@ -72,6 +72,10 @@ VERBS = {
                           "draw what each layer and head attends to (heat maps, or --json)"),
     "inspect lens": ("lmforge.cli.inspect:InspectLensArgs", "lmforge.cli.inspect:lens",
                      "the logit lens: what the model would predict after each layer (a table and a heat map)"),
+    "speedrun": ("lmforge.cli.speedrun:SpeedrunArgs", "lmforge.cli.speedrun:speedrun",
+                 "raw text to a chat model in one command: pretrain, SFT, DPO, eval, RAG, and a report card"),
+    "report": ("lmforge.cli.speedrun:ReportArgs", "lmforge.cli.speedrun:report",
+               "rebuild a speedrun's report.md from its run directory"),
     "runs compare": ("lmforge.cli.runs:RunsCompareArgs", "lmforge.cli.runs:compare",
                      "plot a metric of several training runs on one chart, with a table of their final figures"),
 }
@@ -218,6 +222,12 @@ EXAMPLES = {
     "inspect lens": """examples:
   lmforge inspect lens runs/demo --text "Return a new list of the"           # a table; lens.png beside it
   lmforge inspect lens runs/bert --text "Return a new [MASK] of the items." --json --top 3""",
+    "speedrun": """examples:
+  lmforge speedrun                                     # ~30 minutes on a laptop CPU: runs/speedrun/report.md
+  lmforge speedrun                                     # again after an interruption: it resumes
+  lmforge speedrun --data notes/ --minutes 60 --out runs/notes-chat     # your text besides pydocs
+  lmforge speedrun --preset gpu --out runs/speedrun-gpu                 # depth 12, bf16, torch.compile
+  lmforge report runs/speedrun                          # rebuild report.md from the run directory""",
     "runs compare": """examples:
   lmforge runs compare runs/py runs/demo --metric val_bpb        # compare.png, and a table of final figures
   lmforge runs compare runs/sft runs/dpo --metric loss --x tokens --out sft-vs-dpo.png --json""",
