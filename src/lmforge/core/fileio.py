@@ -61,9 +61,10 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 PAGE = 4096  # the granularity of the kernel's copy into the page cache (its larger folios are aligned alike)
 
 
-def append_line(path: str | Path, line: str) -> None:
+def append_line(path: str | Path, line: str, fsync: bool = False) -> None:
     """Append `line` (no newline inside) and a newline to `path`, created if missing, such that a
-    reader or a kill at any instant finds the line whole or not at all.
+    reader or a kill at any instant finds the line whole or not at all (`fsync`: and on disk when
+    this returns, for records a power cut must not lose).
 
     One `os.write` on an O_APPEND descriptor puts the line at the end in one piece even if another
     process appends too, but it is not all-or-nothing under SIGKILL: Linux copies a write into the
@@ -81,7 +82,7 @@ def append_line(path: str | Path, line: str) -> None:
     try:
         size = os.fstat(fd).st_size
         if len(data) > PAGE:
-            with atomic_path(path) as tmp:
+            with atomic_path(path) as tmp:  # fsyncs the new file and the directory
                 tmp.write_bytes(path.read_bytes() + data)
             return
         room = PAGE - size % PAGE
@@ -92,6 +93,8 @@ def append_line(path: str | Path, line: str) -> None:
         if written != len(data):  # the disk (or the file size limit) is full: take the part-line back off
             os.ftruncate(fd, size)
             raise OSError(errno.ENOSPC, f"{path}: no room for a line ({written} of its {len(data)} bytes written)")
+        if fsync:
+            os.fsync(fd)
     finally:
         os.close(fd)
 

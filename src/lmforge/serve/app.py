@@ -11,9 +11,10 @@ answered with OpenAI's error shape. An API key, when set, is compared in constan
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
-import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from ..core.fileio import append_line
 from ..formats.load import Loaded
 from .generation import Backend
 from .protocol import APIError, check_fields, parse_messages
@@ -109,6 +111,8 @@ class KeyGuard:
 def create_app(lm: Loaded, cfg: ServeConfig, backend: Backend) -> FastAPI:
     app = FastAPI(title="lmforge", docs_url=None, redoc_url=None, openapi_url=None)
     started = time.time()
+    # a thread, not the awaiting request, holds it: a client that hangs up cannot let two appends overlap
+    feedback_lock = threading.Lock()
 
     if cfg.cors_origins:  # same-origin only unless asked: no CORS headers at all by default
         from fastapi.middleware.cors import CORSMiddleware
@@ -236,11 +240,14 @@ def create_app(lm: Loaded, cfg: ServeConfig, backend: Backend) -> FastAPI:
         body = check_fields(await read_json(request, cfg.max_body),
                             {"model", "prompt", "messages", "chosen", "rejected", "tie"})
         record = validate_feedback(body)
-        line = json.dumps(record, ensure_ascii=False) + "\n"
-        with open(cfg.feedback, "a", encoding="utf-8") as f:  # one write of one line: appends never interleave
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+        # ASCII: no U+2028 or other character that a reader's splitlines() would take for a line break
+        line = json.dumps(record)
+
+        def write() -> None:  # whole or absent even under kill -9 (append_line); one at a time
+            with feedback_lock:
+                append_line(cfg.feedback, line, fsync=True)
+
+        await asyncio.to_thread(write)  # off the event loop: a long line rewrites the file
         return {"ok": True}
 
     return app

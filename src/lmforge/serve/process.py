@@ -19,13 +19,14 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """Start `lmforge serve MODEL_DIR ARGS...` on 127.0.0.1 and wait until /health answers.
-    Its output goes to a temporary file (a pipe nobody reads could fill up and stall it)."""
+    """Start `lmforge serve MODEL_DIR ARGS...` on 127.0.0.1 (on `port`, or a free one) and wait until
+    /health answers. Its output goes to a temporary file (a pipe nobody reads could fill up and stall it)."""
 
-    def __init__(self, model_dir: str | Path, *args: str, timeout: float = 120, env: dict | None = None) -> None:
+    def __init__(self, model_dir: str | Path, *args: str, timeout: float = 120, env: dict | None = None,
+                 port: int | None = None) -> None:
         import httpx
 
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", str(model_dir), "--port",

@@ -62,4 +62,6 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: st
     print(f"serving {name} ({lm.kind}) on http://{host}:{port}  (OpenAI API under /v1; {batch}"
           f"{'API key required' if api_key else 'no API key'})", file=sys.stderr, flush=True)
     with engine if engine is not None else contextlib.nullcontext():
+        # asyncio's create_server sets SO_REUSEADDR (POSIX): restarted right after a crash, the server binds at
+        # once, although the dead one's connections still hold the port (FIN-WAIT, TIME-WAIT)
         uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=2)
