@@ -56,7 +56,7 @@ PRESETS = {
                   sft_records=8000, pref_pairs=2000, eval_questions=100, eval_limit=200, rag_docs=5000),
     # for tests: seconds per stage; the steps are fixed, so two runs give the same figures
     "tiny": Preset("tiny", depth=1, vocab=512, context=1024, batch=2, chat_batch=4, docs=400, sft_records=120,
-                   pref_pairs=40, eval_questions=8, eval_limit=8, rag_docs=30, rag_chunk=100, samples=2,
+                   pref_pairs=40, eval_questions=8, eval_limit=8, rag_docs=30, rag_chunk=80, samples=2,
                    steps={"pretrain": 30, "sft": 30, "dpo": 12}),
 }
 

@@ -117,7 +117,7 @@ def build_report(out: Path) -> str:
             lines += [f"- *reference:* {_quote(sample['reference'])}"] if sample.get("reference") else []
             lines += [""]
     rag = _read(out / "rag.json")
-    where = lambda h: f"{os.path.relpath(h['path'], out)}:{h['start_line']}-{h['end_line']}"  # noqa: E731
+    where = lambda h: f"{h['path']}:{h['start_line']}-{h['end_line']}"  # noqa: E731 - relative to the run
     if rag:
         lines += ["## RAG answers (the aligned model, 3 sources)", ""]
         for r in rag:

@@ -182,13 +182,16 @@ def _rag(out: Path, plan: Plan) -> dict:
     from ..rag.ask import ask
     from ..rag.index import Encoder, Index, build_index
 
-    stats = build_index([str(out / "data" / "docs")], out / "index", Encoder("minilm", plan.preset.device),
-                        size=plan.preset.rag_chunk, overlap=plan.preset.rag_chunk // 6)
-    index, generator = Index(out / "index", device=plan.preset.device), LocalGenerator(
-        load_model(out / "aligned", plan.preset.device))
-    answers = []
-    for row in read_jsonl(out / "data" / "eval.jsonl")[:plan.preset.samples]:
-        result = ask(index, generator, row["question"], k=3, max_tokens=96, seed=plan.seed)
-        answers.append({"question": row["question"], "name": row["name"], **result})
+    # inside the run directory, so the sources are named data/docs/NAME.txt: short in the prompt (which must
+    # hold 3 of them in the context) and in the report, wherever --out is
+    with contextlib.chdir(out):
+        stats = build_index(["data/docs"], "index", Encoder("minilm", plan.preset.device),
+                            size=plan.preset.rag_chunk, overlap=plan.preset.rag_chunk // 6)
+        index, generator = Index("index", device=plan.preset.device), LocalGenerator(
+            load_model("aligned", plan.preset.device))
+        answers = []
+        for row in read_jsonl(Path("data") / "eval.jsonl")[:plan.preset.samples]:
+            result = ask(index, generator, row["question"], k=3, max_tokens=96, seed=plan.seed)
+            answers.append({"question": row["question"], "name": row["name"], **result})
     atomic_write_json(out / "rag.json", answers)
     return {"chunks": stats["chunks"], "files": stats["files"]}
