@@ -84,3 +84,27 @@ for i in range(4):
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("3 ") and "no room for a line (100 of its 300 bytes written)" in out.stdout
     assert path.read_bytes() == 3 * (b'"' + b"z" * 297 + b'"\n')
+
+
+def test_padding_that_does_not_fit_is_taken_back_and_a_torn_end_is_closed(tmp_path):
+    """The padding before a page boundary is a write too: when the limit cuts it, the file keeps
+    its rows and its final newline, and the next row still goes on a line of its own."""
+    path = tmp_path / "log.jsonl"
+    code = f"""
+import resource, signal
+from lmforge.core.fileio import append_line
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+append_line({str(path)!r}, '"' + 'a' * 2998 + '"')
+resource.setrlimit(resource.RLIMIT_FSIZE, (3500, 3500))
+try:
+    append_line({str(path)!r}, '"' + 'b' * 2998 + '"')
+except OSError as e:
+    print(e)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "no room to pad its last line" in out.stdout, out.stdout + out.stderr
+    assert path.read_bytes() == b'"' + b"a" * 2998 + b'"\n'
+
+    path.write_bytes(b'{"step": 1}\n{"step": 2, "tor')  # cut short by something else
+    append_line(path, '{"step": 3}')
+    assert path.read_bytes().splitlines()[-1] == b'{"step": 3}'

@@ -124,3 +124,20 @@ def test_a_prompt_fed_in_chunks_keeps_its_first_entries_while_others_decode():
         torch.testing.assert_close(got[0, :, :len(long)], want[0, :, :len(long)], atol=1e-5, rtol=0)
     c.cancel(), b.cancel(), d.cancel()
     engine.close()
+
+
+def test_a_prefix_longer_than_the_cache_keeps_its_first_blocks():
+    """Storing never evicts the blocks of the prefix being stored, so every kept block stays reachable."""
+    model = _model()
+    block_bytes = 2 * 2 * 2 * 16 * 16 * 4
+    cache = PrefixCache(max_bytes=4 * block_bytes, block=16)
+    engine = Engine(model, slots=2, prefix_cache=cache)
+    rng = random.Random(1)
+    other = [rng.randrange(97) for _ in range(33)]
+    long = [rng.randrange(97) for _ in range(90)]  # five full blocks and a part
+    engine.generate([Request(other, max_tokens=1, temperature=0)])
+    engine.generate([Request(long, max_tokens=1, temperature=0)])
+    assert len(cache) == 4 and cache.bytes == 4 * block_bytes
+    hits = cache.stats.hit_tokens
+    engine.generate([Request(long + [1], max_tokens=1, temperature=0)])
+    assert cache.stats.hit_tokens - hits == 64  # its first four blocks, all reachable

@@ -66,8 +66,9 @@ def append_line(path: str | Path, line: str, fsync: bool = False) -> None:
     reader or a kill at any instant finds the line whole or not at all (`fsync`: and on disk when
     this returns, for records a power cut must not lose).
 
-    One `os.write` on an O_APPEND descriptor puts the line at the end in one piece even if another
-    process appends too, but it is not all-or-nothing under SIGKILL: Linux copies a write into the
+    One writer per file at a time (serve's --feedback writes under a lock): the padding below
+    writes at an offset read before it. One `os.write` on an O_APPEND descriptor puts the line at
+    the end in one piece, but it is not all-or-nothing under SIGKILL: Linux copies a write into the
     page cache a page at a time and gives up between pages once the process is being killed (a
     loop appending 2 KB lines, SIGKILLed at random, was left with a part-line in ~2% of kills; at
     a page boundary each time). A write inside one page is whole or absent. So a line that would
@@ -81,12 +82,14 @@ def append_line(path: str | Path, line: str, fsync: bool = False) -> None:
     fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)  # read: the last byte
     try:
         size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":  # a file torn by other means: end its last line first
+            data = b"\n" + data
         if len(data) > PAGE:
             with atomic_path(path) as tmp:  # fsyncs the new file and the directory
                 tmp.write_bytes(path.read_bytes() + data)
             return
         room = PAGE - size % PAGE
-        if len(data) > room and size and os.pread(fd, 1, size - 1) == b"\n":
+        if len(data) > room and size and data[:1] != b"\n":
             _pad_last_line(path, size, room)
             size += room
         written = os.write(fd, data)
@@ -104,7 +107,11 @@ def _pad_last_line(path: Path, size: int, room: int) -> None:
     boundary, with blanks in between: one write inside the last page (whole or absent)."""
     fd = os.open(path, os.O_WRONLY)  # not O_APPEND, where Linux would ignore pwrite's offset
     try:
-        os.pwrite(fd, b" " * room + b"\n", size - 1)
+        written = os.pwrite(fd, b" " * room + b"\n", size - 1)
+        if written != room + 1:  # the disk (or the file size limit) is full: put the line's end back
+            os.ftruncate(fd, size)
+            os.pwrite(fd, b"\n", size - 1)
+            raise OSError(errno.ENOSPC, f"{path}: no room to pad its last line ({written} of {room + 1} bytes)")
     finally:
         os.close(fd)
 

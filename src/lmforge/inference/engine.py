@@ -460,8 +460,6 @@ class Engine:
     def _place(self, p: _Prefill, logits: torch.Tensor) -> None:
         """A fully fed prompt: copy its cache to its other n - 1 slots, start its samples."""
         L = len(p.handle.request.prompt)
-        if self.prefix_cache is not None:
-            self.prefix_cache.store(p.handle.request.prompt, self.cache, p.slots[0])
         for other in p.slots[1:]:  # n samples share one prefill
             for k, v in zip(self.cache.k, self.cache.v):
                 k[other, :, :L] = k[p.slots[0], :, :L]
@@ -469,7 +467,17 @@ class Engine:
         seqs = [_Seq(p.handle, i, slot, self.device) for i, slot in enumerate(p.slots)]
         for s in seqs:
             self._active[s.slot] = s
+        self._keep_prefix(p.handle.request.prompt, p.slots[0])
         self._sample(seqs, logits, [0] * len(seqs))
+
+    def _keep_prefix(self, tokens: list[int], slot: int) -> None:
+        """Offer a slot's entries to the prefix cache. Called once the slot's bookkeeping is done: a
+        failure here (out of memory for the copy) costs only the caching, never the request."""
+        if self.prefix_cache is not None:
+            try:
+                self.prefix_cache.store(tokens, self.cache, slot)
+            except (RuntimeError, MemoryError):
+                pass
 
     def _drop_prefill(self, reason: str, error: str | None = None) -> None:
         p, self._prefilling = self._prefilling, None
@@ -574,11 +582,11 @@ class Engine:
         return logits, rows
 
     def _finish(self, seq: _Seq, reason: str, error: str | None = None, stop_token: int | None = None) -> None:
-        if self.prefix_cache is not None and reason in ("stop", "length"):  # the answer too: the next turn resends it
-            self.prefix_cache.store((seq.r.prompt + seq.out)[:seq.length], self.cache, seq.slot)
         del self._active[seq.slot]
         self._free.append(seq.slot)
         self._free.sort()
+        if reason in ("stop", "length"):  # the answer too (its slot is untouched until the next admission)
+            self._keep_prefix((seq.r.prompt + seq.out)[:seq.length], seq.slot)
         self._emit(seq.handle, Event(seq.index, finish_reason=reason, prompt_tokens=len(seq.r.prompt),
                                      completion_tokens=seq.emitted, error=error, stop_token=stop_token))
 

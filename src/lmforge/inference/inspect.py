@@ -52,10 +52,10 @@ def attention(lm: Loaded, text: str, layer: int | None = None, head: int | None 
     _check_index("layer", layer, cfg.n_layer)
     _check_index("head", head, cfg.n_head)
     ids = encode(lm, text)
-    weights, _ = body.inspect(torch.tensor([ids], device=lm.device))
     layers = [layer] if layer is not None else list(range(cfg.n_layer))
     heads = [head] if head is not None else list(range(cfg.n_head))
-    maps = [[weights[li][0, h].float().cpu().tolist() for h in heads] for li in layers]
+    weights, _ = body.inspect(torch.tensor([ids], device=lm.device), layers=layers)  # only those are kept
+    maps = [[w[0, h].float().cpu().tolist() for h in heads] for w in weights]
     return {"tokens": [lm.tokenizer.piece(i) for i in ids], "layers": layers, "heads": heads, "attention": maps}
 
 
@@ -66,7 +66,7 @@ def lens(lm: Loaded, text: str, top: int = 5) -> dict:
         raise LMForgeError(f"the logit lens needs an output layer over tokens; {lm.path} is {lm.kind.phrase}")
     body = _body(lm)
     ids = encode(lm, text)
-    _, stream = body.inspect(torch.tensor([ids], device=lm.device))
+    _, stream = body.inspect(torch.tensor([ids], device=lm.device), layers=[])  # no weights: SDPA throughout
     rows = []
     with torch.no_grad():
         for x in stream:

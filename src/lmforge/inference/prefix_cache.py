@@ -86,27 +86,34 @@ class PrefixCache:
         return hit
 
     def store(self, tokens: list[int], cache: KVCache, slot: int) -> None:
-        """Keep the full blocks of `tokens`, whose keys and values row `slot` of `cache` holds."""
+        """Keep the full blocks of `tokens`, whose keys and values row `slot` of `cache` holds. Room is
+        made by evicting other prefixes' blocks, never this one's: when only its own blocks are left
+        to evict, its remaining (deeper) blocks are not kept, so no kept block loses its parent."""
         keys = self.keys(tokens)
-        for i, key in enumerate(keys):
-            if key in self._blocks:
-                continue
-            span = slice(i * self.block, (i + 1) * self.block)
-            blk = torch.stack([torch.stack([k[slot, :, span] for k in cache.k]),
-                               torch.stack([v[slot, :, span] for v in cache.v])])
-            size = blk.numel() * blk.element_size()
-            if size > self.max_bytes:
-                return
-            while self.bytes + size > self.max_bytes:
-                _, old = self._blocks.popitem(last=False)
-                self.bytes -= old.numel() * old.element_size()
-                self.stats.evicted_blocks += 1
-            self._blocks[key] = blk
-            self.bytes += size
-            self.stats.stored_blocks += 1
-        for key in reversed(keys):  # as in load: parents more recent than their children
-            if key in self._blocks:
-                self._blocks.move_to_end(key)
+        chain: set[bytes] = set()
+        try:
+            for i, key in enumerate(keys):
+                chain.add(key)
+                if key in self._blocks:
+                    continue
+                span = slice(i * self.block, (i + 1) * self.block)
+                blk = torch.stack([torch.stack([k[slot, :, span] for k in cache.k]),
+                                   torch.stack([v[slot, :, span] for v in cache.v])])
+                size = blk.numel() * blk.element_size()
+                while self.bytes + size > self.max_bytes:
+                    victim = next(iter(self._blocks), None)
+                    if victim is None or victim in chain:
+                        return
+                    old = self._blocks.pop(victim)
+                    self.bytes -= old.numel() * old.element_size()
+                    self.stats.evicted_blocks += 1
+                self._blocks[key] = blk
+                self.bytes += size
+                self.stats.stored_blocks += 1
+        finally:
+            for key in reversed(keys):  # as in load: parents more recent than their children
+                if key in self._blocks:
+                    self._blocks.move_to_end(key)
 
     def clear(self) -> None:
         """Forget everything (e.g. after the weights changed)."""

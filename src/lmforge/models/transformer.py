@@ -321,17 +321,19 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def inspect(self, idx: torch.Tensor, *, token_type_ids: torch.Tensor | None = None,
-                ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """What happens inside, for `lmforge inspect`: each layer's attention weights [B, H, T, T]
-        (on the math path; every other call keeps SDPA's fused kernels), and the residual stream
-        [B, T, C] after the embeddings and after each block (n_layer + 1 entries; the final norm is
-        not applied, so `head(norm(x))` of an entry is the logit lens at that depth)."""
+                layers: list[int] | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """What happens inside, for `lmforge inspect`: the attention weights [B, H, T, T] of `layers`
+        (default all; in order), computed on the math path only for those (every other layer and
+        call keeps SDPA's fused kernels), and the residual stream [B, T, C] after the embeddings and
+        after each block (n_layer + 1 entries; the final norm is not applied, so `head(norm(x))` of
+        an entry is the logit lens at that depth)."""
+        layers = list(range(len(self.blocks))) if layers is None else sorted(layers)
         attention: list[torch.Tensor] = []
         stream: list[torch.Tensor] = []
         hooks = [self.blocks[0].register_forward_pre_hook(lambda _m, args: stream.append(args[0]))]
         hooks += [b.register_forward_hook(lambda _m, _a, out: stream.append(out)) for b in self.blocks]
-        for block in self.blocks:
-            block.attn.record = attention
+        for i in layers:
+            self.blocks[i].attn.record = attention
         try:
             self.hidden(idx, token_type_ids=token_type_ids)
         finally:
