@@ -125,7 +125,8 @@ def build_report(out: Path) -> str:
             got = ", ".join(f"{h['n']}. {where(h)}" for h in r["retrieved"])
             lines += [f"**Q:** {r['question']}", "", f"**A:** {_quote(r['answer'])}", "",
                       f"Cited: {cited or 'none'}. Retrieved: {got}.", ""]
-    lines += ["## Talk to it", "", "```bash", f"lmforge chat {out / 'aligned'}", f"lmforge serve {out / 'aligned'}",
+    # a text fence: the docs walkthrough runs bash blocks, and these name this run's directory
+    lines += ["## Talk to it", "", "```text", f"lmforge chat {out / 'aligned'}", f"lmforge serve {out / 'aligned'}",
               f"lmforge rag ask {out / 'index'} \"What does json.dumps do?\" --model {out / 'aligned'} -k 3", "```", ""]
     return "\n".join(lines)
 
