@@ -44,7 +44,11 @@ def speedrun(ns) -> None:
     from ..speedrun.plan import PRESETS
     from ..speedrun.stages import speedrun as run
 
-    run(a.out, dataclasses.replace(PRESETS[a.preset], device=a.device), a.minutes, a.data, a.seed, a.judge)
+    report = run(a.out, dataclasses.replace(PRESETS[a.preset], device=a.device), a.minutes, a.data, a.seed, a.judge)
+    out = report.parent
+    print(f"report card:  {report}\ntalk to it:   lmforge chat {out / 'aligned'}\n"
+          f"serve it:     lmforge serve {out / 'aligned'}\n"
+          f"ask the docs: lmforge rag ask {out / 'index'} \"What does json.dumps do?\" --model {out / 'aligned'} -k 3")
 
 
 def report(ns) -> None:

@@ -25,6 +25,7 @@ from .report import machine_info, write_report
 
 
 def say(msg: str) -> None:
+    """Progress, on stderr."""
     print(msg, file=sys.stderr, flush=True)
 
 
@@ -74,8 +75,6 @@ def speedrun(out: str | Path, preset: Preset, minutes: float, data: list[str] | 
         atomic_write_json(marker, {"stage": stage, "wall_s": round(time.time() - start, 1), **record})
     report = write_report(out)
     say(f"speedrun finished in {(time.time() - t0) / 60:.1f} minutes (this session); report: {report}")
-    print(f"talk to it:  lmforge chat {out / 'aligned'}\nserve it:    lmforge serve {out / 'aligned'}\n"
-          f"ask the docs: lmforge rag ask {out / 'index'} \"What does json.dumps do?\" --model {out / 'aligned'} -k 3")
     return report
 
 
