@@ -141,3 +141,16 @@ def test_a_prefix_longer_than_the_cache_keeps_its_first_blocks():
     hits = cache.stats.hit_tokens
     engine.generate([Request(long + [1], max_tokens=1, temperature=0)])
     assert cache.stats.hit_tokens - hits == 64  # its first four blocks, all reachable
+
+
+def test_a_local_generator_reuses_what_it_computed_before(tiny_run):
+    """Agents and RAG through --model resend a growing transcript: the second call starts from the cache."""
+    from lmforge.formats.load import load_model
+    from lmforge.inference.client import LocalGenerator
+
+    text = "Return the list of items, and"
+    gen, fresh = LocalGenerator(load_model(tiny_run)), LocalGenerator(load_model(tiny_run))
+    first = gen.complete(text, max_tokens=4)
+    second = gen.complete(text + first + " then", max_tokens=4)
+    assert gen._prefix.stats.hit_tokens >= 16 and gen._prefix.stats.lookups == 2
+    assert second == fresh.complete(text + first + " then", max_tokens=4)

@@ -111,13 +111,15 @@ def generate_local(lm: Loaded, prompts: list[str], max_tokens: int, slots: int) 
     """Greedy answers through the engine, all prompts in flight together (`slots` at a time). A
     prompt too long for the window keeps its most recent tokens."""
     from ..inference.engine import Engine, Request
+    from ..inference.prefix_cache import PrefixCache
 
     ctx_len = lm.config.context_length
     max_tokens = min(max_tokens, ctx_len - 1)
     keep = ctx_len - max_tokens
     requests = [Request(lm.tokenizer.encode(p, special=False)[-keep:] or [lm.tokenizer.eot_id], max_tokens=max_tokens,
                         temperature=0.0, stop=lm.stop_ids()) for p in prompts]
-    samples = Engine(lm.model, slots=slots).generate(requests)
+    # Few-shot prompts share their examples: computed once (the prefix cache), reused by every document.
+    samples = Engine(lm.model, slots=slots, prefix_cache=PrefixCache(device=lm.device)).generate(requests)
     return [lm.tokenizer.decode(s[0].tokens) for s in samples]
 
 

@@ -11,6 +11,7 @@ from ..text.templates import encode_segments, template_from_json
 from ..text.toolcalls import call_grammar, closed, normalize_messages, parse_tool_choice, parse_tools, split_calls
 from .generate import generate_text
 from .grammar import Compiler, Grammar, json_schema_grammar, lark_grammar, regex_grammar
+from .prefix_cache import PrefixCache
 from .sampling import validate_sampling
 
 HELP = "commands: /reset (forget the conversation), /exit (quit)"
@@ -109,6 +110,7 @@ def chat(lm: Loaded, system: str | None = None, max_new_tokens: int = 256, tempe
     reserve = min(max_new_tokens, lm.model.cfg.context_length // 2)
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)
+    prefix = PrefixCache(device=lm.device)  # each turn resends the history: its start is computed once
     interactive = stdin.isatty()
     if interactive:
         print(f"chatting with {lm.path} ({template.name} format). {HELP}", file=sys.stderr)
@@ -144,7 +146,7 @@ def chat(lm: Loaded, system: str | None = None, max_new_tokens: int = 256, tempe
                                top_k=top_k, top_p=top_p, seed=None if seed is None else seed + turn,
                                repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
                                frequency_penalty=frequency_penalty, stop_ids=stop, prompt_ids=ids,
-                               stream=lambda s: (stdout.write(s), stdout.flush()))
+                               stream=lambda s: (stdout.write(s), stdout.flush()), prefix_cache=prefix)
         stdout.write("\n")
         stdout.flush()
         history.append({"role": "assistant", "content": answer.strip()})

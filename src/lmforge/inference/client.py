@@ -19,6 +19,7 @@ from ..formats.load import Loaded
 from ..text.templates import template_from_json
 from .chat import chat_ids, chat_setup, reply
 from .generate import generate_text
+from .prefix_cache import PrefixCache
 
 MAX_TEXT = 1_000_000  # characters: a server's answer is untrusted, and a runaway one is cut off
 
@@ -52,6 +53,8 @@ class LocalGenerator:
             raise LMForgeError(f"{lm.path} is {lm.kind.phrase}, not a model that generates text")
         self.lm, self.name = lm, str(lm.path)
         self._chat = None  # (template, stop ids), built on first use: base models have no chat format
+        # Agents and RAG resend a growing transcript with one model: its start is computed once.
+        self._prefix = PrefixCache(device=lm.device)
 
     @property
     def native_tools(self) -> bool:
@@ -67,7 +70,7 @@ class LocalGenerator:
             raise LMForgeError(f"the prompt is {len(ids)} tokens; the model's context is {ctx}")
         return generate_text(self.lm.model, self.lm.tokenizer, "", prompt_ids=ids, stop_ids=stop_ids,
                              max_new_tokens=min(max_tokens, ctx - len(ids)), temperature=temperature, seed=seed,
-                             stop=list(stop), stream=on_text)
+                             stop=list(stop), stream=on_text, prefix_cache=self._prefix)
 
     def complete(self, prompt: str, *, max_tokens: int = 256, temperature: float = 0.0, stop: Sequence[str] = (),
                  seed: int | None = None, on_text: Callable[[str], None] | None = None) -> str:

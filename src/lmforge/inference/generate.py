@@ -23,6 +23,7 @@ from ..models.transformer import Transformer
 from ..text.tokenizer import Tokenizer
 from .engine import Engine, Event, Request
 from .grammar import Grammar
+from .prefix_cache import PrefixCache
 from .sampling import filter_probs, penalize_repeats, validate_sampling
 from .textstream import TextStream
 
@@ -129,7 +130,8 @@ def generate_text(model: Transformer, tokenizer: Tokenizer, prompt: str, *, max_
                   repetition_penalty: float = 1.0, stream: Callable[[str], None] | None = None, top_candidates: int = 0,
                   on_candidates: Callable[[int, list[tuple[str, float]], Picked], None] | None = None,
                   prompt_ids: list[int] | None = None, truncate: str | None = None,
-                  presence_penalty: float = 0.0, frequency_penalty: float = 0.0, grammar: Grammar | None = None) -> str:
+                  presence_penalty: float = 0.0, frequency_penalty: float = 0.0, grammar: Grammar | None = None,
+                  prefix_cache: PrefixCache | None = None) -> str:
     """The completion of `prompt` (without the prompt), streamed piecewise to `stream` if given.
 
     Generation ends at an end-of-text token, at a `stop` string (not included), or after
@@ -139,6 +141,8 @@ def generate_text(model: Transformer, tokenizer: Tokenizer, prompt: str, *, max_
     outside the K shown). `prompt_ids` (e.g. from `prepare_prompt`) replace encoding `prompt`;
     otherwise `truncate` is passed to `prepare_prompt` and a cut is reported on stderr. With a
     `grammar` (from `LM.grammar`), only text it allows is drawn, and generation ends when it is complete.
+    A `prefix_cache` kept by the caller across calls (same weights) spares recomputing a prompt's
+    start that an earlier call saw (a conversation's history, an agent's transcript).
     """
     validate_sampling(temperature, top_k, top_p, repetition_penalty, max_new_tokens,
                       presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
@@ -156,7 +160,7 @@ def generate_text(model: Transformer, tokenizer: Tokenizer, prompt: str, *, max_
                            f"model's context length of {ctx} tokens")
     end = {tokenizer.eot_id} if stop_ids is None else stop_ids
     want = top_candidates if on_candidates is not None else 0
-    engine = Engine(model, slots=1, max_len=len(ids) + max_new_tokens)
+    engine = Engine(model, slots=1, max_len=len(ids) + max_new_tokens, prefix_cache=prefix_cache)
     handle = engine.submit(Request(ids, max_new_tokens, temperature, top_k, top_p, seed, repetition_penalty,
                                    presence_penalty, frequency_penalty, stop=end, logprobs=want, grammar=grammar))
     out = TextStream(tokenizer, stops)

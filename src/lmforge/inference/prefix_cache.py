@@ -21,7 +21,20 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..core.runtime import available_memory
 from ..models.transformer import KVCache
+
+MAX_DEFAULT_BYTES = 4 << 30
+
+
+def default_bytes(device: torch.device | str) -> int:
+    """The default bound: a quarter of the memory free now on the cache's device, at most 4 GiB."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = available_memory() or (2 << 30)
+    return int(min(free // 4, MAX_DEFAULT_BYTES))
 
 
 @dataclass
@@ -41,7 +54,9 @@ class PrefixCache:
     """KV blocks keyed by the token prefix they complete, least recently used evicted first once
     they would take more than `max_bytes`."""
 
-    def __init__(self, max_bytes: int, block: int = 16) -> None:
+    def __init__(self, max_bytes: int | None = None, block: int = 16, device: torch.device | str = "cpu") -> None:
+        """`max_bytes` None: `default_bytes(device)`."""
+        max_bytes = default_bytes(device) if max_bytes is None else max_bytes
         if block < 1:
             raise ValueError("block must be at least one token")
         self.block, self.max_bytes = block, max_bytes
