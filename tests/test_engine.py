@@ -293,3 +293,13 @@ def test_the_engine_leaves_train_and_eval_modes_as_it_found_them():
     with engine:  # the background thread too
         assert engine.submit(reqs[0]).result()[0].tokens == want
     assert [m.training for m in model.modules()] == modes
+
+
+def test_temperatures_and_top_p_too_small_for_float32_sample_as_greedy():
+    """5e-324 is a valid temperature or top-p, yet 0 in float32: the logits must not turn to NaNs."""
+    model = tiny("gpt2")
+    want = reference(model, PROMPTS[0], 6, temperature=0)
+    reqs = [Request(PROMPTS[0], max_tokens=6, temperature=5e-324, seed=1),  # two plain rows: the batched path
+            Request(PROMPTS[0], max_tokens=6, temperature=1e-40, seed=2),
+            Request(PROMPTS[0], max_tokens=6, temperature=1.0, top_p=5e-324, seed=3)]  # filter_probs
+    assert [s[0].tokens for s in Engine(model, slots=3).generate(reqs)] == [want] * 3

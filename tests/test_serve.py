@@ -130,6 +130,9 @@ def test_api_key(server):
     assert post(server, "/v1/completions", {"prompt": "a", "max_tokens": 1}, key="wrong").status_code == 401
     assert post(server, "/v1/completions", {"prompt": "a", "max_tokens": 1}).status_code == 200
     assert httpx.get(server.url + "/health").status_code == 200  # open
+    assert httpx.get(server.url + "/openapi.json").status_code == 401  # the document is behind the key too
+    doc = httpx.get(server.url + "/openapi.json", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert "requestBody" in doc["paths"]["/v1/chat/completions"]["post"]
 
 
 def metric(server, name: str) -> float:

@@ -33,7 +33,7 @@ from ..models.quant import Int4Linear, Int8Linear
 from ..models.transformer import InferenceLinear, KVCache, Transformer
 from .grammar import Grammar, forbidden_tokens
 from .prefix_cache import PrefixCache
-from .sampling import filter_probs, penalize_counts, penalize_repeats, validate_sampling
+from .sampling import MIN_TEMPERATURE, filter_probs, penalize_counts, penalize_repeats, validate_sampling
 
 
 @dataclass
@@ -523,7 +523,8 @@ class Engine:
                  and s.r.top_k is None and (s.r.top_p is None or s.r.top_p >= 1)]
         batched = {}
         if len(plain) > 1:
-            temps = torch.tensor([s.r.temperature for s, _ in plain], device=logits.device)[:, None]
+            temps = [max(s.r.temperature, MIN_TEMPERATURE) for s, _ in plain]  # 1e-300 would give NaNs
+            temps = torch.tensor(temps, device=logits.device)[:, None]
             all_probs = torch.softmax(logits[[r for _, r in plain]] / temps, dim=-1).cpu()
             batched = {id(s): all_probs[i] for i, (s, _) in enumerate(plain)}
         for s, r in zip(seqs, rows):

@@ -8,6 +8,11 @@ from ..core.config import check
 from ..core.errors import LMForgeError
 from .params import SamplingParams
 
+# The smallest temperature divided by as given: below it, float32 logits / temperature overflow to inf
+# (and a temperature under 1.4e-45 is 0 in float32), whose softmax is NaN. Sampling that cold is greedy
+# in all but name, and clamped to this it stays so.
+MIN_TEMPERATURE = 1e-30
+
 
 def validate_sampling(temperature: float = 0.8, top_k: int | None = None, top_p: float | None = None,
                       repetition_penalty: float = 1.0, max_new_tokens: int | None = None, n: int = 1,
@@ -26,15 +31,17 @@ def filter_probs(logits: torch.Tensor, temperature: float, top_k: int | None, to
     logits = logits.float()
     if temperature <= 0:  # greedy takes the argmax of the model's own distribution
         return torch.softmax(logits, dim=-1)
-    logits = logits / temperature
+    logits = logits / max(temperature, MIN_TEMPERATURE)
     if top_k is not None and 0 < top_k < logits.numel():
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     if top_p is not None and 0 < top_p < 1:
         sorted_p, order = probs.sort(descending=True)
-        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+        # keep the smallest prefix whose mass reaches top_p (the first token always stays, also for a
+        # top_p too small for float32, which compares as 0)
         drop = sorted_p.cumsum(0) - sorted_p >= top_p
+        drop[0] = False
         sorted_p[drop] = 0.0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
         probs /= probs.sum()

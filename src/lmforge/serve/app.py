@@ -2,7 +2,8 @@
 
 Endpoints: GET /health, GET /v1/models[/{id}], POST /v1/completions, POST /v1/chat/completions
 (tools, response_format), POST /v1/responses (stateless), POST /v1/embeddings (encoders),
-POST /tokenize, GET /metrics (Prometheus text), and for the chat page at GET /:
+POST /tokenize, GET /metrics (Prometheus text), GET /openapi.json (the request bodies' schemas: openapi.py),
+and for the chat page at GET /:
 GET /v1/lmforge/config and POST /v1/lmforge/feedback (compare-mode votes). Unknown paths and
 methods get OpenAI-shaped 404s and 405s.
 Bodies are untrusted: size-limited (413), validated field by field (400 naming the field), and
@@ -25,13 +26,13 @@ from starlette.exceptions import HTTPException
 
 from ..core.fileio import append_line
 from ..formats.load import Loaded
+from . import openapi
 from .generation import Backend
-from .protocol import APIError, check_fields, parse_messages
+from .protocol import MAX_FEEDBACK_TEXT, APIError, check_fields, parse_messages
 from .responses import stream_events, to_chat, to_response
 
 OPEN_PATHS = {"/health", "/", "/favicon.ico"}  # the page itself holds nothing; its API calls carry the key
 PAGE = Path(__file__).with_name("static") / "chat.html"
-MAX_FEEDBACK_TEXT = 100_000
 
 
 @dataclass
@@ -109,7 +110,8 @@ class KeyGuard:
 
 
 def create_app(lm: Loaded, cfg: ServeConfig, backend: Backend) -> FastAPI:
-    app = FastAPI(title="lmforge", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="lmforge", docs_url=None, redoc_url=None, openapi_url="/openapi.json", responses=openapi.ERRORS)
+    name = cfg.model_name
     started = time.time()
     # a thread, not the awaiting request, holds it: a client that hangs up cannot let two appends overlap
     feedback_lock = threading.Lock()
@@ -171,7 +173,7 @@ def create_app(lm: Loaded, cfg: ServeConfig, backend: Backend) -> FastAPI:
                            code="model_not_found")
         return {"id": cfg.model_name, "object": "model", "created": int(started), "owned_by": "lmforge"}
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", openapi_extra=openapi.body(openapi.tokenize_body(name)))
     async def tokenize(request: Request):
         body = await body_of(request, {"model", "prompt", "text"})
         text = body.get("prompt", body.get("text"))
@@ -180,17 +182,17 @@ def create_app(lm: Loaded, cfg: ServeConfig, backend: Backend) -> FastAPI:
         ids = lm.tokenizer.encode(text)
         return {"tokens": ids, "count": len(ids), "max_model_len": lm.config.context_length}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=openapi.body(openapi.completion_body(name)))
     async def completions(request: Request):
         body = await body_of(request, backend.completion_fields)
         return await backend.completion(body, request)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=openapi.body(openapi.chat_body(name)))
     async def chat_completions(request: Request):
         body = await body_of(request, backend.chat_fields)
         return await backend.chat(body, request)
 
-    @app.post("/v1/responses")
+    @app.post("/v1/responses", openapi_extra=openapi.body(openapi.responses_body(name)))
     async def responses(request: Request):
         """The Responses API, stateless: translated to a chat completion and back."""
         raw = await read_json(request, cfg.max_body)
@@ -204,7 +206,7 @@ def create_app(lm: Loaded, cfg: ServeConfig, backend: Backend) -> FastAPI:
         return StreamingResponse(stream_events(result, raw), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    @app.post("/v1/embeddings")
+    @app.post("/v1/embeddings", openapi_extra=openapi.body(openapi.embeddings_body(name)))
     async def embeddings(request: Request):
         body = await body_of(request, {"model", "input", "encoding_format", "user"})
         return await backend.embeddings(body)
@@ -231,7 +233,7 @@ def create_app(lm: Loaded, cfg: ServeConfig, backend: Backend) -> FastAPI:
         return {"model": cfg.model_name, "context_length": lm.config.context_length,
                 "feedback": cfg.feedback is not None, "kind": str(lm.kind)}
 
-    @app.post("/v1/lmforge/feedback")
+    @app.post("/v1/lmforge/feedback", openapi_extra=openapi.body(openapi.feedback_body()))
     async def feedback(request: Request):
         """Compare mode: append {"prompt" or "messages", "chosen", "rejected"} (or a tie) to --feedback."""
         if cfg.feedback is None:

@@ -33,6 +33,7 @@ from ..text.toolcalls import CallStream, Markers, Tool, call_grammar, parse_tool
 from .protocol import (
     CHAT_FIELDS,
     COMPLETION_FIELDS,
+    MAX_EMBED_INPUTS,
     APIError,
     Sampling,
     bad,
@@ -398,8 +399,9 @@ class Backend:
         texts = body.get("input")
         texts = [texts] if isinstance(texts, str) else texts
         if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t for t in texts) \
-                or len(texts) > 256:
-            raise APIError(400, "'input' must be a non-empty string or a list of up to 256 of them", param="input")
+                or len(texts) > MAX_EMBED_INPUTS:
+            raise APIError(400, f"'input' must be a non-empty string or a list of up to {MAX_EMBED_INPUTS} of them",
+                           param="input")
         if body.get("encoding_format", "float") != "float":
             raise APIError(400, "only encoding_format 'float' is supported", param="encoding_format")
         try:

@@ -16,6 +16,9 @@ from ..text.toolcalls import closed, normalize_messages
 MAX_STOPS = 4  # as OpenAI
 MAX_N = 8
 MAX_TOP_LOGPROBS = 20
+MAX_TOKENS = 1 << 20  # the largest max_tokens and top_k taken
+MAX_EMBED_INPUTS = 256  # texts in one /v1/embeddings request
+MAX_FEEDBACK_TEXT = 100_000  # characters of a chosen or rejected answer (the chat page's votes)
 
 # Fields that cannot change the output: accepted and ignored (`IGNORED` says which values qualify).
 IGNORED = {"user": None, "metadata": None, "store": None, "service_tier": None, "prediction": "null",
@@ -132,10 +135,13 @@ def parse_logit_bias(body: dict) -> dict[int, float] | None:
         raise bad("logit_bias", f"'logit_bias' must map up to {MAX_LOGIT_BIAS} token ids to numbers")
     out = {}
     for k, v in bias.items():
-        if not (isinstance(k, str) and k.isdigit()) or isinstance(v, bool) or not isinstance(v, (int, float)) \
-                or not -100 <= v <= 100:
+        try:  # decimal digits (any script, as int() reads them); '²' is a digit, yet int() fails on it
+            token = int(k) if k.isdecimal() else -1
+        except ValueError:  # over Python's 4,300-digit limit
+            token = -1
+        if token < 0 or isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100:
             raise bad("logit_bias", f"'logit_bias' maps token ids to numbers in -100..100 (got {k!r}: {v!r})")
-        out[int(k)] = float(v)
+        out[token] = float(v)
     return out
 
 
@@ -144,7 +150,7 @@ def parse_sampling(body: dict, chat: bool) -> Sampling:
     max_tokens = body.get("max_completion_tokens") if chat and body.get("max_completion_tokens") is not None \
         else body.get("max_tokens")
     if max_tokens is not None:
-        max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", 1, 1 << 20, None, integer=True)
+        max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", 1, MAX_TOKENS, None, integer=True)
     stop = body.get("stop")
     if stop is None:
         stop = []
@@ -172,7 +178,7 @@ def parse_sampling(body: dict, chat: bool) -> Sampling:
         max_tokens=max_tokens,
         temperature=_number(body, "temperature", 0, 2, 1.0),
         top_p=_number(body, "top_p", 0, 1, None),
-        top_k=_number(body, "top_k", 1, 1 << 20, None, integer=True),
+        top_k=_number(body, "top_k", 1, MAX_TOKENS, None, integer=True),
         seed=_number(body, "seed", -(1 << 63), (1 << 63) - 1, None, integer=True),
         stop=stop,
         n=_number(body, "n", 1, MAX_N, 1, integer=True),
