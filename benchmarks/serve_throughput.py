@@ -47,13 +47,13 @@ WORDS = ("the model reads a token and writes the next one while the server batch
          "keeps keys and values of earlier positions").split()
 
 
-def make_model_dir(directory: Path, n_layer: int, n_embd: int) -> None:
+def make_model_dir(directory: Path, n_layer: int, n_embd: int, context_length: int = 256) -> None:
     rng = random.Random(0)
     words = WORDS + ["".join(rng.choice("etaoinshrdlucmfwyp") for _ in range(rng.randint(2, 9))) for _ in range(300)]
     docs = [" ".join(rng.choice(words) for _ in range(rng.randint(20, 80))) for _ in range(2000)]
     tokenizer = Tokenizer.train(docs, vocab_size=512, show_progress=False)
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, context_length=256, n_layer=n_layer,
+    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, context_length=context_length, n_layer=n_layer,
                       n_head=max(1, n_embd // 64), n_embd=n_embd)
     save_model_dir(directory, Transformer(cfg).eval(), tokenizer)
 

@@ -320,3 +320,19 @@ def test_the_client_fits_max_tokens_to_the_context_left(server):
     assert context_room("This model's maximum context length is 4096 tokens. However, you requested 5000 tokens "
                         "(4000 in the messages, 1000 in the completion).") == 96
     assert context_room("the server is busy") is None
+
+
+def test_prefix_cache_serves_a_resent_history_with_the_same_output(server, tiny_run):
+    """A chat resends its history: the second request starts from the cached keys and values
+    (/metrics counts them) and answers as a server without the cache does."""
+    first = "Return the list of the module,"  # 18 tokens: a full block of 16, and room in a 32-token context
+    body = {"prompt": first, "max_tokens": 3, "temperature": 0}
+    answer = post(server, "/v1/completions", body).json()["choices"][0]["text"]
+    hits = metric(server, "lmforge_prefix_cache_hit_tokens_total")
+    again = {**body, "prompt": first + answer + " then"}
+    got = post(server, "/v1/completions", again).json()["choices"][0]["text"]
+    assert metric(server, "lmforge_prefix_cache_hit_tokens_total") - hits >= 16
+    assert 0 < metric(server, "lmforge_prefix_cache_hit_rate") <= 1
+    with Server(tiny_run, "--no-prefix-cache") as plain:
+        assert httpx.post(plain.url + "/v1/completions", json=again, timeout=60).json()["choices"][0]["text"] == got
+        assert "lmforge_prefix_cache" not in httpx.get(plain.url + "/metrics").text

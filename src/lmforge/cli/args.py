@@ -236,6 +236,10 @@ class ServeArgs:
     prefill_chunk: int = arg(512, "prompt tokens fed per engine step: a long prompt joins over several steps, so "
                              "the streams in flight keep decoding meanwhile (smaller: shorter stalls, slower "
                              "prefill)", ge=1, le=65536)
+    prefix_cache: bool = arg(True, "reuse the keys and values of prompt starts seen before (a chat's history, "
+                             "shared instructions, an agent's transcript): only the rest is computed")
+    cache_mb: float | None = arg(None, "memory for the prefix cache in MiB, least recently used prefixes evicted "
+                                 "first (default: a quarter of the free memory, at most 4096)", gt=0)
     name: str | None = arg(None, "model name clients use (default: the directory's name)")
     feedback: str | None = arg(None, "the chat page's compare mode appends {prompt, chosen, rejected} votes to this "
                                "JSONL file (the format `align reward` trains on); without it the mode is hidden")

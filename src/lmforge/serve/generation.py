@@ -421,6 +421,15 @@ class Backend:
                 ("lmforge_completion_tokens_total", "counter", m.completion_tokens),
                 ("lmforge_queue_depth", "gauge", waiting), ("lmforge_active_slots", "gauge", active),
                 ("lmforge_completion_tokens_per_second", "gauge", round(m.completion_tokens / max(uptime, 1e-9), 3))]
+        cache = e.prefix_cache if e is not None else None
+        if cache is not None:  # read without the engine's lock: a scrape may be one step behind
+            st = cache.stats
+            rows += [("lmforge_prefix_cache_hit_rate", "gauge", round(st.hit_rate, 4)),
+                     ("lmforge_prefix_cache_hit_tokens_total", "counter", st.hit_tokens),
+                     ("lmforge_prefix_cache_prompt_tokens_total", "counter", st.prompt_tokens),
+                     ("lmforge_prefix_cache_cached_tokens", "gauge", len(cache) * cache.block),
+                     ("lmforge_prefix_cache_bytes", "gauge", cache.bytes),
+                     ("lmforge_prefix_cache_evicted_blocks_total", "counter", st.evicted_blocks)]
         text = "".join(f"# TYPE {name} {kind}\n{name} {value}\n" for name, kind, value in rows)
         text += "# TYPE lmforge_rejected_total counter\n"  # by status: bad requests as well as failed generations
         return text + "".join(f'lmforge_rejected_total{{status="{status}"}} {n}\n'
