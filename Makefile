@@ -10,7 +10,7 @@ STAMP := $(VENV)/.lmforge-installed
 # pytest workers: 2 on a 2-core CI box; each worker's torch uses one thread (see tests/conftest.py).
 TEST_WORKERS ?= 2
 
-.PHONY: install demo test test-numerics test-gguf test-tool-agents test-docs docs lint bench clean
+.PHONY: install demo test test-numerics test-gguf test-tool-agents test-docs test-fuzz docs lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -49,6 +49,10 @@ test-gguf: $(STAMP)
 # examples/tool_calling.py trains it first (~10-15 min on 2 cores).
 test-tool-agents: $(STAMP)
 	$(BIN)/python -m pytest -q -m tool_agents tests/test_tool_agents.py
+
+# The server's API fuzzed from its OpenAPI document at length (make test runs 40 examples per operation).
+test-fuzz: $(STAMP)
+	LMFORGE_FUZZ_EXAMPLES=200 $(BIN)/python -m pytest -q tests/test_serve_fuzz.py
 
 # The documentation site in site/: --strict fails on a broken link, a missing page or a bad reference.
 docs: $(STAMP)
