@@ -28,10 +28,19 @@ def metrics_table(report: str) -> list[str]:
     return [line for line in lines[:lines.index("")] if line.startswith("|")]
 
 
+EXTRA = "Speedrun extra text: the --data given besides pydocs joins the pretraining text. " * 20
+
+
+def tiny_args(out: Path) -> list[str]:
+    return ["speedrun", "--preset", "tiny", "--out", str(out), "--device", "cpu", "--data",
+            str(out.parent / "extra.txt")]
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("speedrun") / "run"
-    proc = run_cli("speedrun", "--preset", "tiny", "--out", str(out), "--device", "cpu", timeout=900)
+    (out.parent / "extra.txt").write_text(EXTRA)
+    proc = run_cli(*tiny_args(out), timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"lmforge chat {out / 'aligned'}" in proc.stdout and f"lmforge serve {out / 'aligned'}" in proc.stdout
     return out
@@ -62,6 +71,8 @@ def test_every_stage_ran_and_the_report_names_every_metric(run):
     rag = json.loads((run / "rag.json").read_text())
     assert rag and all(len(r["retrieved"]) == 3 for r in rag)
     assert "data/docs/" in report  # sources named relative to the run directory
+    pretraining = (run / "data" / "train.jsonl").read_text() + (run / "data" / "val.jsonl").read_text()
+    assert json.dumps(EXTRA)[1:-1] in pretraining  # --data joined pydocs
     # held-out questions name functions that no chat or preference record names
     held = {r["name"] for r in sd.read_jsonl(run / "data" / "eval.jsonl")}
     trained = (run / "data" / "sft.jsonl").read_text() + (run / "data" / "prefs.jsonl").read_text()
@@ -79,13 +90,13 @@ def test_report_rebuilds_from_the_run_directory(run):
 
 
 def test_a_finished_run_is_skipped(run):
-    proc = run_cli("speedrun", "--preset", "tiny", "--out", str(run), "--device", "cpu", timeout=300)
+    proc = run_cli(*tiny_args(run), timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stderr.count("done already, skipped") == len(STAGES)
 
 
-def test_sigkill_inside_sft_then_rerun_gives_the_same_figures(run, tmp_path):
-    out = tmp_path / "killed"
+def test_sigkill_inside_sft_then_rerun_gives_the_same_figures(run):
+    out = run.parent / "killed"  # beside the first run: the same --data path
     # the stages before SFT as the uninterrupted run left them (their own resume is the trainers')
     out.mkdir()
     for name in ("data", "base", "tokenizer.json", "plan.json", "machine.json"):
@@ -94,7 +105,7 @@ def test_sigkill_inside_sft_then_rerun_gives_the_same_figures(run, tmp_path):
     for stage in ("data", "tokenizer", "pretrain"):
         shutil.copy(run / "stages" / f"{stage}.json", out / "stages")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "lmforge", "speedrun", "--preset", "tiny", "--out", str(out), "--device", "cpu"]
+    cmd = [sys.executable, "-m", "lmforge", *tiny_args(out)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 300
@@ -105,7 +116,7 @@ def test_sigkill_inside_sft_then_rerun_gives_the_same_figures(run, tmp_path):
         proc.wait()
     assert not (out / "stages" / "sft.json").exists(), "the SFT stage finished before it could be killed"
     assert not (out / "aligned").exists()
-    done = run_cli("speedrun", "--preset", "tiny", "--out", str(out), "--device", "cpu", timeout=900)
+    done = run_cli(*tiny_args(out), timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "[4/7] sft ..." in done.stderr and "[3/7] pretrain: done already" in done.stderr
     assert "resumed from step" in done.stderr  # from the checkpoint, not from scratch
@@ -155,6 +166,36 @@ def test_chat_data_rule_and_split():
             "short\n\ntoo short"]
     facts = sd.facts(docs)
     assert [(f.name, f.module) for f in facts] == [("json.dumps", False), ("json", True), ("os.getcwd", False)]
-    assert sd.follows_rule(sd.with_rule(facts[0]), "json.dumps") and not sd.follows_rule(facts[0].answer, "json.dumps")
+    assert sd.follows_rule(sd.with_rule(facts[0])) and not sd.follows_rule(facts[0].answer)
+    assert sd.without_rule(sd.with_rule(facts[0])) == facts[0].answer
     assert sd.word_f1("Serialize obj", "serialize obj") == 1.0 and sd.word_f1("x", "y") == 0.0
     assert sd.split_corpus(docs * 3) == sd.split_corpus(docs * 3)  # deterministic
+
+
+def test_judge_score_when_a_judge_is_given(run, monkeypatch):
+    import lmforge.inference.client as client
+    from lmforge.speedrun.evaluate import evaluate_model
+    from lmforge.speedrun.plan import Plan
+
+    asked = []
+
+    class Judge:  # an OpenAI-compatible server's stand-in: rates every answer 7
+        def __init__(self, url, *args):
+            asked.append(url)
+
+        def chat(self, messages, **kw):
+            return "Clear enough. Rating: [[7]]"
+
+    monkeypatch.setattr(client, "RemoteGenerator", Judge)
+    plan = Plan.from_json(json.loads((run / "plan.json").read_text()))
+    figures = evaluate_model(run / "aligned", run / "data", plan, judge="http://judge/v1")["figures"]
+    assert asked == ["http://judge/v1"] and figures["judge score (1-10)"] == 7
+    assert figures["rule followed"] == json.loads((run / "eval" / "aligned.json").read_text())["figures"][
+        "rule followed"]
+
+
+def test_a_stage_stopped_by_a_signal_is_not_marked_finished(tmp_path):
+    from lmforge.speedrun.stages import _train_record
+
+    with pytest.raises(LMForgeError, match="rerun the same command to resume"):
+        _train_record({"step": 7, "interrupted": True}, tmp_path / "sft")

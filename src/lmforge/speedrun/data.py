@@ -2,9 +2,11 @@
 conversations about the functions and modules it documents, held-out questions, and preference
 pairs on a rule the report can measure.
 
-The rule: an answer about a function opens by naming it (`json.dumps: Serialize ...`). Only a
-quarter of the chat data does so, so instruction tuning alone follows it now and then; the
+The rule: an answer opens by saying where it comes from ("From the docs: Serialize obj ...").
+Only a quarter of the chat data does so, so instruction tuning alone follows it now and then; the
 preference pairs differ only in that opening, so DPO can learn it, and `follows_rule` checks it.
+(A first rule, opening with the function's dotted name, asked a 3-layer model to copy a name of
+up to 40 characters from the question: after DPO it opened with a module name, never the right one.)
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from pathlib import Path
 from ..core.fileio import atomic_write
 
 SYSTEM = "You are a small assistant trained on Python's documentation. Answer briefly."
-RULE = "the answer opens with the name of the function it describes (`name: ...`)"
-RULE_SHARE = 0.25  # of the chat answers about functions that open with the name
+PREFIX = "From the docs: "
+RULE = f'the answer opens by citing the documentation ("{PREFIX.strip()} ...")'
+RULE_SHARE = 0.25  # of the chat answers that follow the rule
 MAX_ANSWER_CHARS = 240
 _FUNC = re.compile(r"^([A-Za-z_][\w.]*)\(")
 _MODULE = re.compile(r"^Module ([\w.]+)$")
@@ -80,12 +83,17 @@ def held_out(name: str, share: float) -> bool:
     return int(hashlib.sha256(name.encode()).hexdigest()[:8], 16) / 16 ** 8 < share
 
 
-def follows_rule(answer: str, name: str) -> bool:
-    return answer.lstrip().startswith(f"{name}:")
+def follows_rule(answer: str) -> bool:
+    return answer.lstrip().startswith(PREFIX.strip())
+
+
+def without_rule(answer: str) -> str:
+    """The answer's content: what word F1 compares with the docstring (the rule's words are not in it)."""
+    return answer.lstrip().removeprefix(PREFIX.strip()).strip()
 
 
 def with_rule(fact: Fact) -> str:
-    return f"{fact.name}: {fact.answer}"
+    return PREFIX + fact.answer
 
 
 def conversation(question: str, answer: str) -> dict:
@@ -106,8 +114,7 @@ def chat_data(all_facts: list[Fact], n_sft: int, n_pairs: int, n_eval: int, seed
     rng.shuffle(train)
     funcs = [f for f in train if not f.module]
     pref_facts, sft_facts = funcs[:n_pairs], [f for f in train if f not in funcs[:n_pairs]][:n_sft]
-    sft = [conversation(question(f, rng), with_rule(f) if not f.module and rng.random() < RULE_SHARE else f.answer)
-           for f in sft_facts]
+    sft = [conversation(question(f, rng), with_rule(f) if rng.random() < RULE_SHARE else f.answer) for f in sft_facts]
     for _ in range(max(1, n_sft // 100)):  # small talk at about 8% of the chat data
         sft += [conversation(q, a) for q, a in SMALL_TALK]
     rng.shuffle(sft)

@@ -37,10 +37,9 @@ def evaluate_model(model_dir: Path, data_dir: Path, plan: Plan, judge: str | Non
     answers = [respond(lm.model, lm.tokenizer, template, c, MAX_ANSWER_TOKENS).strip() for c in convs]
     examples, _ = encode_conversations(convs, lm.tokenizer, template, CHAT_LENGTH + 1)
     figures["held-out answer loss"] = round(answer_loss(lm.model, examples, lm.tokenizer.pad_id), 4)
-    # the name the rule puts first is not the docstring's words: it is left out of the overlap
     figures["held-out word F1"] = round(sum(
-        sd.word_f1(a.removeprefix(f"{r['name']}:"), r["reference"]) for a, r in zip(answers, held)) / len(held), 4)
-    figures["rule followed"] = round(sum(sd.follows_rule(a, r["name"]) for a, r in zip(answers, held)) / len(held), 4)
+        sd.word_f1(sd.without_rule(a), r["reference"]) for a, r in zip(answers, held)) / len(held), 4)
+    figures["rule followed"] = round(sum(map(sd.follows_rule, answers)) / len(held), 4)
     rows = [{"question": r["question"], "answer": a, "reference": r["reference"]} for r, a in zip(held, answers)]
     if judge:
         from ..eval.judge import judge_single

@@ -79,8 +79,8 @@ def speedrun(out: str | Path, preset: Preset, minutes: float, data: list[str] | 
 
 
 def _data(out: Path, plan: Plan) -> dict:
-    docs = load_corpus(["pydocs", *plan.data]).documents
-    docs = docs[:plan.preset.docs] if plan.preset.docs else docs
+    docs = load_corpus(["pydocs"]).documents[:plan.preset.docs]  # a preset's cap falls on pydocs, never on --data
+    docs += load_corpus(plan.data).documents if plan.data else []
     train, val = sd.split_corpus(docs)
     d = out / "data"
     write_jsonl(d / "train.jsonl", [{"text": t} for t in train])
@@ -114,8 +114,13 @@ def _resume_or_fresh(run: Path) -> dict:
 
 
 def _train_record(state: dict, run: Path) -> dict:
-    """Steps, tokens and parameters of a finished training stage, from its run directory."""
+    """Steps, tokens and parameters of a finished training stage, from its run directory. A stage
+    stopped by Ctrl-C or SIGTERM (the loop saves a checkpoint and returns) is not finished: no
+    marker, and the rerun resumes it."""
     from safetensors import safe_open
+
+    if state.get("interrupted"):
+        raise LMForgeError(f"stopped in {run.name} at step {state.get('step')}: rerun the same command to resume")
 
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     with safe_open(str(run / "model.safetensors"), "pt") as f:
