@@ -100,10 +100,16 @@ def model_config_json(model: torch.nn.Module, tokenizer: Tokenizer, kind: Kind |
 
 def save_model_dir(directory: Path, model: torch.nn.Module, tokenizer: Tokenizer, weights_file: Path | None = None,
                    **extra) -> None:
-    """Write config.json, tokenizer.json and model.safetensors (or link `weights_file` in as it)."""
+    """Write tokenizer.json, model.safetensors (or link `weights_file` in as it) and config.json, each
+    atomically. config.json, which makes a directory a model directory, goes last: a kill during the
+    first save leaves no half model that claims to be one."""
     directory.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(directory / "config.json", model_config_json(model, tokenizer, **extra))
     tokenizer.save(directory / "tokenizer.json")
+    _write_weights(directory, model, weights_file)
+    atomic_write_json(directory / "config.json", model_config_json(model, tokenizer, **extra))
+
+
+def _write_weights(directory: Path, model: torch.nn.Module, weights_file: Path | None) -> None:
     target = directory / "model.safetensors"
     if weights_file is None:
         save_weights(weights_for_saving(model), target)

@@ -64,8 +64,10 @@ def get_tokenizer(cfg: PretrainConfig, corpus: Corpus, out: Path, dist_info: Dis
 
 def build_model_config(cfg: PretrainConfig, vocab: int, out: Path, tokens_per_step: int, train_tokens: int,
                        dist_info: Dist, device: torch.device) -> ModelConfig:
-    if cfg.resume:
+    if cfg.resume and (out / "config.json").exists():
         return ModelConfig.from_dict(read_config(out)["model"])
+    # (A run killed between its first state/ and its first model directory has no config.json: its
+    # shape is in train_config.yaml, which resume_config has read, and is rebuilt from it below.)
     explicit = cfg.n_layer is not None and cfg.n_embd is not None
     if explicit:
         depth = None
@@ -172,6 +174,8 @@ def _pretrain(cfg: PretrainConfig, dist_info: Dist, device: torch.device, on_ste
     if warning:
         dist_info.say(f"warning: {warning}")
     dist_info.on_main(start_run_dir, cfg, out)  # only now, with every input checked, touch --out
+    if not cfg.resume:  # before any checkpoint: a run killed in its first save can still be resumed
+        dist_info.on_main(tokenizer.save, out / "tokenizer.json")
     kind = Kind.MASKED_LM if cfg.objective == "mlm" else Kind.CAUSAL_LM
     run = Run(out, lambda d, w, **extra: save_model_dir(d, model, tokenizer, w, kind=kind, **extra,
                                                         created_by="lmforge pretrain"),

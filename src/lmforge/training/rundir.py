@@ -65,7 +65,7 @@ def record_config(cfg, out: Path) -> None:
 def check_out(out: Path, overwrite: bool) -> None:
     """--out must be new, empty, or (with --overwrite) a previous run's directory."""
     if out.exists() and any(out.iterdir()):
-        if not any((out / f).exists() for f in ("config.json", "state", "train_config.yaml")):
+        if not any((out / f).exists() for f in ("config.json", "state", "train_config.yaml", "tokenizer.json")):
             raise LMForgeError(f"{out} exists and is not a model directory; choose another --out")
         if not overwrite:
             raise LMForgeError(f"{out} already holds a model: pass --resume to continue it "
