@@ -70,9 +70,9 @@ EXAMPLES = {
   lmforge rag search runs/pydocs-index "serialize an object to a JSON string" -k 3
   lmforge rag search runs/pydocs-index "json.dumps" --mode bm25 --json""",
     "rag ask": """examples:
-  lmforge rag ask runs/pydocs-index "How do I read a CSV file?" --model runs/py1k
+  lmforge rag ask runs/pydocs-index "How do I read a CSV file?" --model runs/speedrun/aligned
   lmforge rag ask runs/pydocs-index "How do I read a CSV file?" --api http://127.0.0.1:8000/v1 --json
-  lmforge rag ask runs/notes-index "When is the deadline?" --model runs/py1k --min-score 0.4""",
+  lmforge rag ask runs/notes-index "When is the deadline?" --model runs/speedrun/aligned --min-score 0.4""",
     "rag eval": """example:
   lmforge rag eval runs/notes-index --qa qa.jsonl -k 5 --mode all
   # qa.jsonl: {"question": "how do I reset my password?", "path": "faq.md"}""",
