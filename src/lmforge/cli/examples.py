@@ -122,7 +122,7 @@ EXAMPLES = {
   lmforge pretrain --size auto --scaling-fit runs/sweep/fit.json --max-tokens 5e7 --out runs/sized""",
     "inspect attention": """examples:
   lmforge inspect attention runs/demo --text "def add(a, b): return a + b" --out attn.png   # every layer and head
-  lmforge inspect attention runs/demo --text "def add(a, b): return a + b" --layer 1 --head 0 --out l1h0.png
+  lmforge inspect attention runs/demo --text "def add(a, b): return a + b" --layer 0 --head 0 --out l0h0.png
   lmforge inspect attention minilm --text "A man is eating food." --json                     # an encoder, as JSON""",
     "inspect lens": """examples:
   lmforge inspect lens runs/demo --text "Return a new list of the"           # a table; lens.png beside it
