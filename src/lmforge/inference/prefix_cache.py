@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,14 +70,17 @@ class PrefixCache:
 
     def keys(self, tokens: list[int], limit: int | None = None) -> list[bytes]:
         """The keys of the full blocks of `tokens` (at most `limit` of them), each naming its whole prefix."""
+        return list(self._keys(tokens, limit))
+
+    def _keys(self, tokens: list[int], limit: int | None = None) -> Iterator[bytes]:
+        """The same, one at a time: a lookup stops hashing at its first miss."""
         n = len(tokens) // self.block if limit is None else min(limit, len(tokens) // self.block)
         arr = np.asarray(tokens[:n * self.block], dtype=np.int64)
-        keys, parent = [], b""
+        parent = b""
         for i in range(n):
             block = arr[i * self.block:(i + 1) * self.block].tobytes()
             parent = hashlib.blake2b(parent + block, digest_size=16).digest()
-            keys.append(parent)
-        return keys
+            yield parent
 
     def load(self, prompt: list[int], cache: KVCache, slot: int) -> int:
         """Copy the longest cached prefix of `prompt` into row `slot` of `cache`; returns its length.
@@ -84,7 +88,7 @@ class PrefixCache:
         self.stats.lookups += 1
         self.stats.prompt_tokens += len(prompt)
         found = []
-        for key in self.keys(prompt, (len(prompt) - 1) // self.block):
+        for key in self._keys(prompt, (len(prompt) - 1) // self.block):
             blk = self._blocks.get(key)
             if blk is None:
                 break
