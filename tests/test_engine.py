@@ -51,6 +51,36 @@ def test_batched_greedy_equals_one_at_a_time(kind):
     assert engine._free == [0, 1, 2] and not engine._active
 
 
+@pytest.mark.parametrize("kind", [*SHAPES, "window"])
+def test_prompts_joining_together_are_fed_with_the_decode_rows_in_one_forward(kind):
+    if kind == "window":  # a sliding window shorter than the prompts: each chunk's mask must apply it
+        torch.manual_seed(0)
+        model = Transformer(ModelConfig(vocab_size=97, context_length=64, n_layer=2, n_head=4, n_embd=32,
+                                        sliding_window=5, **SHAPES["llama"])).eval()
+    else:
+        model = tiny(kind)
+    want = [[(s.token, math.log(float(s.probs[s.token]))) for s in generate_ids(model, p, 10, temperature=0)]
+            for p in PROMPTS[:4]]
+    shapes = []
+    hook = model.wte.register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[0].shape)))
+    try:
+        engine = Engine(model, slots=4, prefill_chunk=20)
+        first = engine.submit(Request(PROMPTS[0], max_tokens=10, temperature=0))
+        engine.step()
+        shapes.clear()
+        joining = [engine.submit(Request(p, max_tokens=10, temperature=0)) for p in PROMPTS[1:4]]
+        engine.step()  # slot 0 decodes; 9 + 2 tokens of two prompts and 9 of the third (20 in all) join it
+        assert shapes == [(1, 1 + 20)]
+        engine.step()  # the third prompt's last 8 tokens beside three decode rows (slot 3 is a dummy)
+        assert shapes[1] == (1, 3 + 8)
+        got = [h.result()[0] for h in [first, *joining]]
+    finally:
+        hook.remove()
+    for samples, ref in zip(got, want):
+        assert samples.tokens == [t for t, _ in ref]
+        assert samples.logprobs == pytest.approx([lp for _, lp in ref], abs=1e-5)
+
+
 @pytest.mark.numerics
 @pytest.mark.parametrize("kind", SHAPES)
 def test_seeded_sample_is_the_same_alone_or_batched(kind):
@@ -67,8 +97,8 @@ def test_seeded_sample_is_the_same_alone_or_batched(kind):
 def test_n_samples_share_one_prefill():
     model = tiny()
     prefills = []
-    hook = model.register_forward_pre_hook(lambda m, args: prefills.append(args[0].shape[1]) if args[0].shape[1] > 1
-                                           else None)
+    hook = model.wte.register_forward_pre_hook(lambda m, args: prefills.append(args[0].shape[1])
+                                               if args[0].shape[1] > 1 else None)
     try:
         samples = Engine(model, slots=4).generate([Request(PROMPTS[3], max_tokens=12, temperature=1.0, seed=5, n=2)])[0]
     finally:
@@ -199,14 +229,14 @@ def test_failures_end_requests_with_an_error():
     with Engine(model, slots=2) as engine:
         running = engine.submit(Request(PROMPTS[0], max_tokens=30, temperature=0))
         next(iter(running))
-        hook = model.register_forward_pre_hook(lambda m, args: 1 / 0 if args[0].shape[1] > 1 else None)
+        hook = model.wte.register_forward_pre_hook(lambda m, args: 1 / 0 if args[0].shape[1] > 1 else None)
         try:  # a failed prefill ends only its own request
             failed = list(engine.submit(Request(PROMPTS[1], max_tokens=3)))
         finally:
             hook.remove()
         assert [e.finish_reason for e in failed] == ["error"] and "ZeroDivisionError" in failed[0].error
         assert [e.finish_reason for e in running][-1] == "length"
-        hook = model.register_forward_pre_hook(lambda m, args: 1 / 0 if args[0].shape[1] == 1 else None)
+        hook = model.wte.register_forward_pre_hook(lambda m, args: 1 / 0 if args[0].shape[1] == 1 else None)
         try:  # a failed decode step ends every running request
             with pytest.raises(LMForgeError, match="ZeroDivisionError"):
                 engine.submit(Request(PROMPTS[1], max_tokens=3, n=2)).result()
@@ -240,7 +270,7 @@ def test_chunked_prefill_keeps_others_decoding_and_gives_the_same_tokens(kind):
     engine.step()  # the short prompt is in and decoding
     second = engine.submit(Request(long, max_tokens=8, temperature=0, n=2))  # 40 tokens: 7 steps of 6
     before, steps = first.events.qsize(), 0
-    while engine._prefilling is not None or not second.events.qsize():
+    while engine._pending or not second.events.qsize():
         engine.step()
         steps += 1
     assert steps == 7 and first.events.qsize() == before + 7  # the short one got a token at every step meanwhile
@@ -251,10 +281,10 @@ def test_a_request_cancelled_during_its_prefill_frees_its_slots():
     engine = Engine(tiny(), slots=2, prefill_chunk=4)
     h = engine.submit(Request(list(range(1, 30)), max_tokens=5, n=2))
     engine.step()
-    assert engine._prefilling is not None and engine._free == []
+    assert engine._pending and engine._free == []
     h.cancel()
     engine.step()
-    assert engine._prefilling is None and engine._free == [0, 1]
+    assert not engine._pending and engine._free == [0, 1]
     assert [e.finish_reason for e in h] == ["cancelled", "cancelled"]
 
 

@@ -1,12 +1,13 @@
 """A continuous-batching decode engine: token ids in, token ids out, shared by every caller.
 
 A fixed number of slots share one preallocated KV cache [slots, n_kv_head, max_len, head_dim] per
-layer. Each `step` admits waiting requests (one single-row prefill each, written straight into a
-free slot; n samples copy it to n slots), then runs ONE batched decode forward over the occupied
-slots, each row at its own position, and samples every row with its request's own settings.
-Finished and cancelled samples free their slot at once. Prefill is chunked: a step feeds at most
-`prefill_chunk` prompt tokens, so a long prompt joins over several steps instead of stalling every
-stream in flight for the whole of its prefill.
+layer. Each `step` runs ONE forward: a decode row for every occupied slot, each at its own position,
+together with the prompt chunks of requests being admitted (a mixed batch, as in llama.cpp and vLLM:
+the weights are read once per step, however many prompts join), then samples every row with its
+request's own settings. A fully fed prompt draws its first tokens in that same step; n samples copy
+its cache to n slots. Finished and cancelled samples free their slot at once. Prefill is chunked: a
+step feeds at most `prefill_chunk` prompt tokens, so a long prompt joins over several steps instead
+of stalling every stream in flight for the whole of its prefill.
 
 Use it synchronously (`Engine.generate`, or iterate a `Handle`: iteration runs steps in the
 caller's thread) or start its loop in a background thread (`start`/`close`, or `with Engine(...)`)
@@ -203,7 +204,7 @@ class Engine:
         # Keys and values of prefixes seen before (see prefix_cache.py). Only for fixed weights: a
         # cache outlives the step that filled it, so a model being trained must not have one.
         self.prefix_cache = prefix_cache
-        self._prefilling: _Prefill | None = None  # a prompt partly fed into its slot
+        self._pending: list[_Prefill] = []  # admitted prompts not fully fed yet (in order)
         self.model, self.slots = model, slots
         # Each step runs the model in eval mode and then puts back the modes it found: a policy being
         # trained (RL rollouts) stays in train mode between steps, and its dropout never touches a draw.
@@ -304,7 +305,7 @@ class Engine:
         with self._lock:
             for seq in list(self._active.values()):
                 self._finish(seq, "cancelled")
-            self._drop_prefill("cancelled")
+            self._drop_pending("cancelled")
             for h in self._take_waiting():
                 self._end(h, "cancelled")
 
@@ -314,10 +315,18 @@ class Engine:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """The model to oneself between two steps, in eval mode: no step runs until the block ends.
+        For work that changes the shared model for one forward (`Transformer.inspect` sets its
+        attention layers to keep their weights), which a step running beside it would disturb."""
+        with self._lock, _eval_mode(self._modules):
+            yield
+
     def _loop(self) -> None:
         while True:
             with self._wake:
-                while not self._closing and not self._waiting and not self._active and not self._prefilling:
+                while not self._closing and not self._waiting and not self._active and not self._pending:
                     self._wake.wait()
                 if self._closing:
                     return
@@ -330,7 +339,7 @@ class Engine:
         with self._lock:
             for seq in list(self._active.values()):
                 self._finish(seq, "error", message)
-            self._drop_prefill("error", message)
+            self._drop_pending("error", message)
             for h in self._take_waiting():
                 self._end(h, "error", message)
 
@@ -365,29 +374,46 @@ class Engine:
     def _step(self) -> bool:
         for seq in [s for s in self._active.values() if s.handle.cancelled or s.index in s.handle.dropped]:
             self._finish(seq, "cancelled")
-        fed = self._admit()
-        if not self._active:
-            return fed
+        chunks = self._plan()
         seqs = sorted(self._active.values(), key=lambda s: s.slot)
+        if not chunks and not seqs:
+            return False
         # The grammar masks depend only on what each sample has written so far: compute them in a
         # worker thread while the model runs (llguidance and torch both release the GIL).
         ruled = [s for s in seqs if s.matcher is not None]
         masks = self._masker().submit(forbidden_tokens, [s.matcher for s in ruled], self.vocab) if ruled else None
+        if chunks:
+            try:
+                logits = self._forward_mixed(seqs, chunks)
+            except Exception as e:  # the new prompts end here (not in slots yet), or readers would wait forever
+                for p, _ in chunks:
+                    self._drop(p, "error", f"{type(e).__name__}: {e}".splitlines()[0])
+                if not self.running:
+                    raise  # a synchronous caller gets the exception itself
+                # in the background, a failed prefill (e.g. out of memory) spares the streams in flight
+            else:
+                for s in seqs:
+                    s.length += 1
+                placed: list[_Seq] = []
+                rows = list(range(len(seqs)))
+                for i, p in enumerate(p for p, _ in chunks if p.fed == len(p.handle.request.prompt)):
+                    new = self._place(p)
+                    placed += new
+                    rows += [len(seqs) + i] * len(new)
+                self._sample(seqs + placed, logits, rows, dict(zip(map(id, ruled), masks.result())) if masks else None)
+                return True
+            if not seqs:
+                return True
         with autocast(self.device):
             if len(seqs) == 1:  # one sequence: the plain cache path, exactly as generate_ids runs
                 s = seqs[0]
                 view = self._view(s.slot, s.slot + 1)
                 view.pos = s.length
-                ids = torch.tensor([[s.last]], device=self.device)
-                logits = self.model(ids, cache=view, last_only=True)[:, -1]
+                logits = self.model(torch.tensor([[s.last]], device=self.device), cache=view, last_only=True)[:, -1]
                 rows = [0]
             else:
                 hi = seqs[-1].slot + 1
                 tokens, pos = [0] * hi, [0] * hi  # empty slots decode a dummy token at 0
-                if self._prefilling is not None:  # ...but a prompt part-fed keeps what it has so far:
-                    for slot in self._prefilling.slots:  # its dummy goes where its next chunk will write
-                        if slot < hi:
-                            pos[slot] = self._prefilling.fed
                 for s in seqs:
                     tokens[s.slot], pos[s.slot] = s.last, s.length
                 ids = torch.tensor(tokens, device=self.device)[:, None]
@@ -398,6 +424,38 @@ class Engine:
             s.length += 1
         self._sample(seqs, logits, rows, dict(zip(map(id, ruled), masks.result())) if masks else None)
         return True
+
+    def _forward_mixed(self, seqs: list[_Seq], chunks: list[tuple[_Prefill, int]]) -> torch.Tensor:
+        """One forward over the decode rows and the prompt chunks; logits [len(seqs) + prompts fully
+        fed, vocab]: each sample's row, then each finished prompt's last position."""
+        with autocast(self.device):
+            if not seqs and len(chunks) == 1:  # one prompt alone: the plain path, as generate_ids runs it
+                p, take = chunks[0]
+                view = self._view(p.slots[0], p.slots[0] + 1)
+                view.pos = p.fed
+                ids = torch.tensor([p.handle.request.prompt[p.fed:p.fed + take]], device=self.device)
+                h = self.model.hidden(ids, cache=view)[0, -1:]
+            else:
+                hi = seqs[-1].slot + 1 if seqs else 0
+                tokens, pos = [0] * hi, [0] * hi  # empty slots decode a dummy token at 0...
+                for p, _ in chunks:  # ...and a prompt's slot at its chunk's start, which the chunk overwrites
+                    if p.slots[0] < hi:
+                        pos[p.slots[0]] = p.fed
+                for s in seqs:
+                    tokens[s.slot], pos[s.slot] = s.last, s.length
+                parts, ends = [], []  # each chunk's prompt tokens, and each finished prompt's last position
+                for p, take in chunks:
+                    parts.append((p.slots[0], p.fed, take))
+                    tokens += p.handle.request.prompt[p.fed:p.fed + take]
+                    if p.fed + take == len(p.handle.request.prompt):
+                        ends.append(len(tokens) - 1)
+                view = self.cache.mix(torch.tensor(pos, device=self.device) if hi else None, parts)
+                h = self.model.hidden(torch.tensor([tokens], device=self.device), cache=view)[0]
+                h = h[[s.slot for s in seqs] + ends]
+            logits = self.model.head(h)
+        for p, take in chunks:
+            p.fed += take
+        return logits
 
     def _masker(self) -> ThreadPoolExecutor:
         if self._mask_pool is None:
@@ -420,45 +478,31 @@ class Engine:
                 return self._waiting.popleft()
         return None
 
-    def _admit(self) -> bool:
-        """Feed up to `prefill_chunk` prompt tokens: finish the prompt in progress, then start the
-        waiting ones in order. A prompt fully fed takes its n slots and draws its first tokens.
-        True if any prompt token was fed."""
-        budget = self.prefill_chunk
+    def _plan(self) -> list[tuple[_Prefill, int]]:
+        """This step's prompt chunks, up to `prefill_chunk` tokens in all: the prompt in progress
+        first, then waiting ones in order, each taking its n slots (and any cached prefix) as it
+        starts. [(prompt, tokens to feed)]."""
+        for p in [p for p in self._pending if p.handle.cancelled]:
+            self._drop(p, "cancelled")
+        budget, chunks = self.prefill_chunk, []
         while budget > 0:
-            if self._prefilling is None:
+            if len(chunks) == len(self._pending):
                 h = self._next_waiting()
                 if h is None:
                     break
-                p = self._prefilling = _Prefill(h, [self._free.pop(0) for _ in range(h.request.n)])
+                p = _Prefill(h, [self._free.pop(0) for _ in range(h.request.n)])
                 if self.prefix_cache is not None:  # start after the longest prefix already computed
                     p.fed = self.prefix_cache.load(h.request.prompt, self.cache, p.slots[0])
-            p = self._prefilling
-            if p.handle.cancelled:
-                self._drop_prefill("cancelled")
-                continue
-            prompt = p.handle.request.prompt
-            take = min(budget, len(prompt) - p.fed)
-            view = self._view(p.slots[0], p.slots[0] + 1)
-            view.pos = p.fed
-            try:
-                with autocast(self.device):
-                    logits = self.model(torch.tensor([prompt[p.fed:p.fed + take]], device=self.device), cache=view,
-                                        last_only=True)[:, -1]
-            except Exception as e:  # not yet in a slot: end it here, or its reader would wait forever
-                self._drop_prefill("error", f"{type(e).__name__}: {e}".splitlines()[0])
-                if not self.running:
-                    raise  # a synchronous caller gets the exception itself
-                continue  # in the background, one failed prefill (e.g. out of memory) spares the others
-            p.fed += take
+                self._pending.append(p)
+            p = self._pending[len(chunks)]
+            take = min(budget, len(p.handle.request.prompt) - p.fed)
+            chunks.append((p, take))
             budget -= take
-            if p.fed == len(prompt):
-                self._prefilling = None
-                self._place(p, logits)
-        return budget < self.prefill_chunk
+        return chunks
 
-    def _place(self, p: _Prefill, logits: torch.Tensor) -> None:
-        """A fully fed prompt: copy its cache to its other n - 1 slots, start its samples."""
+    def _place(self, p: _Prefill) -> list[_Seq]:
+        """A fully fed prompt: copy its cache to its other n - 1 slots; its samples take their slots."""
+        self._pending.remove(p)
         L = len(p.handle.request.prompt)
         for other in p.slots[1:]:  # n samples share one prefill
             for k, v in zip(self.cache.k, self.cache.v):
@@ -468,7 +512,7 @@ class Engine:
         for s in seqs:
             self._active[s.slot] = s
         self._keep_prefix(p.handle.request.prompt, p.slots[0])
-        self._sample(seqs, logits, [0] * len(seqs))
+        return seqs
 
     def _keep_prefix(self, tokens: list[int], slot: int) -> None:
         """Offer a slot's entries to the prefix cache. Called once the slot's bookkeeping is done: a
@@ -479,11 +523,15 @@ class Engine:
             except (RuntimeError, MemoryError):
                 pass
 
-    def _drop_prefill(self, reason: str, error: str | None = None) -> None:
-        p, self._prefilling = self._prefilling, None
-        if p is not None:
-            self._free = sorted(self._free + p.slots)
-            self._end(p.handle, reason, error)
+    def _drop(self, p: _Prefill, reason: str, error: str | None = None) -> None:
+        """End a prompt not fully fed, and free its slots."""
+        self._pending.remove(p)
+        self._free = sorted(self._free + p.slots)
+        self._end(p.handle, reason, error)
+
+    def _drop_pending(self, reason: str, error: str | None = None) -> None:
+        for p in list(self._pending):
+            self._drop(p, reason, error)
 
     def _sample(self, seqs: list[_Seq], logits: torch.Tensor, rows: list[int],
                 masks: dict[int, torch.Tensor] | None = None) -> None:

@@ -60,12 +60,53 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos + rotated * sin).to(x.dtype)
 
 
+class Mix:
+    """One engine step that feeds decode rows and prompt chunks together (vLLM's and llama.cpp's
+    mixed batches). The tokens are flattened to [1, N], so every matmul sees all N at once and the
+    weights are read once per step, not once per prompt; only attention runs per part: one batched
+    call for the decode rows, one call per chunk against its own row of the cache."""
+
+    def __init__(self, rows: torch.Tensor | None, chunks: list[tuple[int, int, int]]) -> None:
+        self.rows, self.chunks = rows, chunks
+        self.n_rows = 0 if rows is None else rows.shape[0]
+        self.span = int(rows.max()) + 1 if self.n_rows else 0  # the keys the decode rows read
+        self.masks: list = []  # set by Transformer.hidden: the decode rows' mask, then each chunk's
+
+    def positions(self, device) -> torch.Tensor:
+        """Each flattened token's position [N]."""
+        parts = [self.rows] if self.n_rows else []
+        parts += [torch.arange(start, start + n, device=device) for _, start, n in self.chunks]
+        return torch.cat(parts)
+
+    def attend(self, cache: KVCache, layer: int, q, k, v, attend) -> torch.Tensor:
+        """Write this layer's new keys and values where each part belongs, and attend part by part.
+        Decode rows first: a dummy row over a chunk's row writes at the chunk's start, which the
+        chunk then overwrites."""
+        kc, vc, r = cache.k[layer], cache.v[layer], self.n_rows
+        masks, parts = iter(self.masks), []
+        if r:
+            batch, span = torch.arange(r, device=q.device), self.span
+            kc[batch, :, self.rows] = k[0, :, :r].transpose(0, 1)
+            vc[batch, :, self.rows] = v[0, :, :r].transpose(0, 1)
+            y = attend(q[0, :, :r].transpose(0, 1)[:, :, None], kc[:r, :, :span], vc[:r, :, :span], next(masks))
+            parts.append(y[:, :, 0].transpose(0, 1)[None])
+        off = r
+        for row, start, n in self.chunks:
+            end = start + n
+            kc[row, :, start:end] = k[0, :, off:off + n]
+            vc[row, :, start:end] = v[0, :, off:off + n]
+            parts.append(attend(q[:, :, off:off + n], kc[row:row + 1, :, :end], vc[row:row + 1, :, :end], next(masks)))
+            off += n
+        return torch.cat(parts, dim=2)
+
+
 class KVCache:
     """Keys and values of past positions, preallocated for `max_len` positions per layer.
 
     Plain use: every row holds the same `pos` positions and new ones are appended. Batched decoding
     of rows at different lengths (`at`): each row writes its one new entry at its own position and
-    attends to its first rows[b] + 1 entries (the attention mask hides the rest).
+    attends to its first rows[b] + 1 entries (the attention mask hides the rest). A mixed step (`mix`):
+    decode rows and prompt chunks of other lengths in one forward (see `Mix`).
     """
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype) -> None:
@@ -76,13 +117,21 @@ class KVCache:
         self.pos = 0  # number of positions already stored
         self.rows: torch.Tensor | None = None  # per-row write positions [B] (batched decoding)
         self.span = 0  # with rows: how many leading entries the attention reads (max(rows) + 1)
+        self.mixed: Mix | None = None  # set for one mixed step (see `mix`)
 
     def view(self, start: int, stop: int) -> KVCache:
         """Rows start:stop, sharing this cache's storage (no copy), with pos 0."""
         view = KVCache.__new__(KVCache)
         view.k, view.v = [k[start:stop] for k in self.k], [v[start:stop] for v in self.v]
-        view.max_len, view.pos, view.rows, view.span = self.max_len, 0, None, 0
+        view.max_len, view.pos, view.rows, view.span, view.mixed = self.max_len, 0, None, 0, None
         return view
+
+    def mix(self, rows: torch.Tensor | None, chunks: list[tuple[int, int, int]]) -> KVCache:
+        """Set up one mixed step over flattened tokens [1, N]: the first len(rows) tokens decode one
+        token each in rows 0.. at positions `rows` (as `at`), then each chunk (row, start, length)
+        feeds `length` prompt tokens of one row from position `start`. Cleared after the forward."""
+        self.mixed = Mix(rows, chunks)
+        return self
 
     def at(self, rows: torch.Tensor, span: int) -> KVCache:
         """Set up one batched decoding step: row b writes position rows[b]; span = max(rows) + 1."""
@@ -145,20 +194,28 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if cache is not None:
-            k, v = cache.update(self.layer, k, v)
+        if cache is not None and cache.mixed is not None:
+            y = cache.mixed.attend(cache, self.layer, q, k, v, self._attend)
+        else:
+            if cache is not None:
+                k, v = cache.update(self.layer, k, v)
+            y = self._attend(q, k, v, mask)
+        return self.proj(y.transpose(1, 2).reshape(B, T, nh * hd))
+
+    def _attend(self, q, k, v, mask) -> torch.Tensor:
+        """softmax(q k^T / sqrt(d) + mask) v for q [B, nh, T, hd] and k, v [B, n_kv_head, S, hd]."""
+        B, nh, S, hd = k.shape[0], q.shape[1], k.shape[2], q.shape[3]
+        nkv = k.shape[1]
         if nkv != nh:  # grouped-query attention: each k/v head serves nh // nkv query heads
             rep = nh // nkv
-            k = k[:, :, None].expand(B, nkv, rep, k.shape[2], hd).reshape(B, nh, k.shape[2], hd)
-            v = v[:, :, None].expand(B, nkv, rep, v.shape[2], hd).reshape(B, nh, v.shape[2], hd)
-        drop = cfg.dropout if self.training else 0.0
+            k = k[:, :, None].expand(B, nkv, rep, S, hd).reshape(B, nh, S, hd)
+            v = v[:, :, None].expand(B, nkv, rep, S, hd).reshape(B, nh, S, hd)
+        drop = self.cfg.dropout if self.training else 0.0
         if self.record is not None:  # inspection: the math path, whose weights can be kept
-            y = self._explicit(q, k, v, mask)
-        elif isinstance(mask, str):  # "causal": let the kernel build it (fastest path)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
-        return self.proj(y.transpose(1, 2).reshape(B, T, nh * hd))
+            return self._explicit(q, k, v, mask)
+        if isinstance(mask, str):  # "causal": let the kernel build it (fastest path)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
 
     def _explicit(self, q, k, v, mask) -> torch.Tensor:
         """softmax(q k^T / sqrt(d) + mask) v, as SDPA computes it, keeping the weights [B, H, T, S]."""
@@ -285,8 +342,11 @@ class Transformer(nn.Module):
         cfg = self.cfg
         B, T = idx.shape
         rows = cache.rows if cache is not None else None  # batched decoding: each row at its own position
+        mixed = cache.mixed if cache is not None else None
         start = cache.pos if cache is not None else 0
-        if rows is not None:
+        if mixed is not None:
+            pos = mixed.positions(idx.device)  # [N]: each flattened token at its own row's position
+        elif rows is not None:
             if T != 1:
                 raise LMForgeError(f"batched decoding takes one new token per row (got {T})")
             pos = rows[:, None]  # [B, 1]
@@ -305,17 +365,27 @@ class Transformer(nn.Module):
         x = self.drop(x)
         rope = None
         if cfg.pos_embedding == "rope":
-            if rows is not None:  # [B, 1, 1, hd]: one rotation per row, shared by its heads
+            if mixed is not None:  # [N, hd]: one rotation per token
+                rope = (self.rope_cos[pos].to(x.dtype), self.rope_sin[pos].to(x.dtype))
+            elif rows is not None:  # [B, 1, 1, hd]: one rotation per row, shared by its heads
                 rope = (self.rope_cos[pos][:, None].to(x.dtype), self.rope_sin[pos][:, None].to(x.dtype))
             else:
                 rope = (self.rope_cos[start:start + T].to(x.dtype), self.rope_sin[start:start + T].to(x.dtype))
-        if rows is not None:
+        mask = None
+        if mixed is not None:  # each part's own mask, built once for every layer
+            mixed.masks = [self._row_mask(mixed.rows, mixed.span)] if mixed.n_rows else []
+            mixed.masks += [self._mask(n, s, None, idx.device) for _, s, n in mixed.chunks]
+        elif rows is not None:
             mask = self._row_mask(rows, cache.span)
         else:
             mask = self._mask(T, start, attention_mask, idx.device)
-        for block in self.blocks:
-            x = block(x, rope, mask, cache)
-        if cache is not None and rows is None:
+        try:
+            for block in self.blocks:
+                x = block(x, rope, mask, cache)
+        finally:
+            if mixed is not None:
+                cache.mixed = None
+        if cache is not None and rows is None and mixed is None:
             cache.pos += T
         return self.norm(x)
 
