@@ -17,12 +17,14 @@ import hmac
 import json
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
+from starlette.routing import BaseRoute, Match
 
 from ..core.fileio import append_line
 from ..formats.load import Loaded
@@ -109,6 +111,47 @@ class KeyGuard:
         await self.app(scope, receive, send)
 
 
+class ResponseCounter:
+    """Counts every reply by route and status (`lmforge_http_responses_total`), so a load test can check
+    what it sent against what the server answered. Plain ASGI, outermost: 401s, 404s and a client's
+    499 are counted too. The route is the matched template (or "other"): a label per raw path would
+    let clients grow /metrics without bound."""
+
+    def __init__(self, app, counts: Counter, routes: list[BaseRoute]) -> None:
+        self.app, self.counts, self.routes = app, counts, routes
+
+    def route(self, scope) -> str:
+        partial = None
+        for route in self.routes:
+            match, _ = route.matches(scope)
+            if match == Match.FULL:
+                return route.path
+            partial = partial or (route.path if match == Match.PARTIAL else None)  # the wrong method: 405
+        return partial or "other"
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 500  # an exception that escapes becomes Starlette's 500
+
+        async def counting_send(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counting_send)
+        finally:
+            self.counts[self.route(scope), status] += 1
+
+
+def responses_text(counts: Counter) -> str:
+    return "# TYPE lmforge_http_responses_total counter\n" + "".join(
+        f'lmforge_http_responses_total{{path="{path}",status="{status}"}} {n}\n'
+        for (path, status), n in sorted(counts.items()))
+
+
 def create_app(lm: Loaded, cfg: ServeConfig, backend: Backend) -> FastAPI:
     app = FastAPI(title="lmforge", docs_url=None, redoc_url=None, openapi_url="/openapi.json", responses=openapi.ERRORS)
     name = cfg.model_name
@@ -124,6 +167,8 @@ def create_app(lm: Loaded, cfg: ServeConfig, backend: Backend) -> FastAPI:
 
     if cfg.api_key:
         app.add_middleware(KeyGuard, key=cfg.api_key)
+    responses_by_status: Counter[tuple[str, int]] = Counter()
+    app.add_middleware(ResponseCounter, counts=responses_by_status, routes=app.router.routes)  # added last: outermost
 
     def refuse(e: APIError) -> JSONResponse:
         """The error reply, counted; every 503 says when to come back (the OpenAI SDKs wait that long)."""
@@ -213,7 +258,7 @@ def create_app(lm: Loaded, cfg: ServeConfig, backend: Backend) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(backend.metrics_text(time.time() - started),
+        return PlainTextResponse(backend.metrics_text(time.time() - started) + responses_text(responses_by_status),
                                  media_type="text/plain; version=0.0.4")
 
     @app.get("/favicon.ico")
