@@ -138,3 +138,67 @@ def test_api_key_prompt(tiny_run, page):
         assert "tokens/s" in page.inner_text(".tps")
     finally:
         server.close()
+
+
+def test_attention_on_hover(tiny_run, page):
+    """serve --inspect: hovering a reply token shades the earlier tokens by the weights POST /inspect
+    gives for the chat's messages plus the reply's token ids (the row of the pass that chose it)."""
+    import httpx
+
+    server = Server(tiny_run, "--inspect", "--name", "tiny", "--slots", "2")
+    try:
+        page.goto(server.url)
+        page.wait_for_function("document.querySelector('#model-info').textContent.startsWith('tiny')")
+        page.click("#settings summary")
+        assert page.is_visible("#attention-wrap")  # offered: the server has --inspect
+        page.check("#attention-toggle")
+        set_value(page, "#max-tokens", "8")
+        set_value(page, "#temperature", "0")
+        send(page, "The new")
+        wait_idle(page)
+
+        # the same greedy answer's ids, and the weights the page should show for its last token
+        messages = [{"role": "user", "content": "The new"}]
+        reply = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
+            "messages": messages, "max_tokens": 8, "temperature": 0, "logprobs": True}).json()
+        ids = [x["token_id"] for x in reply["choices"][0]["logprobs"]["content"]]
+
+        def row(k: int, head: int | None = None) -> tuple[list[float], int]:
+            body = {"messages": messages, "continuation": ids, **({} if head is None else {"head": head})}
+            data = httpx.post(server.url + "/inspect", json=body, timeout=60).json()
+            q = data["prompt_tokens"] + k  # the token at q was chosen by the pass at q - 1
+            return data["attention"][q - 1][:q], data["prompt_tokens"]
+
+        def shown() -> list[float]:
+            return page.eval_on_selector_all("#attention .key", "els => els.map((e) => parseFloat(e.dataset.w))")
+
+        tokens = page.locator(".reply .token")
+        assert tokens.count() >= 2, page.inner_text(".reply")
+        last = tokens.nth(tokens.count() - 1)
+        k = int(last.get_attribute("data-k"))
+        last.hover()
+        page.wait_for_selector("#attention .key")
+        want, prompt = row(k)
+        assert shown() == pytest.approx(want, abs=1e-9) and sum(shown()) == pytest.approx(1, abs=1e-4)
+        assert "layer 1" in page.inner_text("#attention .title") and "mean of heads" in page.inner_text("#attention")
+        # the reply's earlier tokens are shaded in place, each by the weight of the ids it holds
+        first = tokens.nth(0)
+        k0 = int(first.get_attribute("data-k"))
+        assert float(first.get_attribute("data-w")) == pytest.approx(sum(want[prompt:prompt + k0 + 1]), abs=1e-9)
+        assert first.evaluate("(e) => e.style.backgroundColor") != ""
+        page.mouse.move(0, 0)
+        page.wait_for_selector("#attention", state="hidden")
+        assert page.locator(".reply .token[data-w]").count() == 0
+
+        # one head instead of the mean; and after a reload, from the stored ids
+        page.select_option("#attention-head", "0")
+        last.hover()
+        page.wait_for_selector("#attention .key")
+        assert shown() == pytest.approx(row(k, head=0)[0], abs=1e-9) and "head 0" in page.inner_text("#attention")
+        page.reload()
+        page.wait_for_function("document.querySelector('#model-info').textContent.startsWith('tiny')")
+        page.locator(".reply .token").nth(tokens.count() - 1).hover()
+        page.wait_for_selector("#attention .key")
+        assert shown() == pytest.approx(want, abs=1e-9)
+    finally:
+        server.close()

@@ -26,7 +26,7 @@ EXAMPLES = int(os.environ.get("LMFORGE_FUZZ_EXAMPLES", "40"))
 def server(tiny_run, tmp_path_factory):
     prefs = tmp_path_factory.mktemp("fuzz") / "prefs.jsonl"
     s = ServerProcess(tiny_run, "--device", "cpu", "--slots", "4", "--max-queue", "64", "--name", "tiny",
-                      "--feedback", str(prefs), env={"OMP_NUM_THREADS": "1"})
+                      "--feedback", str(prefs), "--inspect", env={"OMP_NUM_THREADS": "1"})
     yield s
     s.close()
 
@@ -37,14 +37,15 @@ def api(server):
 
 
 def test_the_document_lists_exactly_the_fields_the_server_takes(api):
-    from lmforge.serve import responses
+    from lmforge.serve import inspect, responses
     from lmforge.serve.protocol import CHAT_FIELDS, COMPLETION_FIELDS
 
     doc = api.raw_schema
     want = {"/v1/completions": COMPLETION_FIELDS, "/v1/chat/completions": CHAT_FIELDS,
             "/v1/responses": set(responses.FIELDS), "/v1/embeddings": {"model", "input", "encoding_format", "user"},
             "/tokenize": {"model", "prompt", "text"},
-            "/v1/lmforge/feedback": {"model", "prompt", "messages", "chosen", "rejected", "tie"}}
+            "/v1/lmforge/feedback": {"model", "prompt", "messages", "chosen", "rejected", "tie"},
+            "/inspect": inspect.FIELDS}
     for path, fields in want.items():
         body = doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
         assert set(body["properties"]) == fields and body["additionalProperties"] is False, path

@@ -243,5 +243,9 @@ class ServeArgs:
     name: str | None = arg(None, "model name clients use (default: the directory's name)")
     feedback: str | None = arg(None, "the chat page's compare mode appends {prompt, chosen, rejected} votes to this "
                                "JSONL file (the format `align reward` trains on); without it the mode is hidden")
+    inspect: bool = arg(False, "let clients see what the model attends to: POST /inspect returns a layer's "
+                        "attention weights over given tokens, logprobs entries carry token ids, and the chat page "
+                        "shades the earlier tokens a reply token attended to (off by default: each inspection "
+                        "pauses generation for one forward pass)")
     quantize: str = quantize_flag()
     device: str = device_flag()

@@ -303,4 +303,4 @@ def serve(ns) -> None:
 
     serve(a.model_dir, a.host, a.port, a.api_key, a.cors_origin, a.max_body, a.max_queue, a.slots, a.device, a.name,
           a.feedback, a.quantize, prefill_chunk=a.prefill_chunk,
-          cache_mb=a.cache_mb if a.prefix_cache else 0)
+          cache_mb=a.cache_mb if a.prefix_cache else 0, inspect=a.inspect)

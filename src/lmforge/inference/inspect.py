@@ -39,6 +39,11 @@ def _piece(lm: Loaded, i: int) -> str:
     return lm.tokenizer.piece(i) if i < lm.tokenizer.vocab_size else f"<unused {i}>"
 
 
+def pieces(lm: Loaded, ids: list[int]) -> list[str]:
+    """The tokens for display (`Tokenizer.piece`; padded embedding rows by their id)."""
+    return [_piece(lm, i) for i in ids]
+
+
 def _check_index(name: str, value: int | None, count: int) -> None:
     if value is not None and not 0 <= value < count:
         raise LMForgeError(f"--{name} {value} is out of range: the model has {count} {name}s (0..{count - 1})")
@@ -57,6 +62,18 @@ def attention(lm: Loaded, text: str, layer: int | None = None, head: int | None 
     weights, _ = body.inspect(torch.tensor([ids], device=lm.device), layers=layers)  # only those are kept
     maps = [[w[0, h].float().cpu().tolist() for h in heads] for w in weights]
     return {"tokens": [lm.tokenizer.piece(i) for i in ids], "layers": layers, "heads": heads, "attention": maps}
+
+
+def attention_rows(lm: Loaded, ids: list[int], layer: int, head: int | None = None, start: int = 0) -> torch.Tensor:
+    """Layer `layer`'s attention weights [T - start, T] (float32, on the CPU) for the queries from
+    position `start` on: head `head`'s, or the mean over heads (None). Explicit weights are
+    computed for that layer alone; the others run the fused kernels."""
+    cfg = _body(lm).cfg
+    _check_index("layer", layer, cfg.n_layer)
+    _check_index("head", head, cfg.n_head)
+    weights, _ = _body(lm).inspect(torch.tensor([ids], device=lm.device), layers=[layer])
+    w = weights[0][0, :, start:].float()  # [H, T - start, T]
+    return (w.mean(0) if head is None else w[head]).cpu()
 
 
 def lens(lm: Loaded, text: str, top: int = 5) -> dict:

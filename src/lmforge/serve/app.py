@@ -4,7 +4,8 @@ Endpoints: GET /health, GET /v1/models[/{id}], POST /v1/completions, POST /v1/ch
 (tools, response_format), POST /v1/responses (stateless), POST /v1/embeddings (encoders),
 POST /tokenize, GET /metrics (Prometheus text), GET /openapi.json (the request bodies' schemas: openapi.py),
 and for the chat page at GET /:
-GET /v1/lmforge/config and POST /v1/lmforge/feedback (compare-mode votes). Unknown paths and
+GET /v1/lmforge/config, POST /v1/lmforge/feedback (compare-mode votes) and, with --inspect,
+POST /inspect (one layer's attention weights over a sequence: serve/inspect.py). Unknown paths and
 methods get OpenAI-shaped 404s and 405s.
 Bodies are untrusted: size-limited (413), validated field by field (400 naming the field), and
 answered with OpenAI's error shape. An API key, when set, is compared in constant time (401).
@@ -30,6 +31,8 @@ from ..core.fileio import append_line
 from ..formats.load import Loaded
 from . import openapi
 from .generation import Backend
+from .inspect import FIELDS as INSPECT_FIELDS
+from .inspect import Inspector
 from .protocol import MAX_FEEDBACK_TEXT, APIError, check_fields, parse_messages
 from .responses import stream_events, to_chat, to_response
 
@@ -45,6 +48,7 @@ class ServeConfig:
     max_body: int = 1 << 20
     max_queue: int = 64
     feedback: str | None = None  # JSONL file that the page's compare mode appends preferences to
+    inspect: bool = False  # POST /inspect answers (attention weights), and logprobs carry token ids
 
 
 def error_response(e: APIError) -> JSONResponse:
@@ -275,8 +279,22 @@ def create_app(lm: Loaded, cfg: ServeConfig, backend: Backend) -> FastAPI:
     @app.get("/v1/lmforge/config")
     async def page_config():
         """What the page needs to know: the model, its context, whether compare mode can record."""
+        shape = {"n_layer": lm.config.n_layer, "n_head": lm.config.n_head}
         return {"model": cfg.model_name, "context_length": lm.config.context_length,
-                "feedback": cfg.feedback is not None, "kind": str(lm.kind)}
+                "feedback": cfg.feedback is not None, "kind": str(lm.kind), "inspect": shape if cfg.inspect else None}
+
+    inspector = Inspector(backend)
+    mc = lm.config
+
+    # Off, the route answers a 404 that says how to turn it on, and stays out of the OpenAPI document
+    # (which describes what this server does).
+    @app.post("/inspect", include_in_schema=cfg.inspect, openapi_extra=openapi.body(openapi.inspect_body(
+        name, mc.vocab_size, mc.context_length, mc.n_layer, mc.n_head)))
+    async def inspect_attention(request: Request):
+        """One layer's attention weights (one head's or their mean) over a sequence of tokens."""
+        if not cfg.inspect:
+            raise APIError(404, "attention inspection is off: start the server with --inspect", code="not_found")
+        return await inspector(await body_of(request, INSPECT_FIELDS))
 
     @app.post("/v1/lmforge/feedback", openapi_extra=openapi.body(openapi.feedback_body()))
     async def feedback(request: Request):

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import math
+import threading
 import time
 import uuid
 import weakref
@@ -84,8 +85,11 @@ class Backend:
 
     completion_fields, chat_fields = COMPLETION_FIELDS, CHAT_FIELDS
 
-    def __init__(self, lm: Loaded, engine: Engine | None, model_name: str, max_queue: int) -> None:
+    def __init__(self, lm: Loaded, engine: Engine | None, model_name: str, max_queue: int,
+                 token_ids: bool = False) -> None:
         self.lm, self.engine, self.model_name, self.max_queue = lm, engine, model_name, max_queue
+        self.token_ids = token_ids  # logprobs entries carry each token's id (serve --inspect)
+        self.model_lock = threading.Lock()  # without an engine (encoders): embeddings and inspections take turns
         self.loop: asyncio.AbstractEventLoop | None = None
         if engine is not None:  # each engine step's events reach the event loop in one hand-over
             engine.on_step = self._relay
@@ -121,12 +125,20 @@ class Backend:
         s = parse_sampling(body, chat=True)
         messages = parse_messages(body)
         shape = await self._shape(body, chat=True)
+        ids = self.chat_prompt(messages, shape.tools if shape.markers else None)
+        return await self._respond(ids, s, request, chat=True, shape=shape, raw=raw)
+
+    def chat_prompt(self, messages: list[dict], tools: list[Tool] | None = None) -> list[int]:
+        """The prompt ids of a chat, in the model's template, ending where the answer begins."""
         try:
             self.template.check(self.lm.tokenizer)
-            ids = chat_ids(self.lm, self.template, messages, shape.tools if shape.markers else None)
+            return chat_ids(self.lm, self.template, messages, tools)
         except LMForgeError as e:
             raise APIError(400, str(e), param="messages") from None
-        return await self._respond(ids, s, request, chat=True, shape=shape, raw=raw)
+
+    def exclusive(self) -> contextlib.AbstractContextManager:
+        """The model to oneself: between two engine steps, or (no engine) between two embeddings."""
+        return self.engine.exclusive() if self.engine is not None else self.model_lock
 
     # -- constraints ---------------------------------------------------------------------------------
     async def _shape(self, body: dict, chat: bool) -> Shape:
@@ -308,8 +320,11 @@ class Backend:
         tok = self.lm.tokenizer
         top = [{"token": tok.decode([t]), "logprob": _finite(lp), "bytes": list(tok.raw_bytes(t))}
                for t, lp in (e.top or [])]
-        return {"token": tok.decode([e.token]), "logprob": _finite(e.logprob), "bytes": list(tok.raw_bytes(e.token)),
+        info = {"token": tok.decode([e.token]), "logprob": _finite(e.logprob), "bytes": list(tok.raw_bytes(e.token)),
                 "top_logprobs": top}
+        if self.token_ids:  # the exact ids, for POST /inspect's continuation
+            info["token_id"] = e.token
+        return info
 
     def _choice(self, i: int, text: str, logprobs: list[dict] | None, finish: str | None, chat: bool,
                 shape: Shape, stop_reason: int | str | None = None) -> dict:
@@ -327,6 +342,8 @@ class Backend:
         if logprobs is not None:
             lp = {"tokens": [x["token"] for x in logprobs], "token_logprobs": [x["logprob"] for x in logprobs],
                   "top_logprobs": [{t["token"]: t["logprob"] for t in x["top_logprobs"]} for x in logprobs]}
+            if self.token_ids:
+                lp["token_ids"] = [x["token_id"] for x in logprobs]
         return {"index": i, "text": text, "logprobs": lp, "finish_reason": finish, "stop_reason": stop_reason}
 
     async def _chunks(self, rid: str, handle: Handle, s: Sampling, chat: bool, prompt_tokens: int,
@@ -404,8 +421,13 @@ class Backend:
                            param="input")
         if body.get("encoding_format", "float") != "float":
             raise APIError(400, "only encoding_format 'float' is supported", param="encoding_format")
+
+        def embed():
+            with self.model_lock:
+                return embed_texts(self.lm, texts)
+
         try:
-            vectors = await asyncio.to_thread(embed_texts, self.lm, texts)
+            vectors = await asyncio.to_thread(embed)
         except LMForgeError as e:
             raise APIError(400, str(e), param="input") from None
         n = sum(len(self.lm.tokenizer.encode(t)) for t in texts)

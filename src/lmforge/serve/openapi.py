@@ -212,6 +212,26 @@ def feedback_body() -> Schema:
                            "started with --feedback records votes")
 
 
+def inspect_body(model: str, vocab: int, context: int, n_layer: int, n_head: int) -> Schema:
+    """POST /inspect (serve/inspect.py): one of tokens, text and messages, then what to return."""
+    ids = {"type": "array", "maxItems": context, "items": integer(0, vocab - 1)}
+    return obj({"model": {"enum": [model, None]},
+                "tokens": {**ids, "description": "token ids, as the model reads them"},
+                "text": {**STRING, "description": "tokenized as /v1/completions tokenizes a prompt"},
+                "messages": {"type": "array", "minItems": 1, "items": MESSAGE,
+                             "description": "a chat, in the model's chat template up to where the answer begins"},
+                "continuation": nullable({**ids, "description": "token ids after the others (a completion's "
+                                                               "logprobs token_id values)"}),
+                "layer": nullable({**integer(0, n_layer - 1), "description": "default: the last"}),
+                "head": nullable({**integer(0, n_head - 1), "description": "default (null): the mean over heads"}),
+                "start": nullable({**integer(-context, context - 1),
+                                   "description": "the first query position whose row is returned (negative: from "
+                                                  "the end); default 0"})},
+               oneOf=[{"required": ["tokens"]}, {"required": ["text"]}, {"required": ["messages"]}],
+               description="the whole sequence (continuation included) must be non-empty and fit the model's "
+                           "context; only a server started with --inspect answers")
+
+
 ERROR = obj({"error": obj({"message": STRING, "type": STRING, "param": nullable(STRING), "code": nullable(STRING)},
                           ("message", "type", "param", "code"))}, ("error",))
 # Every route may answer these (a bad field, a wrong key, a full queue ...), always in OpenAI's shape.

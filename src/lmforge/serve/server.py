@@ -43,11 +43,12 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: st
           cors_origins: list[str] | None = None, max_body: int = 1 << 20, max_queue: int | None = None,
           slots: int | None = None, device: str = "auto", model_name: str | None = None,
           feedback: str | None = None, quantize: str | None = "auto", prefill_chunk: int = 512,
-          cache_mb: float | None = None) -> None:
+          cache_mb: float | None = None, inspect: bool = False) -> None:
     """Serve until Ctrl-C. The key may also come from LMFORGE_API_KEY; `quantize` (auto, none, int8,
     int4) as `lmforge.load` takes it; `prefill_chunk`: prompt tokens the engine feeds per step;
     `cache_mb`: the prefix cache's bound (None: sized from free memory; 0: no prefix cache).
-    `slots` and `max_queue` left out are sized from the machine (`default_slots`, 4 per slot)."""
+    `slots` and `max_queue` left out are sized from the machine (`default_slots`, 4 per slot);
+    `inspect`: answer POST /inspect (attention weights) and put token ids in logprobs."""
     import uvicorn
 
     api_key = api_key or os.environ.get("LMFORGE_API_KEY") or None
@@ -58,18 +59,19 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: st
     slots = slots or (default_slots(lm.model) if lm.kind.generates else 1)
     max_queue = max_queue or QUEUE_PER_SLOT * slots
     cfg = ServeConfig(model_name=name, api_key=api_key, cors_origins=list(cors_origins or []), max_body=max_body,
-                      max_queue=max_queue, feedback=feedback)
+                      max_queue=max_queue, feedback=feedback, inspect=inspect)
     engine = None
     if lm.kind.generates:
         prefix = None if cache_mb == 0 else PrefixCache(None if cache_mb is None else int(cache_mb * 2**20),
                                                         device=lm.device)
         engine = Engine(lm.model, slots=slots, prefill_chunk=prefill_chunk, prefix_cache=prefix)
-    app = create_app(lm, cfg, Backend(lm, engine, name, max_queue))
+    app = create_app(lm, cfg, Backend(lm, engine, name, max_queue, token_ids=inspect))
     batch = f"{slots} slots, queue of {max_queue}; " if engine is not None else ""
     if engine is not None and engine.prefix_cache is not None:
         batch += f"prefix cache {engine.prefix_cache.max_bytes / 2**20:.0f} MiB; "
     print(f"serving {name} ({lm.kind}) on http://{host}:{port}  (OpenAI API under /v1; {batch}"
-          f"{'API key required' if api_key else 'no API key'})", file=sys.stderr, flush=True)
+          f"{'API key required' if api_key else 'no API key'}{'; POST /inspect on' if inspect else ''})",
+          file=sys.stderr, flush=True)
     with engine if engine is not None else contextlib.nullcontext():
         # asyncio's create_server sets SO_REUSEADDR (POSIX): restarted right after a crash, the server binds at
         # once, although the dead one's connections still hold the port (FIN-WAIT, TIME-WAIT)
