@@ -31,12 +31,12 @@ from lmforge.core.runtime import cpu_name
 from lmforge.serve.process import ServerProcess
 
 
-async def turn_ttft(client, url: str, prompt: str, max_tokens: int) -> tuple[float, str]:
+async def turn_ttft(client, url: str, prompt: str, max_tokens: int, extra: dict | None = None) -> tuple[float, str]:
     """(time to the first token, the whole answer). The first token is timed as a request for one
     token (prefill and one step): a random model's first tokens are often special tokens that print
     nothing, which would make "the first text" a measure of luck. The answer is then asked for in
-    full (untimed), as a chat client would."""
-    body = {"prompt": prompt, "max_tokens": 1, "temperature": 0}
+    full (untimed), as a chat client would. `extra`: fields another server needs (llama.cpp's ignore_eos)."""
+    body = {"prompt": prompt, "max_tokens": 1, "temperature": 0, **(extra or {})}
     t0 = time.perf_counter()
     (await client.post(url + "/v1/completions", json=body, timeout=600)).raise_for_status()
     ttft = time.perf_counter() - t0
@@ -45,18 +45,20 @@ async def turn_ttft(client, url: str, prompt: str, max_tokens: int) -> tuple[flo
     return ttft, r.json()["choices"][0]["text"]
 
 
-async def replay(url: str, conversations: int, turns: int, words: int, max_tokens: int) -> list[list[float]]:
-    """TTFT per turn (a list per turn, one per conversation)."""
+async def replay(url: str, conversations: int, turns: int, words: int, max_tokens: int, seed: int = 0,
+                 extra: dict | None = None) -> list[list[float]]:
+    """TTFT per turn (a list per turn, one per conversation). Each `seed` makes other conversations:
+    a round that replayed the last one's would find even its first turn cached."""
     import httpx
 
-    rng = random.Random(0)
+    rng = random.Random(seed)
     history = [""] * conversations
     out = []
     async with httpx.AsyncClient(limits=httpx.Limits(max_connections=conversations)) as client:
         for _ in range(turns):
             for c in range(conversations):
                 history[c] += "User: " + " ".join(rng.choice(WORDS) for _ in range(words)) + "\nAssistant:"
-            results = await asyncio.gather(*(turn_ttft(client, url, h, max_tokens) for h in history))
+            results = await asyncio.gather(*(turn_ttft(client, url, h, max_tokens, extra) for h in history))
             out.append([t for t, _ in results])
             for c, (_, answer) in enumerate(results):
                 history[c] += answer + "\n"
@@ -91,10 +93,10 @@ def main() -> None:
                                                                                          "--no-prefix-cache")}
         try:
             per_turn: dict[str, list[list[float]]] = {side: [[] for _ in range(a.turns)] for side in servers}
-            for _ in range(a.rounds):
+            for r in range(a.rounds):
                 for side, server in servers.items():
                     for t, ttfts in enumerate(asyncio.run(replay(server.url, a.conversations, a.turns, a.words,
-                                                                 a.max_tokens))):
+                                                                 a.max_tokens, seed=r))):
                         per_turn[side][t].extend(ttfts)
             hit_rate = metric(servers["cache"].url, "lmforge_prefix_cache_hit_rate")
         finally:

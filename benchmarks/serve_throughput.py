@@ -47,34 +47,55 @@ WORDS = ("the model reads a token and writes the next one while the server batch
          "keeps keys and values of earlier positions").split()
 
 
-def make_model_dir(directory: Path, n_layer: int, n_embd: int, context_length: int = 256) -> None:
+def make_model_dir(directory: Path, n_layer: int, n_embd: int, context_length: int = 256, vocab_size: int = 512,
+                   mute_silent: bool = False) -> None:
+    """A random GPT-2-layout model and a BPE tokenizer of `vocab_size` trained here on generated text.
+    `mute_silent` zeroes the (tied) embedding rows of tokens that print nothing on their own (special
+    tokens, lone bytes of a multi-byte character): their logit is then 0, below the largest of the
+    others' random logits, so greedy decoding never picks them. End-of-text can then never end a
+    stream early, and every token streams text."""
     rng = random.Random(0)
-    words = WORDS + ["".join(rng.choice("etaoinshrdlucmfwyp") for _ in range(rng.randint(2, 9))) for _ in range(300)]
-    docs = [" ".join(rng.choice(words) for _ in range(rng.randint(20, 80))) for _ in range(2000)]
-    tokenizer = Tokenizer.train(docs, vocab_size=512, show_progress=False)
+    # enough distinct words, each seen a few times, for BPE to find vocab_size merges
+    n_words, n_docs = (300, 2000) if vocab_size <= 512 else (int(vocab_size * 1.4), vocab_size // 6)
+    words = WORDS + ["".join(rng.choice("etaoinshrdlucmfwyp") for _ in range(rng.randint(2, 9)))
+                     for _ in range(n_words)]
+    docs = [" ".join(rng.choice(words) for _ in range(rng.randint(20, 80))) for _ in range(n_docs)]
+    tokenizer = Tokenizer.train(docs, vocab_size=vocab_size, show_progress=False)
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=tokenizer.vocab_size, context_length=context_length, n_layer=n_layer,
                       n_head=max(1, n_embd // 64), n_embd=n_embd)
-    save_model_dir(directory, Transformer(cfg).eval(), tokenizer)
+    model = Transformer(cfg).eval()
+    if mute_silent:
+        assert cfg.tie_embeddings
+        silent = [i for i in range(tokenizer.vocab_size) if tokenizer.decode([i]) in ("", "\ufffd")
+                  or i in tokenizer.special_ids]
+        with torch.no_grad():
+            model.wte.weight[silent] = 0
+    save_model_dir(directory, model, tokenizer)
 
 
-async def stream_one(client: httpx.AsyncClient, url: str, body: dict) -> tuple[float, int]:
-    """(seconds to the first text chunk, completion tokens from the usage chunk)."""
+async def stream_timed(client: httpx.AsyncClient, url: str, body: dict) -> tuple[list[float], dict]:
+    """(seconds from sending to each chunk with text, the usage chunk) of one streamed completion."""
     t0 = time.perf_counter()
-    ttft, tokens = None, None
-    async with client.stream("POST", url + "/v1/completions", json=body, timeout=300) as r:
+    times, usage = [], None
+    async with client.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
-            if ttft is None and any(c.get("text") for c in chunk.get("choices") or []):
-                ttft = time.perf_counter() - t0
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-    if tokens is None:
+            if any(c.get("text") for c in chunk.get("choices") or []):
+                times.append(time.perf_counter() - t0)
+            usage = chunk.get("usage") or usage
+    if usage is None:
         raise RuntimeError("the stream ended without a usage chunk")
-    return (ttft if ttft is not None else time.perf_counter() - t0), tokens
+    return times or [time.perf_counter() - t0], usage
+
+
+async def stream_one(client: httpx.AsyncClient, url: str, body: dict) -> tuple[float, int]:
+    """(seconds to the first text chunk, completion tokens from the usage chunk)."""
+    times, usage = await stream_timed(client, url, body)
+    return times[0], usage["completion_tokens"]
 
 
 async def run_async(url: str, bodies: list[dict], concurrent: bool) -> tuple[float, list[float]]:

@@ -46,20 +46,30 @@ def cmake_args(flags: set[str]) -> list[str]:
     return args + ["-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"]
 
 
+def this_cpu_args() -> list[str]:
+    """The CMake flags for this machine's CPU; off x86 (or without /proc), ggml's own defaults for a generic build."""
+    info = Path("/proc/cpuinfo")
+    if info.exists() and os.uname().machine == "x86_64":
+        return cmake_args(cpu_flags(info.read_text()))
+    return ["-DGGML_NATIVE=OFF"]
+
+
+def build_dir(kind: str, flags: list[str]) -> Path:
+    """~/.cache/lmforge/KIND/<version>-<flags hash>: a build is kept per CPU flag set, not per sdist alone."""
+    key = hashlib.sha256(" ".join(flags).encode()).hexdigest()[:12]
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return cache / "lmforge" / kind / f"{VERSION}-{key}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--print", action="store_true", help="print the CMake flags and stop")
     args = ap.parse_args()
-    info = Path("/proc/cpuinfo")
-    # Off x86 (or without /proc), ggml's own defaults for a generic build.
-    flags = cmake_args(cpu_flags(info.read_text())) if info.exists() and os.uname().machine == "x86_64" \
-        else ["-DGGML_NATIVE=OFF"]
+    flags = this_cpu_args()
     if args.print:
         print(" ".join(flags))
         return
-    key = hashlib.sha256(" ".join(flags).encode()).hexdigest()[:12]
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    wheels = cache / "lmforge" / "llamacpp" / f"{VERSION}-{key}"
+    wheels = build_dir("llamacpp", flags)
     pip = [sys.executable, "-m", "pip"]
     if not list(wheels.glob("*.whl")):
         print(f"building llama-cpp-python {VERSION} from source (several minutes on 2 cores): {' '.join(flags)}",

@@ -20,18 +20,19 @@ def free_port() -> int:
 
 class ServerProcess:
     """Start `lmforge serve MODEL_DIR ARGS...` on 127.0.0.1 (on `port`, or a free one) and wait until
-    /health answers. Its output goes to a temporary file (a pipe nobody reads could fill up and stall it)."""
+    /health answers. Its output goes to a temporary file (a pipe nobody reads could fill up and stall it).
+    `program` runs another server taking `PROGRAM MODEL --port N ARGS...` (llama.cpp's: [path, "-m"])."""
 
     def __init__(self, model_dir: str | Path, *args: str, timeout: float = 120, env: dict | None = None,
-                 port: int | None = None) -> None:
+                 port: int | None = None, program: list[str] | None = None) -> None:
         import httpx
 
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.TemporaryFile(mode="w+")
-        self.proc = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", str(model_dir), "--port",
-                                      str(self.port), *args], stdout=self.log, stderr=subprocess.STDOUT, text=True,
-                                     env={**os.environ, **(env or {})})
+        program = program or [sys.executable, "-m", "lmforge", "serve"]
+        self.proc = subprocess.Popen([*program, str(model_dir), "--port", str(self.port), *args], stdout=self.log,
+                                     stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
