@@ -165,14 +165,20 @@ def tiny_bert(directory: Path, masked_lm: bool = True):
 
 def t5_style() -> HFTokenizer:
     """T5's SentencePiece-derived layout: a Unigram model, '▁' for spaces, "</s>" appended, and
-    <extra_id_N> sentinels at the end of the vocabulary."""
-    tok = HFTokenizer(models.Unigram())
+    <extra_id_N> sentinels at the end of the vocabulary. The pieces are counted, not trained
+    (Unigram training is not deterministic): every character, and the commonest words whole."""
+    from collections import Counter
+
+    texts = make_docs(80) + SAMPLE_TEXTS
+    words = Counter(w for t in texts for w in ("▁" + t.replace(" ", " ▁")).split(" ") if len(w) > 1)
+    chars = sorted({c for t in texts for c in t.replace(" ", "▁")} | {"▁"})
+    common = sorted(words, key=lambda w: (-words[w], w))[:150]
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(w, -5.0) for w in common]
+    pieces += [(c, -10.0) for c in chars if c not in common]
+    tok = HFTokenizer(models.Unigram(pieces, unk_id=2))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
-    trainer = trainers.UnigramTrainer(vocab_size=300, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>",
-                                      show_progress=False)
-    tok.train_from_iterator(make_docs(80) + SAMPLE_TEXTS, trainer=trainer)
-    tok.add_special_tokens([f"<extra_id_{i}>" for i in range(8)])
+    tok.add_special_tokens(["<pad>", "</s>", "<unk>"] + [f"<extra_id_{i}>" for i in range(8)])
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     return tok
 
@@ -204,7 +210,7 @@ def tiny_seq2seq(family: str, directory: Path, **overrides):
                                     eos_token_id=1, decoder_start_token_id=0), **overrides})
         model = tf.T5ForConditionalGeneration(cfg)
         if untied:  # transformers 5 ties T5's output layer at init; v1.1 checkpoints carry their own
-            model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight))
+            model.lm_head.weight = torch.nn.Parameter(0.2 * torch.randn_like(model.lm_head.weight))
         with torch.no_grad():  # wider than T5's init, so that greedy decoding does not repeat one token
             for name, p in model.named_parameters():
                 if p.dim() == 2 and "shared" not in name and "lm_head" not in name:
