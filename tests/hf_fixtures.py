@@ -161,3 +161,76 @@ def tiny_bert(directory: Path, masked_lm: bool = True):
     model.save_pretrained(directory)
     tf.BertTokenizerFast(tokenizer_object=tok).save_pretrained(directory)
     return model
+
+
+def t5_style() -> HFTokenizer:
+    """T5's SentencePiece-derived layout: a Unigram model, '▁' for spaces, "</s>" appended, and
+    <extra_id_N> sentinels at the end of the vocabulary. The pieces are counted, not trained
+    (Unigram training is not deterministic): every character, and the commonest words whole."""
+    from collections import Counter
+
+    texts = make_docs(80) + SAMPLE_TEXTS
+    words = Counter(w for t in texts for w in ("▁" + t.replace(" ", " ▁")).split(" ") if len(w) > 1)
+    chars = sorted({c for t in texts for c in t.replace(" ", "▁")} | {"▁"})
+    common = sorted(words, key=lambda w: (-words[w], w))[:150]
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(w, -5.0) for w in common]
+    pieces += [(c, -10.0) for c in chars if c not in common]
+    tok = HFTokenizer(models.Unigram(pieces, unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.add_special_tokens(["<pad>", "</s>", "<unk>"] + [f"<extra_id_{i}>" for i in range(8)])
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return tok
+
+
+def bart_style() -> HFTokenizer:
+    """BART's (RoBERTa's) byte-level BPE with <s> text </s> around each input."""
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok = _train(tok, ["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0), trim_offsets=False)
+    return tok
+
+
+def tiny_seq2seq(family: str, directory: Path, **overrides):
+    """Save a tiny random T5ForConditionalGeneration or BartForConditionalGeneration with a matching
+    tokenizer; returns the model (eval mode). T5 overrides: feed_forward_proj="gated-gelu" and
+    tie_word_embeddings=False make a v1.1 / FLAN-T5 (its own output layer, no output scale)."""
+    import transformers as tf
+    from transformers import PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    if family == "t5":
+        tok = t5_style()
+        untied = overrides.get("tie_word_embeddings") is False
+        cfg = tf.T5Config(**{**dict(vocab_size=64 * (tok.get_vocab_size() // 64 + 1), d_model=32, d_kv=8, d_ff=48,
+                                    num_layers=2, num_decoder_layers=3, num_heads=4, relative_attention_num_buckets=8,
+                                    relative_attention_max_distance=20, dropout_rate=0.0, pad_token_id=0,
+                                    eos_token_id=1, decoder_start_token_id=0), **overrides})
+        model = tf.T5ForConditionalGeneration(cfg)
+        if untied:  # transformers 5 ties T5's output layer at init; v1.1 checkpoints carry their own
+            model.lm_head.weight = torch.nn.Parameter(0.2 * torch.randn_like(model.lm_head.weight))
+        with torch.no_grad():  # wider than T5's init, so that greedy decoding does not repeat one token
+            for name, p in model.named_parameters():
+                if p.dim() == 2 and "shared" not in name and "lm_head" not in name:
+                    p.normal_(0, 0.5)
+        specials = dict(eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    else:
+        tok = bart_style()
+        cfg = tf.BartConfig(**{**dict(vocab_size=64 * (tok.get_vocab_size() // 64 + 1), d_model=32, encoder_layers=2,
+                                      decoder_layers=3, encoder_attention_heads=4, decoder_attention_heads=4,
+                                      encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=64,
+                                      dropout=0.0, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+                                      decoder_start_token_id=2, forced_eos_token_id=None, init_std=0.2),
+                                 **overrides})
+        model = tf.BartForConditionalGeneration(cfg)
+        specials = dict(bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>", mask_token="<mask>")
+    model.eval()
+    with torch.no_grad():  # random biases and norm gains, so every parameter matters in the comparison
+        for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+            if name.endswith("bias") or "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(directory)
+    PreTrainedTokenizerFast(tokenizer_object=tok, **specials).save_pretrained(directory)
+    return model

@@ -56,3 +56,16 @@ def mask_tokens(x: torch.Tensor, generator: torch.Generator, mask_id: int, vocab
     inputs = torch.where(chosen & (how >= 0.8) & (how < 0.9), random_ids, inputs)
     return inputs, torch.where(chosen, x, torch.full_like(x, -100))
 
+
+
+def collate_seq2seq(pairs: list[tuple[list[int], list[int]]], pad_id: int,
+                    decoder_start_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad (source, target) pairs for an encoder-decoder: `input_ids` and `attention_mask`
+    for the encoder; `decoder_input_ids`, the target shifted right behind `decoder_start_id` (what
+    the decoder reads, teacher-forced); `labels`, the target itself with -100 on padding."""
+    src = [s for s, _ in pairs]
+    tgt = [list(t) for _, t in pairs]
+    input_ids, attention_mask = pad_batch(src, pad_id)
+    decoder_input_ids = pad_batch([([decoder_start_id] + t)[:len(t)] for t in tgt], pad_id)[0]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "decoder_input_ids": decoder_input_ids,
+            "labels": pad_batch(tgt, IGNORE)[0]}

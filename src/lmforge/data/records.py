@@ -1,5 +1,6 @@
-"""Records from files: one JSONL reader behind labelled rows (classification) and instruction or
-chat conversations (instruction tuning). Every error names the file and line."""
+"""Records from files: one JSONL reader behind labelled rows (classification), input/target pairs
+(sequence to sequence) and instruction or chat conversations (instruction tuning). Every error
+names the file and line."""
 
 from __future__ import annotations
 
@@ -37,9 +38,10 @@ def read_records(path: str | Path) -> list[tuple[int, dict]]:
     return records
 
 
-def read_labelled(path: str | Path, text_field: str, label_field: str | None) -> tuple[list[str], list[str]]:
-    """(texts, labels) from CSV/TSV (header row) or JSON lines; labels become strings (label_field
-    None: texts only)."""
+def read_rows(path: str | Path, fields: list[str | None], flags: str) -> list[tuple[int, dict]]:
+    """(line number, row) pairs from CSV/TSV (header row) or JSON lines, after checking that every
+    named field is a column (or, in JSON, a key of some record); `flags` names the options that
+    choose other columns, for the error."""
     path = Path(path)
     if not path.exists():
         raise LMForgeError(f"no such file: {path}")
@@ -51,10 +53,17 @@ def read_labelled(path: str | Path, text_field: str, label_field: str | None) ->
     else:
         rows = read_records(path)
         columns = sorted({k for _, r in rows if isinstance(r, dict) for k in r})
-    for field in (text_field, label_field):
+    for field in fields:
         if field is not None and field not in columns:
-            raise LMForgeError(f"{path}: no column {field!r} (columns: {', '.join(columns) or 'none'}); "
-                               "set --text-field / --label-field")
+            raise LMForgeError(f"{path}: no column {field!r} (columns: {', '.join(columns) or 'none'}); set {flags}")
+    return rows
+
+
+def read_labelled(path: str | Path, text_field: str, label_field: str | None) -> tuple[list[str], list[str]]:
+    """(texts, labels) from CSV/TSV (header row) or JSON lines; labels become strings (label_field
+    None: texts only)."""
+    path = Path(path)
+    rows = read_rows(path, [text_field, label_field], "--text-field / --label-field")
     texts, labels, empty = [], [], []
     for where, r in rows:
         if not isinstance(r, dict) or (label_field is not None and r.get(label_field) in (None, "")):
@@ -70,6 +79,25 @@ def read_labelled(path: str | Path, text_field: str, label_field: str | None) ->
     if not texts:
         raise LMForgeError(f"{path} holds no rows")
     return texts, labels
+
+
+def read_pairs(path: str | Path, input_field: str = "input",
+               target_field: str = "target") -> tuple[list[str], list[str]]:
+    """(inputs, targets) for sequence-to-sequence training: JSON lines {"input": ..., "target": ...}
+    or CSV/TSV with those columns (other names through `input_field` / `target_field`). Both must be
+    non-empty strings in every row: a silently skipped row would shift what a user evaluates."""
+    rows = read_rows(path, [input_field, target_field], "--input-column / --target-column")
+    inputs, targets = [], []
+    for where, r in rows:
+        if not isinstance(r, dict):
+            raise LMForgeError(f"{path}:{where}: expected a JSON object")
+        for field, out in ((input_field, inputs), (target_field, targets)):
+            value = r.get(field)
+            if not isinstance(value, str) or not value.strip():
+                raise LMForgeError(f"{path}:{where}: {field!r} must be a non-empty string"
+                                   f"{'' if field in r else ' (missing)'}")
+            out.append(value)
+    return inputs, targets
 
 
 def read_instructions(path: str | Path) -> list[list[dict]]:

@@ -1,1 +1,1 @@
-"""Measuring models: loss and bits per byte, exact match, classification metrics."""
+"""Measuring models: loss and bits per byte, exact match, BLEU and chrF, classification metrics."""

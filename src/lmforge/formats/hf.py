@@ -16,10 +16,12 @@ import torch
 from ..core.errors import LMForgeError
 from ..models.config import ModelConfig
 from ..models.transformer import Transformer
+from . import hf_seq2seq
+from .hf_seq2seq import SEQ2SEQ
 from .kinds import Kind
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
-SUPPORTED = ("gpt2",) + LLAMA_LIKE + ("bert",)
+SUPPORTED = ("gpt2",) + LLAMA_LIKE + ("bert",) + SEQ2SEQ
 _ACT_FROM_HF = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
                 "gelu": "gelu", "relu": "relu", "relu2": "relu2", "silu": "silu", "swish": "silu"}
 _ACT_TO_HF = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "relu2": "relu2", "silu": "silu"}
@@ -61,6 +63,8 @@ def config_from_hf(c: dict) -> ModelConfig:
     if family not in SUPPORTED:
         raise LMForgeError(f"unsupported model_type {family!r}; supported: {', '.join(SUPPORTED)}")
     extra = {"hf_family": family}
+    if family in SEQ2SEQ:
+        return hf_seq2seq.config_from_hf(c, _activation)
     if family == "bert":
         _require(c, "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
         if c.get("position_embedding_type", "absolute") != "absolute":
@@ -107,6 +111,8 @@ def export_family(cfg: ModelConfig) -> str:
     fam = cfg.extra.get("hf_family")
     if fam in SUPPORTED:
         return fam
+    if cfg.is_encoder_decoder:
+        return hf_seq2seq.export_family(cfg)
     if cfg.logit_softcap:
         raise LMForgeError("logit soft-capping (logit_softcap) has no equivalent in the Hugging Face families "
                            "lmforge exports (gpt2, llama, mistral, qwen2, qwen3)")
@@ -127,7 +133,10 @@ def export_family(cfg: ModelConfig) -> str:
     raise LMForgeError("this model's architecture has no Hugging Face equivalent lmforge can export")
 
 
-def config_to_hf(cfg: ModelConfig, family: str, bos_id: int | None, eos_id: int | None) -> dict:
+def config_to_hf(cfg: ModelConfig, family: str, bos_id: int | None, eos_id: int | None,
+                 pad_id: int | None = None) -> dict:
+    if family in SEQ2SEQ:
+        return hf_seq2seq.config_to_hf(cfg, family, bos_id, eos_id, pad_id, _ACT_TO_HF)
     arch = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
             "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[family]
     common = {"architectures": [arch], "model_type": family, "vocab_size": cfg.vocab_size,
@@ -168,7 +177,9 @@ def config_to_hf(cfg: ModelConfig, family: str, bos_id: int | None, eos_id: int 
 def _plan(cfg: ModelConfig, family: str, prefix: str) -> list[tuple[str, tuple[str, ...], str]]:
     """(lmforge name, Hugging Face names, how) for every tensor: how is copy, t (transpose) or cat."""
     plan = []
-    if family == "bert":
+    if family in SEQ2SEQ:
+        plan = hf_seq2seq.plan(cfg, family)
+    elif family == "bert":
         e = "embeddings."
         plan += [("wte.weight", (f"{e}word_embeddings.weight",), "copy"),
                  ("wpe.weight", (f"{e}position_embeddings.weight",), "copy"),
@@ -244,8 +255,11 @@ def hf_prefix(family: str, names: set[str]) -> str:
 
 
 def adapt_to_weights(cfg: ModelConfig, family: str, names: set[str]) -> tuple[ModelConfig, Kind]:
-    """Settle what config.json leaves open: whether a BERT checkpoint carries its masked-LM head.
+    """Settle what config.json leaves open: whether a BERT checkpoint carries its masked-LM head, and
+    whether an encoder-decoder's output layer is its own (lm_head.weight stored) or the embedding.
     Returns the config and the kind of model."""
+    if family in SEQ2SEQ:
+        return dataclasses.replace(cfg, tie_embeddings="lm_head.weight" not in names), Kind.SEQ2SEQ
     if family != "bert":
         return cfg, Kind.CAUSAL_LM
     if "cls.predictions.transform.dense.weight" in names:
@@ -254,9 +268,12 @@ def adapt_to_weights(cfg: ModelConfig, family: str, names: set[str]) -> tuple[Mo
 
 
 def legacy_names(names: set[str]) -> dict[str, str]:
-    """Old BERT checkpoints call LayerNorm parameters gamma/beta: map modern names to them."""
+    """Old BERT checkpoints call LayerNorm parameters gamma/beta: map modern names to them; an
+    encoder-decoder's shared embedding may be stored under its encoder's name only."""
     out = {}
     for n in names:
+        if n.endswith("encoder.embed_tokens.weight"):
+            out.setdefault(n.replace("encoder.embed_tokens", "shared"), n)
         if n.endswith("LayerNorm.gamma"):
             out[n[:-5] + "weight"] = n
         elif n.endswith("LayerNorm.beta"):
@@ -314,6 +331,8 @@ def weights_from_hf(cfg: ModelConfig, family: str, source: TensorSource,
             yield ours, out
         elif how == "t":
             yield ours, source.read(theirs[0]).t().to(to).contiguous()
+        elif how == "row":
+            yield ours, source.read(theirs[0]).reshape(-1).to(to)
         else:
             yield ours, source.read(theirs[0]).to(to)
 
@@ -325,9 +344,13 @@ def weights_to_hf(cfg: ModelConfig, family: str, sd: dict[str, torch.Tensor]) ->
         t = sd[ours]
         if how == "t":
             out[theirs[0]] = t.t().contiguous()
+        elif how == "row":
+            out[theirs[0]] = t[None].contiguous()
         elif how == "cat":
             if ".qkv." in ours:
                 sizes = [cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim]
+            elif ".kv." in ours:
+                sizes = [cfg.n_kv_head * cfg.head_dim] * 2
             else:
                 sizes = [cfg.intermediate_size, cfg.intermediate_size]
             for name, part in zip(theirs, t.split(sizes, dim=0)):

@@ -22,7 +22,7 @@ from ..core.tensorfile import TensorFile
 from ..models.transformer import Transformer
 from ..text.tokenizer import Tokenizer
 from .hf import SUPPORTED, adapt_to_weights, config_from_hf, config_to_hf, export_family, weights_from_hf, weights_to_hf
-from .kinds import is_adapter, kind_of
+from .kinds import Kind, is_adapter, kind_of
 from .modeldir import (
     build_model,
     check_vocab,
@@ -165,7 +165,7 @@ def export_hf(model_dir: str | Path, out: str | Path, shard_size_mb: float = 200
     """Write an lmforge model directory as a Hugging Face checkpoint (sharded if large)."""
     model_dir, out = Path(model_dir), Path(out)
     meta = read_config(model_dir)
-    if not kind_of(meta).generates:
+    if not kind_of(meta).generates and kind_of(meta) is not Kind.SEQ2SEQ:
         raise LMForgeError("only language models can be exported to Hugging Face format "
                            f"(this is {kind_of(meta).phrase})")
     if is_adapter(meta):
@@ -180,7 +180,7 @@ def export_hf(model_dir: str | Path, out: str | Path, shard_size_mb: float = 200
     tensors = weights_to_hf(cfg, family, sd)
     if to is not None:
         tensors = {k: v.to(to) for k, v in tensors.items()}
-    hf_cfg = config_to_hf(cfg, family, bos_id=tokenizer.eot_id, eos_id=tokenizer.eot_id)
+    hf_cfg = config_to_hf(cfg, family, bos_id=tokenizer.eot_id, eos_id=tokenizer.eot_id, pad_id=tokenizer.pad_id)
     hf_cfg["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
     with staged_dir(out, overwrite) as tmp:
         _write_shards(tensors, tmp, int(shard_size_mb * 1e6))
@@ -193,7 +193,8 @@ def export_hf(model_dir: str | Path, out: str | Path, shard_size_mb: float = 200
             stop = sorted(stop_token_ids(tokenizer, meta))
             atomic_write_json(tmp / "generation_config.json", {
                 "bos_token_id": tokenizer.eot_id, "eos_token_id": stop[0] if len(stop) == 1 else stop,
-                "pad_token_id": tokenizer.token_id("<|pad|>")})
+                "pad_token_id": tokenizer.token_id("<|pad|>"),
+                **({"decoder_start_token_id": cfg.decoder_start_token_id} if cfg.is_encoder_decoder else {})})
     print(f"exported {model_dir} as a Hugging Face {family} checkpoint to {out}", file=sys.stderr)
     return out
 

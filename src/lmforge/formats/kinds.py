@@ -16,6 +16,7 @@ class Kind(str, Enum):
     ENCODER = "encoder"  # a bare encoder, e.g. a sentence-embedding model (embed)
     CLASSIFIER = "classifier"  # a body plus a class head (classify)
     REWARD = "reward"  # a body plus a scalar head on the last token: a reward model (score, align rlhf)
+    SEQ2SEQ = "seq2seq"  # an encoder-decoder (T5, BART): reads a source, writes a target
 
     @property
     def generates(self) -> bool:
@@ -42,7 +43,8 @@ class Kind(str, Enum):
     def phrase(self) -> str:
         """The kind in words, with its article, for messages: "an encoder", "a reward model"."""
         return {Kind.CAUSAL_LM: "a language model (causal-lm)", Kind.MASKED_LM: "a masked language model",
-                Kind.ENCODER: "an encoder", Kind.CLASSIFIER: "a classifier", Kind.REWARD: "a reward model"}[self]
+                Kind.ENCODER: "an encoder", Kind.CLASSIFIER: "a classifier", Kind.REWARD: "a reward model",
+                Kind.SEQ2SEQ: "a sequence-to-sequence model (encoder-decoder)"}[self]
 
 
 def kind_of(meta: dict) -> Kind:

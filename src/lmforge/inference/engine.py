@@ -30,8 +30,9 @@ import torch
 from ..core.errors import LMForgeError
 from ..core.runtime import autocast
 from ..models.blas import blas_matmuls
+from ..models.cache import KVCache
 from ..models.quant import Int4Linear, Int8Linear
-from ..models.transformer import InferenceLinear, KVCache, Transformer
+from ..models.transformer import InferenceLinear, Transformer
 from .grammar import Grammar, forbidden_tokens
 from .prefix_cache import PrefixCache
 from .sampling import MIN_TEMPERATURE, filter_probs, penalize_counts, penalize_repeats, validate_sampling

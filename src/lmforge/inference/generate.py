@@ -4,6 +4,8 @@
 on top: the prompt's fit in the context window (`prepare_prompt`), stop strings, streaming only
 complete UTF-8 characters, and the ranked candidates at each step. `generate_ids` is the plain
 one-sequence token loop, kept as the simple reference the engine is tested against.
+`generate_seq2seq_ids` is its twin for encoder-decoders (T5, BART): encode once, then decode
+token by token through the KV cache, which holds the cross-attention keys and values.
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ def generate_ids(model: Transformer, prompt: list[int], max_new_tokens: int, *, 
         if penalize:
             logits = penalize_repeats(logits.float(), seen, repetition_penalty)
         probs = filter_probs(logits, temperature, top_k, top_p).cpu()
-        token = int(torch.multinomial(probs, 1, generator=gen)) if temperature > 0 else int(probs.argmax())
+        token = _draw(probs, temperature, gen)
         if token in stop_ids:
             return
         yield Step(token, probs)
@@ -75,6 +77,43 @@ def generate_ids(model: Transformer, prompt: list[int], max_new_tokens: int, *, 
         next_input = torch.tensor([[token]], device=device)
         if not use_cache:
             ids = torch.cat([ids, next_input], dim=1)
+
+
+def _draw(probs: torch.Tensor, temperature: float, gen: torch.Generator | None) -> int:
+    return int(torch.multinomial(probs, 1, generator=gen)) if temperature > 0 else int(probs.argmax())
+
+
+@torch.no_grad()
+def generate_seq2seq_ids(model: Transformer, src: list[int], max_new_tokens: int, *, temperature: float = 0.0,
+                         top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                         stop_ids: set[int] = frozenset()) -> Iterator[Step]:
+    """An encoder-decoder's output for source ids `src`, one `Step` per new token until
+    `max_new_tokens` or a token in `stop_ids` (not yielded); greedy by default. The encoder runs
+    once; its cross-attention keys and values go into the KV cache with the first decoder step."""
+    cfg = model.cfg
+    if not cfg.is_encoder_decoder:
+        raise LMForgeError("generate_seq2seq_ids needs an encoder-decoder model")
+    if not src:
+        raise LMForgeError("the source is empty")
+    if len(src) > cfg.context_length or max_new_tokens > cfg.context_length:
+        raise LMForgeError(f"the source ({len(src)} tokens) and --max-new-tokens ({max_new_tokens}) must each fit "
+                           f"the model's context length of {cfg.context_length} tokens")
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    model.eval()
+    cache = model.new_cache(1, max(1, max_new_tokens), max_src_len=len(src))
+    with autocast(device):
+        memory = model.encode(torch.tensor([src], device=device))
+    next_input = model.start_ids(1, device)
+    for i in range(max_new_tokens):
+        with autocast(device):
+            logits = model.head(model.decode(next_input, memory if i == 0 else None, cache=cache))[0, -1]
+        probs = filter_probs(logits, temperature, top_k, top_p).cpu()
+        token = _draw(probs, temperature, gen)
+        if token in stop_ids:
+            return
+        yield Step(token, probs)
+        next_input = torch.tensor([[token]], device=device)
 
 
 class Picked(NamedTuple):

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..core.runtime import available_memory
-from ..models.transformer import KVCache
+from ..models.cache import KVCache
 
 MAX_DEFAULT_BYTES = 4 << 30
 

@@ -1,7 +1,8 @@
 """`ModelConfig`: every architecture lmforge supports is a setting of these fields.
 
-GPT-2, Llama/Mistral/Qwen and BERT differ only in field values (norm, mlp, pos_embedding, ...),
-never in classes. Saved as the "model" entry of a model directory's config.json.
+GPT-2, Llama/Mistral/Qwen, BERT and the encoder-decoders T5 and BART differ only in field values
+(norm, mlp, pos_embedding, n_decoder_layer, ...), never in classes. Saved as the "model" entry
+of a model directory's config.json.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     mlp: str = "plain"  # "plain": proj(act(fc(x)))  |  "gated": proj(act(gate(x)) * up(x)) (SwiGLU)
     activation: str = "gelu_tanh"  # see ACTIVATIONS
-    pos_embedding: str = "learned"  # "learned" | "rope" | "none"
+    pos_embedding: str = "learned"  # "learned" | "rope" | "none" | "relative" (T5's bucketed attention bias)
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # {"type": "linear"|"llama3", "factor": ..., ...}
     bias: bool = True  # biases in linear layers (and LayerNorm)
@@ -56,6 +57,16 @@ class ModelConfig:
     embedding_norm: bool = False  # LayerNorm right after the embeddings (BERT)
     head_transform: bool = False  # dense + activation + norm before the output layer (BERT MLM head)
     lm_head_bias: bool = False
+    # Encoder-decoder (T5, BART) layout: n_layer encoder blocks, then n_decoder_layer decoder blocks
+    # that also attend to the encoder's output (cross-attention). 0: not an encoder-decoder.
+    n_decoder_layer: int = 0
+    rel_buckets: int = 32  # pos_embedding="relative": buckets per direction set (T5)
+    rel_max_distance: int = 128  # ... and the distance from which all share the last bucket
+    attn_scale: float | None = None  # attention scores times this; None: 1/sqrt(head_dim) (T5: 1.0)
+    pos_offset: int = 0  # learned positions start at this row of the table (BART: 2)
+    embed_scale: float = 1.0  # token embeddings times this (BART's scale_embedding: sqrt(n_embd))
+    head_scale: float = 1.0  # hidden states times this before the output layer (T5's tied head: n_embd**-0.5)
+    decoder_start_token_id: int | None = None  # the decoder's first input token (T5: pad, BART: eos)
     extra: dict = field(default_factory=dict)  # free-form notes carried along (e.g. the source family)
 
     def __post_init__(self) -> None:
@@ -79,7 +90,14 @@ class ModelConfig:
             (self.norm in ("layernorm", "rmsnorm"), f"unknown norm {self.norm!r}"),
             (self.mlp in ("plain", "gated"), f"unknown mlp {self.mlp!r}"),
             (self.activation in ACTIVATIONS, f"unknown activation {self.activation!r}"),
-            (self.pos_embedding in ("learned", "rope", "none"), f"unknown pos_embedding {self.pos_embedding!r}"),
+            (self.pos_embedding in ("learned", "rope", "none", "relative"),
+             f"unknown pos_embedding {self.pos_embedding!r}"),
+            (self.n_decoder_layer >= 0, "n_decoder_layer must be >= 0"),
+            (self.is_encoder_decoder or (self.pos_embedding != "relative" and not self.pos_offset
+                                         and self.embed_scale == 1.0),
+             "relative positions, pos_offset and embed_scale are for encoder-decoders (n_decoder_layer > 0)"),
+            (self.rel_buckets > 1 and self.rel_max_distance > self.rel_buckets // 2,
+             "rel_max_distance must exceed rel_buckets / 2"),
             (self.norm_position in ("pre", "post"), f"unknown norm_position {self.norm_position!r}"),
             (self.logit_softcap is None or self.logit_softcap > 0, "logit_softcap must be positive"),
             (min(self.vocab_size, self.context_length, self.n_layer, self.n_embd) > 0,
@@ -88,6 +106,10 @@ class ModelConfig:
         for ok, msg in checks:
             if not ok:
                 raise LMForgeError(f"invalid model config: {msg}")
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return self.n_decoder_layer > 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -107,4 +129,5 @@ def flops_per_token(cfg: ModelConfig) -> float:
     attn = cfg.n_embd * (cfg.n_head + 2 * cfg.n_kv_head) * hd + cfg.n_head * hd * cfg.n_embd
     mlp = cfg.n_embd * cfg.intermediate_size * (3 if cfg.mlp == "gated" else 2)
     weights = cfg.n_layer * (attn + mlp) + cfg.n_embd * cfg.vocab_size  # the output layer counts
+    weights += cfg.n_decoder_layer * (2 * attn + mlp)  # a decoder block adds cross-attention
     return 6 * weights + 12 * cfg.n_layer * cfg.n_head * hd * cfg.context_length

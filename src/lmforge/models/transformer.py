@@ -1,14 +1,17 @@
 """One transformer for every architecture lmforge supports, driven by `ModelConfig`.
 
 GPT-2 (learned positions, LayerNorm, GELU, biases, tied embeddings), Llama/Mistral/Qwen
-(RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases, q/k norms) and BERT-style encoders
-(bidirectional, post-LayerNorm, token types) are all settings of the same few modules.
+(RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases, q/k norms), BERT-style encoders
+(bidirectional, post-LayerNorm, token types) and the encoder-decoders T5 and BART (a `Decoder`
+stack whose blocks add cross-attention; T5's relative position buckets) are all settings of the
+same few modules.
 This file knows nothing about files, the CLI or training.
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -16,8 +19,10 @@ import torch.nn.functional as F
 
 from ..core.errors import LMForgeError
 from . import blas
+from .cache import KVCache
 from .config import ACTIVATIONS, ModelConfig
 from .loss import linear_cross_entropy, token_losses_and_predictions
+from .relpos import relative_bias
 
 
 def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
@@ -60,102 +65,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos + rotated * sin).to(x.dtype)
 
 
-class Mix:
-    """One engine step that feeds decode rows and prompt chunks together (vLLM's and llama.cpp's
-    mixed batches). The tokens are flattened to [1, N], so every matmul sees all N at once and the
-    weights are read once per step, not once per prompt; only attention runs per part: one batched
-    call for the decode rows, one call per chunk against its own row of the cache."""
-
-    def __init__(self, rows: torch.Tensor | None, chunks: list[tuple[int, int, int]]) -> None:
-        self.rows, self.chunks = rows, chunks
-        self.n_rows = 0 if rows is None else rows.shape[0]
-        self.span = int(rows.max()) + 1 if self.n_rows else 0  # the keys the decode rows read
-        self.masks: list = []  # set by Transformer.hidden: the decode rows' mask, then each chunk's
-
-    def positions(self, device) -> torch.Tensor:
-        """Each flattened token's position [N]."""
-        parts = [self.rows] if self.n_rows else []
-        parts += [torch.arange(start, start + n, device=device) for _, start, n in self.chunks]
-        return torch.cat(parts)
-
-    def attend(self, cache: KVCache, layer: int, q, k, v, attend) -> torch.Tensor:
-        """Write this layer's new keys and values where each part belongs, and attend part by part.
-        Decode rows first: a dummy row over a chunk's row writes at the chunk's start, which the
-        chunk then overwrites."""
-        kc, vc, r = cache.k[layer], cache.v[layer], self.n_rows
-        masks, parts = iter(self.masks), []
-        if r:
-            batch, span = torch.arange(r, device=q.device), self.span
-            kc[batch, :, self.rows] = k[0, :, :r].transpose(0, 1)
-            vc[batch, :, self.rows] = v[0, :, :r].transpose(0, 1)
-            y = attend(q[0, :, :r].transpose(0, 1)[:, :, None], kc[:r, :, :span], vc[:r, :, :span], next(masks))
-            parts.append(y[:, :, 0].transpose(0, 1)[None])
-        off = r
-        for row, start, n in self.chunks:
-            end = start + n
-            kc[row, :, start:end] = k[0, :, off:off + n]
-            vc[row, :, start:end] = v[0, :, off:off + n]
-            parts.append(attend(q[:, :, off:off + n], kc[row:row + 1, :, :end], vc[row:row + 1, :, :end], next(masks)))
-            off += n
-        return torch.cat(parts, dim=2)
-
-
-class KVCache:
-    """Keys and values of past positions, preallocated for `max_len` positions per layer.
-
-    Plain use: every row holds the same `pos` positions and new ones are appended. Batched decoding
-    of rows at different lengths (`at`): each row writes its one new entry at its own position and
-    attends to its first rows[b] + 1 entries (the attention mask hides the rest). A mixed step (`mix`):
-    decode rows and prompt chunks of other lengths in one forward (see `Mix`).
-    """
-
-    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype) -> None:
-        shape = (batch, cfg.n_kv_head, max_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
-        self.max_len = max_len
-        self.pos = 0  # number of positions already stored
-        self.rows: torch.Tensor | None = None  # per-row write positions [B] (batched decoding)
-        self.span = 0  # with rows: how many leading entries the attention reads (max(rows) + 1)
-        self.mixed: Mix | None = None  # set for one mixed step (see `mix`)
-
-    def view(self, start: int, stop: int) -> KVCache:
-        """Rows start:stop, sharing this cache's storage (no copy), with pos 0."""
-        view = KVCache.__new__(KVCache)
-        view.k, view.v = [k[start:stop] for k in self.k], [v[start:stop] for v in self.v]
-        view.max_len, view.pos, view.rows, view.span, view.mixed = self.max_len, 0, None, 0, None
-        return view
-
-    def mix(self, rows: torch.Tensor | None, chunks: list[tuple[int, int, int]]) -> KVCache:
-        """Set up one mixed step over flattened tokens [1, N]: the first len(rows) tokens decode one
-        token each in rows 0.. at positions `rows` (as `at`), then each chunk (row, start, length)
-        feeds `length` prompt tokens of one row from position `start`. Cleared after the forward."""
-        self.mixed = Mix(rows, chunks)
-        return self
-
-    def at(self, rows: torch.Tensor, span: int) -> KVCache:
-        """Set up one batched decoding step: row b writes position rows[b]; span = max(rows) + 1."""
-        self.rows, self.span = rows, span
-        self._batch = torch.arange(rows.shape[0], device=rows.device)
-        return self
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.rows is not None:
-            self.k[layer][self._batch, :, self.rows] = k[:, :, 0]
-            self.v[layer][self._batch, :, self.rows] = v[:, :, 0]
-            return self.k[layer][:, :, :self.span], self.v[layer][:, :, :self.span]
-        end = self.pos + k.shape[2]
-        if end > self.max_len:
-            raise LMForgeError(f"KV cache full: {end} positions exceed its {self.max_len}")
-        self.k[layer][:, :, self.pos:end] = k
-        self.v[layer][:, :, self.pos:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
-
-    def crop(self, length: int) -> None:
-        """Forget everything after the first `length` positions (e.g. to reuse a shared prompt)."""
-        self.pos = min(self.pos, length)
-
-
 class InferenceLinear(nn.Linear):
     """An `nn.Linear` set up for CPU inference by `Transformer.for_inference`: inside
     `blas_matmuls()` (every step of the inference engine) it multiplies through numpy's BLAS,
@@ -167,6 +76,36 @@ class InferenceLinear(nn.Linear):
                 and w.device.type == "cpu":
             return blas.linear(x, w, self.bias)
         return F.linear(x, w, self.bias)
+
+
+def attend(q, k, v, mask, scale: float | None, dropout: float, record: list | None) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v over heads [B, H, T, hd]: SDPA's fused kernels, or with
+    `record` (inspection) the math path, whose weights are appended to it. `mask`: None,
+    "causal", a boolean tensor (True = attend) or a float bias (T5's relative positions)."""
+    B, nh, _, hd = q.shape
+    nkv = k.shape[1]
+    if nkv != nh:  # grouped-query attention: each k/v head serves nh // nkv query heads
+        rep = nh // nkv
+        k = k[:, :, None].expand(B, nkv, rep, k.shape[2], hd).reshape(B, nh, k.shape[2], hd)
+        v = v[:, :, None].expand(B, nkv, rep, v.shape[2], hd).reshape(B, nh, v.shape[2], hd)
+    if record is not None:
+        return _explicit(q, k, v, mask, scale, record)
+    if isinstance(mask, str):  # "causal": let the kernel build it (fastest path)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)
+
+
+def _explicit(q, k, v, mask, scale: float | None, record: list) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v, as SDPA computes it, keeping the weights [B, H, T, S]."""
+    att = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    if isinstance(mask, str):  # "causal" from position 0
+        T, S = q.shape[2], k.shape[2]
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    if mask is not None:
+        att = att.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else att + mask
+    att = att.softmax(dim=-1)
+    record.append(att)
+    return att @ v
 
 
 class Attention(nn.Module):
@@ -203,31 +142,43 @@ class Attention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, T, nh * hd))
 
     def _attend(self, q, k, v, mask) -> torch.Tensor:
-        """softmax(q k^T / sqrt(d) + mask) v for q [B, nh, T, hd] and k, v [B, n_kv_head, S, hd]."""
-        B, nh, S, hd = k.shape[0], q.shape[1], k.shape[2], q.shape[3]
-        nkv = k.shape[1]
-        if nkv != nh:  # grouped-query attention: each k/v head serves nh // nkv query heads
-            rep = nh // nkv
-            k = k[:, :, None].expand(B, nkv, rep, S, hd).reshape(B, nh, S, hd)
-            v = v[:, :, None].expand(B, nkv, rep, S, hd).reshape(B, nh, S, hd)
-        drop = self.cfg.dropout if self.training else 0.0
-        if self.record is not None:  # inspection: the math path, whose weights can be kept
-            return self._explicit(q, k, v, mask)
-        if isinstance(mask, str):  # "causal": let the kernel build it (fastest path)
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
+        return attend(q, k, v, mask, self.cfg.attn_scale, self.cfg.dropout if self.training else 0.0, self.record)
 
-    def _explicit(self, q, k, v, mask) -> torch.Tensor:
-        """softmax(q k^T / sqrt(d) + mask) v, as SDPA computes it, keeping the weights [B, H, T, S]."""
-        att = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
-        if isinstance(mask, str):  # "causal" from position 0
-            T, S = q.shape[2], k.shape[2]
-            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
-        if mask is not None:
-            att = att.masked_fill(~mask, float("-inf"))
-        att = att.softmax(dim=-1)
-        self.record.append(att)
-        return att @ v
+
+class CrossAttention(nn.Module):
+    """A decoder block's attention to the encoder's output (the memory). Its keys and values depend
+    only on the memory, so generation computes them once per request (`Transformer.remember`) and
+    reads them from the cache at every step."""
+
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        hd = cfg.head_dim
+        self.q = nn.Linear(cfg.n_embd, cfg.n_head * hd, bias=cfg.qkv_bias)
+        self.kv = nn.Linear(cfg.n_embd, 2 * cfg.n_kv_head * hd, bias=cfg.qkv_bias)  # k and v fused
+        self.proj = nn.Linear(cfg.n_head * hd, cfg.n_embd, bias=cfg.proj_bias)
+        self.record: list[torch.Tensor] | None = None
+
+    def keys_values(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The memory [B, S, C] as keys and values [B, n_kv_head, S, head_dim]."""
+        B, S, _ = memory.shape
+        k, v = self.kv(memory).view(B, S, 2, self.cfg.n_kv_head, self.cfg.head_dim).permute(2, 0, 3, 1, 4)
+        return k, v
+
+    def forward(self, x, memory, mask, cache: KVCache | None) -> torch.Tensor:
+        """`memory` [B, S, C] and its `mask` (boolean [B, 1, 1, S] or None); memory None: read the
+        cache's stored keys and values."""
+        cfg = self.cfg
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)
+        if memory is None:
+            span = cache.cross_span
+            k, v = cache.cross_k[self.layer][:, :, :span], cache.cross_v[self.layer][:, :, :span]
+            mask = cache.cross_mask[:, None, None, :span]
+        else:
+            k, v = self.keys_values(memory)
+        y = attend(q, k, v, mask, cfg.attn_scale, cfg.dropout if self.training else 0.0, self.record)
+        return self.proj(y.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_dim))
 
 
 class MLP(nn.Module):
@@ -248,30 +199,79 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int, cross: bool = False) -> None:
         super().__init__()
         self.post_norm = cfg.norm_position == "post"
         self.norm1, self.attn = make_norm(cfg), Attention(cfg, layer)
+        if cross:  # an encoder-decoder's decoder block: self-attention, cross-attention, MLP
+            self.norm_cross, self.cross_attn = make_norm(cfg), CrossAttention(cfg, layer)
         self.norm2, self.mlp = make_norm(cfg), MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope, mask, cache) -> torch.Tensor:
+    def forward(self, x, rope, mask, cache, cross: tuple | None = None) -> torch.Tensor:
+        """`cross`: (memory or None, memory mask) for a decoder block (see `CrossAttention`)."""
         if self.post_norm:  # BERT: normalise after adding the residual
             x = self.norm1(x + self.drop(self.attn(x, rope, mask, cache)))
+            if cross is not None:
+                x = self.norm_cross(x + self.drop(self.cross_attn(x, *cross, cache)))
             return self.norm2(x + self.drop(self.mlp(x)))
         x = x + self.drop(self.attn(self.norm1(x), rope, mask, cache))
+        if cross is not None:
+            x = x + self.drop(self.cross_attn(self.norm_cross(x), *cross, cache))
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
+class Decoder(nn.Module):
+    """An encoder-decoder's decoder stack: its own positions, blocks with cross-attention and
+    final norm (the token embedding and output layer are the model's, shared with the encoder)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if cfg.pos_embedding == "learned":
+            self.wpe = nn.Embedding(cfg.context_length + cfg.pos_offset, cfg.n_embd)
+        if cfg.pos_embedding == "relative":  # T5: one bias per bucket and head, shared by all layers
+            self.rel_bias = nn.Embedding(cfg.rel_buckets, cfg.n_head)
+        if cfg.embedding_norm:
+            self.emb_norm = make_norm(cfg)
+        self.blocks = nn.ModuleList(Block(cfg, i, cross=True) for i in range(cfg.n_decoder_layer))
+        self.norm = make_norm(cfg) if cfg.norm_position == "pre" else nn.Identity()
+
+
+@contextmanager
+def _watching(blocks: nn.ModuleList, layers, attention: list, stream: list | None = None, part: str = "attn"):
+    """While inside: the attention weights of `blocks[layers]` (their `part`: attn or cross_attn) go
+    to `attention`, and with `stream` the residual stream before the first block and after each."""
+    hooks = []
+    if stream is not None:
+        hooks = [blocks[0].register_forward_pre_hook(lambda _m, args: stream.append(args[0]))]
+        hooks += [b.register_forward_hook(lambda _m, _a, out: stream.append(out)) for b in blocks]
+    for i in layers:
+        getattr(blocks[i], part).record = attention
+    try:
+        yield
+    finally:
+        for block in blocks:
+            getattr(block, part).record = None
+        for h in hooks:
+            h.remove()
+
+
 class Transformer(nn.Module):
-    """`model(ids)` returns logits [B, T, vocab]; `model.hidden(ids)` the final hidden states."""
+    """`model(ids)` returns logits [B, T, vocab]; `model.hidden(ids)` the final hidden states.
+
+    An encoder-decoder (`cfg.n_decoder_layer` > 0): `encode(src)` gives the memory, `decode(ids,
+    memory)` the decoder's hidden states, `head(h)` their logits; `model(src, labels,
+    decoder_input_ids=...)` is `seq2seq` (teacher-forced logits or loss).
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         if cfg.pos_embedding == "learned":
-            self.wpe = nn.Embedding(cfg.context_length, cfg.n_embd)
+            self.wpe = nn.Embedding(cfg.context_length + cfg.pos_offset, cfg.n_embd)
+        if cfg.pos_embedding == "relative":  # the encoder's (an encoder-decoder's `Decoder` has its own)
+            self.rel_bias = nn.Embedding(cfg.rel_buckets, cfg.n_head)
         if cfg.type_vocab_size:
             self.wtt = nn.Embedding(cfg.type_vocab_size, cfg.n_embd)
         if cfg.embedding_norm:
@@ -279,6 +279,8 @@ class Transformer(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = make_norm(cfg) if cfg.norm_position == "pre" else nn.Identity()
+        if cfg.is_encoder_decoder:  # the blocks above are the encoder
+            self.decoder = Decoder(cfg)
         if cfg.head_transform:
             self.head_dense = nn.Linear(cfg.n_embd, cfg.n_embd)
             self.head_norm = make_norm(cfg)
@@ -389,29 +391,172 @@ class Transformer(nn.Module):
             cache.pos += T
         return self.norm(x)
 
+    # --- encoder-decoder (T5, BART) --------------------------------------------------------------
+    def _embed(self, idx: torch.Tensor, pos: torch.Tensor, stack: nn.Module) -> torch.Tensor:
+        """An encoder-decoder stack's input: token embeddings (times embed_scale) plus `stack`'s
+        learned positions at `pos` (shifted by pos_offset), then its embedding norm and dropout."""
+        cfg = self.cfg
+        x = self.wte(idx)
+        if cfg.embed_scale != 1.0:
+            x = x * cfg.embed_scale
+        if cfg.pos_embedding == "learned":
+            x = x + stack.wpe(pos + cfg.pos_offset)
+        if cfg.embedding_norm:
+            x = stack.emb_norm(x)
+        return self.drop(x)
+
+    def _stack_mask(self, stack: nn.Module, q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool,
+                    key_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """SDPA's mask for queries at `q_pos` [B|1, T] and keys at `k_pos` [S]: boolean (causal
+        and/or the keys' padding, `key_mask` [B, S]), or with relative positions `stack`'s bias
+        [B|1, H, T, S] with -inf where masked; None where nothing is."""
+        mask = (k_pos[None, None, :] <= q_pos[:, :, None])[:, None] if causal else None
+        if key_mask is not None:
+            keys = key_mask.bool()[:, None, None, :]
+            mask = keys if mask is None else mask & keys
+        if self.cfg.pos_embedding != "relative":
+            return mask
+        bias = relative_bias(stack.rel_bias, q_pos, k_pos, not causal, self.cfg.rel_max_distance)
+        return bias if mask is None else torch.where(mask, bias, float("-inf"))
+
+    def _require_encoder_decoder(self) -> ModelConfig:
+        if not self.cfg.is_encoder_decoder:
+            raise LMForgeError("this model is not an encoder-decoder (n_decoder_layer is 0)")
+        return self.cfg
+
+    def _check_length(self, n: int, what: str) -> None:
+        if n > self.cfg.context_length:
+            raise LMForgeError(f"{what} of {n} tokens exceeds the context length {self.cfg.context_length}")
+
+    def encode(self, src_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """An encoder-decoder's encoder output (the memory) [B, S, n_embd] for source ids [B, S];
+        `attention_mask` [B, S]: 1 = real token, 0 = padding."""
+        self._require_encoder_decoder()
+        self._check_length(src_ids.shape[1], "a source")
+        pos = torch.arange(src_ids.shape[1], device=src_ids.device)
+        x = self._embed(src_ids, pos, self)
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None  # no padding: keep the unmasked kernels
+        mask = self._stack_mask(self, pos[None], pos, False, attention_mask)
+        for block in self.blocks:
+            x = block(x, None, mask, None)
+        return self.norm(x)
+
+    def decode(self, idx: torch.Tensor, encoder_out: torch.Tensor | None = None,
+               encoder_mask: torch.Tensor | None = None, *, cache: KVCache | None = None) -> torch.Tensor:
+        """Decoder hidden states [B, T, n_embd] (after its final norm; `head` gives logits) for
+        decoder input ids [B, T], attending to `encoder_out` [B, S, C] (`encoder_mask` [B, S]:
+        1 = real source token).
+
+        With a `cache` (`new_cache`), a given `encoder_out` is first stored in it (`remember`: pass
+        it with the first call only) and each call reads the stored cross-attention keys and values;
+        positions continue from `cache.pos`, or per row after `cache.at(rows, span)` (batched
+        decoding, one token per row)."""
+        cfg = self._require_encoder_decoder()
+        dec = self.decoder
+        T = idx.shape[1]
+        rows = cache.rows if cache is not None else None
+        start = cache.pos if cache is not None else 0
+        if rows is not None:
+            if T != 1:
+                raise LMForgeError(f"batched decoding takes one new token per row (got {T})")
+            q_pos, span = rows[:, None], cache.span
+        else:
+            self._check_length(start + T, "a decoder sequence")
+            q_pos, span = torch.arange(start, start + T, device=idx.device)[None], start + T
+        x = self._embed(idx, q_pos, dec)
+        if cfg.pos_embedding != "relative" and rows is None and (start == 0 or T == 1):
+            mask = "causal" if T > 1 else None  # the fast kernels
+        else:
+            mask = self._stack_mask(dec, q_pos, torch.arange(span, device=idx.device), True, None)
+        if encoder_out is not None and cache is not None and cache.cross_k is not None:
+            self.remember(cache, encoder_out, encoder_mask)
+            encoder_out = None
+        if encoder_out is not None:
+            keep = encoder_mask is not None and not bool(encoder_mask.all())
+            cross = (encoder_out, encoder_mask.bool()[:, None, None, :] if keep else None)
+        elif cache is None or not cache.cross_span:
+            raise LMForgeError("decode needs encoder_out, or a cache that holds it (Transformer.remember)")
+        else:
+            cross = (None, None)  # read from the cache
+        for block in dec.blocks:
+            x = block(x, None, mask, cache, cross)
+        if cache is not None and rows is None:
+            cache.pos += T
+        return dec.norm(x)
+
+    def remember(self, cache: KVCache, encoder_out: torch.Tensor, encoder_mask: torch.Tensor | None = None,
+                 rows: torch.Tensor | None = None) -> None:
+        """Store each decoder layer's cross-attention keys and values of `encoder_out` [b, S, C] in
+        cache rows `rows` (default 0..b-1): computed once per request, read at every decoding step."""
+        if encoder_mask is None:
+            encoder_mask = torch.ones(encoder_out.shape[:2], dtype=torch.bool, device=encoder_out.device)
+        cache.store_cross([b.cross_attn.keys_values(encoder_out) for b in self.decoder.blocks], encoder_mask, rows)
+
+    def start_ids(self, batch: int, device) -> torch.Tensor:
+        """[batch, 1] decoder start tokens: the first decoder input of generation."""
+        start = self.cfg.decoder_start_token_id
+        if start is None:
+            raise LMForgeError("this encoder-decoder has no decoder_start_token_id")
+        return torch.full((batch, 1), start, dtype=torch.long, device=device)
+
+    def shift_right(self, labels: torch.Tensor) -> torch.Tensor:
+        """Decoder inputs for teacher forcing: the start token, then `labels` [B, T] but their last
+        (-100 becomes the start token: ignored positions need some valid id)."""
+        ids = torch.cat([self.start_ids(labels.shape[0], labels.device), labels[:, :-1]], dim=1)
+        return ids.masked_fill(ids == -100, self.cfg.decoder_start_token_id)
+
+    def seq2seq(self, src_ids: torch.Tensor, decoder_input_ids: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, *, src_mask: torch.Tensor | None = None,
+                reduction: str = "mean") -> torch.Tensor:
+        """An encoder-decoder's teacher-forced pass: logits [B, T, vocab] for `decoder_input_ids`
+        [B, T]; or, given `labels` [B, T] (-100 = ignore), the cross-entropy (mean, sum or per
+        token, as `forward`), through the fused loss path. Without decoder_input_ids they are the
+        labels shifted right (`shift_right`). `src_mask` [B, S]: 1 = real source token."""
+        if decoder_input_ids is None:
+            if labels is None:
+                raise LMForgeError("seq2seq needs decoder_input_ids or labels")
+            decoder_input_ids = self.shift_right(labels)
+        h = self.decode(decoder_input_ids, self.encode(src_ids, src_mask), src_mask)
+        return self._logits_or_loss(h, labels, reduction=reduction)
+
     @torch.no_grad()
     def inspect(self, idx: torch.Tensor, *, token_type_ids: torch.Tensor | None = None,
-                layers: list[int] | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+                layers: list[int] | None = None, decoder_input_ids: torch.Tensor | None = None) -> tuple:
         """What happens inside, for `lmforge inspect`: the attention weights [B, H, T, T] of `layers`
         (default all; in order), computed on the math path only for those (every other layer and
         call keeps SDPA's fused kernels), and the residual stream [B, T, C] after the embeddings and
         after each block (n_layer + 1 entries; the final norm is not applied, so `head(norm(x))` of
-        an entry is the logit lens at that depth)."""
+        an entry is the logit lens at that depth).
+
+        An encoder-decoder reads `idx` as the source and `decoder_input_ids` (default: the start
+        token) as the decoder's input, and returns dicts instead: attention {"encoder", "decoder",
+        "cross"} (cross: [B, H, T_dec, S]) and stream {"encoder", "decoder"}."""
+        if self.cfg.is_encoder_decoder:
+            return self._inspect_seq2seq(idx, decoder_input_ids, layers)
         layers = list(range(len(self.blocks))) if layers is None else sorted(layers)
         attention: list[torch.Tensor] = []
         stream: list[torch.Tensor] = []
-        hooks = [self.blocks[0].register_forward_pre_hook(lambda _m, args: stream.append(args[0]))]
-        hooks += [b.register_forward_hook(lambda _m, _a, out: stream.append(out)) for b in self.blocks]
-        for i in layers:
-            self.blocks[i].attn.record = attention
-        try:
+        with _watching(self.blocks, layers, attention, stream):
             self.hidden(idx, token_type_ids=token_type_ids)
-        finally:
-            for block in self.blocks:
-                block.attn.record = None
-            for h in hooks:
-                h.remove()
         return attention, stream
+
+    def _inspect_seq2seq(self, src: torch.Tensor, dec_ids: torch.Tensor | None, layers: list[int] | None):
+        """`inspect` for an encoder-decoder: ({"encoder", "decoder", "cross"}: weights [B, H, T, S] of
+        `layers` (default all) of each stack, {"encoder", "decoder"}: residual streams)."""
+        if dec_ids is None:
+            dec_ids = self.start_ids(src.shape[0], src.device)
+        att: dict[str, list[torch.Tensor]] = {"encoder": [], "decoder": [], "cross": []}
+        stream: dict[str, list[torch.Tensor]] = {"encoder": [], "decoder": []}
+        blocks = self.decoder.blocks
+        enc = range(len(self.blocks)) if layers is None else sorted(layers)
+        dec = range(len(blocks)) if layers is None else sorted(layers)
+        with _watching(self.blocks, enc, att["encoder"], stream["encoder"]):
+            memory = self.encode(src)
+        with _watching(blocks, dec, att["decoder"], stream["decoder"]), _watching(blocks, dec, att["cross"],
+                                                                                   part="cross_attn"):
+            self.decode(dec_ids, memory)
+        return att, stream
 
     def _row_mask(self, rows: torch.Tensor, span: int) -> torch.Tensor:
         """[B, 1, 1, span]: row b's query (at position rows[b]) sees keys 0..rows[b] (and, with a
@@ -430,13 +575,21 @@ class Transformer(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 attention_mask: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
-                cache: KVCache | None = None, last_only: bool = False, reduction: str = "mean") -> torch.Tensor:
+                cache: KVCache | None = None, last_only: bool = False, reduction: str = "mean",
+                decoder_input_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, T, vocab]; or, given `targets` [B, T] (-100 = ignore), the cross-entropy:
         its mean, its sum, or (reduction="none") per-token losses [B, T] in fp32, 0 where ignored.
 
-        The loss path never materialises the full logits (see `linear_cross_entropy`).
+        The loss path never materialises the full logits (see `linear_cross_entropy`). An
+        encoder-decoder reads `idx` as the source (`attention_mask` its padding) and goes to `seq2seq`.
         """
+        if self.cfg.n_decoder_layer:
+            return self.seq2seq(idx, decoder_input_ids, targets, src_mask=attention_mask, reduction=reduction)
         h = self.hidden(idx, attention_mask=attention_mask, token_type_ids=token_type_ids, cache=cache)
+        return self._logits_or_loss(h, targets, last_only, reduction)
+
+    def _logits_or_loss(self, h: torch.Tensor, targets: torch.Tensor | None, last_only: bool = False,
+                        reduction: str = "mean") -> torch.Tensor:
         if targets is None:
             return self.head(h[:, -1:] if last_only else h)
         weight, bias = self.head_weight_and_bias()
@@ -448,6 +601,8 @@ class Transformer(nn.Module):
         """What the output layer multiplies: h, after BERT's head transform where there is one."""
         if self.cfg.head_transform:
             h = self.head_norm(ACTIVATIONS[self.cfg.activation](self.head_dense(h)))
+        if self.cfg.head_scale != 1.0:  # T5's tied output layer
+            h = h * self.cfg.head_scale
         return h
 
     def score_targets(self, idx: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -487,16 +642,21 @@ class Transformer(nn.Module):
                 m.__class__ = InferenceLinear
         return self
 
-    def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
+    def new_cache(self, batch: int = 1, max_len: int | None = None, max_src_len: int | None = None) -> KVCache:
+        """A KV cache for `batch` rows of up to `max_len` positions (default: the context); an
+        encoder-decoder's also holds cross-attention keys and values of up to `max_src_len` source
+        tokens per row (default: the context)."""
         p = next(self.parameters())  # the activations' dtype (not wte's: an int8 table has no .weight)
-        return KVCache(self.cfg, batch, max_len or self.cfg.context_length, p.device, p.dtype)
+        src = (max_src_len or self.cfg.context_length) if self.cfg.is_encoder_decoder else 0
+        return KVCache(self.cfg, batch, max_len or self.cfg.context_length, p.device, p.dtype, src)
 
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
             n -= self.wte.weight.numel()
-            if hasattr(self, "wpe"):
-                n -= self.wpe.weight.numel()
+            for stack in (self, getattr(self, "decoder", None)):
+                if hasattr(stack, "wpe"):
+                    n -= stack.wpe.weight.numel()
         return n
 
 
