@@ -333,3 +333,33 @@ def test_temperatures_and_top_p_too_small_for_float32_sample_as_greedy():
             Request(PROMPTS[0], max_tokens=6, temperature=1e-40, seed=2),
             Request(PROMPTS[0], max_tokens=6, temperature=1.0, top_p=5e-324, seed=3)]  # filter_probs
     assert [s[0].tokens for s in Engine(model, slots=3).generate(reqs)] == [want] * 3
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_an_encoder_decoder_decodes_in_the_batch_as_alone(family, tmp_path):
+    """Sources of different lengths, admitted together and mid-flight, n > 1 and greedy: each
+    request's tokens equal generate_seq2seq_ids one at a time (itself equal to transformers)."""
+    from hf_fixtures import tiny_seq2seq
+
+    import lmforge
+    from lmforge.inference.generate import generate_seq2seq_ids
+
+    tiny_seq2seq(family, tmp_path)
+    model = lmforge.load(tmp_path, dtype="float32").model
+    sources = [list(range(3, 3 + n)) for n in (30, 7, 12, 3)]
+    want = [[s.token for s in generate_seq2seq_ids(model, src, 10)] for src in sources]
+    engine = Engine(model, slots=5, prefill_chunk=40)
+    handles = [engine.submit(Request(src, max_tokens=10, temperature=0)) for src in sources[:2]]
+    engine.step()
+    engine.step()
+    handles += [engine.submit(Request(sources[2], max_tokens=10, temperature=0, n=2)),
+                engine.submit(Request(sources[3], max_tokens=10, temperature=0))]
+    got = [[s.tokens for s in h.result()] for h in handles]
+    assert got == [[want[0]], [want[1]], [want[2], want[2]], [want[3]]]
+    assert engine._free == [0, 1, 2, 3, 4]
+    one = Engine(model, slots=1)  # a longer source after a shorter one in the same slot: it reads all of its own
+    assert [one.generate([Request(sources[i], max_tokens=10, temperature=0)])[0][0].tokens for i in (3, 1, 0)] == \
+        [want[3], want[1], want[0]]
+    too_long = [5] * (model.cfg.context_length + 1)
+    with pytest.raises(LMForgeError, match=f"source is {len(too_long)} tokens"):
+        engine.submit(Request(too_long, max_tokens=3))

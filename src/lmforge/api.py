@@ -20,14 +20,20 @@ class LM(Loaded):
         require(self.meta, str(self.path), "text generation needs a decoder (causal language model)",
                 lambda k: k.generates)
 
+    def check_writes_text(self) -> None:
+        """A one-line error unless this model writes text from a prompt (a decoder or an encoder-decoder)."""
+        require(self.meta, str(self.path), "text generation needs a decoder or an encoder-decoder",
+                lambda k: k.writes_text)
+
     def generate(self, prompt: str, *, max_new_tokens: int | None = None, temperature: float = 0.8,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                  stop: list[str] | None = None, stream: Callable[[str], None] | None = None,
                  repetition_penalty: float = 1.0, json_schema: dict | None = None, regex: str | None = None,
                  **kw) -> str:
         """Continue `prompt`; returns only the new text. With `json_schema` the text is JSON that
-        validates against it; with `regex` it matches the regex (the grammar guarantees both)."""
-        self.check_generates()
+        validates against it; with `regex` it matches the regex (the grammar guarantees both). An
+        encoder-decoder (T5, BART) reads `prompt` as its source and returns what it writes."""
+        self.check_writes_text()
         if json_schema is not None or regex is not None:
             kw["grammar"] = self.grammar(json_schema=json_schema, regex=regex)
         return generate_text(self.model, self.tokenizer, prompt, max_new_tokens=max_new_tokens,

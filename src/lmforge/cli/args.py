@@ -68,7 +68,8 @@ class GenerateArgs(SamplingArgs):
     top_candidates: int = arg(0, "print, at each step, the K most likely next tokens and their probabilities, "
                               "and the rank of the one picked", ge=0)
     num_samples: int = arg(1, "how many completions to generate (seeds seed, seed+1, ...)", short="-n", ge=1)
-    echo: bool = arg(True, "print the prompt before the completion")
+    echo: bool = arg(True, "print the prompt before the completion (a decoder's; an encoder-decoder's answer is "
+                     "not a continuation, so it prints alone)")
     quantize: str = quantize_flag()
     json_schema: str | None = arg(None, "a JSON Schema file: the output is JSON that validates against it (the "
                                   "grammar guarantees it, even for an untrained model)")

@@ -101,7 +101,7 @@ def generate(ns) -> None:
     stops = [unescape(s) for s in a.stop]
     schema = read_json_file(a.json_schema, "--json-schema") if a.json_schema else None
     lm = load(a.model_dir, device=a.device, quantize=a.quantize)
-    lm.check_generates()
+    lm.check_writes_text()
     try:  # before any output: a bad schema fails first
         grammar = lm.grammar(json_schema=schema, regex=a.regex)
     except LMForgeError as e:
@@ -111,6 +111,7 @@ def generate(ns) -> None:
         print(f"warning: {note}", file=sys.stderr)
         prompt = "…" + lm.tokenizer.decode(ids, skip_special=True)
     out = sys.stdout
+    echo = a.echo and lm.kind.generates
 
     def show(step: int, ranked: list[tuple[str, float]], picked: Picked) -> None:
         cands = "  ".join(f"{t!r} {p:6.2%}" for t, p in ranked)
@@ -123,9 +124,9 @@ def generate(ns) -> None:
         if a.top_candidates:
             text = lm.generate(prompt, prompt_ids=ids, seed=seed, stop=stops, top_candidates=a.top_candidates,
                                on_candidates=show, grammar=grammar, **sampling(a))
-            out.write(f"\n{prompt if a.echo else ''}{text}\n")
+            out.write(f"\n{prompt if echo else ''}{text}\n")
             continue
-        if a.echo:
+        if echo:
             out.write(prompt)
         lm.generate(prompt, prompt_ids=ids, seed=seed, stop=stops, stream=lambda s: (out.write(s), out.flush()),
                     grammar=grammar, **sampling(a))

@@ -23,6 +23,11 @@ class Kind(str, Enum):
         return self is Kind.CAUSAL_LM
 
     @property
+    def writes_text(self) -> bool:
+        """Whether it writes text from a prompt: a decoder continues it, an encoder-decoder answers it."""
+        return self in (Kind.CAUSAL_LM, Kind.SEQ2SEQ)
+
+    @property
     def is_encoder(self) -> bool:
         return self in (Kind.MASKED_LM, Kind.ENCODER)
 

@@ -9,6 +9,11 @@ its cache to n slots. Finished and cancelled samples free their slot at once. Pr
 step feeds at most `prefill_chunk` prompt tokens, so a long prompt joins over several steps instead
 of stalling every stream in flight for the whole of its prefill.
 
+An encoder-decoder (T5, BART) runs in the same slots: a request's prompt is its source, encoded
+when it is admitted (the sources admitted together in one padded forward), with each decoder
+layer's cross-attention keys and values stored in its slots (computed once per request); it then
+decodes from the decoder's start token in the same batched steps as every other request.
+
 Use it synchronously (`Engine.generate`, or iterate a `Handle`: iteration runs steps in the
 caller's thread) or start its loop in a background thread (`start`/`close`, or `with Engine(...)`)
 and read each handle's events from its thread-safe queue.
@@ -157,6 +162,7 @@ class _Seq:
         self.handle, self.index, self.slot, self.r = handle, index, slot, r
         self.length = len(r.prompt)  # entries in the cache
         self.last = -1  # the token to feed next
+        self.room = handle.engine.room(r)  # the most tokens it may write
         self.emitted = 0
         self.out: list[int] = []  # the tokens emitted (the cache holds (prompt + out)[:length])
         self.gen = torch.Generator().manual_seed(r.seed + index) if r.seed is not None else None
@@ -204,7 +210,10 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         # Keys and values of prefixes seen before (see prefix_cache.py). Only for fixed weights: a
         # cache outlives the step that filled it, so a model being trained must not have one.
-        self.prefix_cache = prefix_cache
+        # An encoder-decoder's decoder starts from its own start token, not from the prompt (its
+        # source): no decoder prefix to share.
+        self.seq2seq = cfg.is_encoder_decoder
+        self.prefix_cache = None if self.seq2seq else prefix_cache
         self._pending: list[_Prefill] = []  # admitted prompts not fully fed yet (in order)
         self.model, self.slots = model, slots
         # Each step runs the model in eval mode and then puts back the modes it found: a policy being
@@ -242,7 +251,14 @@ class Engine:
             raise LMForgeError("the prompt is empty")
         if min(r.prompt) < 0 or max(r.prompt) >= self.vocab:
             raise LMForgeError(f"prompt token ids must lie in 0..{self.vocab - 1}")
-        room = self.max_len - len(r.prompt)
+        room = self.room(r)
+        if self.seq2seq and self.model.cfg.decoder_start_token_id is None:
+            raise LMForgeError("this encoder-decoder has no decoder_start_token_id (set it in its config.json)")
+        if self.seq2seq and len(r.prompt) > self.model.cfg.context_length:
+            raise LMForgeError(f"the source is {len(r.prompt)} tokens; the model's context is "
+                               f"{self.model.cfg.context_length}")
+        if self.seq2seq and r.max_tokens is not None and r.max_tokens > room:
+            raise LMForgeError(f"max_tokens {r.max_tokens} exceeds the decoder's {room} positions")
         if r.max_tokens is not None and r.max_tokens > room or room < 1:
             raise LMForgeError(f"max_tokens {r.max_tokens or 1} plus the prompt's {len(r.prompt)} tokens exceeds the "
                                f"context length of {self.max_len} tokens")
@@ -254,6 +270,11 @@ class Engine:
             if not 0 <= t < self.vocab or not -100 <= v <= 100:
                 raise LMForgeError(f"logit_bias maps token ids 0..{self.vocab - 1} to values in -100..100 "
                                    f"(got {t}: {v})")
+
+    def room(self, r: Request) -> int:
+        """The most tokens a request may write: the context left after its prompt (an encoder-
+        decoder's decoder has its own positions)."""
+        return self.max_len if self.seq2seq else self.max_len - len(r.prompt)
 
     def submit(self, request: Request) -> Handle:
         """Queue a request (from any thread); it joins the batch at the next step."""
@@ -375,7 +396,7 @@ class Engine:
     def _step(self) -> bool:
         for seq in [s for s in self._active.values() if s.handle.cancelled or s.index in s.handle.dropped]:
             self._finish(seq, "cancelled")
-        chunks = self._plan()
+        chunks = self._encode_sources() if self.seq2seq else self._plan()
         seqs = sorted(self._active.values(), key=lambda s: s.slot)
         if not chunks and not seqs:
             return False
@@ -410,7 +431,7 @@ class Engine:
                 s = seqs[0]
                 view = self._view(s.slot, s.slot + 1)
                 view.pos = s.length
-                logits = self.model(torch.tensor([[s.last]], device=self.device), cache=view, last_only=True)[:, -1]
+                logits = self._last_logits(torch.tensor([[s.last]], device=self.device), view)
                 rows = [0]
             else:
                 hi = seqs[-1].slot + 1
@@ -419,12 +440,55 @@ class Engine:
                     tokens[s.slot], pos[s.slot] = s.last, s.length
                 ids = torch.tensor(tokens, device=self.device)[:, None]
                 view = self._view(0, hi).at(torch.tensor(pos, device=self.device), max(pos) + 1)
-                logits = self.model(ids, cache=view, last_only=True)[:, -1]
+                logits = self._last_logits(ids, view)
                 rows = [s.slot for s in seqs]
         for s in seqs:
             s.length += 1
         self._sample(seqs, logits, rows, dict(zip(map(id, ruled), masks.result())) if masks else None)
         return True
+
+    def _last_logits(self, ids: torch.Tensor, view: KVCache) -> torch.Tensor:
+        """Each row's next-token logits [B, vocab] for ids [B, 1] through the cache view."""
+        if self.seq2seq:  # the decoder, reading each row's cross-attention entries from the cache
+            return self.model.head(self.model.decode(ids, cache=view))[:, -1]
+        return self.model(ids, cache=view, last_only=True)[:, -1]
+
+    def _encode_sources(self) -> list:
+        """An encoder-decoder's admissions: the waiting requests that fit (sources of up to
+        `prefill_chunk` tokens in all, at least one request) are encoded in one padded forward;
+        each stores its cross-attention keys and values in its n slots and starts decoding from the
+        start token in this step. Returns no prompt chunks (the decoder has no prompt)."""
+        handles, budget = [], self.prefill_chunk
+        while budget > 0 and (h := self._next_waiting()) is not None:
+            handles.append((h, [self._free.pop(0) for _ in range(h.request.n)]))
+            budget -= len(h.request.prompt)
+        if not handles:
+            return []
+        width = max(len(h.request.prompt) for h, _ in handles)
+        ids = torch.zeros(len(handles), width, dtype=torch.long, device=self.device)
+        mask = torch.zeros(len(handles), width, dtype=torch.bool, device=self.device)
+        for i, (h, _) in enumerate(handles):
+            ids[i, :len(h.request.prompt)] = torch.tensor(h.request.prompt, device=self.device)
+            mask[i, :len(h.request.prompt)] = True
+        try:
+            with autocast(self.device):
+                memory = self.model.encode(ids, mask)
+                for i, (_, slots) in enumerate(handles):
+                    self.model.remember(self.cache, memory[i:i + 1], mask[i:i + 1],
+                                        torch.tensor(slots, device=self.device))
+        except Exception as e:  # not in slots yet: end them here, or their readers would wait forever
+            for h, slots in handles:
+                self._free = sorted(self._free + slots)
+                self._end(h, "error", f"{type(e).__name__}: {e}".splitlines()[0])
+            if not self.running:
+                raise
+            return []
+        start = self.model.cfg.decoder_start_token_id
+        for h, slots in handles:
+            for i, slot in enumerate(slots):
+                s = self._active[slot] = _Seq(h, i, slot, self.device)
+                s.length, s.last = 0, start
+        return []
 
     def _forward_mixed(self, seqs: list[_Seq], chunks: list[tuple[_Prefill, int]]) -> torch.Tensor:
         """One forward over the decode rows and the prompt chunks; logits [len(seqs) + prompts fully
@@ -609,7 +673,7 @@ class Engine:
             s.record(t)
             if s.matcher is not None and s.matcher.is_stopped():  # the grammar is complete: nothing may follow
                 self._finish(s, "stop")
-            elif s.emitted >= (s.r.max_tokens or self.max_len - len(s.r.prompt)):
+            elif s.emitted >= (s.r.max_tokens or s.room):
                 self._finish(s, "length")
 
     def _shape(self, seqs: list[_Seq], logits: torch.Tensor, rows: list[int],

@@ -141,12 +141,13 @@ def prepare_prompt(tokenizer: Tokenizer, cfg: ModelConfig, prompt: str, max_new_
     if not ids:
         raise LMForgeError("the prompt is empty")
     ctx = cfg.context_length
-    if max_new_tokens is not None and max_new_tokens >= ctx:
+    seq2seq = cfg.is_encoder_decoder  # its answer has the decoder's own positions: the source gets all ctx
+    if max_new_tokens is not None and max_new_tokens >= ctx + seq2seq:
         raise LMForgeError(f"--max-new-tokens {max_new_tokens} exceeds the model's context length of {ctx} "
-                           "tokens, leaving no room for the prompt")
-    if len(ids) + (max_new_tokens or 1) <= ctx:
+                           "tokens" + ("" if seq2seq else ", leaving no room for the prompt"))
+    if len(ids) + (0 if seq2seq else max_new_tokens or 1) <= ctx:
         return ids, None
-    room = max_new_tokens or min(DEFAULT_NEW_TOKENS, ctx // 2)
+    room = 0 if seq2seq else max_new_tokens or min(DEFAULT_NEW_TOKENS, ctx // 2)
     if truncate is None:
         why = f"with --max-new-tokens {max_new_tokens} that exceeds" if max_new_tokens else "more than"
         raise LMForgeError(f"the prompt is {len(ids)} tokens; {why} the model's context length of {ctx} "
@@ -191,15 +192,16 @@ def generate_text(model: Transformer, tokenizer: Tokenizer, prompt: str, *, max_
         ids, note = prepare_prompt(tokenizer, model.cfg, prompt, max_new_tokens, truncate)
         if note:
             print(f"warning: {note}", file=sys.stderr)
-    if max_new_tokens is None:  # not asked for: as much as fits, up to 200
-        max_new_tokens = max(1, min(DEFAULT_NEW_TOKENS, model.cfg.context_length - len(ids)))
     ctx = model.cfg.context_length
-    if len(ids) + max_new_tokens > ctx:
+    used = 0 if model.cfg.is_encoder_decoder else len(ids)  # the context the prompt takes from the answer
+    if max_new_tokens is None:  # not asked for: as much as fits, up to 200
+        max_new_tokens = max(1, min(DEFAULT_NEW_TOKENS, ctx - used))
+    if used + max_new_tokens > ctx:
         raise LMForgeError(f"--max-new-tokens {max_new_tokens} plus the prompt's {len(ids)} tokens exceeds the "
                            f"model's context length of {ctx} tokens")
     end = {tokenizer.eot_id} if stop_ids is None else stop_ids
     want = top_candidates if on_candidates is not None else 0
-    engine = Engine(model, slots=1, max_len=len(ids) + max_new_tokens, prefix_cache=prefix_cache)
+    engine = Engine(model, slots=1, max_len=used + max_new_tokens, prefix_cache=prefix_cache)
     handle = engine.submit(Request(ids, max_new_tokens, temperature, top_k, top_p, seed, repetition_penalty,
                                    presence_penalty, frequency_penalty, stop=end, logprobs=want, grammar=grammar))
     out = TextStream(tokenizer, stops)

@@ -78,7 +78,7 @@ class KVCache:
         self.cross_k: list[torch.Tensor] | None = None
         self.cross_v: list[torch.Tensor] | None = None
         self.cross_mask: torch.Tensor | None = None
-        self.cross_span = 0
+        self._cross_span = [0]  # one list shared with every view: a view made earlier sees later sources
         if max_src_len:
             src = (batch, cfg.n_kv_head, max_src_len, cfg.head_dim)
             self.cross_k = [torch.zeros(src, device=device, dtype=dtype) for _ in range(layers)]
@@ -91,7 +91,7 @@ class KVCache:
         view.k, view.v = [k[start:stop] for k in self.k], [v[start:stop] for v in self.v]
         view.max_len, view.pos, view.rows, view.span, view.mixed = self.max_len, 0, None, 0, None
         view.cross_k = view.cross_v = view.cross_mask = None
-        view.cross_span = self.cross_span
+        view._cross_span = self._cross_span
         if self.cross_k is not None:
             view.cross_k, view.cross_v = [k[start:stop] for k in self.cross_k], [v[start:stop] for v in self.cross_v]
             view.cross_mask = self.cross_mask[start:stop]
@@ -118,7 +118,12 @@ class KVCache:
             self.cross_v[layer][rows, :, :S] = v
         self.cross_mask[rows] = False
         self.cross_mask[rows, :S] = mask.bool()
-        self.cross_span = max(self.cross_span, S)
+        self._cross_span[0] = max(self._cross_span[0], S)
+
+    @property
+    def cross_span(self) -> int:
+        """How many leading source positions cross-attention reads (the longest source stored)."""
+        return self._cross_span[0]
 
     def at(self, rows: torch.Tensor, span: int) -> KVCache:
         """Set up one batched decoding step: row b writes position rows[b]; span = max(rows) + 1."""

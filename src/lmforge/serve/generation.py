@@ -105,11 +105,15 @@ class Backend:
 
     # -- requests ------------------------------------------------------------------------------------
     def _require_decoder(self) -> None:
+        if self.lm.kind.writes_text and not self.lm.kind.generates:
+            raise APIError(400, f"this server holds a {self.lm.kind} (encoder-decoder), which answers a source text "
+                           "but has no chat template: use /v1/completions", param="model")
         if not self.lm.kind.generates:
             raise APIError(400, f"this server holds a {self.lm.kind}, which cannot generate text", param="model")
 
     async def completion(self, body: dict, request: Request):
-        self._require_decoder()
+        if not self.lm.kind.writes_text:
+            self._require_decoder()
         s = parse_sampling(body, chat=False)
         prompt = parse_prompt(body)
         if body.get("echo"):
@@ -182,12 +186,12 @@ class Backend:
     def _engine_request(self, ids: list[int], s: Sampling, chat: bool, shape: Shape) -> EngineRequest:
         if not ids:
             raise APIError(400, "the prompt is empty", param="prompt")
-        room = self.ctx - len(ids)
-        if room < 1:
+        used = 0 if self.lm.config.is_encoder_decoder else len(ids)  # an encoder-decoder answers in its own positions
+        if len(ids) > self.ctx or self.ctx - used < 1:
             raise APIError(400, f"the prompt is {len(ids)} tokens; the model's context is {self.ctx}",
-                           param="messages", code="context_length_exceeded")
-        max_tokens = s.max_tokens if s.max_tokens is not None else min(room, 256)
-        if len(ids) + max_tokens > self.ctx:
+                           param="messages" if chat else "prompt", code="context_length_exceeded")
+        max_tokens = s.max_tokens if s.max_tokens is not None else min(self.ctx - used, 256)
+        if used + max_tokens > self.ctx:
             raise APIError(400, f"the prompt's {len(ids)} tokens plus max_tokens {max_tokens} exceed the model's "
                            f"context of {self.ctx} tokens", param="max_tokens", code="context_length_exceeded")
         return EngineRequest(prompt=ids, max_tokens=max_tokens, temperature=s.temperature, top_k=s.top_k,

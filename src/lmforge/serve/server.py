@@ -33,7 +33,9 @@ def default_slots(model: Transformer) -> int:
     """As many slots as a quarter of the free memory holds KV caches for (each slot preallocates the
     whole context), at most 8 per CPU core on a CPU and 64 on a GPU."""
     cfg, p = model.cfg, next(model.parameters())  # the cache takes the parameters' dtype (Transformer.new_cache)
-    per_slot = 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * cfg.context_length * p.element_size()
+    layers = cfg.n_decoder_layer or cfg.n_layer  # an encoder-decoder caches its decoder, and its source per slot
+    positions = cfg.context_length * (2 if cfg.is_encoder_decoder else 1)
+    per_slot = 2 * layers * cfg.n_kv_head * cfg.head_dim * positions * p.element_size()
     free = torch.cuda.mem_get_info(p.device)[0] if p.device.type == "cuda" else available_memory()
     cap = min(MAX_SLOTS, SLOTS_PER_CORE * cpu_cores()) if p.device.type == "cpu" else MAX_SLOTS
     return max(1, min(cap, int(KV_SHARE * free) // per_slot if free else cap))
@@ -54,14 +56,15 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: st
     api_key = api_key or os.environ.get("LMFORGE_API_KEY") or None
     lm = load_model(model_dir, device=device, quantize=quantize)
     name = model_name or Path(model_dir).name
-    if not lm.kind.generates and not lm.kind.is_encoder:
-        raise LMForgeError(f"{model_dir} is {lm.kind.phrase}: serve needs a language model or an encoder")
-    slots = slots or (default_slots(lm.model) if lm.kind.generates else 1)
+    if not lm.kind.writes_text and not lm.kind.is_encoder:
+        raise LMForgeError(f"{model_dir} is {lm.kind.phrase}: serve needs a language model, an encoder-decoder "
+                           "or an encoder")
+    slots = slots or (default_slots(lm.model) if lm.kind.writes_text else 1)
     max_queue = max_queue or QUEUE_PER_SLOT * slots
     cfg = ServeConfig(model_name=name, api_key=api_key, cors_origins=list(cors_origins or []), max_body=max_body,
                       max_queue=max_queue, feedback=feedback, inspect=inspect)
     engine = None
-    if lm.kind.generates:
+    if lm.kind.writes_text:
         prefix = None if cache_mb == 0 else PrefixCache(None if cache_mb is None else int(cache_mb * 2**20),
                                                         device=lm.device)
         engine = Engine(lm.model, slots=slots, prefill_chunk=prefill_chunk, prefix_cache=prefix)
