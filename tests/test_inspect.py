@@ -96,3 +96,44 @@ def test_cli_draws_prints_and_refuses(tiny_run, tmp_path, capsys):
         assert main(args) == 2
         err = capsys.readouterr().err
         assert words in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_encoder_decoder_attention_matches_transformers(family, tmp_path, capsys):
+    """Encoder self-, decoder self- and cross-attention equal transformers' output_attentions."""
+    import transformers as tf
+    from hf_fixtures import tiny_seq2seq
+
+    tiny_seq2seq(family, tmp_path)
+    hf = tf.AutoModelForSeq2SeqLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    lm = lmforge.load(tmp_path, dtype="float32")
+    target = "a lazy dog"
+    got = inspect.attention(lm, TEXT, target=target)
+    src = inspect.encode(lm, TEXT)
+    dec = [lm.config.decoder_start_token_id] + lm.tokenizer.encode(target)
+    assert len(got["decoder_tokens"]) == len(dec) > 1
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor([src]), decoder_input_ids=torch.tensor([dec]), output_attentions=True)
+    for key, want in (("attention", ref.encoder_attentions), ("decoder_attention", ref.decoder_attentions),
+                      ("cross_attention", ref.cross_attentions)):
+        assert len(got[key]) == len(want) > 0
+        for layer, w in enumerate(want):
+            torch.testing.assert_close(torch.tensor(got[key][layer]), w[0], atol=1e-5, rtol=0)
+    assert torch.tensor(got["decoder_attention"]).triu(1).abs().max() == 0  # the decoder is causal
+
+    out = tmp_path / "attn.png"
+    assert main(["inspect", "attention", str(tmp_path), "--text", TEXT, "--target", target, "--out", str(out)]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    capsys.readouterr()
+    assert main(["inspect", "attention", str(tmp_path), "--text", TEXT, "--layer", "1", "--head", "2", "--json"]) == 0
+    one = json.loads(capsys.readouterr().out)
+    assert one["decoder_tokens"] == [inspect._piece(lm, lm.config.decoder_start_token_id)]  # no target: start only
+    first_row = torch.tensor(got["cross_attention"][1][2])[:1]  # the start token's row: it sees no later token
+    torch.testing.assert_close(torch.tensor(one["cross_attention"][0][0]), first_row, atol=1e-5, rtol=0)
+    for argv, words in [(["--text", "word " * 300], f"the model's context is {lm.config.context_length}"),
+                        (["--text", TEXT, "--layer", "2"], "--layer 2 is out of range")]:
+        assert main(["inspect", "attention", str(tmp_path), *argv]) == 2
+        err = capsys.readouterr().err
+        assert words in err and err.count("\n") == 1 and "Traceback" not in err
+    assert main(["inspect", "lens", str(tmp_path), "--text", TEXT]) == 2
+    assert "sequence-to-sequence" in capsys.readouterr().err

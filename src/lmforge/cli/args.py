@@ -139,7 +139,8 @@ class TokenizerEncodeArgs:
 class ImportArgs:
     """Convert a Hugging Face checkpoint (config.json + safetensors + tokenizer.json) into an lmforge
     model directory. Supported families: GPT-2, Llama (incl. Llama 3 rope scaling), Mistral, Qwen2,
-    Qwen3, BERT, and Llama-style models such as SmolLM. A .gguf file (llama.cpp, Ollama) of the
+    Qwen3, BERT, Llama-style models such as SmolLM, and the encoder-decoders T5 (incl. FLAN-T5) and
+    BART. A .gguf file (llama.cpp, Ollama) of the
     gpt2, llama, qwen2 or qwen3 architecture in F32, F16, BF16 or Q8_0 is read too (dequantised)."""
 
     hf_dir: str = arg(None, "Hugging Face model directory, or a .gguf file", positional=True)
@@ -151,8 +152,8 @@ class ImportArgs:
 @dataclass
 class ExportArgs:
     """Write a model directory as a Hugging Face checkpoint that `transformers` loads with
-    AutoModelForCausalLM/AutoTokenizer.from_pretrained, or (--format gguf) as one GGUF file that
-    llama.cpp, Ollama and LM Studio run."""
+    AutoModelForCausalLM (an encoder-decoder: AutoModelForSeq2SeqLM)/AutoTokenizer.from_pretrained,
+    or (--format gguf) as one GGUF file that llama.cpp, Ollama and LM Studio run."""
 
     model_dir: str = arg(None, "lmforge model directory", positional=True)
     format: str = arg("hf", "output format: hf (a directory) or gguf (one file)", choices=["hf", "gguf"])

@@ -16,15 +16,19 @@ from .verbs import read_text_arg
 class InspectAttentionArgs:
     """Attention maps: for each layer and head, how much each token attends to each earlier one
     (every other token, in an encoder). Draws a grid of heat maps, one row per layer and one column
-    per head; --layer and --head pick one. Works for decoders, encoders, classifiers and reward models."""
+    per head; --layer and --head pick one. Works for decoders, encoders, classifiers and reward models,
+    and encoder-decoders (T5, BART): their encoder's, decoder's and cross-attention maps."""
 
     model_dir: str = arg(None, "model directory, Hugging Face directory or GGUF file", positional=True)
     text: str = arg(None, "the text to read ('-' reads stdin); at most the model's context")
+    target: str | None = arg(None, "encoder-decoders only: the decoder's text, read after its start token "
+                             "(default: the start token alone)")
     layer: int | None = arg(None, "only this layer (0 = the first)", ge=0)
     head: int | None = arg(None, "only this head (0 = the first)", ge=0)
     out: str = arg("attention.png", "the PNG to write")
     json: bool = arg(False, "print {\"tokens\", \"layers\", \"heads\", \"attention\": [layer][head][query][key]} "
-                     "instead of drawing")
+                     "instead of drawing (an encoder-decoder adds \"decoder_tokens\", \"decoder_attention\" and "
+                     "\"cross_attention\")")
     device: str = device_flag()
     quantize: str = quantize_flag()
 
@@ -57,12 +61,14 @@ def attention(ns) -> None:
     text = read_text_arg(a.text, "text")
     from ..inference import inspect
 
-    result = inspect.attention(_load(a), text, a.layer, a.head)
+    result = inspect.attention(_load(a), text, a.layer, a.head, a.target)
     if a.json:
         print(json.dumps(result))
         return
     inspect.plot_attention(result, a.out)
-    print(f"{len(result['tokens'])} tokens, {len(result['layers'])} layer(s) x {len(result['heads'])} head(s) "
+    dec = len(result.get("decoder_layers", []))
+    more = f" + {dec} decoder layer(s) with cross-attention" if dec else ""
+    print(f"{len(result['tokens'])} tokens, {len(result['layers'])} layer(s){more} x {len(result['heads'])} head(s) "
           f"-> {a.out}", file=sys.stderr)
 
 

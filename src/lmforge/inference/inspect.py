@@ -4,6 +4,10 @@ Attention maps are each head's weights, softmax(q k^T / sqrt(d)), for every quer
 The logit lens (nostalgebraist, 2020) applies the final norm and the output layer to the residual
 stream after each block, so you see which tokens the model would predict if it stopped there, and
 how the prediction forms layer by layer.
+
+An encoder-decoder (T5, BART) has three kinds of maps: the encoder's self-attention over the
+text, the decoder's self-attention over its input (the start token, then a `target` text,
+teacher-forced), and the decoder's cross-attention from each of its positions to the text.
 """
 
 from __future__ import annotations
@@ -49,11 +53,19 @@ def _check_index(name: str, value: int | None, count: int) -> None:
         raise LMForgeError(f"--{name} {value} is out of range: the model has {count} {name}s (0..{count - 1})")
 
 
-def attention(lm: Loaded, text: str, layer: int | None = None, head: int | None = None) -> dict:
+def attention(lm: Loaded, text: str, layer: int | None = None, head: int | None = None,
+              target: str | None = None) -> dict:
     """{"tokens": [...], "layers": [l...], "heads": [h...], "attention": [layer][head][query][key]},
-    for the chosen layer/head or all of them."""
+    for the chosen layer/head or all of them. An encoder-decoder adds the decoder's input tokens
+    ("decoder_tokens": the start token, then `target`), "decoder_layers", and its self-attention
+    ("decoder_attention") and cross-attention ("cross_attention": [layer][head][decoder
+    position][text token])."""
     body = _body(lm)
     cfg = body.cfg
+    if cfg.is_encoder_decoder:
+        return _seq2seq_attention(lm, text, layer, head, target)
+    if target is not None:
+        raise LMForgeError("a target text is for encoder-decoder models (T5, BART); this model reads one text")
     _check_index("layer", layer, cfg.n_layer)
     _check_index("head", head, cfg.n_head)
     ids = encode(lm, text)
@@ -69,6 +81,9 @@ def attention_rows(lm: Loaded, ids: list[int], layer: int, head: int | None = No
     position `start` on: head `head`'s, or the mean over heads (None). Explicit weights are
     computed for that layer alone; the others run the fused kernels."""
     cfg = _body(lm).cfg
+    if cfg.is_encoder_decoder:
+        raise LMForgeError("attention rows over one sequence are for decoders and encoders; an encoder-decoder's "
+                           "maps come from `lmforge inspect attention`")
     _check_index("layer", layer, cfg.n_layer)
     _check_index("head", head, cfg.n_head)
     weights, _ = _body(lm).inspect(torch.tensor([ids], device=lm.device), layers=[layer])
@@ -76,9 +91,34 @@ def attention_rows(lm: Loaded, ids: list[int], layer: int, head: int | None = No
     return (w.mean(0) if head is None else w[head]).cpu()
 
 
+def _seq2seq_attention(lm: Loaded, text: str, layer: int | None, head: int | None, target: str | None) -> dict:
+    body = _body(lm)
+    cfg = body.cfg
+    _check_index("layer", layer, min(cfg.n_layer, cfg.n_decoder_layer))
+    _check_index("head", head, cfg.n_head)
+    src = encode(lm, text)
+    dec = [cfg.decoder_start_token_id] + (lm.tokenizer.encode(target) if target else [])
+    if len(dec) > cfg.context_length:
+        raise LMForgeError(f"the target is {len(dec)} tokens; the model's context is {cfg.context_length} (shorten it)")
+    heads = [head] if head is not None else list(range(cfg.n_head))
+    weights, _ = body.inspect(torch.tensor([src], device=lm.device), layers=None if layer is None else [layer],
+                              decoder_input_ids=torch.tensor([dec], device=lm.device))
+
+    def maps(ws: list[torch.Tensor]) -> list:
+        return [[w[0, h].float().cpu().tolist() for h in heads] for w in ws]
+
+    return {"tokens": [_piece(lm, i) for i in src], "decoder_tokens": [_piece(lm, i) for i in dec],
+            "layers": [layer] if layer is not None else list(range(cfg.n_layer)),
+            "decoder_layers": [layer] if layer is not None else list(range(cfg.n_decoder_layer)), "heads": heads,
+            "attention": maps(weights["encoder"]), "decoder_attention": maps(weights["decoder"]),
+            "cross_attention": maps(weights["cross"])}
+
+
 def lens(lm: Loaded, text: str, top: int = 5) -> dict:
     """{"tokens": [...], "lens": [depth][position] -> [[token, prob], ...] (top `top`)}; depth 0 is
     the embeddings, depth L the last block (the model's own prediction)."""
+    if _body(lm).cfg.is_encoder_decoder:
+        raise LMForgeError(f"the logit lens reads decoders and masked language models; {lm.path} is {lm.kind.phrase}")
     if not lm.kind.has_lm_head:
         raise LMForgeError(f"the logit lens needs an output layer over tokens; {lm.path} is {lm.kind.phrase}")
     body = _body(lm)
@@ -121,24 +161,31 @@ def _save(fig, out: str | Path) -> None:
 
 def plot_attention(result: dict, out: str | Path) -> None:
     """A grid of heat maps, one row per layer and one column per head (key tokens across, queries
-    down); token labels on a single map, or when the text is short."""
+    down); token labels on a single map, or when the text is short. An encoder-decoder's rows are
+    the encoder's layers, then the decoder's self-attention, then its cross-attention."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    layers, heads, tokens = result["layers"], result["heads"], [printable(t) for t in result["tokens"]]
-    size = 6.0 if len(layers) * len(heads) == 1 else max(1.6, min(3.0, 14 / max(len(heads), 1)))
-    fig, axes = plt.subplots(len(layers), len(heads), figsize=(size * len(heads), size * len(layers)), squeeze=False)
-    labels = len(layers) * len(heads) == 1 or len(tokens) <= 12
-    for r, li in enumerate(layers):
+    heads, tokens = result["heads"], [printable(t) for t in result["tokens"]]
+    rows = [("", li, m, tokens, tokens) for li, m in zip(result["layers"], result["attention"])]
+    if "cross_attention" in result:
+        dec = [printable(t) for t in result["decoder_tokens"]]
+        rows = [("encoder ", *r[1:]) for r in rows]
+        rows += [("decoder ", li, m, dec, dec) for li, m in zip(result["decoder_layers"], result["decoder_attention"])]
+        rows += [("cross ", li, m, dec, tokens) for li, m in zip(result["decoder_layers"], result["cross_attention"])]
+    size = 6.0 if len(rows) * len(heads) == 1 else max(1.6, min(3.0, 14 / max(len(heads), 1)))
+    fig, axes = plt.subplots(len(rows), len(heads), figsize=(size * len(heads), size * len(rows)), squeeze=False)
+    labels = len(rows) * len(heads) == 1 or len(tokens) <= 12
+    for r, (kind, li, maps, queries, keys) in enumerate(rows):
         for c, h in enumerate(heads):
             ax = axes[r][c]
-            ax.imshow(result["attention"][r][c], cmap="viridis", vmin=0, vmax=1)
-            ax.set_title(f"layer {li} head {h}", fontsize=8)
+            ax.imshow(maps[c], cmap="viridis", vmin=0, vmax=1)
+            ax.set_title(f"{kind}layer {li} head {h}", fontsize=8)
             if labels:
-                ax.set_xticks(range(len(tokens)), tokens, rotation=90, fontsize=7)
-                ax.set_yticks(range(len(tokens)), tokens, fontsize=7)
+                ax.set_xticks(range(len(keys)), keys, rotation=90, fontsize=7)
+                ax.set_yticks(range(len(queries)), queries, fontsize=7)
             else:
                 ax.set_xticks([])
                 ax.set_yticks([])
