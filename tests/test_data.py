@@ -78,3 +78,11 @@ def test_eval_batches_share_the_same_windows_between_ranks():
     assert sorted(counted) == sorted(alone) and len(counted) == 4
     assert [b.counted for r in ranks for b in r] == [True, True, True, False, True, False]
     assert [len(list(eval_batches(data, 10, 4, max_windows=3, rank=r, world=2))) for r in (0, 1)] == [1, 1]
+
+
+def test_a_jsonl_record_may_hold_a_raw_line_separator(tmp_path):
+    from lmforge.data.records import read_pairs
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text('{"input": "a\u2028b", "target": "c\u0085d"}\r\n{"input": "e", "target": "f"}\n', encoding="utf-8")
+    assert read_pairs(path) == (["a\u2028b", "e"], ["c\u0085d", "f"])

@@ -172,3 +172,13 @@ def test_presence_penalty_reaches_generate(tiny_run):
     assert lm.generate("The", max_new_tokens=20, temperature=0, presence_penalty=2.0) != plain
     with pytest.raises(LMForgeError, match="--frequency-penalty"):
         lm.generate("The", frequency_penalty=2.5)
+
+
+def test_the_reference_loop_gives_back_the_mode_it_found(tiny_run):
+    lm = load(tiny_run)
+    lm.model.train()
+    steps = generate_ids(lm.model, [1, 2, 3], 5, temperature=0)
+    next(steps)
+    assert not lm.model.training  # dropout off while it generates
+    steps.close()  # the caller stops reading early
+    assert all(m.training for m in lm.model.modules())

@@ -51,6 +51,19 @@ BF16_PEAKS = [("H200", 989e12), ("GH200", 989e12), ("H100 PCIe", 756e12), ("H100
               ("4090", 165e12), ("3090", 71e12)]
 
 
+@contextlib.contextmanager
+def eval_mode(modules: list[torch.nn.Module]) -> Iterator[None]:
+    """Eval mode for the duration, then each module's own mode back (a model may mix them)."""
+    training = [m for m in modules if m.training]
+    for m in training:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m in training:
+            m.training = True
+
+
 def available_memory() -> int | None:
     """Bytes the kernel says can be allocated without swapping (MemAvailable), or None where unknown."""
     try:

@@ -27,7 +27,9 @@ def read_records(path: str | Path) -> list[tuple[int, dict]]:
             raise LMForgeError(f"{path}: invalid JSON ({e.msg})") from None
         return [(i + 1, r) for i, r in enumerate(data)]
     records = []
-    for lineno, line in enumerate(text.splitlines(), 1):
+    # JSON Lines ends records at \n alone: str.splitlines would also split at U+2028 and other
+    # separators a JSON string may hold raw
+    for lineno, line in enumerate(text.split("\n"), 1):
         if line.strip():
             try:
                 records.append((lineno, json.loads(line)))

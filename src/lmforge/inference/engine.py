@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..core.errors import LMForgeError
-from ..core.runtime import autocast
+from ..core.runtime import autocast, eval_mode
 from ..models.blas import blas_matmuls
 from ..models.cache import KVCache
 from ..models.quant import Int4Linear, Int8Linear
@@ -342,7 +342,7 @@ class Engine:
         """The model to oneself between two steps, in eval mode: no step runs until the block ends.
         For work that changes the shared model for one forward (`Transformer.inspect` sets its
         attention layers to keep their weights), which a step running beside it would disturb."""
-        with self._lock, _eval_mode(self._modules):
+        with self._lock, eval_mode(self._modules):
             yield
 
     def _loop(self) -> None:
@@ -373,7 +373,7 @@ class Engine:
 
     def step(self) -> bool:
         """Admit what fits, then decode one token for every occupied slot. False when idle."""
-        with self._lock, (blas_matmuls() if self._blas else contextlib.nullcontext()), _eval_mode(self._modules):
+        with self._lock, (blas_matmuls() if self._blas else contextlib.nullcontext()), eval_mode(self._modules):
             if self.on_step is None:
                 return self._step()
             self._batch = []
@@ -708,16 +708,3 @@ class Engine:
         """Final events for a request that never ran."""
         for i in range(h.request.n):
             self._emit(h, Event(i, finish_reason=reason, prompt_tokens=len(h.request.prompt), error=error))
-
-
-@contextlib.contextmanager
-def _eval_mode(modules: list[torch.nn.Module]) -> Iterator[None]:
-    """Eval mode for the duration, then each module's own mode back (a model may mix them)."""
-    training = [m for m in modules if m.training]
-    for m in training:
-        m.training = False
-    try:
-        yield
-    finally:
-        for m in training:
-            m.training = True

@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 
 from ..core.errors import LMForgeError
-from ..core.runtime import autocast
+from ..core.runtime import autocast, eval_mode
 from ..models.config import ModelConfig
 from ..models.transformer import Transformer
 from ..text.tokenizer import Tokenizer
@@ -56,27 +56,27 @@ def generate_ids(model: Transformer, prompt: list[int], max_new_tokens: int, *, 
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     ids = torch.tensor([prompt], device=device)
     cache = model.new_cache(1, len(prompt) + max_new_tokens) if use_cache else None
-    model.eval()
     next_input = ids
     penalize = repetition_penalty != 1.0
     if penalize:  # tokens already in the text, for the repetition penalty
         seen = torch.zeros(model.cfg.vocab_size, dtype=torch.bool, device=device)
         seen[ids[0]] = True
-    for _ in range(max_new_tokens):
-        with autocast(device):
-            logits = model(next_input if use_cache else ids, cache=cache, last_only=True)[0, -1]
-        if penalize:
-            logits = penalize_repeats(logits.float(), seen, repetition_penalty)
-        probs = filter_probs(logits, temperature, top_k, top_p).cpu()
-        token = _draw(probs, temperature, gen)
-        if token in stop_ids:
-            return
-        yield Step(token, probs)
-        if penalize:
-            seen[token] = True
-        next_input = torch.tensor([[token]], device=device)
-        if not use_cache:
-            ids = torch.cat([ids, next_input], dim=1)
+    with eval_mode(list(model.modules())):  # each module's mode back when the caller stops reading
+        for _ in range(max_new_tokens):
+            with autocast(device):
+                logits = model(next_input if use_cache else ids, cache=cache, last_only=True)[0, -1]
+            if penalize:
+                logits = penalize_repeats(logits.float(), seen, repetition_penalty)
+            probs = filter_probs(logits, temperature, top_k, top_p).cpu()
+            token = _draw(probs, temperature, gen)
+            if token in stop_ids:
+                return
+            yield Step(token, probs)
+            if penalize:
+                seen[token] = True
+            next_input = torch.tensor([[token]], device=device)
+            if not use_cache:
+                ids = torch.cat([ids, next_input], dim=1)
 
 
 def _draw(probs: torch.Tensor, temperature: float, gen: torch.Generator | None) -> int:
@@ -100,20 +100,20 @@ def generate_seq2seq_ids(model: Transformer, src: list[int], max_new_tokens: int
                            f"the model's context length of {cfg.context_length} tokens")
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
-    model.eval()
     cache = model.new_cache(1, max(1, max_new_tokens), max_src_len=len(src))
-    with autocast(device):
-        memory = model.encode(torch.tensor([src], device=device))
-    next_input = model.start_ids(1, device)
-    for i in range(max_new_tokens):
+    with eval_mode(list(model.modules())):
         with autocast(device):
-            logits = model.head(model.decode(next_input, memory if i == 0 else None, cache=cache))[0, -1]
-        probs = filter_probs(logits, temperature, top_k, top_p).cpu()
-        token = _draw(probs, temperature, gen)
-        if token in stop_ids:
-            return
-        yield Step(token, probs)
-        next_input = torch.tensor([[token]], device=device)
+            memory = model.encode(torch.tensor([src], device=device))
+        next_input = model.start_ids(1, device)
+        for i in range(max_new_tokens):
+            with autocast(device):
+                logits = model.head(model.decode(next_input, memory if i == 0 else None, cache=cache))[0, -1]
+            probs = filter_probs(logits, temperature, top_k, top_p).cpu()
+            token = _draw(probs, temperature, gen)
+            if token in stop_ids:
+                return
+            yield Step(token, probs)
+            next_input = torch.tensor([[token]], device=device)
 
 
 class Picked(NamedTuple):
