@@ -71,7 +71,7 @@ def test_prompts_joining_together_are_fed_with_the_decode_rows_in_one_forward(ki
         joining = [engine.submit(Request(p, max_tokens=10, temperature=0)) for p in PROMPTS[1:4]]
         engine.step()  # slot 0 decodes; 9 + 2 tokens of two prompts and 9 of the third (20 in all) join it
         assert shapes == [(1, 1 + 20)]
-        engine.step()  # the third prompt's last 8 tokens beside three decode rows (slot 3 is a dummy)
+        engine.step()  # the third prompt's last 8 tokens beside the three decode rows (slots 0-2)
         assert shapes[1] == (1, 3 + 8)
         got = [h.result()[0] for h in [first, *joining]]
     finally:
@@ -98,7 +98,7 @@ def test_n_samples_share_one_prefill():
     model = tiny()
     prefills = []
     hook = model.wte.register_forward_pre_hook(lambda m, args: prefills.append(args[0].shape[1])
-                                               if args[0].shape[1] > 1 else None)
+                                               if args[0].shape[1] > 2 else None)  # not the 2 decode rows
     try:
         samples = Engine(model, slots=4).generate([Request(PROMPTS[3], max_tokens=12, temperature=1.0, seed=5, n=2)])[0]
     finally:
@@ -229,14 +229,14 @@ def test_failures_end_requests_with_an_error():
     with Engine(model, slots=2) as engine:
         running = engine.submit(Request(PROMPTS[0], max_tokens=30, temperature=0))
         next(iter(running))
-        hook = model.wte.register_forward_pre_hook(lambda m, args: 1 / 0 if args[0].shape[1] > 1 else None)
+        hook = model.wte.register_forward_pre_hook(lambda m, args: 1 / 0 if args[0].shape[1] > 2 else None)
         try:  # a failed prefill ends only its own request
             failed = list(engine.submit(Request(PROMPTS[1], max_tokens=3)))
         finally:
             hook.remove()
         assert [e.finish_reason for e in failed] == ["error"] and "ZeroDivisionError" in failed[0].error
         assert [e.finish_reason for e in running][-1] == "length"
-        hook = model.wte.register_forward_pre_hook(lambda m, args: 1 / 0 if args[0].shape[1] == 1 else None)
+        hook = model.wte.register_forward_pre_hook(lambda m, args: 1 / 0 if args[0].shape[1] <= 2 else None)
         try:  # a failed decode step ends every running request
             with pytest.raises(LMForgeError, match="ZeroDivisionError"):
                 engine.submit(Request(PROMPTS[1], max_tokens=3, n=2)).result()

@@ -169,9 +169,10 @@ class _Seq:
         self.greedy = r.temperature <= 0
         self.seen = self.counts = None
         self.matcher = r.grammar.matcher() if r.grammar is not None else None
-        if r.repetition_penalty != 1.0:  # tokens already in the text (prompt included)
+        if r.repetition_penalty != 1.0:  # tokens already in the text (a decoder's prompt included)
             self.seen = torch.zeros(handle.engine.vocab, dtype=torch.bool, device=device)
-            self.seen[torch.tensor(r.prompt, device=device)] = True
+            if not handle.engine.seq2seq:  # an encoder-decoder's source is not its text (as transformers)
+                self.seen[torch.tensor(r.prompt, device=device)] = True
         if r.presence_penalty or r.frequency_penalty:  # generated tokens only (OpenAI)
             self.counts = torch.zeros(handle.engine.vocab, dtype=torch.int32, device=device)
 
@@ -355,7 +356,7 @@ class Engine:
             try:
                 self.step()
             except Exception as e:  # fail every request rather than leave readers blocked
-                self._fail_all(f"{type(e).__name__}: {e}".splitlines()[0])
+                self._fail_all(_error_line(e))
 
     def _fail_all(self, message: str) -> None:
         with self._lock:
@@ -404,67 +405,92 @@ class Engine:
         # worker thread while the model runs (llguidance and torch both release the GIL).
         ruled = [s for s in seqs if s.matcher is not None]
         masks = self._masker().submit(forbidden_tokens, [s.matcher for s in ruled], self.vocab) if ruled else None
-        if chunks:
-            try:
-                logits = self._forward_mixed(seqs, chunks)
-            except Exception as e:  # the new prompts end here (not in slots yet), or readers would wait forever
-                for p, _ in chunks:
-                    self._drop(p, "error", f"{type(e).__name__}: {e}".splitlines()[0])
-                if not self.running:
-                    raise  # a synchronous caller gets the exception itself
-                # in the background, a failed prefill (e.g. out of memory) spares the streams in flight
-            else:
-                for s in seqs:
-                    s.length += 1
-                placed: list[_Seq] = []
-                rows = list(range(len(seqs)))
-                for i, p in enumerate(p for p, _ in chunks if p.fed == len(p.handle.request.prompt)):
-                    new = self._place(p)
-                    placed += new
-                    rows += [len(seqs) + i] * len(new)
-                self._sample(seqs + placed, logits, rows, dict(zip(map(id, ruled), masks.result())) if masks else None)
-                return True
+        try:
+            logits = self._forward(seqs, chunks)
+        except Exception as e:
+            if not chunks:
+                raise
+            for p, _ in chunks:  # the new prompts end here (not in slots yet), or readers would wait forever
+                self._drop(p, "error", _error_line(e))
+            if not self.running:
+                raise  # a synchronous caller gets the exception itself
             if not seqs:
                 return True
-        with autocast(self.device):
-            if len(seqs) == 1:  # one sequence: the plain cache path, exactly as generate_ids runs
-                s = seqs[0]
-                view = self._view(s.slot, s.slot + 1)
-                view.pos = s.length
-                logits = self._last_logits(torch.tensor([[s.last]], device=self.device), view)
-                rows = [0]
-            else:
-                hi = seqs[-1].slot + 1
-                tokens, pos = [0] * hi, [0] * hi  # empty slots decode a dummy token at 0
-                for s in seqs:
-                    tokens[s.slot], pos[s.slot] = s.last, s.length
-                ids = torch.tensor(tokens, device=self.device)[:, None]
-                view = self._view(0, hi).at(torch.tensor(pos, device=self.device), max(pos) + 1)
-                logits = self._last_logits(ids, view)
-                rows = [s.slot for s in seqs]
+            # in the background, a failed prefill (e.g. out of memory) spares the streams in flight
+            chunks = []
+            logits = self._forward(seqs, chunks)
         for s in seqs:
             s.length += 1
-        self._sample(seqs, logits, rows, dict(zip(map(id, ruled), masks.result())) if masks else None)
+        placed, rows = [], list(range(len(seqs)))  # each sample's row of `logits`
+        for i, p in enumerate(p for p, _ in chunks if p.fed == len(p.handle.request.prompt)):
+            new = self._place(p)  # a prompt fully fed: its n samples draw their first tokens now
+            placed += new
+            rows += [len(seqs) + i] * len(new)
+        self._sample(seqs + placed, logits, rows, dict(zip(map(id, ruled), masks.result())) if masks else None)
         return True
 
-    def _last_logits(self, ids: torch.Tensor, view: KVCache) -> torch.Tensor:
-        """Each row's next-token logits [B, vocab] for ids [B, 1] through the cache view."""
+    def _forward(self, seqs: list[_Seq], chunks: list[tuple[_Prefill, int]]) -> torch.Tensor:
+        """One forward over the decode rows and the prompt chunks; logits [len(seqs) + prompts fully
+        fed, vocab]: each sample's row, then each finished prompt's last position."""
+        with autocast(self.device):
+            if len(seqs) + len(chunks) == 1:  # one sequence: the plain cache path, exactly as generate_ids runs
+                if seqs:
+                    slot, start, ids = seqs[0].slot, seqs[0].length, [seqs[0].last]
+                else:
+                    p, take = chunks[0]
+                    slot, start, ids = p.slots[0], p.fed, p.handle.request.prompt[p.fed:p.fed + take]
+                view = self._view(slot, slot + 1)
+                view.pos = start
+                h = self._hidden(torch.tensor([ids], device=self.device), view)[:, -1]
+            else:
+                hi = seqs[-1].slot + 1 if seqs else 0
+                tokens, pos = [0] * hi, [0] * hi  # empty slots decode a dummy token at 0...
+                for p, _ in chunks:  # ...and a prompt's slot at its chunk's start, which the chunk overwrites
+                    if p.slots[0] < hi:
+                        pos[p.slots[0]] = p.fed
+                for s in seqs:
+                    tokens[s.slot], pos[s.slot] = s.last, s.length
+                rows = torch.tensor(pos, device=self.device) if hi else None
+                if self.seq2seq:  # decode rows only: an encoder-decoder's prompt went to the encoder
+                    view = self._view(0, hi).at(rows, max(pos) + 1)
+                    h = self._hidden(torch.tensor(tokens, device=self.device)[:, None], view)[:, -1]
+                    h = h[[s.slot for s in seqs]]
+                else:
+                    parts, ends = [], []  # each chunk's prompt tokens, and each finished prompt's last position
+                    for p, take in chunks:
+                        parts.append((p.slots[0], p.fed, take))
+                        tokens += p.handle.request.prompt[p.fed:p.fed + take]
+                        if p.fed + take == len(p.handle.request.prompt):
+                            ends.append(len(tokens) - 1)
+                    view = self.cache.mix(rows, parts)
+                    h = self.model.hidden(torch.tensor([tokens], device=self.device), cache=view)[0]
+                    h = h[[s.slot for s in seqs] + ends]
+            logits = self.model.head(h)
+        for p, take in chunks:
+            p.fed += take
+        return logits
+
+    def _hidden(self, ids: torch.Tensor, view: KVCache) -> torch.Tensor:
         if self.seq2seq:  # the decoder, reading each row's cross-attention entries from the cache
-            return self.model.head(self.model.decode(ids, cache=view))[:, -1]
-        return self.model(ids, cache=view, last_only=True)[:, -1]
+            self.cache.cross_span = max(len(s.r.prompt) for s in self._active.values())  # the longest source now
+            return self.model.decode(ids, cache=view)
+        return self.model.hidden(ids, cache=view)
 
     def _encode_sources(self) -> list:
         """An encoder-decoder's admissions: the waiting requests that fit (sources of up to
         `prefill_chunk` tokens in all, at least one request) are encoded in one padded forward;
         each stores its cross-attention keys and values in its n slots and starts decoding from the
         start token in this step. Returns no prompt chunks (the decoder has no prompt)."""
-        handles, budget = [], self.prefill_chunk
-        while budget > 0 and (h := self._next_waiting()) is not None:
+        handles, width = [], 0
+
+        def fits(r: Request) -> bool:  # the padded batch, not only its real tokens, within the budget
+            return not handles or (len(handles) + 1) * max(width, len(r.prompt)) <= self.prefill_chunk
+
+        while (h := self._next_waiting(fits)) is not None:
             handles.append((h, [self._free.pop(0) for _ in range(h.request.n)]))
-            budget -= len(h.request.prompt)
+            width = max(width, len(h.request.prompt))
         if not handles:
             return []
-        width = max(len(h.request.prompt) for h, _ in handles)
         ids = torch.zeros(len(handles), width, dtype=torch.long, device=self.device)
         mask = torch.zeros(len(handles), width, dtype=torch.bool, device=self.device)
         for i, (h, _) in enumerate(handles):
@@ -478,8 +504,7 @@ class Engine:
                                         torch.tensor(slots, device=self.device))
         except Exception as e:  # not in slots yet: end them here, or their readers would wait forever
             for h, slots in handles:
-                self._free = sorted(self._free + slots)
-                self._end(h, "error", f"{type(e).__name__}: {e}".splitlines()[0])
+                self._release(h, slots, "error", _error_line(e))
             if not self.running:
                 raise
             return []
@@ -533,13 +558,14 @@ class Engine:
             view = self._views[(start, stop)] = self.cache.view(start, stop)
         return view
 
-    def _next_waiting(self) -> Handle | None:
-        """The first waiting request if its n samples fit in the free slots now (FIFO: a large n
-        is not overtaken forever); cancelled ones end here without running."""
+    def _next_waiting(self, fits: Callable[[Request], bool] | None = None) -> Handle | None:
+        """The first waiting request if its n samples fit in the free slots now, and `fits` it (FIFO:
+        a large n is not overtaken forever); cancelled ones end here without running."""
         with self._wake:
             while self._waiting and self._waiting[0].cancelled:
                 self._end(self._waiting.popleft(), "cancelled")
-            if self._waiting and len(self._free) >= self._waiting[0].request.n:
+            first = self._waiting[0] if self._waiting else None
+            if first and len(self._free) >= first.request.n and (fits is None or fits(first.request)):
                 return self._waiting.popleft()
         return None
 
@@ -591,8 +617,12 @@ class Engine:
     def _drop(self, p: _Prefill, reason: str, error: str | None = None) -> None:
         """End a prompt not fully fed, and free its slots."""
         self._pending.remove(p)
-        self._free = sorted(self._free + p.slots)
-        self._end(p.handle, reason, error)
+        self._release(p.handle, p.slots, reason, error)
+
+    def _release(self, h: Handle, slots: list[int], reason: str, error: str | None = None) -> None:
+        """End a request that holds slots but no running sample yet."""
+        self._free = sorted(self._free + slots)
+        self._end(h, reason, error)
 
     def _drop_pending(self, reason: str, error: str | None = None) -> None:
         for p in list(self._pending):
@@ -708,3 +738,8 @@ class Engine:
         """Final events for a request that never ran."""
         for i in range(h.request.n):
             self._emit(h, Event(i, finish_reason=reason, prompt_tokens=len(h.request.prompt), error=error))
+
+
+def _error_line(e: Exception) -> str:
+    """An exception as the one line a request's error event carries."""
+    return f"{type(e).__name__}: {e}".splitlines()[0]

@@ -122,8 +122,13 @@ class KVCache:
 
     @property
     def cross_span(self) -> int:
-        """How many leading source positions cross-attention reads (the longest source stored)."""
+        """How many leading source positions cross-attention reads: the longest source stored, or
+        what the engine sets for one step (the longest source of the rows decoding now)."""
         return self._cross_span[0]
+
+    @cross_span.setter
+    def cross_span(self, n: int) -> None:
+        self._cross_span[0] = n
 
     def at(self, rows: torch.Tensor, span: int) -> KVCache:
         """Set up one batched decoding step: row b writes position rows[b]; span = max(rows) + 1."""
