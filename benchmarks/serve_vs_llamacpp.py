@@ -234,6 +234,8 @@ def main() -> None:
         a.json.write_text(json.dumps({"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
                                       "cpu": cpu_name(), "shape": shape, "load_before": load,
                                       "throughput": tp, "multiturn": mt, "goals": goals}, indent=1))
+    if not all(g["pass"] for g in goals):
+        sys.exit(1)  # as serve_soak.py: a failed goal is a failed run
 
 
 if __name__ == "__main__":

@@ -160,3 +160,25 @@ def test_trains_from_scratch_through_the_loss_path():
     assert loss.item() < 0.1
     out = [s.token for s in generate_seq2seq_ids(model, src[0].tolist(), 6)]
     assert out == src[0].tolist()
+
+
+def test_a_tied_t5_without_the_output_scale_exports_its_output_layer(tmp_path):
+    """transformers ties T5's output layer only with the d_model^-0.5 scale: a tied, unscaled
+    lmforge model must go out untied, with its output layer written, or transformers would load a
+    random one."""
+    import transformers as tf
+
+    tiny_seq2seq("t5", tmp_path / "hf")
+    assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "run")]) == 0
+    config = tmp_path / "run" / "config.json"
+    meta = json.loads(config.read_text())
+    assert meta["model"]["tie_embeddings"]
+    meta["model"]["head_scale"] = 1.0
+    config.write_text(json.dumps(meta))
+    assert main(["export", str(tmp_path / "run"), "--format", "hf", "--out", str(tmp_path / "out")]) == 0
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "out" / "model.safetensors", "pt") as f:  # what any reader (transformers 4 too) needs
+        assert "lm_head.weight" in f.keys()
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is False
+    _compare(tf.AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "out").eval(), lmforge.load(tmp_path / "run").model)

@@ -190,3 +190,26 @@ def test_an_encoder_server_inspects_too(tmp_path):
         assert httpx.post(s.url + "/v1/embeddings", json={"input": "A man"}, timeout=60).status_code == 200
     finally:
         s.close()
+
+
+def test_work_is_bounded_whatever_the_context():
+    """An untrusted client cannot ask for more than MAX_TOKENS of explicit weights, nor queue more
+    than MAX_WAITING inspections (the engine holds still during each)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from lmforge.serve.inspect import MAX_TOKENS, MAX_WAITING, Inspector, parse_inspect
+    from lmforge.serve.protocol import APIError
+
+    cfg = SimpleNamespace(vocab_size=10, context_length=4 * MAX_TOKENS, n_layer=2, n_head=2)
+    backend = SimpleNamespace(lm=SimpleNamespace(config=cfg), template=None)
+    assert len(parse_inspect({"tokens": [1] * MAX_TOKENS}, backend).ids) == MAX_TOKENS
+    with pytest.raises(APIError, match=f"at most {MAX_TOKENS}"):
+        parse_inspect({"tokens": [1] * (MAX_TOKENS + 1)}, backend)
+    with pytest.raises(APIError, match="continuation"):
+        parse_inspect({"tokens": [1], "continuation": {}}, backend)
+    inspector = Inspector(backend)
+    inspector.waiting = MAX_WAITING
+    with pytest.raises(APIError) as refused:
+        asyncio.run(inspector({"tokens": [1, 2]}))
+    assert refused.value.status == 503

@@ -57,7 +57,6 @@ def mask_tokens(x: torch.Tensor, generator: torch.Generator, mask_id: int, vocab
     return inputs, torch.where(chosen, x, torch.full_like(x, -100))
 
 
-
 def collate_seq2seq(pairs: list[tuple[list[int], list[int]]], pad_id: int,
                     decoder_start_id: int) -> dict[str, torch.Tensor]:
     """Right-pad (source, target) pairs for an encoder-decoder: `input_ids` and `attention_mask`

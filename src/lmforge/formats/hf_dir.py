@@ -22,6 +22,7 @@ from ..core.tensorfile import TensorFile
 from ..models.transformer import Transformer
 from ..text.tokenizer import Tokenizer
 from .hf import SUPPORTED, adapt_to_weights, config_from_hf, config_to_hf, export_family, weights_from_hf, weights_to_hf
+from .hf_seq2seq import t5_head_scaled
 from .kinds import Kind, is_adapter, kind_of
 from .modeldir import (
     build_model,
@@ -166,7 +167,7 @@ def export_hf(model_dir: str | Path, out: str | Path, shard_size_mb: float = 200
     model_dir, out = Path(model_dir), Path(out)
     meta = read_config(model_dir)
     if not kind_of(meta).generates and kind_of(meta) is not Kind.SEQ2SEQ:
-        raise LMForgeError("only language models can be exported to Hugging Face format "
+        raise LMForgeError("only language models and encoder-decoders can be exported to Hugging Face format "
                            f"(this is {kind_of(meta).phrase})")
     if is_adapter(meta):
         raise LMForgeError(f"{model_dir} is a LoRA adapter: merge it first (lmforge merge-lora {model_dir} --out DIR)")
@@ -178,6 +179,10 @@ def export_hf(model_dir: str | Path, out: str | Path, shard_size_mb: float = 200
         raise LMForgeError(f"unknown dtype {dtype!r} (choose {', '.join(DTYPES)})")
     sd = model.state_dict()
     tensors = weights_to_hf(cfg, family, sd)
+    if family == "t5" and cfg.tie_embeddings and not t5_head_scaled(cfg):
+        # transformers ties T5's output layer only together with the d_model^-0.5 scale: a tied head
+        # without it goes out as an untied copy (tie_word_embeddings false)
+        tensors["lm_head.weight"] = tensors["shared.weight"].clone()
     if to is not None:
         tensors = {k: v.to(to) for k, v in tensors.items()}
     hf_cfg = config_to_hf(cfg, family, bos_id=tokenizer.eot_id, eos_id=tokenizer.eot_id, pad_id=tokenizer.pad_id)

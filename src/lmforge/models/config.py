@@ -96,7 +96,8 @@ class ModelConfig:
             (self.is_encoder_decoder or (self.pos_embedding != "relative" and not self.pos_offset
                                          and self.embed_scale == 1.0),
              "relative positions, pos_offset and embed_scale are for encoder-decoders (n_decoder_layer > 0)"),
-            (self.rel_buckets > 1 and self.rel_max_distance > self.rel_buckets // 2,
+            (self.rel_buckets >= 4 and self.rel_max_distance > self.rel_buckets // 2,
+             "rel_buckets must be at least 4 (each direction keeps exact and logarithmic buckets) and "
              "rel_max_distance must exceed rel_buckets / 2"),
             (self.norm_position in ("pre", "post"), f"unknown norm_position {self.norm_position!r}"),
             (self.logit_softcap is None or self.logit_softcap > 0, "logit_softcap must be positive"),

@@ -281,7 +281,8 @@ def create_app(lm: Loaded, cfg: ServeConfig, backend: Backend) -> FastAPI:
         """What the page needs to know: the model, its context, whether compare mode can record."""
         shape = {"n_layer": lm.config.n_layer, "n_head": lm.config.n_head}
         return {"model": cfg.model_name, "context_length": lm.config.context_length,
-                "feedback": cfg.feedback is not None, "kind": str(lm.kind), "inspect": shape if cfg.inspect else None}
+                "feedback": cfg.feedback is not None, "kind": str(lm.kind),
+                "inspect": shape if cfg.inspect and not lm.config.is_encoder_decoder else None}  # the page's rows
 
     inspector = Inspector(backend)
     mc = lm.config

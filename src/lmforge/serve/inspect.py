@@ -21,6 +21,10 @@ from .protocol import APIError, _number, bad, parse_messages
 
 FIELDS = {"model", "tokens", "text", "messages", "continuation", "layer", "head", "start"}
 DECIMALS = 6  # of each weight in the reply: plenty for shading, and half the JSON of full floats
+# Bounds on untrusted work: explicit weights are [heads, T, T] floats for the layer asked, and the
+# engine holds still meanwhile; a few may wait their turn, more are refused with a 503.
+MAX_TOKENS = 1024
+MAX_WAITING = 4
 
 
 @dataclass
@@ -58,11 +62,15 @@ def parse_inspect(body: dict, backend: Backend) -> InspectRequest:
                                   "'text'")
         ids = backend.chat_prompt(parse_messages(body))
     prompt = len(ids)
-    ids = ids + _ids(body.get("continuation") or [], "continuation", cfg.vocab_size, cfg.context_length)
+    more = body.get("continuation")
+    ids = ids + ([] if more is None else _ids(more, "continuation", cfg.vocab_size, cfg.context_length))
     if not ids:
         raise bad(given[0], "nothing to inspect: the sequence is empty")
     if len(ids) > cfg.context_length:
         raise APIError(400, f"the sequence is {len(ids)} tokens; the model's context is {cfg.context_length}",
+                       param=given[0], code="context_length_exceeded")
+    if len(ids) > MAX_TOKENS:
+        raise APIError(400, f"the sequence is {len(ids)} tokens; /inspect reads at most {MAX_TOKENS}",
                        param=given[0], code="context_length_exceeded")
     layer = _number(body, "layer", 0, cfg.n_layer - 1, cfg.n_layer - 1, integer=True)
     head = _number(body, "head", 0, cfg.n_head - 1, None, integer=True)
@@ -91,8 +99,16 @@ class Inspector:
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
         self.turn = asyncio.Lock()
+        self.waiting = 0  # requests holding or waiting for the turn
 
     async def __call__(self, body: dict) -> dict:
         r = parse_inspect(body, self.backend)
-        async with self.turn:
-            return await asyncio.to_thread(compute, self.backend.lm, self.backend, r)
+        if self.waiting >= MAX_WAITING:
+            raise APIError(503, "the server is busy: too many inspections waiting; retry later", type="server_error",
+                           code="server_busy")
+        self.waiting += 1
+        try:
+            async with self.turn:
+                return await asyncio.to_thread(compute, self.backend.lm, self.backend, r)
+        finally:
+            self.waiting -= 1
