@@ -6,9 +6,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from .formats.kinds import require
+from .core.errors import LMForgeError
+from .formats.kinds import Kind, require
 from .formats.load import Loaded, load_model
 from .inference.generate import generate_text
+from .inference.seq2seq import seq2seq_text
 
 
 class LM(Loaded):
@@ -26,13 +28,29 @@ class LM(Loaded):
                  repetition_penalty: float = 1.0, json_schema: dict | None = None, regex: str | None = None,
                  **kw) -> str:
         """Continue `prompt`; returns only the new text. With `json_schema` the text is JSON that
-        validates against it; with `regex` it matches the regex (the grammar guarantees both)."""
+        validates against it; with `regex` it matches the regex (the grammar guarantees both).
+        An encoder-decoder (T5, BART) reads `prompt` as its input and returns its output."""
+        if self.kind is Kind.SEQ2SEQ:
+            return self._seq2seq(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                 top_p=top_p, seed=seed, stream=stream, stop=stop, json_schema=json_schema,
+                                 regex=regex, repetition_penalty=repetition_penalty, **kw)
         self.check_generates()
         if json_schema is not None or regex is not None:
             kw["grammar"] = self.grammar(json_schema=json_schema, regex=regex)
         return generate_text(self.model, self.tokenizer, prompt, max_new_tokens=max_new_tokens,
                              temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop,
                              stop_ids=self.stop_ids(), stream=stream, repetition_penalty=repetition_penalty, **kw)
+
+    def _seq2seq(self, prompt: str, *, max_new_tokens, temperature, top_k, top_p, seed, stream,
+                 repetition_penalty: float = 1.0, **options) -> str:
+        """`generate` for an encoder-decoder; options of decoders' generation it has no use for yet
+        (stop strings, grammars, penalties, candidates) are refused, not ignored."""
+        asked = [k for k, v in options.items() if v] + (["repetition_penalty"] if repetition_penalty != 1.0 else [])
+        if asked:
+            flags = ", ".join("--" + k.replace("_", "-") for k in asked)
+            raise LMForgeError(f"an encoder-decoder does not support {flags} yet")
+        return seq2seq_text(self.model, self.tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                            top_k=top_k, top_p=top_p, seed=seed, stop_ids=self.stop_ids(), stream=stream)
 
     def grammar(self, json_schema: dict | None = None, regex: str | None = None, lark: str | None = None):
         """A compiled grammar (cached) for `generate(..., grammar=)`, or None when none is given."""

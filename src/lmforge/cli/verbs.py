@@ -12,7 +12,8 @@ import sys
 
 from ..core.config import from_namespace
 from ..core.errors import LMForgeError
-from ..training.config import ClassifyConfig, InstructConfig, PretrainConfig
+from ..formats.kinds import Kind
+from ..training.config import ClassifyConfig, InstructConfig, PretrainConfig, Seq2SeqConfig
 from .args import (
     ChatArgs,
     ClassifyArgs,
@@ -62,7 +63,7 @@ def pretrain(ns) -> None:
 
     from ..training.pretrain import pretrain
 
-    print_summary(pretrain(cfg), ("step", "tokens", "loss", "val_loss", "val_bpb"))
+    print_summary(pretrain(cfg), ("step", "tokens", "loss", "val_loss", "val_bpb", "val_exact_match"))
 
 
 def finetune_classify(ns) -> None:
@@ -79,6 +80,14 @@ def finetune_instruct(ns) -> None:
     from ..training.tasks.instruct import finetune_instruct
 
     print_summary(finetune_instruct(cfg), ("step", "tokens", "loss", "val_loss"))
+
+
+def finetune_seq2seq(ns) -> None:
+    cfg = from_namespace(Seq2SeqConfig, ns)
+
+    from ..training.tasks.seq2seq import finetune_seq2seq
+
+    print_summary(finetune_seq2seq(cfg), ("step", "tokens", "loss", "val_loss", "val_exact_match"))
 
 
 def read_json_file(path: str, flag: str) -> object:
@@ -101,6 +110,8 @@ def generate(ns) -> None:
     stops = [unescape(s) for s in a.stop]
     schema = read_json_file(a.json_schema, "--json-schema") if a.json_schema else None
     lm = load(a.model_dir, device=a.device, quantize=a.quantize)
+    if lm.kind is Kind.SEQ2SEQ:
+        return generate_seq2seq(lm, a, prompt, stops, schema)
     lm.check_generates()
     try:  # before any output: a bad schema fails first
         grammar = lm.grammar(json_schema=schema, regex=a.regex)
@@ -132,6 +143,17 @@ def generate(ns) -> None:
         out.write("\n")
 
 
+def generate_seq2seq(lm, a: GenerateArgs, prompt: str, stops: list[str], schema: object) -> None:
+    """`generate` with an encoder-decoder: the prompt is its input; its output is printed alone."""
+    for i in range(a.num_samples):
+        if a.num_samples > 1:
+            sys.stdout.write(f"--- sample {i + 1} ---\n")
+        lm.generate(prompt, seed=None if a.seed is None else a.seed + i, stop=stops, json_schema=schema,
+                    regex=a.regex, truncate=a.truncate, top_candidates=a.top_candidates,
+                    stream=lambda s: (sys.stdout.write(s), sys.stdout.flush()), **sampling(a))
+        sys.stdout.write("\n")
+
+
 def chat(ns) -> None:
     a = from_namespace(ChatArgs, ns)
 
@@ -151,7 +173,8 @@ def evaluate(ns) -> None:
     if not a.data:
         raise LMForgeError("--data is required")
     lm = load_model(a.model_dir, device=a.device, quantize=a.quantize)
-    print(json.dumps(evaluate(lm, a.data, a.text_field, a.batch_size), ensure_ascii=False))
+    print(json.dumps(evaluate(lm, a.data, a.text_field, a.batch_size, input_column=a.input_column,
+                              target_column=a.target_column, max_new_tokens=a.max_new_tokens), ensure_ascii=False))
 
 
 def classify(ns) -> None:
