@@ -13,7 +13,7 @@ EXAMPLES = {
   lmforge pretrain --objective span --arch t5 --data corpus/ --out runs/t5 --size d4 --max-minutes 30  # T5-style
   lmforge pretrain --objective denoise --arch bart --data corpus/ --out runs/bart --size d4 --max-steps 2000
   lmforge pretrain --objective seq2seq --data data/dates/train.jsonl --val-data data/dates/valid.jsonl \\
-      --out runs/dates --size d4 --context-length 32 --max-minutes 5      # input -> target pairs, from scratch""",
+      --out runs/dates --size d3 --context-length 32 --batch-size 64 --max-minutes 5  # pairs, from scratch""",
     "generate": """examples:
   lmforge generate runs/demo --prompt "Return the" --temperature 0.7 --top-k 40 --seed 1
   lmforge generate runs/demo -p "class" --temperature 0                  # greedy
