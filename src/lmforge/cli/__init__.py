@@ -23,7 +23,7 @@ from .parsing import Parser, unknown_flag
 VERBS = {
     "demo": ("lmforge.cli.args:DemoArgs", "demo", "train a small GPT on Python's docs and sample from it (~5 min)"),
     "pretrain": ("lmforge.training.config:PretrainConfig", "pretrain",
-                 "pretrain a model on raw text (next-token or masked-token prediction)"),
+                 "pretrain a model on raw text (next-token, masked-token, span or denoising objectives) or pairs"),
     "generate": ("lmforge.cli.args:GenerateArgs", "generate", "generate text from a prompt"),
     "evaluate": ("lmforge.cli.args:EvaluateArgs", "evaluate",
                  "measure a model on data: loss/perplexity/bits per byte, exact match, or accuracy (JSON)"),
@@ -35,6 +35,8 @@ VERBS = {
                           "train a classifier on labelled texts"),
     "finetune instruct": ("lmforge.training.config:InstructConfig", "finetune_instruct",
                           "teach a model to follow instructions"),
+    "finetune seq2seq": ("lmforge.training.config:Seq2SeqConfig", "finetune_seq2seq",
+                         "train an encoder-decoder (T5, BART) on input -> target pairs"),
     "classify": ("lmforge.cli.args:ClassifyArgs", "classify", "label texts with a fine-tuned classifier"),
     "chat": ("lmforge.cli.args:ChatArgs", "chat", "talk to a model in the terminal"),
     "serve": ("lmforge.cli.args:ServeArgs", "serve", "serve a model with OpenAI's HTTP API"),
@@ -81,7 +83,8 @@ VERBS = {
                      "plot a metric of several training runs on one chart, with a table of their final figures"),
 }
 GROUPS = {  # verbs with sub-verbs: (one line of help, description)
-    "finetune": ("fine-tune a model: classify (labelled texts) or instruct (instructions)",
+    "finetune": ("fine-tune a model: classify (labelled texts), instruct (instructions) or seq2seq (input -> "
+                 "target pairs)",
                  "Fine-tune a pretrained (or imported) model, fully or with LoRA."),
     "tokenizer": ("train a tokenizer, or see how one splits text",
                   "Byte-level BPE tokenizers (Hugging Face tokenizer.json format)."),

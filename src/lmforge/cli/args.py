@@ -95,12 +95,18 @@ class EvaluateArgs:
     """Measure a model, printing one JSON object: on text, loss / perplexity / bits per byte; on
     instruction records (.jsonl with instruction/output or messages), exact match of greedy
     answers; for a classifier on a labelled file, accuracy, macro-F1, per-class precision/recall
-    and the confusion matrix."""
+    and the confusion matrix; for an encoder-decoder (T5, BART) on input/target pairs, exact
+    match, BLEU and chrF (sacrebleu's) of its greedy outputs."""
 
     model_dir: str = arg(None, "model directory", positional=True)
-    data: list[str] = arg([], "text files, directories, .jsonl files, or 'pydocs'")
+    data: list[str] = arg([], "text files, directories, .jsonl files, or 'pydocs'; for an encoder-decoder one "
+                          ".jsonl/.csv/.tsv file of input/target pairs")
     text_field: str = jsonl_text_flag()
-    batch_size: int = arg(8, "windows per forward pass", ge=1)
+    batch_size: int = arg(8, "windows (an encoder-decoder: inputs) per forward pass", ge=1)
+    input_column: str = arg("input", "encoder-decoder: column / field holding the input")
+    target_column: str = arg("target", "encoder-decoder: column / field holding the reference output")
+    max_new_tokens: int | None = arg(None, "encoder-decoder: longest output in tokens (default: twice the longest "
+                                     "reference plus 16, at most the context)", ge=1)
     device: str = device_flag()
     quantize: str = quantize_flag()
 

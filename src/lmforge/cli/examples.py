@@ -9,11 +9,16 @@ EXAMPLES = {
   lmforge pretrain --out runs/py --resume --max-steps 6000               # or extend it
   torchrun --nproc_per_node 4 -m lmforge pretrain --data corpus/ --out runs/big --max-tokens 1e9
   lmforge pretrain --data pydocs --out runs/adamw --max-minutes 10 --optimizer adamw --qk-norm  # not Muon; QK-norm
-  torchrun --nproc_per_node 8 -m lmforge pretrain --data corpus/ --out runs/huge --size d32 --fsdp""",
+  torchrun --nproc_per_node 8 -m lmforge pretrain --data corpus/ --out runs/huge --size d32 --fsdp
+  lmforge pretrain --objective span --arch t5 --data corpus/ --out runs/t5 --size d4 --max-minutes 30  # T5-style
+  lmforge pretrain --objective denoise --arch bart --data corpus/ --out runs/bart --size d4 --max-steps 2000
+  lmforge pretrain --objective seq2seq --data data/dates/train.jsonl --val-data data/dates/valid.jsonl \\
+      --out runs/dates --size d3 --context-length 32 --batch-size 64 --max-minutes 5  # pairs, from scratch""",
     "generate": """examples:
   lmforge generate runs/demo --prompt "Return the" --temperature 0.7 --top-k 40 --seed 1
   lmforge generate runs/demo -p "class" --temperature 0                  # greedy
-  lmforge generate runs/demo -p "The module" --top-candidates 5 --max-new-tokens 5""",
+  lmforge generate runs/demo -p "The module" --top-candidates 5 --max-new-tokens 5
+  lmforge generate runs/dates -p "March 5th, 2021" --temperature 0       # an encoder-decoder: prints its output""",
     "import": """examples:
   lmforge import ~/models/SmolLM2-135M --out runs/smol
   lmforge generate runs/smol --prompt "The capital of France is" --temperature 0
@@ -44,13 +49,19 @@ EXAMPLES = {
   lmforge evaluate runs/demo --data held_out.txt
   -> {"loss": 3.21, "perplexity": 24.8, "bits_per_byte": 1.27, "tokens": 52110}
   lmforge evaluate runs/spam --data data/spam_val.csv           # a classifier: accuracy, macro-F1, ...
-  lmforge evaluate runs/reverse --data data/reverse_test.jsonl  # instruction records: exact match""",
+  lmforge evaluate runs/reverse --data data/reverse_test.jsonl  # instruction records: exact match
+  lmforge evaluate runs/dates --data data/dates/test.jsonl      # an encoder-decoder: exact match, BLEU, chrF""",
     "finetune classify": """examples:
   lmforge finetune classify runs/demo --train data/spam_train.csv --val data/spam_val.csv --out runs/spam
   lmforge finetune classify runs/demo --train data/spam_train.csv --out runs/spam-lora --lora-rank 8""",
     "finetune instruct": """examples:
   lmforge finetune instruct runs/demo --data data/reverse_train.jsonl --out runs/reverse --max-steps 300
   lmforge finetune instruct runs/smol --data chats.jsonl --out runs/smol-chat --template model --lora-rank 16""",
+    "finetune seq2seq": """examples:
+  lmforge finetune seq2seq runs/dates --data more_dates.jsonl --out runs/dates-ft --epochs 2
+  lmforge import ~/models/flan-t5-small --out runs/flan
+  lmforge finetune seq2seq runs/flan --data pairs.csv --input-column question --target-column answer \\
+      --out runs/flan-qa --lora-rank 8""",
     "tokenizer train": """example:
   lmforge tokenizer train --data corpus/ --out tokenizer.json --vocab-size 8192""",
     "tokenizer encode": """example:

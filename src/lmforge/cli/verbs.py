@@ -12,7 +12,7 @@ import sys
 
 from ..core.config import from_namespace
 from ..core.errors import LMForgeError
-from ..training.config import ClassifyConfig, InstructConfig, PretrainConfig
+from ..training.config import ClassifyConfig, InstructConfig, PretrainConfig, Seq2SeqConfig
 from .args import (
     ChatArgs,
     ClassifyArgs,
@@ -62,7 +62,7 @@ def pretrain(ns) -> None:
 
     from ..training.pretrain import pretrain
 
-    print_summary(pretrain(cfg), ("step", "tokens", "loss", "val_loss", "val_bpb"))
+    print_summary(pretrain(cfg), ("step", "tokens", "loss", "val_loss", "val_bpb", "val_exact_match"))
 
 
 def finetune_classify(ns) -> None:
@@ -79,6 +79,14 @@ def finetune_instruct(ns) -> None:
     from ..training.tasks.instruct import finetune_instruct
 
     print_summary(finetune_instruct(cfg), ("step", "tokens", "loss", "val_loss"))
+
+
+def finetune_seq2seq(ns) -> None:
+    cfg = from_namespace(Seq2SeqConfig, ns)
+
+    from ..training.tasks.seq2seq import finetune_seq2seq
+
+    print_summary(finetune_seq2seq(cfg), ("step", "tokens", "loss", "val_loss", "val_exact_match"))
 
 
 def read_json_file(path: str, flag: str) -> object:
@@ -152,7 +160,8 @@ def evaluate(ns) -> None:
     if not a.data:
         raise LMForgeError("--data is required")
     lm = load_model(a.model_dir, device=a.device, quantize=a.quantize)
-    print(json.dumps(evaluate(lm, a.data, a.text_field, a.batch_size), ensure_ascii=False))
+    print(json.dumps(evaluate(lm, a.data, a.text_field, a.batch_size, input_column=a.input_column,
+                              target_column=a.target_column, max_new_tokens=a.max_new_tokens), ensure_ascii=False))
 
 
 def classify(ns) -> None:

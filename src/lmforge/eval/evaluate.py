@@ -3,7 +3,9 @@
 - a language model on text: loss, perplexity and bits per byte (tokenizer-independent: the summed
   loss in bits over the UTF-8 bytes of the predicted text, so vocabularies compare directly);
 - a language model on instruction records: exact match of greedy answers, and the answer loss;
-- a classifier on a labelled file: accuracy, macro-F1, per-class precision/recall, confusion.
+- a classifier on a labelled file: accuracy, macro-F1, per-class precision/recall, confusion;
+- an encoder-decoder (T5, BART) on input/target pairs: exact match, BLEU and chrF of its greedy
+  outputs, and its loss per target token.
 """
 
 from __future__ import annotations
@@ -24,12 +26,18 @@ from ..text.templates import template_from_json
 from ..training.tasks.classify import classification_metrics
 from ..training.tasks.instruct import answer_loss, encode_conversations, exact_match
 from ..training.tasks.lm import evaluate_lm, evaluate_mlm
+from .seq2seq import evaluate_seq2seq
 
 
-def evaluate(lm: Loaded, data: list[str], text_field: str = "text", batch_size: int = 8) -> dict:
+def evaluate(lm: Loaded, data: list[str], text_field: str = "text", batch_size: int = 8, *,
+             input_column: str = "input", target_column: str = "target", max_new_tokens: int | None = None) -> dict:
     """The metrics that fit this model and this data (see the module docstring)."""
     if not data:
         raise LMForgeError("--data is required")
+    if lm.kind is Kind.SEQ2SEQ:
+        if len(data) != 1:
+            raise LMForgeError("an encoder-decoder is evaluated on one file of input/target pairs (--data FILE)")
+        return evaluate_seq2seq(lm, data[0], input_column, target_column, batch_size, max_new_tokens)
     if lm.kind is Kind.CLASSIFIER:
         if len(data) != 1:
             raise LMForgeError("a classifier is evaluated on one labelled file (--data FILE)")

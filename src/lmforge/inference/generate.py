@@ -27,7 +27,7 @@ from .engine import Engine, Event, Request
 from .grammar import Grammar
 from .prefix_cache import PrefixCache
 from .sampling import filter_probs, penalize_repeats, validate_sampling
-from .textstream import TextStream
+from .textstream import TextStream, hidden_ids
 
 DEFAULT_NEW_TOKENS = 200
 TRUNCATE = ("left",)
@@ -125,6 +125,27 @@ class Picked(NamedTuple):
     prob: float
 
 
+def encode_text(tokenizer: Tokenizer, text: str, max_len: int | None = None) -> tuple[list[int], bool]:
+    """A source or target as an encoder-decoder reads it: the tokenizer's own special tokens where
+    it adds any (T5's `</s>`, BART's `<s> ... </s>`), and always an end-of-text at the end (lmforge's
+    tokenizers add none). Cut to `max_len` keeping that end; returns (ids, whether it was cut)."""
+    ids = tokenizer.encode(text, add_special_tokens=True)
+    eos = tokenizer.eot_id
+    if not ids or ids[-1] != eos:
+        ids.append(eos)
+    if max_len is not None and len(ids) > max_len:
+        return ids[:max_len - 1] + [eos], True
+    return ids, False
+
+
+def read_prompt(tokenizer: Tokenizer, cfg: ModelConfig, prompt: str) -> list[int]:
+    """A prompt's ids as the model reads it: with the tokenizer's special tokens (models trained with
+    a leading BOS, as Llama, expect one), and an encoder-decoder's source as training read it."""
+    if cfg.is_encoder_decoder:
+        return encode_text(tokenizer, prompt)[0]
+    return tokenizer.encode(prompt, add_special_tokens=True)
+
+
 def prepare_prompt(tokenizer: Tokenizer, cfg: ModelConfig, prompt: str, max_new_tokens: int | None = None,
                    truncate: str | None = None) -> tuple[list[int], str | None]:
     """Prompt ids that leave room for the answer in the context window, and a note when the prompt
@@ -136,8 +157,7 @@ def prepare_prompt(tokenizer: Tokenizer, cfg: ModelConfig, prompt: str, max_new_
     """
     if truncate not in (None, *TRUNCATE):
         raise LMForgeError(f"unknown truncation {truncate!r} (--truncate left keeps the prompt's last tokens)")
-    # add_special_tokens: models trained with a leading BOS (Llama) expect one in the prompt too
-    ids = tokenizer.encode(prompt, add_special_tokens=True)
+    ids = read_prompt(tokenizer, cfg, prompt)
     if not ids:
         raise LMForgeError("the prompt is empty")
     ctx = cfg.context_length
@@ -204,7 +224,7 @@ def generate_text(model: Transformer, tokenizer: Tokenizer, prompt: str, *, max_
     engine = Engine(model, slots=1, max_len=used + max_new_tokens, prefix_cache=prefix_cache)
     handle = engine.submit(Request(ids, max_new_tokens, temperature, top_k, top_p, seed, repetition_penalty,
                                    presence_penalty, frequency_penalty, stop=end, logprobs=want, grammar=grammar))
-    out = TextStream(tokenizer, stops)
+    out = TextStream(tokenizer, stops, hidden_ids(tokenizer, model.cfg.is_encoder_decoder))
     for event in handle:
         if event.finish_reason is not None:
             break

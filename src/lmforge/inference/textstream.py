@@ -3,6 +3,8 @@ that might still turn out to start a stop string is held back until it is known 
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from ..text.tokenizer import Tokenizer
 
 
@@ -27,8 +29,9 @@ class TextStream:
     also keeps whatever a tokenizer's decoder does at the start of a text, e.g. strip a space).
     """
 
-    def __init__(self, tokenizer: Tokenizer, stops: list[str] | None = None) -> None:
+    def __init__(self, tokenizer: Tokenizer, stops: list[str] | None = None, skip: Collection[int] = ()) -> None:
         self.tokenizer, self.stops = tokenizer, [s for s in (stops or []) if s]
+        self.skip = skip  # ids that add no text (see `hidden_ids`)
         self.longest_stop = max((len(s) for s in self.stops), default=0)
         self.ids: list[int] = []
         self.text, self.emitted, self.stopped = "", 0, False
@@ -36,6 +39,8 @@ class TextStream:
         self._start = self._read = 0  # the window: ids[_start:_read] are decoded into the text already
 
     def add(self, token: int) -> str:
+        if token in self.skip:
+            return ""
         self.ids.append(token)
         before = self.tokenizer.decode(self.ids[self._start:self._read])
         after = self.tokenizer.decode(self.ids[self._start:])
@@ -65,3 +70,9 @@ class TextStream:
             self._start = self._read = len(self.ids)
         out, self.emitted = self.text[self.emitted:], len(self.text)
         return out
+
+
+def hidden_ids(tokenizer: Tokenizer, encoder_decoder: bool) -> set[int]:
+    """Tokens an answer shows no text for: an encoder-decoder's special tokens (BART's decoder
+    writes <s> first), but not T5's sentinels, which are what span-corruption models answer with."""
+    return tokenizer.special_ids - set(tokenizer.sentinel_ids()) if encoder_decoder else set()

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from ..core.errors import LMForgeError
 
 SHORTHANDS = {"attn": ["attn.qkv", "attn.proj"], "mlp": ["mlp.fc", "mlp.proj"],
+              "cross": ["cross_attn.q", "cross_attn.kv", "cross_attn.proj"],  # an encoder-decoder's
               "all": ["attn.qkv", "attn.proj", "mlp.fc", "mlp.proj"]}
 
 

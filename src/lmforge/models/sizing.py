@@ -50,8 +50,9 @@ def passes_warning(tokens: float, unique: float) -> str | None:
 def arch_config(arch: str, vocab_size: int, context_length: int, n_layer: int, n_embd: int,
                 n_head: int | None = None, n_kv_head: int | None = None, dropout: float = 0.0,
                 options: dict | None = None) -> ModelConfig:
-    """GPT-2, Llama or BERT layout at a given shape; `options` are further ModelConfig fields
-    (qk_norm, zero_init, logit_softcap, ...) that override the family's."""
+    """GPT-2, Llama, BERT, T5 or BART layout at a given shape (T5 and BART: n_layer blocks per
+    stack); `options` are further ModelConfig fields (qk_norm, zero_init, logit_softcap, ...) that
+    override the family's."""
     n_head = n_head or max(1, n_embd // 64)
     common = dict(vocab_size=vocab_size, context_length=context_length, n_layer=n_layer, n_embd=n_embd,
                   n_head=n_head, dropout=dropout)
@@ -72,7 +73,18 @@ def arch_config(arch: str, vocab_size: int, context_length: int, n_layer: int, n
                            activation="gelu", pos_embedding="learned", bias=True, tie_embeddings=True, causal=False,
                            norm_position="post", type_vocab_size=2, embedding_norm=True, head_transform=True,
                            lm_head_bias=True)
-    raise LMForgeError(f"unknown --arch {arch!r} (choose gpt2, llama or bert)")
+    # Encoder-decoders: n_layer blocks in each stack. The decoder starts from token 0 until the
+    # caller sets the tokenizer's (pretrain does: T5's pad, BART's end-of-text).
+    if arch == "t5":  # T5's layout (v1.1's gated GELU, v1.0's tied output layer): relative position buckets,
+        #             RMSNorm, no biases, unscaled attention
+        return ModelConfig(**common, n_kv_head=n_kv_head, n_decoder_layer=n_layer, norm="rmsnorm", norm_eps=1e-6,
+                           mlp="gated", activation="gelu_tanh", pos_embedding="relative", bias=False, attn_scale=1.0,
+                           tie_embeddings=True, head_scale=n_embd ** -0.5, decoder_start_token_id=0)
+    if arch == "bart":  # BART's: learned positions from row 2, post-norm LayerNorm, GELU, biases
+        return ModelConfig(**common, n_kv_head=n_kv_head, n_decoder_layer=n_layer, norm="layernorm", mlp="plain",
+                           activation="gelu", pos_embedding="learned", pos_offset=2, bias=True, norm_position="post",
+                           embedding_norm=True, lm_head_bias=True, tie_embeddings=True, decoder_start_token_id=0)
+    raise LMForgeError(f"unknown --arch {arch!r} (choose gpt2, llama, bert, t5 or bart)")
 
 
 def depth_of(size: str) -> int:

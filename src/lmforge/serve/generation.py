@@ -27,8 +27,9 @@ from ..formats.load import Loaded
 from ..inference.chat import chat_ids, grammar_for
 from ..inference.engine import Engine, Event, Handle
 from ..inference.engine import Request as EngineRequest
+from ..inference.generate import read_prompt
 from ..inference.grammar import Grammar
-from ..inference.textstream import TextStream
+from ..inference.textstream import TextStream, hidden_ids
 from ..text.templates import template_from_json
 from ..text.toolcalls import CallStream, Markers, Tool, call_grammar, parse_tool_choice, parse_tools, split_calls
 from .protocol import (
@@ -118,7 +119,7 @@ class Backend:
         prompt = parse_prompt(body)
         if body.get("echo"):
             raise APIError(400, "unsupported field 'echo'", param="echo", code="unsupported_parameter")
-        ids = self.lm.tokenizer.encode(prompt, add_special_tokens=True)
+        ids = read_prompt(self.lm.tokenizer, self.lm.config, prompt)
         shape = await self._shape(body, chat=False)
         return await self._respond(ids, s, request, chat=False, shape=shape)
 
@@ -287,7 +288,8 @@ class Backend:
         """The request's output as it arrives: per batch of ready engine events, one `Piece` per
         choice that moved. Closing this generator cancels the request (frees its slots)."""
         req, ready = handle.request, handle.sink
-        streams = [TextStream(self.lm.tokenizer, s.stop) for _ in range(req.n)]
+        skip = hidden_ids(self.lm.tokenizer, self.lm.config.is_encoder_decoder)
+        streams = [TextStream(self.lm.tokenizer, s.stop, skip) for _ in range(req.n)]
         done = [False] * req.n
         try:
             while not all(done):

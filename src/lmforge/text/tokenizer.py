@@ -9,7 +9,7 @@ import threading
 from functools import cached_property
 from pathlib import Path
 
-from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
 from ..core.errors import LMForgeError
@@ -20,6 +20,7 @@ EOT = "<|endoftext|>"
 SPECIAL_TOKENS = [EOT, "<|pad|>", "<|im_start|>", "<|im_end|>", "<|tool_call|>", "<|/tool_call|>",
                   "<|tool_result|>", "<|/tool_result|>", "<|mask|>"]
 SPECIAL_TOKENS += [f"<|reserved_{i}|>" for i in range(16 - len(SPECIAL_TOKENS))]
+SENTINELS = 100  # T5's span-corruption sentinels, added for `pretrain --objective span`
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS)  # every byte and every special token: the smallest vocabulary to train
 # End-of-text markers used by common open tokenizers, in order of preference.
 _EOT_CANDIDATES = [EOT, "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>", "[SEP]"]
@@ -214,6 +215,24 @@ class Tokenizer:
 
     def id_to_token(self, i: int) -> str | None:
         return self.hf.id_to_token(i)
+
+    def with_sentinels(self, n: int = SENTINELS) -> Tokenizer:
+        """A copy with T5's span-corruption sentinels `<extra_id_0>` .. `<extra_id_{n-1}>` added as
+        special tokens (unless it has them), at the end of the vocabulary in T5's order: `<extra_id_0>`
+        the last id. lmforge's own tokenizers have none; T5's do."""
+        if self.sentinel_ids():
+            return self
+        tok = HFTokenizer.from_str(self.hf.to_str())
+        tok.add_special_tokens([AddedToken(f"<extra_id_{i}>", special=True, normalized=False)
+                                for i in reversed(range(n))])
+        return Tokenizer(tok, self.config)
+
+    def sentinel_ids(self) -> list[int]:
+        """The ids of `<extra_id_0>`, `<extra_id_1>`, ... for as many as the tokenizer has."""
+        ids = []
+        while (i := self.token_id(f"<extra_id_{len(ids)}>")) is not None:
+            ids.append(i)
+        return ids
 
     def special_tokens(self) -> list[str]:
         """The special tokens' strings (e.g. <|im_end|>)."""

@@ -77,20 +77,34 @@ class PretrainConfig(TrainConfig):
     vocab_size: int | None = arg(None, "vocabulary size of a newly trained tokenizer (default: from corpus size)",
                                  ge=MIN_VOCAB)
     objective: str = arg("clm", "clm: predict the next token (decoders); mlm: predict masked tokens, BERT-style "
-                         "(encoders; implies --arch bert)", choices=["clm", "mlm"])
+                         "(encoders; implies --arch bert); span: T5's span corruption (spans of the text become "
+                         "sentinel tokens, the decoder writes them out) and denoise: BART's text infilling (spans "
+                         "become one mask token each, the decoder writes the whole text), both on raw text for "
+                         "encoder-decoders (imply --arch t5 and bart); seq2seq: learn input -> target pairs "
+                         "(--data: JSONL/CSV/TSV with input and target columns) from scratch (implies --arch t5)",
+                         choices=["clm", "mlm", "span", "denoise", "seq2seq"])
     arch: str = arg("gpt2", "architecture family: gpt2 (learned positions, LayerNorm, GELU), llama "
-                    "(RoPE, RMSNorm, SwiGLU, grouped-query attention) or bert (bidirectional encoder, for --objective "
-                    "mlm)", choices=["gpt2", "llama", "bert"])
-    mask_rate: float = arg(0.15, "mlm: share of tokens to predict (of those: 80%% masked, 10%% random, 10%% kept)",
-                           gt=0, lt=1)
+                    "(RoPE, RMSNorm, SwiGLU, grouped-query attention), bert (bidirectional encoder, for --objective "
+                    "mlm), or the encoder-decoders t5 (relative position buckets, RMSNorm, gated GELU) and bart "
+                    "(learned positions, post-LayerNorm), for --objective span, denoise or seq2seq",
+                    choices=["gpt2", "llama", "bert", "t5", "bart"])
+    mask_rate: float | None = arg(None, "share of tokens corrupted (default: mlm 0.15, of those 80%% masked, 10%% "
+                                  "random, 10%% kept; span 0.15, T5's noise density; denoise 0.3, BART's)",
+                                  gt=0, lt=1)
+    span_length: float = arg(3.0, "span, denoise: mean length of a corrupted span in tokens (T5's mean; BART's "
+                             "Poisson lambda)", ge=1)
+    input_column: str = arg("input", "seq2seq: column / field holding the source text")
+    target_column: str = arg("target", "seq2seq: column / field holding the target text")
     size: str = arg("auto", "model size: auto (best use of the budget), or dN = N layers of width 64*N")
     scaling_fit: str | None = arg(None, "with --size auto: size by this fit's compute-optimal rule (from `lmforge "
                                   "scaling fit`) instead of ~20 tokens per parameter")
-    n_layer: int | None = arg(None, "number of transformer blocks (overrides --size)", ge=1)
+    n_layer: int | None = arg(None, "number of transformer blocks (overrides --size; an encoder-decoder has this "
+                              "many in each stack)", ge=1)
     n_embd: int | None = arg(None, "model width (overrides --size)", ge=1)
     n_head: int | None = arg(None, "attention heads (default: width / 64)", ge=1)
     n_kv_head: int | None = arg(None, "key/value heads, fewer than --n-head for grouped-query attention", ge=1)
-    context_length: int = arg(256, "tokens per training sequence (the model's context window)", ge=1)
+    context_length: int = arg(256, "tokens per training sequence (the model's context window; an encoder-decoder's "
+                              "longest source and longest target)", ge=1)
     dropout: float = arg(0.0, "dropout probability", ge=0, lt=1)
     optimizer: str = arg("muon", "muon: Muon (orthogonalised momentum) for the matrices inside the blocks, AdamW at "
                          "--lr for embeddings, output layer, norms and biases (reaches a given validation loss "
@@ -161,3 +175,21 @@ class InstructConfig(FinetuneConfig):
     samples: int = arg(3, "validation prompts answered (greedily) and logged at each evaluation", ge=0)
     lr: float | None = arg(None, lr_help("instruct"), gt=0)
 
+
+
+@dataclass
+class Seq2SeqConfig(FinetuneConfig):
+    """Sequence to sequence: input -> target pairs for an encoder-decoder (T5, BART)"""
+
+    data: str = arg(None, "training pairs: JSONL with input and target fields, or CSV/TSV with those columns")
+    val_data: str | None = arg(None, "validation pairs in the same format (default: hold out --val-fraction of "
+                               "--data)")
+    val_fraction: float = arg(0.1, "share of pairs held out for validation when --val-data is not given", ge=0, lt=1)
+    input_column: str = arg("input", "column / field holding the source text")
+    target_column: str = arg("target", "column / field holding the target text")
+    lora_targets: list[str] = arg(["attn", "cross"], "layers to adapt: attn (= attn.qkv attn.proj: self-attention "
+                                  "in both stacks), cross (= cross_attn.q cross_attn.kv cross_attn.proj: the "
+                                  "decoder's attention to the source), mlp (= mlp.fc mlp.proj), all, lm_head, or any "
+                                  "layer-name suffix")
+    samples: int = arg(3, "validation sources translated (greedily) and logged at each evaluation", ge=0)
+    lr: float | None = arg(None, lr_help("seq2seq"), gt=0)

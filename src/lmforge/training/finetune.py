@@ -32,7 +32,7 @@ def default_lr(cfg: FinetuneConfig, method: str, model: torch.nn.Module, dist: D
         return cfg.lr
     mcfg = model.cfg
     adapter = bool(cfg.lora_rank) or head_only
-    lr = finetune_lr(method, mcfg.n_embd, adapter, "gpt2" if mcfg.causal else "bert")
+    lr = finetune_lr(method, mcfg.n_embd, adapter, "bert" if mcfg.norm_position == "post" else "gpt2")
     dist.say(f"lr {lr:g} ({describe(method, mcfg.n_embd, adapter)}; set --lr to choose)")
     return lr
 
@@ -45,9 +45,10 @@ def run_distributed(body: Callable[[FinetuneConfig, tuple[Dist, torch.device], C
         return body(cfg, ddp, on_step)
 
 
-def prepare(cfg: FinetuneConfig, dist: Dist, kinds: tuple[Kind, ...] = (Kind.CAUSAL_LM,)):
+def prepare(cfg: FinetuneConfig, dist: Dist, kinds: tuple[Kind, ...] = (Kind.CAUSAL_LM,), need: str | None = None):
     """Check --out / --resume and the budget, and load the base model in fp32. Returns (cfg,
-    model, tokenizer, base path)."""
+    model, tokenizer, base path). A base of another kind is a one-line error: `need` says what
+    this fine-tuning needs (default: one of `kinds`)."""
     if not cfg.base:
         raise LMForgeError("missing required argument BASE (the model to fine-tune)")
     if not cfg.out:
@@ -64,8 +65,8 @@ def prepare(cfg: FinetuneConfig, dist: Dist, kinds: tuple[Kind, ...] = (Kind.CAU
     adapter = (base / "adapter.safetensors").exists()
     model, tokenizer, meta = (None, None, read_config(base)) if adapter else load_parts(base)
     if kind_of(meta) not in kinds:  # before the adapter's advice: merging would not make it a fitting base
-        raise LMForgeError(f"{cfg.base} is {kind_of(meta).phrase}; this fine-tuning needs a "
-                           f"{' or '.join(map(str, kinds))} base")
+        need = need or f"this fine-tuning needs a {' or '.join(map(str, kinds))}"
+        raise LMForgeError(f"{cfg.base} is {kind_of(meta).phrase}; {need} base")
     if adapter:
         raise LMForgeError(f"{base} is a LoRA adapter: merge it first (lmforge merge-lora {base} --out DIR)")
     model = model.float()  # train in fp32 (AdamW state and small updates need the precision)

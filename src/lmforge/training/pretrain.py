@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ..core.config import explicit_keys
 from ..core.errors import LMForgeError
 from ..core.runtime import Dist, distributed
 from ..data.tokens import prepare
@@ -36,6 +37,7 @@ from .rundir import Run, check_out, resume_config, start_run_dir
 from .schedule import check_budget
 from .sharded import check_fsdp
 from .tasks.lm import LMTask, MLMTask
+from .tasks.seq2seq import DEFAULT_RATE, NoisingTask, make_noise, pairs_task, read_pair_split, text_length
 
 
 def padded_vocab(n: int) -> int:
@@ -44,14 +46,16 @@ def padded_vocab(n: int) -> int:
 
 
 def get_tokenizer(cfg: PretrainConfig, corpus: Corpus, out: Path, dist_info: Dist) -> Tokenizer:
+    """The run's tokenizer: --tokenizer, or one trained on the corpus (cached); for span corruption
+    with T5's sentinel tokens added. A resumed run's own."""
     if cfg.resume:
         tok = Tokenizer.from_file(out / "tokenizer.json")
         given = cfg.tokenizer and Path(cfg.tokenizer).exists() and Tokenizer.from_file(cfg.tokenizer)
-        if given and given.to_str() != tok.to_str():
+        if given and _for_objective(cfg, given).to_str() != tok.to_str():
             raise LMForgeError(f"--resume: {cfg.tokenizer} is not the tokenizer the run in {out} was trained with")
         return tok
     if cfg.tokenizer:
-        return Tokenizer.from_file(cfg.tokenizer)
+        return _for_objective(cfg, Tokenizer.from_file(cfg.tokenizer))
     vocab = cfg.vocab_size or auto_vocab_size(corpus.num_bytes)
     key = hashlib.sha256(f"{corpus.fingerprint()}|{vocab}|v1".encode()).hexdigest()[:16]
     cached = _cache_dir() / "tokenizers" / f"{key}.json"
@@ -59,7 +63,35 @@ def get_tokenizer(cfg: PretrainConfig, corpus: Corpus, out: Path, dist_info: Dis
         if not cached.exists():
             dist_info.say(f"training a byte-level BPE tokenizer: {vocab} tokens on {corpus.num_bytes / 1e6:.1f} MB")
             Tokenizer.train(corpus.documents, vocab, show_progress=sys.stderr.isatty()).save(cached)
-    return Tokenizer.from_file(cached)
+    return _for_objective(cfg, Tokenizer.from_file(cached))
+
+
+def _for_objective(cfg: PretrainConfig, tokenizer: Tokenizer) -> Tokenizer:
+    return tokenizer.with_sentinels() if cfg.objective == "span" else tokenizer
+
+
+ENCODER_DECODERS = ("t5", "bart")
+DEFAULT_ARCH = {"mlm": "bert", "span": "t5", "denoise": "bart", "seq2seq": "t5"}
+
+
+def check_objective(cfg: PretrainConfig) -> None:
+    """Pair the objective with an architecture that can learn it: the objective's own family when
+    --arch was left at its default (gpt2), else a one-line error for a mismatch. Sets the
+    objective's default --mask-rate."""
+    given = explicit_keys(cfg)
+    arch_given = "arch" in given if given is not None else cfg.arch != "gpt2"
+    if not arch_given and cfg.objective in DEFAULT_ARCH:
+        cfg.arch = DEFAULT_ARCH[cfg.objective]
+    seq2seq = cfg.objective in ("span", "denoise", "seq2seq")
+    if seq2seq and cfg.arch not in ENCODER_DECODERS:
+        raise LMForgeError(f"--objective {cfg.objective} trains an encoder-decoder; --arch {cfg.arch} has no "
+                           "encoder-decoder layout: use --arch t5 or bart")
+    if not seq2seq and cfg.arch in ENCODER_DECODERS:
+        raise LMForgeError(f"--arch {cfg.arch} is an encoder-decoder: use --objective span, denoise or seq2seq")
+    if (cfg.objective == "mlm") != (cfg.arch == "bert"):
+        raise LMForgeError("--arch bert goes with --objective mlm (a bidirectional encoder), gpt2/llama with clm")
+    if cfg.mask_rate is None and cfg.objective in DEFAULT_RATE:
+        cfg.mask_rate = DEFAULT_RATE[cfg.objective]
 
 
 def build_model_config(cfg: PretrainConfig, vocab: int, out: Path, tokens_per_step: int, train_tokens: int,
@@ -134,20 +166,34 @@ def _pretrain(cfg: PretrainConfig, dist_info: Dist, device: torch.device, on_ste
     else:
         dist_info.on_main(check_out, out, cfg.overwrite)  # fail early, before any work, if --out is taken
     check_budget(cfg)  # before sizing, which divides by the budget
-    if cfg.objective == "mlm" and cfg.arch == "gpt2":
-        cfg.arch = "bert"  # masked-token prediction needs a bidirectional encoder
-    if (cfg.objective == "mlm") != (cfg.arch == "bert"):
-        raise LMForgeError("--arch bert goes with --objective mlm (a bidirectional encoder), gpt2/llama with clm")
-    corpus = load_corpus(cfg.data, cfg.text_field)
+    check_objective(cfg)
+    pairs = None
+    if cfg.objective == "seq2seq":
+        pairs = read_pair_split(cfg.data, cfg.val_data, cfg.val_fraction, cfg.seed, cfg.input_column,
+                                cfg.target_column)
+        corpus = Corpus([*pairs[0][0], *pairs[0][1]], files=len(cfg.data))  # the tokenizer learns both sides
+        val_corpus = None
+    else:
+        corpus = load_corpus(cfg.data, cfg.text_field)
+        val_corpus = load_corpus(cfg.val_data, cfg.text_field) if cfg.val_data else None
     dist_info.say(f"data: {corpus.describe()}")
-    val_corpus = load_corpus(cfg.val_data, cfg.text_field) if cfg.val_data else None
     tokenizer = get_tokenizer(cfg, corpus, out, dist_info)
-    with dist_info.main_first():
-        data = prepare(corpus, tokenizer, val_corpus, cfg.val_fraction)
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * dist_info.world * cfg.context_length
+    if pairs is None:
+        with dist_info.main_first():
+            data = prepare(corpus, tokenizer, val_corpus, cfg.val_fraction)
+        train_tokens = len(data.train)
+        example_tokens = cfg.context_length
+        if cfg.objective in ("span", "denoise"):
+            example_tokens = text_length(cfg.objective, cfg.context_length, cfg.mask_rate, cfg.span_length)
+    else:  # a pair's tokens, source and target: what a step reads, for sizing and budgets
+        train_tokens = sum(len(ids) for ids in tokenizer.encode_batch(corpus.documents)) + len(corpus.documents)
+        example_tokens = max(1, round(2 * train_tokens / len(corpus.documents)))
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * dist_info.world * example_tokens
     sized_by_rule = cfg.size == "auto" and None in (cfg.n_layer, cfg.n_embd) and not cfg.resume  # it warns itself
-    mcfg = build_model_config(cfg, padded_vocab(tokenizer.vocab_size), out, tokens_per_step, len(data.train),
+    mcfg = build_model_config(cfg, padded_vocab(tokenizer.vocab_size), out, tokens_per_step, train_tokens,
                               dist_info, device)
+    if mcfg.is_encoder_decoder:  # the family's first decoder input: T5's is padding, BART's end-of-text
+        mcfg.decoder_start_token_id = tokenizer.pad_id if cfg.arch == "t5" else tokenizer.eot_id
     check_vocab(tokenizer, mcfg, str(out))
     cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_kv_head = mcfg.n_layer, mcfg.n_embd, mcfg.n_head, mcfg.n_kv_head
     cfg.vocab_size = cfg.vocab_size or (None if cfg.tokenizer else tokenizer.vocab_size)
@@ -160,23 +206,31 @@ def _pretrain(cfg: PretrainConfig, dist_info: Dist, device: torch.device, on_ste
     if cfg.objective == "mlm":
         task = MLMTask(data, mcfg.context_length, cfg.seed, tokenizer, cfg.mask_rate, eval_windows, cfg.batch_size,
                        dist_info)
+    elif cfg.objective in ("span", "denoise"):
+        task = NoisingTask(data, example_tokens, cfg.seed,
+                           make_noise(cfg.objective, tokenizer, cfg.mask_rate, cfg.span_length), tokenizer.pad_id,
+                           mcfg.decoder_start_token_id, eval_windows, cfg.batch_size, dist_info)
+    elif cfg.objective == "seq2seq":
+        task = pairs_task(cfg, tokenizer, mcfg.decoder_start_token_id, *pairs, mcfg.context_length, dist_info)
     else:
         task = LMTask(data, mcfg.context_length, cfg.seed, tokenizer.token_bytes(), eval_windows, cfg.batch_size,
                       dist_info)
-    dist_info.say(f"model: {cfg.arch} {mcfg.n_layer} layers x {mcfg.n_embd} wide, {mcfg.n_head} heads "
+    layers = f"{mcfg.n_layer} + {mcfg.n_decoder_layer} layers (encoder + decoder)" if mcfg.is_encoder_decoder \
+        else f"{mcfg.n_layer} layers"
+    dist_info.say(f"model: {cfg.arch} {layers} x {mcfg.n_embd} wide, {mcfg.n_head} heads "
                   f"({mcfg.n_kv_head} k/v), context {mcfg.context_length}, vocab {mcfg.vocab_size}: "
-                  f"{model.num_params() / 1e6:.2f}M parameters; {len(data.train):,} training tokens; "
+                  f"{model.num_params() / 1e6:.2f}M parameters; {train_tokens:,} training tokens; "
                   f"{tokens_per_step:,} tokens/step; lr {lr:g}"
                   + (f" (Muon {cfg.muon_lr:g})" if cfg.optimizer == "muon" else "") + f"; {device}"
                   + (f" x {dist_info.world} processes" if dist_info.world > 1 else ""))
-    planned = planned_tokens(cfg, tokens_per_step, len(data.train))
-    warning = None if cfg.resume or sized_by_rule or not planned else passes_warning(planned, len(data.train))
+    planned = planned_tokens(cfg, tokens_per_step, train_tokens)
+    warning = None if cfg.resume or sized_by_rule or not planned else passes_warning(planned, train_tokens)
     if warning:
         dist_info.say(f"warning: {warning}")
     dist_info.on_main(start_run_dir, cfg, out)  # only now, with every input checked, touch --out
     if not cfg.resume:  # before any checkpoint: a run killed in its first save can still be resumed
         dist_info.on_main(tokenizer.save, out / "tokenizer.json")
-    kind = Kind.MASKED_LM if cfg.objective == "mlm" else Kind.CAUSAL_LM
+    kind = {"clm": Kind.CAUSAL_LM, "mlm": Kind.MASKED_LM}.get(cfg.objective, Kind.SEQ2SEQ)
     run = Run(out, lambda d, w, **extra: save_model_dir(d, model, tokenizer, w, kind=kind, **extra,
                                                         created_by="lmforge pretrain"),
               title=f"{out.name}: {cfg.arch} d{mcfg.n_layer}")

@@ -21,15 +21,16 @@ from __future__ import annotations
 import math
 
 # Full fine-tuning, AdamW, at width 768.
-AT_768 = {"classify": 1e-4, "instruct": 2.5e-4, "reward": 8e-5, "dpo": 8e-6, "rlhf": 2.5e-5}
+AT_768 = {"classify": 1e-4, "instruct": 2.5e-4, "seq2seq": 3e-4, "reward": 8e-5, "dpo": 8e-6, "rlhf": 2.5e-5}
 ADAPTER_FACTOR, ADAPTER_MAX = 10.0, 1e-2
+POST_NORM = ("bert", "bart")  # the families with post-norm blocks: smaller steps
 
 
 def pretrain_lr(n_embd: int, arch: str = "gpt2") -> float:
     """Peak AdamW learning rate of pretraining: narrower models tolerate (and need) larger steps;
-    BERT's post-norm layout wants smaller ones (in trials at width 64, 1e-3 beat 3e-3 for masked-token
+    BERT's (and BART's) post-norm layout wants smaller ones (in trials at width 64, 1e-3 beat 3e-3 for masked-token
     prediction)."""
-    return round((5e-4 if arch == "bert" else 2e-3) * math.sqrt(256 / n_embd), 6)
+    return round((5e-4 if arch in POST_NORM else 2e-3) * math.sqrt(256 / n_embd), 6)
 
 
 def finetune_lr(method: str, n_embd: int, adapter: bool = False, arch: str = "gpt2") -> float:
