@@ -221,3 +221,30 @@ def test_span_pretraining_resumes_exactly(corpus_dir, tmp_path):
     assert pretrain(cfg("part", resume=True))["step"] == 6
     a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("full", "part"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_finetune_a_hugging_face_checkpoint(family, tmp_path, capsys):
+    """A T5 / BART checkpoint directory fine-tunes as it is; on a batch of pairs, the task's loss is
+    what transformers computes from the same `labels` (its own shift-right and start token)."""
+    pytest.importorskip("transformers")
+    from hf_fixtures import tiny_seq2seq
+
+    hf = tiny_seq2seq(family, tmp_path / "hf")
+    lm = load(tmp_path / "hf", device="cpu")
+    rows = [{"input": f"the {w} returns a list", "target": f"a {w}"} for w in ("value", "file", "key path", "module")]
+    pairs, _ = encode_pairs(lm.tokenizer, [r["input"] for r in rows], [r["target"] for r in rows], 64)
+    task = PairsTask(pairs, [], ([], []), lm.tokenizer, lm.config.decoder_start_token_id, 0, 4, 0, 0)
+    batch = task.batch(0, 4)
+    with torch.no_grad():
+        ours = task.loss(lm.model, batch)[0]
+        theirs = hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    assert torch.allclose(ours, theirs, atol=1e-4), (ours, theirs)
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows * 5)
+    state = finetune_seq2seq(Seq2SeqConfig(base=str(tmp_path / "hf"), data=data, out=str(tmp_path / "ft"),
+                                           max_steps=3, batch_size=4, eval_every=3, samples=0, device="cpu",
+                                           tensorboard=False))
+    assert state["step"] == 3 and "val_exact_match" in state["metrics"]
+    assert main(["evaluate", str(tmp_path / "ft"), "--data", data, "--device", "cpu"]) == 0
+    assert json.loads(capsys.readouterr().out)["examples"] == 20

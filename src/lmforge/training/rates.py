@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 
 # Full fine-tuning, AdamW, at width 768.
-AT_768 = {"classify": 1e-4, "instruct": 2.5e-4, "seq2seq": 3e-4, "reward": 8e-5, "dpo": 8e-6, "rlhf": 2.5e-5}
+AT_768 = {"classify": 1e-4, "instruct": 2.5e-4, "seq2seq": 1e-4, "reward": 8e-5, "dpo": 8e-6, "rlhf": 2.5e-5}
 ADAPTER_FACTOR, ADAPTER_MAX = 10.0, 1e-2
 POST_NORM = ("bert", "bart")  # the families with post-norm blocks: smaller steps
 
