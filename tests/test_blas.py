@@ -89,3 +89,22 @@ def test_blas_contexts_nest_and_each_thread_gets_its_own_setting_back():
     release.set()
     t.join()
     assert seen["other"][0] == seen["other"][1] and torch.get_num_threads() == threads
+
+
+def test_the_served_layout_changes_no_result():
+    """for_inference(transpose=True) stores weights input-major behind transposed views: the same
+    logits, and the same greedy tokens through the engine, tied embeddings included."""
+    model = tiny("gpt2").for_inference()
+    ids = torch.tensor([PROMPTS[3]])
+    with torch.no_grad():
+        want = model(ids)
+    want_tokens = [reference(model, p, 12, temperature=0) for p in PROMPTS]
+    model.for_inference(transpose=True)
+    assert not model.blocks[0].attn.qkv.weight.is_contiguous()
+    assert model.lm_head.weight is model.wte.weight  # still tied
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), want, rtol=1e-6, atol=1e-6)  # the same products, either layout
+    engine = Engine(model, slots=3)
+    assert engine._blas
+    assert [s[0].tokens for s in engine.generate([Request(p, max_tokens=12, temperature=0) for p in PROMPTS])] == \
+        want_tokens
