@@ -515,38 +515,6 @@ class Engine:
                 s.length, s.last = 0, start
         return []
 
-    def _forward_mixed(self, seqs: list[_Seq], chunks: list[tuple[_Prefill, int]]) -> torch.Tensor:
-        """One forward over the decode rows and the prompt chunks; logits [len(seqs) + prompts fully
-        fed, vocab]: each sample's row, then each finished prompt's last position."""
-        with autocast(self.device):
-            if not seqs and len(chunks) == 1:  # one prompt alone: the plain path, as generate_ids runs it
-                p, take = chunks[0]
-                view = self._view(p.slots[0], p.slots[0] + 1)
-                view.pos = p.fed
-                ids = torch.tensor([p.handle.request.prompt[p.fed:p.fed + take]], device=self.device)
-                h = self.model.hidden(ids, cache=view)[0, -1:]
-            else:
-                hi = seqs[-1].slot + 1 if seqs else 0
-                tokens, pos = [0] * hi, [0] * hi  # empty slots decode a dummy token at 0...
-                for p, _ in chunks:  # ...and a prompt's slot at its chunk's start, which the chunk overwrites
-                    if p.slots[0] < hi:
-                        pos[p.slots[0]] = p.fed
-                for s in seqs:
-                    tokens[s.slot], pos[s.slot] = s.last, s.length
-                parts, ends = [], []  # each chunk's prompt tokens, and each finished prompt's last position
-                for p, take in chunks:
-                    parts.append((p.slots[0], p.fed, take))
-                    tokens += p.handle.request.prompt[p.fed:p.fed + take]
-                    if p.fed + take == len(p.handle.request.prompt):
-                        ends.append(len(tokens) - 1)
-                view = self.cache.mix(torch.tensor(pos, device=self.device) if hi else None, parts)
-                h = self.model.hidden(torch.tensor([tokens], device=self.device), cache=view)[0]
-                h = h[[s.slot for s in seqs] + ends]
-            logits = self.model.head(h)
-        for p, take in chunks:
-            p.fed += take
-        return logits
-
     def _masker(self) -> ThreadPoolExecutor:
         if self._mask_pool is None:
             self._mask_pool = ThreadPoolExecutor(1, thread_name_prefix="lmforge-masks")
