@@ -19,8 +19,7 @@ from safetensors.torch import load_file
 from lmforge.api import load
 from lmforge.cli import main
 from lmforge.data.noising import span_corrupt
-from lmforge.inference.generate import generate_seq2seq_ids
-from lmforge.inference.seq2seq import encode_text
+from lmforge.inference.generate import encode_text, generate_seq2seq_ids
 from lmforge.training.config import PretrainConfig, Seq2SeqConfig
 from lmforge.training.pretrain import pretrain
 from lmforge.training.tasks.seq2seq import PairsTask, encode_pairs, finetune_seq2seq

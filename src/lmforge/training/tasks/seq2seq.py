@@ -23,7 +23,8 @@ from ...data.noising import span_corrupt, span_corruption_lengths, text_infill
 from ...data.records import read_pairs
 from ...data.tokens import EpochOrder, TokenData, eval_batches
 from ...formats.kinds import Kind
-from ...inference.seq2seq import encode_text, translate
+from ...inference.generate import encode_text
+from ...inference.seq2seq import translate
 from ...text.tokenizer import Tokenizer
 from ..config import Seq2SeqConfig
 from ..finetune import default_lr, hold_out, make_saver, prepare, report_parameters, run_distributed, setup_lora
