@@ -357,6 +357,10 @@ def test_an_encoder_decoder_decodes_in_the_batch_as_alone(family, tmp_path):
     got = [[s.tokens for s in h.result()] for h in handles]
     assert got == [[want[0]], [want[1]], [want[2], want[2]], [want[3]]]
     assert engine._free == [0, 1, 2, 3, 4]
+    sampled = Engine(model, slots=3).generate([Request(src, max_tokens=10, temperature=1.0, top_k=20, seed=7)
+                                               for src in sources[:2]])  # seeded draws: batched as alone
+    assert [s[0].tokens for s in sampled] == [[t.token for t in generate_seq2seq_ids(
+        model, src, 10, temperature=1.0, top_k=20, seed=7)] for src in sources[:2]]
     one = Engine(model, slots=1)  # a longer source after a shorter one in the same slot: it reads all of its own
     assert [one.generate([Request(sources[i], max_tokens=10, temperature=0)])[0][0].tokens for i in (3, 1, 0)] == \
         [want[3], want[1], want[0]]
