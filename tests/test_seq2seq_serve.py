@@ -60,3 +60,19 @@ def test_the_server_completes_and_refuses_chat(model_dir):
         too_long = "word " * (lm.config.context_length + 10)
         r = httpx.post(server.url + "/v1/completions", json={"prompt": too_long, "max_tokens": 3}, timeout=60)
         assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+
+
+def test_structured_output_where_the_grammar_library_reads_the_tokenizer(model_dir):
+    """BART's byte-level BPE: a JSON schema holds, through the engine's grammar. T5's Unigram
+    tokenizer: llguidance cannot read it, a one-line error."""
+    import json
+
+    from lmforge.core.errors import LMForgeError
+
+    lm = lmforge.load(model_dir, dtype="float32")
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    if lm.meta["model"]["pos_embedding"] == "relative":  # T5
+        with pytest.raises(LMForgeError, match="cannot read this tokenizer"):
+            lm.generate(SOURCES[0], json_schema=schema, max_new_tokens=20)
+    else:
+        assert isinstance(json.loads(lm.generate(SOURCES[0], json_schema=schema, max_new_tokens=20))["ok"], bool)

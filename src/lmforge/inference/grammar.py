@@ -59,7 +59,11 @@ def _bridge(tokenizer_json: str, vocab: int, eos: tuple[int, ...]):
         added = data.get("added_tokens") or []
         data["added_tokens"] = [t for t in added if not _BYTE_TOKEN.match(t.get("content", ""))]
         tokenizer_json = json.dumps(data)
-    return _llguidance().LLTokenizer(tokenizer_json, n_vocab=vocab, eos_token=list(eos))
+    try:
+        return _llguidance().LLTokenizer(tokenizer_json, n_vocab=vocab, eos_token=list(eos))
+    except ValueError as e:  # e.g. T5's Unigram tokenizer with a bare Metaspace decoder
+        raise LMForgeError(f"the grammar library cannot read this tokenizer ({e}); JSON schemas, regexes and "
+                           "tool calls need a byte-level BPE or byte-fallback tokenizer") from None
 
 
 def _limits():
