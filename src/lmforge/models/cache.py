@@ -20,6 +20,7 @@ class Mix:
         self.rows, self.chunks = rows, chunks
         self.n_rows = 0 if rows is None else rows.shape[0]
         self.span = int(rows.max()) + 1 if self.n_rows else 0  # the keys the decode rows read
+        self.batch = torch.arange(self.n_rows, device=rows.device) if self.n_rows else None  # once, not per layer
         self.masks: list = []  # set by Transformer.hidden: the decode rows' mask, then each chunk's
 
     def positions(self, device) -> torch.Tensor:
@@ -35,7 +36,7 @@ class Mix:
         kc, vc, r = cache.k[layer], cache.v[layer], self.n_rows
         masks, parts = iter(self.masks), []
         if r:
-            batch, span = torch.arange(r, device=q.device), self.span
+            batch, span = self.batch, self.span
             kc[batch, :, self.rows] = k[0, :, :r].transpose(0, 1)
             vc[batch, :, self.rows] = v[0, :, :r].transpose(0, 1)
             y = attend(q[0, :, :r].transpose(0, 1)[:, :, None], kc[:r, :, :span], vc[:r, :, :span], next(masks))
@@ -47,7 +48,7 @@ class Mix:
             vc[row, :, start:end] = v[0, :, off:off + n]
             parts.append(attend(q[:, :, off:off + n], kc[row:row + 1, :, :end], vc[row:row + 1, :, :end], next(masks)))
             off += n
-        return torch.cat(parts, dim=2)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)  # a decode-only step: no copy
 
 
 class KVCache:
